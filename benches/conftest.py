@@ -1,0 +1,62 @@
+"""Side-by-side speed comparisons for `pytest benches/`.
+
+Each bench times the fast path and the reference in the same process, alternating them
+round by round so that machine noise hits both alike, and fails when the speed-up (reference
+median / fast median) falls below its floor. The floors sit below the measured ratios in
+benches/RESULTS.md with room for noise: they guard against regressions, they are not the goal.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+_RESULTS: list[tuple[str, float, float, float, float]] = []
+
+
+def _median_times(fns, rounds: int, warmup: int, sync) -> list[float]:
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+            sync()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+@pytest.fixture
+def compare_speed(benchmark, request):
+    """compare_speed(fast, reference, floor, rounds=5, warmup=1, sync=None) -> speed-up.
+
+    Records both medians and the ratio in the pytest-benchmark table (extra_info) and in the
+    summary printed at the end of the run; asserts the ratio >= floor.
+    """
+
+    def run(fast, reference, floor: float, rounds: int = 5, warmup: int = 1, sync=None):
+        sync = sync or (lambda: None)
+        fast_s, ref_s = _median_times([fast, reference], rounds, warmup, sync)
+        ratio = ref_s / fast_s
+        benchmark.extra_info.update(fast_s=fast_s, reference_s=ref_s, speedup=ratio, floor=floor)
+        # One extra timed call so that the pytest-benchmark table has the fast path's row.
+        benchmark.pedantic(fast, rounds=1, iterations=1)
+        _RESULTS.append((request.node.name, fast_s, ref_s, ratio, floor))
+        assert ratio >= floor, f"speed-up {ratio:.2f}x fell below its floor {floor}x"
+        return ratio
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    terminalreporter.section("speed-ups against the reference (median seconds)")
+    terminalreporter.write_line(f"{'bench':60s} {'fast':>10s} {'reference':>10s} {'ratio':>7s} {'floor':>6s}")
+    for name, fast_s, ref_s, ratio, floor in _RESULTS:
+        terminalreporter.write_line(f"{name:60s} {fast_s:10.4f} {ref_s:10.4f} {ratio:6.2f}x {floor:5.1f}x")

@@ -1,0 +1,40 @@
+"""Build script for recvae_fast.
+
+`kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
+The C++ extensions in csrc/ are compiled with pybind11 only; they take raw buffers, so the
+build never needs torch.
+"""
+import os
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
+
+ext_modules = [
+    # Masked top-k: threads via std::thread (no OpenMP runtime next to torch's bundled libgomp).
+    Pybind11Extension(
+        "recvae_fast._topk",
+        ["csrc/topk_masked.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="recvae_fast",
+    version="0.1.0",
+    description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
+    python_requires=">=3.11",
+    packages=["recvae_fast", "recvae_fast.kernels"],
+    package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=["numpy>=1.24", "scipy>=1.10", "torch>=2.4", "tqdm>=4.60"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,65 @@
+"""Shared test fixtures: random user × item data with the awkward cases every op must handle."""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from recvae_fast import RecVAE
+from recvae_fast.reference import VAE
+
+
+def random_ratings(n_users: int, n_items: int, seed: int = 0, binary: bool = False, max_items: int = 40):
+    """A users × items CSR matrix whose row 0 is empty, row 1 has one item, row 2 has an item of
+    weight 3, and the other rows a random number of items, with non-binary weights unless
+    `binary`."""
+    rng = np.random.default_rng(seed)
+    rows, cols, vals = [], [], []
+    for u in range(n_users):
+        if u == 0:
+            continue
+        count = 1 if u in (1, 2) else int(rng.integers(1, max_items))
+        items = rng.choice(n_items, size=min(count, n_items), replace=False)
+        weights = np.ones(len(items)) if binary else rng.integers(1, 5, size=len(items)).astype(float)
+        if u == 2:
+            weights[:] = 3.0
+        rows += [u] * len(items)
+        cols += list(items)
+        vals += list(weights)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(n_users, n_items))
+
+
+def model_pair(hidden: int, latent: int, n_items: int, dtype=torch.float64, seed: int = 0):
+    """A RecVAE and a reference VAE with identical weights (old encoder different from the new)."""
+    torch.manual_seed(seed)
+    fast = RecVAE(hidden, latent, n_items).to(dtype)
+    with torch.no_grad():  # make the old encoder differ from the current one
+        for p in fast.prior.encoder_old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = VAE(hidden, latent, n_items).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def pinned_noise(fast: RecVAE, ratings: sp.csr_matrix, latent: int, dtype, p: float = 0.5, seed: int = 1):
+    """The same dropout mask and ε for both models: a dense mask for the reference and its
+    values at the canonical nonzeros for RecVAE."""
+    gen = torch.Generator().manual_seed(seed)
+    dense_mask = (torch.rand(ratings.shape, generator=gen) >= p).to(dtype)
+    batch = fast.as_batch(ratings)
+    keep = dense_mask[batch.row_ids(), batch.indices].bool()
+    eps = torch.randn(ratings.shape[0], latent, generator=gen, dtype=dtype)
+    return dense_mask, keep, eps
+
+
+def grads_by_authors_name(model) -> dict:
+    """Parameter gradients keyed and shaped as in the authors' state_dict."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name.endswith("fc1.weight_t"):
+            out[name[: -len("_t")]] = p.grad.t()
+        else:
+            out[name] = p.grad
+    return out
