@@ -1,0 +1,547 @@
+"""Fused decoder + multinomial log-likelihood (DESIGN.md §2) as Triton kernels.
+
+    multinomial_nll(z, weight, bias, batch)[u] = n_u·LSE_u − Σ_{i∈nz(u)} x_ui·logit_ui
+    logit = z·weightᵀ + bias,  n_u = Σ_i x_ui,  LSE_u = log Σ_i exp(logit_ui)
+
+Nothing of size B × I is ever written to memory. The pieces:
+
+- `_fwd_kernel`: grid (user tiles, item splits). Each program streams the item tiles of its
+  split of Wd against its user tile of z, with an online max/sum (LSE). When z needs a gradient
+  it also accumulates A_u = Σ_i softmax_ui·Wd[i] (rescaled online, as in flash attention). dz is
+  linear in the upstream g: dz_u = g_u·(n_u·A_u − Σ_i x_ui·Wd[i]), so z's backward is a scaling,
+  and the encoder phase costs two products (logits, P·Wd) over one pass of Wd instead of three
+  (forward logits, recomputed logits, G·Wd) over two passes; this is why dz is prepared here
+  and not in a backward kernel. The item splits exist because B ≈ 500 gives only ~8-16 user
+  tiles: splitting the items fills the GPU; the per-split (max, sum, A) partials
+  (n_splits × B × (K + 2) floats, n_splits ≈ 2·SMs / user tiles) are merged in torch.
+- `_gather_kernel`: one program per user, the indexed dot over its nonzeros
+  (Σ x·Wd[i], Σ x·bd[i], n_u) from the CSR batch.
+- `_bwd_w_kernel`: one program per item tile, looping over all user tiles, so dWd and dbd
+  need no atomics (and are deterministic). It recomputes the logits tile from the saved LSE,
+  G = g·n·softmax, dWd_tile = Gᵀ·z, dbd_tile = Σ_u G; then it adds the sparse part
+  −g_u·x_ui at the tile's nonzeros, read from a CSC copy of the batch (sorted in torch, O(nnz)),
+  as a small one-hot product so that it stays in the tile's registers.
+Gradients are computed only when needed: no A unless z requires grad (and grad mode is on), no
+backward kernel unless Wd or bd needs a gradient, and inside it only dWd and/or dbd.
+
+Precision: fp32 inputs follow torch.get_float32_matmul_precision(): "highest" → tl.dot with
+input_precision="ieee" (exact fp32 products, FMA units), "high"/"medium" → tf32. bf16/fp16 use
+tensor cores with fp32 accumulation, fp32 LSE and fp32 partials; fp64 computes in fp64.
+Tensor-core paths dot over the whole (padded) K at once; the FMA paths ("ieee", fp64) go over
+K in chunks of KC = 16, because an FMA dot holds its whole reduction dimension in registers.
+Tile sizes: autotuned on GPUs (a few configs, keyed on B, I, K and the flags); one fixed small
+config under TRITON_INTERPRET=1. All products of an index by a stride are done in int64.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from recvae_fast.sparse import CSRBatch
+
+__all__ = ["multinomial_nll"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Item splits are this many items apart at most tile-aligned (a multiple of every BLOCK_I).
+_SPLIT_ALIGN = 256
+# The CSC pointer of the backward sparse part is kept every _CSC_GRAN items (<= every BLOCK_I).
+_CSC_GRAN = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations. Autotuned on GPUs over a few configs keyed on the shape; the interpreter
+# (tests on CPU) gets one small config so that autotune never benchmarks there.
+# ----------------------------------------------------------------------------------------------
+def _cfg(bb, bi, warps, stages, kc=0, **extra):
+    return triton.Config({"BLOCK_B": bb, "BLOCK_I": bi, "KC": kc, **extra}, num_warps=warps, num_stages=stages)
+
+
+# Two config lists per kernel: tensor cores (tf32, bf16, fp16; KC = 0: whole-K dots) and FMA
+# (fp32 "ieee", fp64; KC = 16: K chunks). Each list is autotuned on its own kernel object.
+if _INTERPRET:
+    _FWD_CONFIGS = {False: [_cfg(32, 64, 4, 1)], True: [_cfg(32, 64, 4, 1, kc=16)]}
+    _BWD_CONFIGS = {False: [_cfg(32, 64, 4, 1, BLOCK_NZ=16)], True: [_cfg(32, 64, 4, 1, kc=16, BLOCK_NZ=16)]}
+else:
+    # Picked from sm_90 compiles at K = 200 (BLOCK_K = 256) so that the wide accumulators do not
+    # spill (checked with cuobjdump on fp32/tf32, bf16 and fp64); the larger tiles help smaller K
+    # and are pruned below when their accumulator cannot fit.
+    _FWD_CONFIGS = {
+        False: [
+            _cfg(64, 64, 8, 2),
+            _cfg(64, 32, 8, 2),
+            _cfg(64, 16, 8, 3),
+            _cfg(32, 64, 8, 2),
+            _cfg(32, 32, 4, 2),
+            _cfg(64, 128, 8, 2),
+            _cfg(128, 64, 8, 2),
+        ],
+        True: [
+            _cfg(64, 32, 8, 2, kc=16),
+            _cfg(64, 16, 8, 2, kc=16),
+            _cfg(32, 32, 8, 2, kc=16),
+            _cfg(32, 16, 8, 2, kc=16),
+            _cfg(32, 16, 4, 2, kc=16),
+        ],
+    }
+    _BWD_CONFIGS = {
+        False: [
+            _cfg(32, 64, 8, 3, BLOCK_NZ=16),
+            _cfg(16, 64, 8, 2, BLOCK_NZ=16),
+            _cfg(32, 32, 8, 2, BLOCK_NZ=16),
+            _cfg(32, 32, 4, 2, BLOCK_NZ=16),
+            _cfg(64, 64, 8, 2, BLOCK_NZ=16),
+            _cfg(32, 128, 8, 2, BLOCK_NZ=16),
+        ],
+        True: [
+            _cfg(16, 16, 8, 2, kc=16, BLOCK_NZ=16),
+            _cfg(32, 16, 8, 2, kc=16, BLOCK_NZ=16),
+            _cfg(32, 32, 8, 1, kc=16, BLOCK_NZ=16),
+            _cfg(16, 64, 8, 1, kc=16, BLOCK_NZ=16),
+        ],
+    }
+
+
+def _max_smem() -> int:
+    try:
+        dev = torch.cuda.current_device()
+        return triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
+    except Exception:  # noqa: BLE001 - best effort; the autotuner also skips what does not fit
+        return 227 * 1024
+
+
+def _prune(configs, named_args, kwargs, stationary, streamed, wide_acc):
+    """Keep the configs whose tiles fit this K and dtype: shared memory for the resident and the
+    pipelined tiles, and at most 64 fp32 registers per thread for the [rows, K] accumulator
+    (more spills at K = 256). The autotuner skips out-of-resource configs too, but only after
+    compiling them."""
+    kp = kwargs["BLOCK_K"]
+    esize = named_args["W"].element_size()
+    limit = _max_smem()
+    kept = []
+    for c in configs:
+        kc = c.kwargs["KC"]
+        res, stream = c.kwargs[stationary], c.kwargs[streamed]
+        stages = max(c.num_stages, 1)
+        smem = (res * kp + stages * stream * kp) * esize if not kc else (stages * (res + stream) * kc + res * kp) * esize
+        acc_regs = res * kp * max(esize, 4) // 4 // (32 * c.num_warps) if wide_acc else 0
+        if smem <= limit and acc_regs <= 64:
+            kept.append(c)
+    if not kept:  # very large K: the smallest config
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_I"], -c.num_warps))]
+    return kept
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _prune(configs, named_args, kwargs, "BLOCK_B", "BLOCK_I", kwargs["COMPUTE_A"])
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    return _prune(configs, named_args, kwargs, "BLOCK_I", "BLOCK_B", kwargs["NEED_W"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+# The interpreter's tl.dot multiplies bf16 operands as raw integers (numpy has no bf16), so there
+# the operands are widened to fp32 first: the same numbers a bf16 MMA with fp32 accumulation gives.
+_WIDEN_BF16 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    if _WIDEN_BF16 and a.dtype == tl.bfloat16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _fwd_kernel(
+    Z, W, BIAS, M_PART, S_PART, A_PART,
+    B, I, K, items_per_split, stride_z, stride_w,
+    HAS_BIAS: tl.constexpr, COMPUTE_A: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, KC: tl.constexpr,
+):
+    """Partial (max, sum[, A]) of one user tile over one split of the items.
+
+    KC == 0 (tensor-core paths): the user tile of z is loaded once and each logits tile is one
+    dot over the whole (padded) K. KC > 0 (fp32 "ieee" and fp64, FMA paths): the logits are
+    accumulated over K chunks of KC, because an FMA dot holds its whole reduction dimension in
+    registers and spills badly at K = 256 (checked on sm_90 compiles)."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    z_rows = Z + offs_b.to(tl.int64)[:, None] * stride_z
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if KC == 0:
+        z = tl.load(z_rows + offs_k[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+
+    i_start = pid_s * items_per_split
+    i_end = tl.minimum(i_start + items_per_split, I)
+    run_max = tl.full([BLOCK_B], float("-inf"), dtype=ACC)
+    run_sum = tl.zeros([BLOCK_B], dtype=ACC)
+    if COMPUTE_A:
+        acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=ACC)
+    for i0 in range(i_start, i_end, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_mask = offs_i < i_end
+        w_rows = W + offs_i.to(tl.int64)[:, None] * stride_w
+        if KC == 0:
+            w = tl.load(w_rows + offs_k[None, :], mask=i_mask[:, None] & k_mask[None, :], other=0.0)
+            logits = _mm(z, tl.trans(w), DOT_PREC).to(ACC)
+        else:
+            logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
+            for k0 in range(0, K, KC):
+                offs_c = k0 + tl.arange(0, KC)
+                c_mask = offs_c < K
+                zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+                wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
+                logits += _mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+        if HAS_BIAS:
+            logits += tl.load(BIAS + offs_i, mask=i_mask, other=0.0).to(ACC)[None, :]
+        logits = tl.where(i_mask[None, :], logits, float("-inf"))
+        # Every tile holds >= 1 valid item, so new_max is finite and exp(-inf - new_max) = 0.
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        rescale = tl.exp(run_max - new_max)
+        p = tl.exp(logits - new_max[:, None])
+        run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        if COMPUTE_A:
+            if KC != 0:  # the same rows again, now whole (they were just read: L1/L2 hits)
+                w = tl.load(w_rows + offs_k[None, :], mask=i_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = acc * rescale[:, None] + _mm(p.to(w.dtype), w, DOT_PREC).to(ACC)
+        run_max = new_max
+
+    part = pid_s.to(tl.int64) * B + offs_b
+    tl.store(M_PART + part, run_max, mask=b_mask)
+    tl.store(S_PART + part, run_sum, mask=b_mask)
+    if COMPUTE_A:
+        tl.store(A_PART + part[:, None] * K + offs_k[None, :], acc, mask=b_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _gather_kernel(
+    Z, W, BIAS, INDPTR, INDICES, VALUES, XDOT, NSUM, XW,
+    K, stride_z, stride_w,
+    HAS_BIAS: tl.constexpr, STORE_XW: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_NZ: tl.constexpr,
+):
+    """Per user u: XDOT[u] = Σ_j x_j·(z_u·Wd[i_j] + bd[i_j]), NSUM[u] = Σ_j x_j, XW[u] = Σ_j x_j·Wd[i_j]."""
+    u = tl.program_id(0).to(tl.int64)
+    start = tl.load(INDPTR + u)
+    end = tl.load(INDPTR + u + 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    xw = tl.zeros([BLOCK_K], dtype=ACC)
+    xb = tl.zeros([BLOCK_NZ], dtype=ACC)
+    xn = tl.zeros([BLOCK_NZ], dtype=ACC)
+    for j0 in range(start, end, BLOCK_NZ):
+        offs = j0 + tl.arange(0, BLOCK_NZ)
+        mask = offs < end
+        idx = tl.load(INDICES + offs, mask=mask, other=0).to(tl.int64)
+        x = tl.load(VALUES + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + idx[:, None] * stride_w + offs_k[None, :], mask=mask[:, None] & k_mask[None, :], other=0.0)
+        xw += tl.sum(x[:, None] * w.to(ACC), axis=0)
+        if HAS_BIAS:
+            xb += x * tl.load(BIAS + idx, mask=mask, other=0.0).to(ACC)
+        xn += x
+    z = tl.load(Z + u * stride_z + offs_k, mask=k_mask, other=0.0).to(ACC)
+    tl.store(XDOT + u, tl.sum(xw * z, axis=0) + tl.sum(xb, axis=0))
+    tl.store(NSUM + u, tl.sum(xn, axis=0))
+    if STORE_XW:
+        tl.store(XW + u * K + offs_k, xw, mask=k_mask)
+
+
+@triton.jit
+def _bwd_w_kernel(
+    Z, W, BIAS, LSE, GN, DW, DB, CSC_PTR, CSC_USER, CSC_ITEM, CSC_COEF,
+    B, I, K, n_gran, stride_z, stride_w,
+    HAS_BIAS: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    DOT_PREC: tl.constexpr, ACC: tl.constexpr, GRAN: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_NZ: tl.constexpr,
+    KC: tl.constexpr,
+):
+    """One item tile: dWd = Σ_users Gᵀ·z + sparse part, dbd = Σ_users G + sparse part, with
+    G = GN·softmax recomputed from the saved LSE (GN = g·n) and the sparse part −g_u·x_ui.
+    KC as in _fwd_kernel (0: resident Wd tile, whole-K dot; > 0: K chunks for FMA paths)."""
+    pid = tl.program_id(0)
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = offs_i < I
+    w_rows = W + offs_i.to(tl.int64)[:, None] * stride_w
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if KC == 0:
+        w = tl.load(w_rows + offs_k[None, :], mask=i_mask[:, None] & k_mask[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_i, mask=i_mask, other=0.0).to(ACC)
+    if NEED_W:
+        dw = tl.zeros([BLOCK_I, BLOCK_K], dtype=ACC)
+    db = tl.zeros([BLOCK_I], dtype=ACC)
+
+    for u0 in range(0, B, BLOCK_B):
+        offs_b = u0 + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < B
+        z_rows = Z + offs_b.to(tl.int64)[:, None] * stride_z
+        if KC == 0 or NEED_W:
+            z = tl.load(z_rows + offs_k[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        if KC == 0:
+            logits = _mm(z, tl.trans(w), DOT_PREC).to(ACC)
+        else:
+            logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
+            for k0 in range(0, K, KC):
+                offs_c = k0 + tl.arange(0, KC)
+                c_mask = offs_c < K
+                zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+                wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
+                logits += _mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+        if HAS_BIAS:
+            logits += bias[None, :]
+        lse = tl.load(LSE + offs_b, mask=b_mask, other=0.0)
+        gn = tl.load(GN + offs_b, mask=b_mask, other=0.0)
+        g = gn[:, None] * tl.exp(logits - lse[:, None])
+        g = tl.where(b_mask[:, None] & i_mask[None, :], g, 0.0)
+        if NEED_W:
+            dw += _mm(tl.trans(g.to(z.dtype)), z, DOT_PREC).to(ACC)
+        if NEED_B:
+            db += tl.sum(g, axis=0)
+
+    # Sparse part: the nonzeros with items in this tile are CSC[p0:p1] (pointer every GRAN items);
+    # scattered into the tile's rows as a one-hot product (fp32/fp64 operands; tf32 on TC paths).
+    j0 = pid * (BLOCK_I // GRAN)
+    p0 = tl.load(CSC_PTR + j0)
+    p1 = tl.load(CSC_PTR + tl.minimum(j0 + BLOCK_I // GRAN, n_gran))
+    tile_start = pid.to(tl.int64) * BLOCK_I
+    rows = tl.arange(0, BLOCK_I)
+    for q0 in range(p0, p1, BLOCK_NZ):
+        offs_q = q0 + tl.arange(0, BLOCK_NZ)
+        q_mask = offs_q < p1
+        item = tl.load(CSC_ITEM + offs_q, mask=q_mask, other=0)
+        coef = tl.load(CSC_COEF + offs_q, mask=q_mask, other=0.0)
+        local = (item - tile_start).to(tl.int32)
+        sel = tl.where((rows[:, None] == local[None, :]) & q_mask[None, :], coef[None, :], 0.0)
+        if NEED_W:
+            user = tl.load(CSC_USER + offs_q, mask=q_mask, other=0)
+            zr = tl.load(Z + user[:, None] * stride_z + offs_k[None, :],
+                         mask=q_mask[:, None] & k_mask[None, :], other=0.0).to(ACC)
+            dw += _mm(sel, zr, DOT_PREC)
+        if NEED_B:
+            db += tl.sum(sel, axis=1)
+
+    if NEED_W:
+        tl.store(DW + offs_i.to(tl.int64)[:, None] * K + offs_k[None, :], dw.to(DW.dtype.element_ty),
+                 mask=i_mask[:, None] & k_mask[None, :])
+    if NEED_B:
+        tl.store(DB + offs_i, db.to(DB.dtype.element_ty), mask=i_mask)
+
+
+_FWD = {
+    fma: triton.autotune(configs=cfgs, key=["B", "I", "K", "COMPUTE_A", "DOT_PREC"],
+                         prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+    for fma, cfgs in _FWD_CONFIGS.items()
+}
+_BWD = {
+    fma: triton.autotune(configs=cfgs, key=["B", "I", "K", "NEED_W", "NEED_B", "DOT_PREC"],
+                         prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_w_kernel)
+    for fma, cfgs in _BWD_CONFIGS.items()
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch logic
+# ----------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"  # bf16/fp16: ignored by tl.dot (tensor cores, fp32 accumulation)
+
+
+def _acc_dtypes(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _n_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: a few splits, so that the tests exercise the merge
+
+
+def _forward(z, weight, bias, batch, want_a, prec):
+    n_users, k = z.shape
+    n_items = weight.shape[0]
+    acc_t, acc_tl = _acc_dtypes(z.dtype)
+    block_k = _block_k(k)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
+
+    # Split the items so that (user tiles × splits) ≈ 2 waves of programs, each split a
+    # multiple of _SPLIT_ALIGN items (tile-aligned for every config).
+    user_tiles = triton.cdiv(n_users, 64)
+    n_splits = max(1, min(triton.cdiv(n_items, _SPLIT_ALIGN), triton.cdiv(2 * _n_sms(z.device), user_tiles)))
+    items_per_split = triton.cdiv(triton.cdiv(n_items, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    n_splits = triton.cdiv(n_items, items_per_split)  # no empty split
+
+    m_part = torch.empty(n_splits, n_users, dtype=acc_t, device=z.device)
+    s_part = torch.empty_like(m_part)
+    a_part = torch.empty(n_splits, n_users, k, dtype=acc_t, device=z.device) if want_a else m_part
+    grid = lambda meta: (triton.cdiv(n_users, meta["BLOCK_B"]), n_splits)  # noqa: E731
+    _FWD[prec == "ieee"][grid](
+        z, weight, bias_arg, m_part, s_part, a_part,
+        n_users, n_items, k, items_per_split, z.stride(0), weight.stride(0),
+        HAS_BIAS=has_bias, COMPUTE_A=want_a, DOT_PREC=prec, ACC=acc_tl, BLOCK_K=block_k,
+    )
+
+    xdot = torch.empty(n_users, dtype=acc_t, device=z.device)
+    n = torch.empty_like(xdot)
+    xw = torch.empty(n_users, k, dtype=acc_t, device=z.device) if want_a else xdot
+    _gather_kernel[(n_users,)](
+        z, weight, bias_arg, batch.indptr, batch.indices, batch.values, xdot, n, xw,
+        k, z.stride(0), weight.stride(0),
+        HAS_BIAS=has_bias, STORE_XW=want_a, ACC=acc_tl, BLOCK_K=block_k, BLOCK_NZ=16,
+        num_warps=4,
+    )
+
+    # Merge the split partials: LSE = M + log Σ_s e^{m_s − M}·s_s (B × n_splits floats).
+    big_m = m_part.amax(dim=0)
+    scale = torch.exp(m_part - big_m)
+    total = (scale * s_part).sum(dim=0)
+    lse = big_m + torch.log(total)
+    nll = n * lse - xdot
+    dz_per_g = None
+    if want_a:
+        # dz_u / g_u = n_u·Σ_i softmax_ui·Wd[i] − Σ_i x_ui·Wd[i]
+        a = torch.einsum("sb,sbk->bk", scale, a_part)
+        dz_per_g = a.mul_((n / total)[:, None]).sub_(xw)
+    return nll, lse, n, dz_per_g
+
+
+def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
+    n_users, k = z.shape
+    n_items = weight.shape[0]
+    acc_t, acc_tl = _acc_dtypes(z.dtype)
+    g = g.to(acc_t)
+    gn = (g * n).contiguous()
+
+    # CSC copy of the batch (O(nnz)): the nonzeros of an item tile become one contiguous range.
+    row_ids = batch.row_ids()
+    csc_item, perm = torch.sort(batch.indices, stable=True)
+    csc_user = row_ids[perm].contiguous()
+    csc_coef = (-(g[row_ids] * batch.values.to(acc_t)))[perm].contiguous()
+    n_gran = triton.cdiv(n_items, _CSC_GRAN)
+    bounds = torch.arange(n_gran + 1, device=z.device, dtype=torch.int64) * _CSC_GRAN
+    csc_ptr = torch.searchsorted(csc_item, bounds).to(torch.int64)
+
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else gn
+    db = torch.empty(n_items, dtype=bias.dtype, device=z.device) if need_b else gn
+    grid = lambda meta: (triton.cdiv(n_items, meta["BLOCK_I"]),)  # noqa: E731
+    _BWD[prec == "ieee"][grid](
+        z, weight, bias if bias is not None else weight, lse, gn, dw, db,
+        csc_ptr, csc_user, csc_item, csc_coef,
+        n_users, n_items, k, n_gran, z.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None, NEED_W=need_w, NEED_B=need_b,
+        DOT_PREC=prec, ACC=acc_tl, GRAN=_CSC_GRAN, BLOCK_K=_block_k(k),
+    )
+    return (dw if need_w else None), (db if need_b else None)
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class _MultinomialNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, batch: CSRBatch, want_dz: bool):
+        prec = _dot_precision(z.dtype)
+        with _device_of(z):
+            nll, lse, n, dz_per_g = _forward(z, weight, bias, batch, want_dz, prec)
+        # Saved: LSE and n (B floats each) and, only when z needs a gradient, dz/g (B × K).
+        ctx.save_for_backward(z, weight, bias, lse, n, dz_per_g)
+        ctx.batch, ctx.prec = batch, prec
+        return nll.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        z, weight, bias, lse, n, dz_per_g = ctx.saved_tensors
+        need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_z = grad_w = grad_b = None
+        if need_z:
+            if dz_per_g is None:  # cannot happen through multinomial_nll(); guard anyway
+                raise RuntimeError("multinomial_nll: z needs a gradient but the forward ran without grad mode")
+            grad_z = (grad_nll.to(dz_per_g.dtype)[:, None] * dz_per_g).to(z.dtype)
+        if need_w or need_b:
+            with _device_of(z):
+                grad_w, grad_b = _backward_w(z, weight, bias, ctx.batch, lse, n, grad_nll, need_w, need_b, ctx.prec)
+        return grad_z, grad_w, grad_b, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+def _validate(z, weight, bias, batch) -> None:
+    if not isinstance(batch, CSRBatch):
+        raise TypeError(f"batch must be a recvae_fast.sparse.CSRBatch, got {type(batch).__name__}")
+    for name, t in (("z", z), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D [B, K], got shape {tuple(z.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [I, K], got shape {tuple(weight.shape)}")
+    n_users, k = z.shape
+    n_items = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight has K={weight.shape[1]} columns, z has K={k}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n_items):
+        raise ValueError(f"bias must have shape [{n_items}], got {tuple(bias.shape)}")
+    if batch.n_rows != n_users:
+        raise ValueError(f"batch has {batch.n_rows} users, z has {n_users} rows")
+    if batch.n_cols != n_items:
+        raise ValueError(f"batch has {batch.n_cols} items, weight has {n_items} rows")
+    if n_items == 0 or k == 0:
+        raise ValueError(f"multinomial_nll needs at least one item and K >= 1, got I={n_items}, K={k}")
+    if z.dtype not in _SUPPORTED:
+        raise TypeError(f"z has dtype {z.dtype}; supported: float16, bfloat16, float32, float64")
+    if weight.dtype != z.dtype or (bias is not None and bias.dtype != z.dtype):
+        raise TypeError(
+            f"z, weight and bias must share a dtype, got {z.dtype}, {weight.dtype}, "
+            f"{bias.dtype if bias is not None else None}"
+        )
+    if not batch.values.is_floating_point():
+        raise TypeError(f"batch.values must be floating point, got {batch.values.dtype}")
+    if batch.indptr.dtype != torch.int64 or batch.indices.dtype != torch.int64:
+        raise TypeError("batch.indptr and batch.indices must be int64 (build the batch with as_csr_batch)")
+    devices = {t.device for t in (z, weight, batch.indptr, batch.indices, batch.values)}
+    if bias is not None:
+        devices.add(bias.device)
+    if len(devices) != 1:
+        raise ValueError(f"z, weight, bias and the batch must be on one device, got {sorted(map(str, devices))}")
+    if z.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"the Triton multinomial_nll runs on CUDA tensors (got {z.device}); on the CPU use "
+            "recvae_fast.torch_ops.multinomial_nll, or set TRITON_INTERPRET=1 before importing triton"
+        )
+
+
+def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: CSRBatch) -> torch.Tensor:
+    """−mll per user, shape [B], dtype of z; differentiable in z, weight and bias, and only the
+    gradients that are needed are computed (z's is prepared in the forward pass, see above)."""
+    _validate(z, weight, bias, batch)
+    if z.shape[0] == 0:
+        return (z.sum(dim=1) + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0))[:0]
+    want_dz = torch.is_grad_enabled() and z.requires_grad
+    return _MultinomialNLL.apply(
+        z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None, batch, want_dz
+    )

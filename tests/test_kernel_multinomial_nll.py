@@ -1,0 +1,257 @@
+"""The fused Triton multinomial NLL against the dense reference.
+
+On a machine without CUDA the kernels run in the Triton interpreter (numpy on the CPU), so the
+shapes here are small; the reference is logits = z·Wᵀ + b, −(log_softmax(logits)·X).sum(−1).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported anywhere in this process.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import recvae_fast.kernels.multinomial_nll as mnll  # noqa: E402
+from recvae_fast.sparse import CSRBatch, as_csr_batch  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET was not set before triton was imported", allow_module_level=True)
+
+
+def make_case(n_users, n_items, k, dtype=torch.float64, density=0.03, seed=0, z_scale=1.0, bias=True, special=True):
+    """Weighted interactions with an empty user (row 1) and a one-item user (row 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_users, n_items, generator=gen) < density
+    x = mask.double() * (0.5 + 2.5 * torch.rand(n_users, n_items, generator=gen, dtype=torch.float64))
+    if special and n_users > 1:
+        x[1] = 0
+    if special and n_users > 2:
+        x[2] = 0
+        x[2, n_items // 2] = 1.7
+    z = torch.randn(n_users, k, generator=gen, dtype=torch.float64) * z_scale
+    w = torch.randn(n_items, k, generator=gen, dtype=torch.float64) / k**0.5
+    b = torch.randn(n_items, generator=gen, dtype=torch.float64) if bias else None
+    g = torch.randn(n_users, generator=gen, dtype=torch.float64)
+    batch = as_csr_batch(x.to(dtype).to(DEVICE), n_items, dtype=dtype, device=DEVICE)
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return x.to(dtype).to(DEVICE), batch, cast(z), cast(w), cast(b), cast(g)
+
+
+def dense_nll(z, w, b, x):
+    logits = z @ w.T + (b if b is not None else 0)
+    return -(torch.log_softmax(logits, dim=-1) * x).sum(-1)
+
+
+def run_both(z, w, b, batch, x, g, flags=(True, True, True), ref_dtype=torch.float64):
+    """(fused loss, fused grads, reference loss, reference grads) for the inputs flagged."""
+    leaves = [t.detach().clone().requires_grad_(f) if t is not None else None for t, f in zip((z, w, b), flags)]
+    out = mnll.multinomial_nll(*leaves, batch)
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, g) if wrt else []
+
+    ref_leaves = [
+        t.detach().to(ref_dtype).requires_grad_(f) if t is not None else None for t, f in zip((z, w, b), flags)
+    ]
+    ref = dense_nll(*ref_leaves, x.to(ref_dtype))
+    ref_wrt = [t for t in ref_leaves if t is not None and t.requires_grad]
+    ref_grads = torch.autograd.grad(ref, ref_wrt, g.to(ref_dtype)) if ref_wrt else []
+    return out, grads, ref, ref_grads
+
+
+def assert_close(actual, expected, rtol):
+    """Tolerance relative to the largest magnitude of the expected tensor (sums of many terms)."""
+    scale = expected.abs().max().item() + 1e-30
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} × {scale:.3g}"
+
+
+@pytest.fixture
+def highest_precision():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def test_float64_odd_shape_all_grads():
+    # B, I, K not multiples of any tile; several item splits; an empty and a one-item user.
+    x, batch, z, w, b, g = make_case(37, 1001, 13, seed=1)
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    assert out.shape == (37,) and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert out[1].item() == 0.0  # empty user
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_highest_matches(highest_precision):
+    x, batch, z, w, b, g = make_case(21, 333, 24, dtype=torch.float32, seed=2)
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, 1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert_close(got, want, 1e-5)
+
+
+def test_float32_tf32_path_runs():
+    # "high" selects the tensor-core code path (whole-K dots, resident tiles); the interpreter
+    # multiplies exactly, so here it must match like "highest" does.
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x, batch, z, w, b, g = make_case(21, 333, 24, dtype=torch.float32, seed=12)
+        out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert_close(out, ref, 1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_logits_are_stable(dtype, highest_precision):
+    # z scaled so that the logits reach about ±80: exp would overflow without the running max.
+    x, batch, z, w, b, g = make_case(9, 150, 16, dtype=dtype, seed=3, z_scale=20.0)
+    logits = z.double() @ w.double().T + b.double()
+    assert logits.abs().max() > 60
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(out, ref, tol)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, tol)
+
+
+@pytest.mark.parametrize(
+    "flags", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)],
+    ids=["z_only", "weight_only", "bias_only", "decoder_only"],
+)
+def test_each_gradient_alone(flags, monkeypatch):
+    x, batch, z, w, b, g = make_case(11, 140, 8, seed=4)
+    calls = {"forward_dz": [], "backward_w": []}
+    real_forward, real_backward = mnll._forward, mnll._backward_w
+
+    def spy_forward(*args):
+        calls["forward_dz"].append(args[4])
+        return real_forward(*args)
+
+    def spy_backward(*args):
+        calls["backward_w"].append(args[7:9])
+        return real_backward(*args)
+
+    monkeypatch.setattr(mnll, "_forward", spy_forward)
+    monkeypatch.setattr(mnll, "_backward_w", spy_backward)
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g, flags=flags)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert len(grads) == sum(flags)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Only the work that is needed: dz is prepared in the forward iff z needs it; the item-tile
+    # backward runs iff weight or bias need a gradient, and computes only those.
+    assert calls["forward_dz"] == [flags[0]]
+    assert calls["backward_w"] == ([(flags[1], flags[2])] if (flags[1] or flags[2]) else [])
+
+
+def test_no_grad_mode_skips_dz():
+    x, batch, z, w, b, _ = make_case(7, 90, 5, seed=5)
+    z = z.requires_grad_()
+    with torch.no_grad():
+        out = mnll.multinomial_nll(z, w, b, batch)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, dense_nll(z.detach(), w, b, x), rtol=1e-10, atol=1e-10)
+
+
+def test_tiny_catalogue_and_no_bias():
+    # I smaller than one tile, I = 1 (the loss is then exactly 0), and bias=None.
+    for n_items in (5, 1):
+        x, batch, z, w, _, g = make_case(6, n_items, 3, density=0.5, seed=6, bias=False)
+        out, grads, ref, ref_grads = run_both(z, w, None, batch, x, g, flags=(True, True, False))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_all_users_empty():
+    x, batch, z, w, b, g = make_case(4, 70, 6, density=0.0, seed=7, special=False)
+    assert batch.nnz == 0
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    assert (out == 0).all()
+    for got in grads:
+        assert (got == 0).all()
+
+
+def test_non_contiguous_inputs():
+    x, batch, z, w, b, g = make_case(10, 120, 7, seed=8)
+    z_nc = z.T.contiguous().T  # column-major view
+    w_nc = w.T.contiguous().T
+    b_nc = torch.stack([b, b], dim=1)[:, 0]  # stride 2
+    assert not (z_nc.is_contiguous() or w_nc.is_contiguous() or b_nc.is_contiguous())
+    out, grads, ref, ref_grads = run_both(z_nc, w_nc, b_nc, batch, x, g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bfloat16_runs_with_fp32_accumulation():
+    x, batch, z, w, b, g = make_case(12, 200, 16, dtype=torch.bfloat16, seed=9)
+    out, grads, ref, ref_grads = run_both(z, w, b, batch, x, g)
+    assert out.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in grads)
+    assert_close(out, ref, 2e-2)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, 2e-2)
+
+
+def test_empty_batch():
+    w = torch.randn(30, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.zeros(30, dtype=torch.float64, device=DEVICE)
+    z = torch.randn(0, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    batch = as_csr_batch(torch.zeros(0, 30, dtype=torch.float64, device=DEVICE), 30, dtype=torch.float64, device=DEVICE)
+    out = mnll.multinomial_nll(z, w, b, batch)
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert (w.grad == 0).all()
+
+
+def test_dot_precision_follows_torch_setting():
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert mnll._dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert mnll._dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("medium")
+        assert mnll._dot_precision(torch.float32) == "tf32"
+        assert mnll._dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_validation_errors():
+    x, batch, z, w, b, _ = make_case(5, 40, 4, seed=10)
+    with pytest.raises(TypeError, match="CSRBatch"):
+        mnll.multinomial_nll(z, w, b, x)
+    with pytest.raises(ValueError, match="K="):
+        mnll.multinomial_nll(z, w[:, :3], b, batch)
+    with pytest.raises(ValueError, match="bias"):
+        mnll.multinomial_nll(z, w, b[:-1], batch)
+    with pytest.raises(ValueError, match="users"):
+        mnll.multinomial_nll(z[:-1], w, b, batch)
+    with pytest.raises(ValueError, match="items"):
+        mnll.multinomial_nll(z, w[:-1], b[:-1], batch)
+    with pytest.raises(ValueError, match="2-D"):
+        mnll.multinomial_nll(z[0], w, b, batch)
+    with pytest.raises(TypeError, match="share a dtype"):
+        mnll.multinomial_nll(z.float(), w, b, batch)
+    with pytest.raises(TypeError, match="dtype"):
+        mnll.multinomial_nll(z.to(torch.int64), w.to(torch.int64), b.to(torch.int64), batch)
+    bad = CSRBatch(batch.indptr.to(torch.int32), batch.indices, batch.values, batch.n_cols)
+    with pytest.raises(TypeError, match="int64"):
+        mnll.multinomial_nll(z, w, b, bad)
