@@ -12,12 +12,12 @@ from setuptools import setup
 openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
 
 ext_modules = [
-    # Masked top-k: threads via std::thread (no OpenMP runtime next to torch's bundled libgomp).
     Pybind11Extension(
         "recvae_fast._topk",
         ["csrc/topk_masked.cpp"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3"] + openmp,
+        extra_link_args=openmp,
     ),
 ]
 
