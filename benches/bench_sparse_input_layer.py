@@ -1,0 +1,80 @@
+"""Sparse input layer (Triton) against the dense torch first layer, forward + backward.
+
+B = 500 users, H = 600, ~75 items per user, float32, dropout 0.5, at 20k and 1M items.
+- fast: sparse_input_layer(batch, W1ᵀ, b1, 0.5) then backward (dW1 dense, or row-sparse COO)
+- reference: x dense B × I (given, not timed) → x/‖x‖ → dropout → addmm(b1, ·, W1) → backward
+Needs CUDA: on a CPU-only machine the Triton op runs only in the interpreter, where timings mean
+nothing, so the bench skips. The floors are conservative placeholders, not measured: once a ratio
+is recorded in benches/RESULTS.md, set them below it with room for noise.
+Correctness is tested in tests/test_kernel_sparse_input_layer.py and
+benches/gpu_check_sparse_input_layer.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+N_USERS, HIDDEN, PER_USER, P = 500, 600, 75, 0.5
+
+# (items, grad layout, floor, rounds). Estimates for an H100 with exact fp32 products in the
+# reference: ~0.5 ms vs ~0.1 ms at 20k items; ~25 ms vs ~1 ms (dense dW: writing 2.4 GB) or
+# ~0.2 ms (row-sparse dW) at 1M items.
+CASES = [
+    (20_000, "dense", 1.2, 10),
+    (20_000, "row_sparse", 1.2, 10),
+    (1_000_000, "dense", 4.0, 5),
+    (1_000_000, "row_sparse", 8.0, 5),
+]
+
+
+@pytest.fixture(scope="module", params=sorted({c[0] for c in CASES}), ids=lambda n: f"{n}items")
+def inputs(request):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: without it the Triton kernels run only in the interpreter, meaningless for timing")
+    import numpy as np
+    import scipy.sparse as sp
+
+    from recvae_fast.sparse import as_csr_batch
+
+    n_items = request.param
+    device = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    counts = rng.integers(PER_USER // 2, 3 * PER_USER // 2, N_USERS)
+    rows = np.repeat(np.arange(N_USERS), counts)
+    cols = rng.integers(0, n_items, rows.size)
+    x = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(N_USERS, n_items))
+    batch = as_csr_batch(x, n_items, dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.empty(n_items, HIDDEN, device=device).uniform_(-1e-3, 1e-3, generator=gen).requires_grad_(True)
+    b = torch.zeros(HIDDEN, device=device, requires_grad=True)
+    g = torch.randn(N_USERS, HIDDEN, device=device, generator=gen)
+    x_dense = batch.to_dense()
+    norm = x_dense.norm(dim=1, keepdim=True).clamp_min_(1e-30)
+    yield dict(n_items=n_items, batch=batch, w=w, b=b, g=g, x=x_dense, norm=norm)
+    del x_dense, w
+
+
+@pytest.mark.parametrize("layout", ["dense", "row_sparse"])
+def test_sparse_input_layer_vs_dense_first_layer(inputs, layout, compare_speed):
+    from recvae_fast.kernels.sparse_input_layer import sparse_input_layer
+
+    (floor, rounds), = [(c[2], c[3]) for c in CASES if c[0] == inputs["n_items"] and c[1] == layout]
+    batch, w, b, g, x, norm = (inputs[k] for k in ("batch", "w", "b", "g", "x", "norm"))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+
+    def fast():
+        w.grad = b.grad = None
+        sparse_input_layer(batch, w, b, P, sparse_grad=layout == "row_sparse").backward(g)
+
+    def reference():
+        w.grad = b.grad = None
+        mask = torch.rand_like(x) >= P
+        torch.addmm(b, x / norm * mask / (1 - P), w).backward(g)
+
+    try:
+        fast()  # autotuning happens on the first call
+        compare_speed(fast, reference, floor=floor, rounds=rounds, warmup=2, sync=torch.cuda.synchronize)
+    finally:
+        torch.set_float32_matmul_precision(old)
+        w.grad = b.grad = None

@@ -1,0 +1,339 @@
+"""The Triton sparse input layer against a dense torch reference.
+
+Reference: x dense B × I, x / ‖x‖ (row-wise), times the same keep mask / (1 − p), @ W1 + b1, with
+autograd for dW1 and db1, in float64. Without CUDA the kernels run in the Triton interpreter
+(numpy on the CPU), so the shapes are small.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported anywhere in this process.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import recvae_fast.kernels.sparse_input_layer as sil  # noqa: E402
+from recvae_fast.sparse import CSRBatch, as_csr_batch  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET was not set before triton was imported", allow_module_level=True)
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def make_case(n_users=9, n_items=1001, hidden=37, dtype=torch.float64, density=0.02, seed=0):
+    """Weighted interactions (values ≠ 1) with an empty user (row 1), a one-item user (row 2) and
+    a user holding the first and last items (row 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_users, n_items, generator=gen) < density
+    x = mask.double() * (0.5 + 2.5 * torch.rand(n_users, n_items, generator=gen, dtype=torch.float64))
+    x[1] = 0
+    x[2] = 0
+    x[2, n_items // 2] = 1.7
+    x[3, 0], x[3, n_items - 1] = 2.0, 0.25
+    w = torch.randn(n_items, hidden, generator=gen, dtype=torch.float64)
+    b = torch.randn(hidden, generator=gen, dtype=torch.float64)
+    g = torch.randn(n_users, hidden, generator=gen, dtype=torch.float64)
+    batch = as_csr_batch(x.to(dtype).to(DEVICE), n_items, dtype=dtype, device=DEVICE)
+    return x.to(DEVICE), batch, w.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE), g.to(dtype).to(DEVICE)
+
+
+def dense_mask(batch: CSRBatch, keep: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(batch.n_rows, batch.n_cols, dtype=torch.float64, device=keep.device)
+    out[batch.row_ids(), batch.indices] = keep.double()
+    return out
+
+
+def dense_reference(x, w, b, g, p=0.0, keep_dense=None):
+    """(h1_pre, dW1, db1) of the dense first layer, float64."""
+    w = w.detach().double().requires_grad_(True)
+    b = b.detach().double().requires_grad_(True)
+    norm = x.norm(dim=1, keepdim=True)
+    xn = x / torch.where(norm > 0, norm, torch.ones_like(norm))
+    if p > 0:
+        xn = xn * keep_dense / (1 - p)
+    out = xn @ w + b
+    dw, db = torch.autograd.grad(out, (w, b), g.double())
+    return out.detach(), dw, db
+
+
+def run(batch, w, b, g, **kw):
+    w = w.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    out = sil.sparse_input_layer(batch, w, b, **kw)
+    out.backward(g)
+    return out.detach(), w.grad, b.grad
+
+
+def assert_close(actual, expected, rtol):
+    """Error relative to the largest magnitude of the expected tensor (sums of many terms)."""
+    scale = expected.abs().max().item() + 1e-30
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} × {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_no_dropout_matches_dense(dtype):
+    x, batch, w, b, g = make_case(dtype=dtype, seed=1)
+    out, dw, db = run(batch, w, b, g)
+    ref, ref_dw, ref_db = dense_reference(x, w, b, g)
+    assert out.shape == (9, 37) and out.dtype == dtype and dw.dtype == dtype and dw.layout == torch.strided
+    assert_close(out, ref, TOL[dtype])
+    assert_close(dw, ref_dw, TOL[dtype])
+    assert_close(db, ref_db, TOL[dtype])
+    assert torch.equal(out[1], b)  # the empty user gets the bias, exactly
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_seeded_dropout_matches_dense_with_extracted_mask(dtype):
+    # The mask from dropout_keep_mask is the one forward and backward both used: the dense
+    # reference built from it matches h1_pre and dW1.
+    x, batch, w, b, g = make_case(dtype=dtype, seed=2, density=0.04)
+    p, seed = 0.4, 1234
+    keep = sil.dropout_keep_mask(seed, batch.nnz, p, DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == (batch.nnz,)
+    assert 0 < int(keep.sum()) < batch.nnz
+    out, dw, db = run(batch, w, b, g, dropout_p=p, seed=seed)
+    ref, ref_dw, ref_db = dense_reference(x, w, b, g, p, dense_mask(batch, keep))
+    assert_close(out, ref, TOL[dtype])
+    assert_close(dw, ref_dw, TOL[dtype])
+    assert_close(db, ref_db, TOL[dtype])
+    # ... and not the complementary or an all-kept mask.
+    no_drop, _, _ = dense_reference(x, w, b, g)
+    assert (out - no_drop).abs().max() > 1e-3
+    # Rows of items whose every occurrence was dropped get exactly zero gradient.
+    dropped_only = torch.zeros(batch.n_cols, dtype=torch.bool, device=DEVICE)
+    dropped_only[batch.indices[~keep]] = True
+    dropped_only[batch.indices[keep]] = False
+    assert dropped_only.any() and (dw[dropped_only] == 0).all()
+
+
+def test_keep_mask_argument_equals_seeded_mask():
+    x, batch, w, b, g = make_case(seed=3, density=0.04)
+    keep = sil.dropout_keep_mask(77, batch.nnz, 0.5, DEVICE)
+    a = run(batch, w, b, g, dropout_p=0.5, seed=77)
+    c = run(batch, w, b, g, dropout_p=0.5, keep_mask=keep)
+    for got, want in zip(a, c):
+        assert torch.equal(got, want)
+    # A caller's own mask (here: keep only even positions) is honoured in forward and backward.
+    own = torch.arange(batch.nnz, device=DEVICE) % 2 == 0
+    out, dw, db = run(batch, w, b, g, dropout_p=0.5, keep_mask=own)
+    ref, ref_dw, ref_db = dense_reference(x, w, b, g, 0.5, dense_mask(batch, own))
+    assert_close(out, ref, 1e-12)
+    assert_close(dw, ref_dw, 1e-12)
+
+
+def test_seed_none_follows_torch_manual_seed():
+    _, batch, w, b, _ = make_case(seed=4, density=0.04)
+    torch.manual_seed(5)
+    a = sil.sparse_input_layer(batch, w, b, dropout_p=0.5)
+    torch.manual_seed(5)
+    c = sil.sparse_input_layer(batch, w, b, dropout_p=0.5)
+    d = sil.sparse_input_layer(batch, w, b, dropout_p=0.5)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_keep_mask_rate_and_seeds():
+    keep = sil.dropout_keep_mask(9, 20000, 0.3, DEVICE)
+    assert abs(keep.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(keep, sil.dropout_keep_mask(9, 20000, 0.3, DEVICE))
+    assert not torch.equal(keep, sil.dropout_keep_mask(10, 20000, 0.3, DEVICE))
+    # The mask of the first n nonzeros does not depend on the batch size.
+    assert torch.equal(keep[:500], sil.dropout_keep_mask(9, 500, 0.3, DEVICE))
+    assert sil.dropout_keep_mask(9, 100, 0.0, DEVICE).all()
+    assert sil.dropout_keep_mask(9, 0, 0.5, DEVICE).shape == (0,)
+
+
+def test_empty_batch_and_users_give_bias():
+    hidden, n_items = 37, 50
+    w = torch.randn(n_items, hidden, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(hidden, dtype=torch.float64, device=DEVICE)
+    empty = CSRBatch(
+        torch.zeros(4, dtype=torch.int64, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE),
+        torch.zeros(0, dtype=torch.float64, device=DEVICE), n_items,
+    )
+    g = torch.randn(3, hidden, dtype=torch.float64, device=DEVICE)
+    for p in (0.0, 0.5):
+        out, dw, db = run(empty, w, b, g, dropout_p=p, seed=1)
+        assert torch.equal(out, b.expand(3, hidden))
+        assert torch.equal(dw, torch.zeros_like(w))
+        assert_close(db, g.sum(0), 1e-14)
+    # A user whose only entry is an explicit zero: norm 0, still the bias and no NaN.
+    zero_val = CSRBatch(
+        torch.tensor([0, 1], device=DEVICE), torch.tensor([3], device=DEVICE),
+        torch.zeros(1, dtype=torch.float64, device=DEVICE), n_items,
+    )
+    assert torch.equal(sil.sparse_input_layer(zero_val, w, b), b[None])
+
+
+def test_one_item_user_dropout_kept_or_dropped():
+    # One-item user: x/‖x‖ = 1 at its item, so h1_pre = b + W[i]/(1−p) if kept, else b.
+    hidden, n_items = 37, 1001
+    w = torch.randn(n_items, hidden, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(hidden, dtype=torch.float64, device=DEVICE)
+    batch = CSRBatch(
+        torch.tensor([0, 1, 2], device=DEVICE), torch.tensor([1000, 7], device=DEVICE),
+        torch.tensor([3.0, 0.5], dtype=torch.float64, device=DEVICE), n_items,
+    )
+    keep = torch.tensor([True, False], device=DEVICE)
+    out = sil.sparse_input_layer(batch, w, b, dropout_p=0.25, keep_mask=keep)
+    torch.testing.assert_close(out[0], b + w[1000] / 0.75, rtol=1e-14, atol=1e-14)
+    assert torch.equal(out[1], b)
+
+
+def test_duplicate_ids_are_linear():
+    # A non-canonical batch: item 5 twice in user 0, item 9 twice in user 1. Each stored entry
+    # contributes c_e·W[i_e], c_e = v_e·m_e / ((1−p)·sqrt(Σ_e v_e²)); dW sums every entry.
+    hidden, n_items = 37, 20
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(n_items, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+    b = torch.randn(hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+    g = torch.randn(2, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+    indptr = torch.tensor([0, 3, 6], device=DEVICE)
+    indices = torch.tensor([5, 2, 5, 9, 9, 19], device=DEVICE)
+    values = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.5, 3.0], dtype=torch.float64, device=DEVICE)
+    batch = CSRBatch(indptr, indices, values, n_items)
+    keep = torch.tensor([True, True, False, True, True, True], device=DEVICE)
+    rows = batch.row_ids()
+    norms = torch.zeros(2, dtype=torch.float64, device=DEVICE).index_add_(0, rows, values * values).sqrt()
+    for p, mask in ((0.0, None), (0.5, keep)):
+        c = values / norms[rows]
+        if mask is not None:
+            c = c * mask / (1 - p)
+        ref = b + torch.zeros(2, hidden, dtype=torch.float64, device=DEVICE).index_add_(0, rows, c[:, None] * w[indices])
+        ref_dw = torch.zeros_like(w).index_add_(0, indices, c[:, None] * g[rows])
+        out, dw, db = run(batch, w, b, g, dropout_p=p, keep_mask=mask)
+        assert_close(out, ref, 1e-14)
+        assert_close(dw, ref_dw, 1e-14)
+        assert_close(db, g.sum(0), 1e-14)
+    # The canonical form (what the model passes) equals the dense reference with summed duplicates.
+    x = torch.zeros(2, n_items, dtype=torch.float64, device=DEVICE)
+    x.index_put_((rows, indices), values, accumulate=True)
+    canon = as_csr_batch(x, n_items, dtype=torch.float64, device=DEVICE)
+    out, dw, _ = run(canon, w, b, g)
+    ref, ref_dw, _ = dense_reference(x, w, b, g)
+    assert_close(out, ref, 1e-14)
+    assert_close(dw, ref_dw, 1e-14)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_row_sparse_grad_equals_dense(p):
+    x, batch, w, b, g = make_case(seed=7, density=0.05)
+    _, dense_dw, dense_db = run(batch, w, b, g, dropout_p=p, seed=3)
+    out, sparse_dw, sparse_db = run(batch, w, b, g, dropout_p=p, seed=3, sparse_grad=True)
+    assert sparse_dw.layout == torch.sparse_coo and sparse_dw.shape == w.shape
+    # (AccumulateGrad drops the coalesced flag of a sparse .grad; the rows are unique all the same.)
+    assert torch.equal(sparse_dw._indices()[0], torch.unique(batch.indices))  # the batch's items, sorted
+    ww = w.clone().requires_grad_(True)
+    (direct,) = torch.autograd.grad(sil.sparse_input_layer(batch, ww, b, dropout_p=p, seed=3, sparse_grad=True), ww, g)
+    assert direct.is_coalesced() and torch.equal(direct.indices()[0], torch.unique(batch.indices))
+    assert_close(sparse_dw.to_dense(), dense_dw, 1e-14)
+    assert torch.equal(sparse_db, dense_db)
+    if p == 0.0:
+        _, ref_dw, _ = dense_reference(x, w, b, g)
+        assert_close(sparse_dw.to_dense(), ref_dw, 1e-12)
+
+
+def test_no_grad_paths_and_partial_grads():
+    # The prior's old encoder: dropout 0, under no_grad / frozen weights; and one of two grads.
+    x, batch, w, b, g = make_case(seed=8)
+    ref, ref_dw, ref_db = dense_reference(x, w, b, g)
+    with torch.no_grad():
+        out = sil.sparse_input_layer(batch, w.requires_grad_(True), b)
+    assert out.grad_fn is None
+    assert_close(out, ref, 1e-12)
+    w.requires_grad_(False)
+    frozen = sil.sparse_input_layer(batch, w, b)
+    assert frozen.grad_fn is None and torch.equal(frozen, out)
+    bb = b.clone().requires_grad_(True)
+    sil.sparse_input_layer(batch, w, bb).backward(g)
+    assert_close(bb.grad, ref_db, 1e-14)
+    ww = w.clone().requires_grad_(True)
+    sil.sparse_input_layer(batch, ww, b).backward(g)
+    assert_close(ww.grad, ref_dw, 1e-12)
+    # No bias at all.
+    nb = sil.sparse_input_layer(batch, w, None)
+    assert_close(nb, ref - b, 1e-12)
+
+
+def test_strided_weight_view():
+    # weight_t as the transposed view of an H × I weight (rows not contiguous) still works.
+    x, batch, w, b, g = make_case(n_items=101, seed=9, density=0.1)
+    w_hi = w.t().contiguous()
+    wt = w_hi.t().requires_grad_(True)  # a view: stride (1, I)
+    out = sil.sparse_input_layer(batch, wt, b)
+    out.backward(g)
+    ref, ref_dw, _ = dense_reference(x, w, b, g)
+    assert_close(out, ref, 1e-12)
+    assert_close(wt.grad, ref_dw, 1e-12)
+
+
+def test_validation_errors():
+    _, batch, w, b, _ = make_case(n_items=30, seed=10, density=0.2)
+    with pytest.raises(ValueError, match="dropout_p"):
+        sil.sparse_input_layer(batch, w, b, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        sil.sparse_input_layer(batch, w, b, dropout_p=-0.1)
+    with pytest.raises(ValueError, match="rows"):
+        sil.sparse_input_layer(batch, w[:-1], b)
+    with pytest.raises(ValueError, match="bias"):
+        sil.sparse_input_layer(batch, w, b[:-1])
+    with pytest.raises(TypeError, match="dtype"):
+        sil.sparse_input_layer(batch, w.float(), b.float())
+    with pytest.raises(ValueError, match="keep_mask"):
+        sil.sparse_input_layer(batch, w, b, dropout_p=0.5, keep_mask=torch.ones(batch.nnz + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep_mask"):
+        sil.sparse_input_layer(batch, w, b, dropout_p=0.5, keep_mask=torch.ones(batch.nnz, device=DEVICE))
+    with pytest.raises(ValueError, match="seed"):
+        sil.sparse_input_layer(batch, w, b, dropout_p=0.5, seed=-1)
+    with pytest.raises(TypeError, match="CSRBatch"):
+        sil.sparse_input_layer(batch.to_dense(), w, b)
+    bad = CSRBatch(batch.indptr, batch.indices.clone().fill_(30), batch.values, 30)
+    if DEVICE.type == "cpu":
+        with pytest.raises(IndexError):
+            sil.sparse_input_layer(bad, w, b)
+
+
+def test_adam_step_row_sparse_matches_torch_adam():
+    # Three steps with different touched rows: untouched rows keep decaying and moving, as in Adam.
+    n_items, hidden = 40, 37
+    gen = torch.Generator().manual_seed(11)
+    p0 = torch.randn(n_items, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+    ref = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    param = p0.clone()
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    for step, rows in enumerate(([0, 3, 39], [3, 7], [1, 2, 3, 20]), start=1):
+        rows = torch.tensor(rows, device=DEVICE)
+        vals = torch.randn(rows.numel(), hidden, generator=gen, dtype=torch.float64).to(DEVICE)
+        grad = torch.sparse_coo_tensor(rows[None], vals, (n_items, hidden), check_invariants=True).coalesce()
+        ref.grad = grad.to_dense()
+        opt.step()
+        sil.adam_step_row_sparse_(param, grad, m, v, step, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    # Hyper-parameters are fp32 scalars in the kernel: agreement to ~1e-9 relative on the update.
+    assert_close(param - p0, ref.detach() - p0, 1e-6)
+    assert_close(m, opt.state[ref]["exp_avg"], 1e-6)
+    assert_close(v, opt.state[ref]["exp_avg_sq"], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(dtype):
+    x, batch, w, b, g = make_case(dtype=dtype, seed=12)
+    out, dw, db = run(batch, w, b, g, dropout_p=0.3, seed=4)
+    keep = sil.dropout_keep_mask(4, batch.nnz, 0.3, DEVICE)
+    x_rounded = batch.to_dense().double()  # the values as the op sees them
+    ref, ref_dw, ref_db = dense_reference(x_rounded, w, b, g, 0.3, dense_mask(batch, keep))
+    assert out.dtype == dw.dtype == db.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the result
+    assert_close(out, ref, tol)
+    assert_close(dw, ref_dw, tol)
+    assert_close(db, ref_db, tol)
