@@ -99,22 +99,28 @@ class _ChunkedMultinomialNLL(torch.autograd.Function):
         grad_b = torch.empty_like(bias) if need_b else None
         if not (need_w or need_b):
             return grad_z, None, None, None, None, None
-        # Dense part: G = g·n·softmax, recomputed chunk by chunk from the saved LSE.
+        # G = g·n·softmax − g·x, recomputed chunk by chunk from the saved LSE. The sparse −g·x
+        # part goes into each chunk's G before its product, so dWd and dbd take one product and
+        # one sum per chunk; nonzeros sorted by item give each chunk a contiguous slice.
+        row_ids = batch.row_ids()
+        order = torch.argsort(batch.indices, stable=True)
+        items_sorted = batch.indices[order]
+        rows_sorted = row_ids[order]
+        gx_sorted = (grad_nll[row_ids] * batch.values)[order]
+        n_items = weight.shape[0]
+        chunk_starts = torch.arange(0, n_items + chunk, chunk, device=z.device).clamp_(max=n_items)
+        bounds = torch.searchsorted(items_sorted, chunk_starts).tolist()
         scale = (grad_nll * n)[:, None]
-        for start in range(0, weight.shape[0], chunk):
+        for k, start in enumerate(range(0, n_items, chunk)):
             logits = torch.addmm(bias[start : start + chunk], z, weight[start : start + chunk].t())
             g_chunk = torch.exp(logits.sub_(lse[:, None])).mul_(scale)
+            lo, hi = bounds[k], bounds[k + 1]
+            flat = rows_sorted[lo:hi] * g_chunk.shape[1] + (items_sorted[lo:hi] - start)
+            g_chunk.view(-1).index_add_(0, flat, gx_sorted[lo:hi], alpha=-1)
             if need_w:
                 torch.mm(g_chunk.t(), z, out=grad_w[start : start + chunk])
             if need_b:
                 torch.sum(g_chunk, dim=0, out=grad_b[start : start + chunk])
-        # Sparse part: −g_u·x_ui at the nonzeros.
-        row_ids = batch.row_ids()
-        gx = grad_nll[row_ids] * batch.values
-        if need_w:
-            grad_w.index_add_(0, batch.indices, z[row_ids] * gx[:, None], alpha=-1)
-        if need_b:
-            grad_b.index_add_(0, batch.indices, gx, alpha=-1)
         return grad_z, grad_w, grad_b, None, None, None
 
 

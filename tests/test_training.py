@@ -1,0 +1,161 @@
+"""fit: schedule, reproducibility, best-epoch selection, checkpoints that resume exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from helpers import random_ratings
+
+import recvae_fast
+from recvae_fast import training
+from recvae_fast.training import fit, load_model
+
+SMALL = dict(hidden_dim=16, latent_dim=6, batch_size=16, n_enc_epochs=2, n_dec_epochs=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    train = random_ratings(60, 41, seed=20, binary=True, max_items=12).astype(np.float32)
+    valid = random_ratings(12, 41, seed=21, binary=True, max_items=12).astype(np.float32).tolil()
+    valid_out = sp.lil_matrix(valid.shape, dtype=np.float32)
+    for u in range(valid.shape[0]):  # move one item of each user to the held-out part
+        items = valid.rows[u]
+        if len(items) > 1:
+            valid_out[u, items[-1]] = 1.0
+            valid[u, items[-1]] = 0.0
+    valid_in = sp.csr_matrix(valid)
+    valid_in.eliminate_zeros()
+    return train.tocsr(), valid_in, valid_out.tocsr()
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_seeded_runs_are_reproducible_and_seeds_matter(small_data):
+    train, _, _ = small_data
+    a = _weights(fit(train, n_epochs=2, seed=3, **SMALL))
+    b = _weights(fit(train, n_epochs=2, seed=3, **SMALL))
+    c = _weights(fit(train, n_epochs=2, seed=4, **SMALL))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert any(not torch.equal(a[key], c[key]) for key in a)
+
+
+def test_schedule_updates_the_prior_and_both_parts(small_data):
+    train, _, _ = small_data
+    torch.manual_seed(0)
+    model = fit(train, n_epochs=1, seed=0, **SMALL)
+    for old, new in zip(model.prior.encoder_old.parameters(), model.encoder.parameters()):
+        torch.testing.assert_close(old, new, rtol=0, atol=0)  # update_prior ran after the encoder passes
+    untrained = recvae_fast.RecVAE(16, 6, train.shape[1])
+    torch.manual_seed(0)
+    untrained = recvae_fast.RecVAE(16, 6, train.shape[1])
+    assert not torch.equal(model.decoder.weight, untrained.decoder.weight)
+    assert not torch.equal(model.encoder.fc1.weight_t, untrained.encoder.fc1.weight_t)
+    for key, value in model.history[0].items():
+        if isinstance(value, float):
+            assert np.isfinite(value), key
+    assert {"encoder_loss", "encoder_kld", "decoder_mll", "users_per_s"} <= set(model.history[0])
+
+
+def test_not_alternating_mode_runs(small_data):
+    train, _, _ = small_data
+    model = fit(train, n_epochs=1, not_alternating=True, beta=0.2, gamma=None, **SMALL)
+    assert "both_loss" in model.history[0]
+
+
+def test_returns_the_best_validation_epoch(small_data, tmp_path):
+    train, valid_in, valid_out = small_data
+    log = tmp_path / "log.jsonl"
+    model = fit(train, valid_in, valid_out, n_epochs=3, log_path=log, **SMALL)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    best = max(records, key=lambda r: r["valid_ndcg@100"])
+    assert recvae_fast.evaluate(model, valid_in, valid_out)["ndcg@100"] == pytest.approx(best["valid_ndcg@100"])
+
+
+def test_resume_ends_with_the_same_weights(small_data, tmp_path):
+    train, valid_in, valid_out = small_data
+    full = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "full", **SMALL)
+    fit(train, valid_in, valid_out, n_epochs=1, checkpoint_dir=tmp_path / "cut", **SMALL)  # "crash" after epoch 1
+    resumed = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "cut", resume=True, **SMALL)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    ckpt_full = torch.load(tmp_path / "full" / training.CHECKPOINT_NAME, weights_only=False)
+    ckpt_cut = torch.load(tmp_path / "cut" / training.CHECKPOINT_NAME, weights_only=False)
+    for key, value in ckpt_full["model"].items():  # the last epoch's weights too, not only the best
+        torch.testing.assert_close(ckpt_cut["model"][key], value, rtol=0, atol=0, msg=key)
+    assert ckpt_cut["state"]["epoch"] == 3
+
+
+def test_resume_refuses_other_hyperparameters(small_data, tmp_path):
+    train, _, _ = small_data
+    fit(train, n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
+    with pytest.raises(ValueError, match="lr"):
+        fit(train, n_epochs=2, checkpoint_dir=tmp_path, resume=True, **{**SMALL, "lr": 1e-3})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(train, n_epochs=2, checkpoint_dir=tmp_path / "nothing", resume=True, **SMALL)
+
+
+def test_a_crash_while_saving_keeps_the_last_good_checkpoint(small_data, tmp_path, monkeypatch):
+    train, _, _ = small_data
+    fit(train, n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
+    path = tmp_path / training.CHECKPOINT_NAME
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.write(b"half")  # some bytes reached the disk...
+        raise KeyboardInterrupt("killed while saving")  # ...then the process died
+
+    monkeypatch.setattr(training.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, n_epochs=2, checkpoint_dir=tmp_path, resume=True, **SMALL)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == [training.CHECKPOINT_NAME]  # no temporary left behind
+    monkeypatch.setattr(training.torch, "save", real_save)
+    assert torch.load(path, weights_only=False)["state"]["epoch"] == 1
+
+
+def test_load_model_reads_checkpoints_and_authors_state_dicts(small_data, tmp_path):
+    train, valid_in, valid_out = small_data
+    model = fit(train, valid_in, valid_out, n_epochs=2, checkpoint_dir=tmp_path, **SMALL)
+    from_ckpt = load_model(tmp_path / training.CHECKPOINT_NAME)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    from_plain = load_model(tmp_path / "plain.pt")
+    for loaded in (from_ckpt, from_plain):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    torch.save({"something": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="neither"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_bad_arguments(small_data):
+    train, valid_in, valid_out = small_data
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        fit(train, n_epoch=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(train, batch_size=0)
+    with pytest.raises(ValueError, match="dropout"):
+        fit(train, dropout=1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        fit(train, gamma=None, beta=None)
+    with pytest.raises(ValueError, match="both"):
+        fit(train, valid_in)
+    with pytest.raises(ValueError, match="item columns"):
+        fit(train, valid_in[:, :-1], valid_out[:, :-1])
+    with pytest.raises(TypeError, match="scipy"):
+        fit(train.toarray())
+    with pytest.raises(ValueError, match="no interactions"):
+        fit(sp.csr_matrix((5, 7), dtype=np.float32))
