@@ -53,4 +53,4 @@ def test_fit_epoch_speedup(compare_speed):
     def reference():
         authors_epoch(ref, opt_enc, opt_dec, train, rng)
 
-    compare_speed(fast, reference, floor=FLOOR, rounds=2, warmup=0)
+    compare_speed(fast, reference, floor=FLOOR, rounds=3, warmup=1)

@@ -93,9 +93,9 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -
     loss.backward()
     for opt in optimizers:
         opt.step()
-    out = {"mll": float(mll), "loss": float(loss)}
+    out = {"mll": mll.item(), "loss": loss.item()}
     if kld is not None:
-        out["kld"] = float(kld)
+        out["kld"] = kld.item()
     return out
 
 
