@@ -162,6 +162,20 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _logits_by_k_chunks(z_rows, w_rows, b_mask, i_mask, K, KC: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_I: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """z·Wᵀ for a [BLOCK_B × BLOCK_I] tile, K in chunks of KC (keeps FMA-path registers bounded)."""
+    logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
+    for k0 in range(0, K, KC):
+        offs_c = k0 + tl.arange(0, KC)
+        c_mask = offs_c < K
+        zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+        wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
+        logits += _mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+    return logits
+
+
+@triton.jit
 def _fwd_kernel(
     Z, W, BIAS, M_PART, S_PART, A_PART,
     B, I, K, items_per_split, stride_z, stride_w,
@@ -198,13 +212,7 @@ def _fwd_kernel(
             w = tl.load(w_rows + offs_k[None, :], mask=i_mask[:, None] & k_mask[None, :], other=0.0)
             logits = _mm(z, tl.trans(w), DOT_PREC).to(ACC)
         else:
-            logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
-            for k0 in range(0, K, KC):
-                offs_c = k0 + tl.arange(0, KC)
-                c_mask = offs_c < K
-                zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
-                wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
-                logits += _mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+            logits = _logits_by_k_chunks(z_rows, w_rows, b_mask, i_mask, K, KC, BLOCK_B, BLOCK_I, ACC, DOT_PREC)
         if HAS_BIAS:
             logits += tl.load(BIAS + offs_i, mask=i_mask, other=0.0).to(ACC)[None, :]
         logits = tl.where(i_mask[None, :], logits, float("-inf"))
@@ -294,13 +302,7 @@ def _bwd_w_kernel(
         if KC == 0:
             logits = _mm(z, tl.trans(w), DOT_PREC).to(ACC)
         else:
-            logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
-            for k0 in range(0, K, KC):
-                offs_c = k0 + tl.arange(0, KC)
-                c_mask = offs_c < K
-                zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
-                wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
-                logits += _mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+            logits = _logits_by_k_chunks(z_rows, w_rows, b_mask, i_mask, K, KC, BLOCK_B, BLOCK_I, ACC, DOT_PREC)
         if HAS_BIAS:
             logits += bias[None, :]
         lse = tl.load(LSE + offs_b, mask=b_mask, other=0.0)

@@ -25,6 +25,8 @@ class SparseInputLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        # True: weight_t.grad is a sparse COO tensor of the batch's rows (see recvae_fast.optim).
+        self.sparse_grad = False
         self.bias = nn.Parameter(torch.empty(out_features))
         # nn.Linear's default initialisation: both uniform in ±1/sqrt(fan_in).
         bound = 1 / math.sqrt(in_features)
@@ -37,7 +39,7 @@ class SparseInputLinear(nn.Module):
 
     def forward(self, batch: CSRBatch, dropout_p: float, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
         ops = ops_for(self.weight_t.device)
-        return ops.sparse_input_layer(batch, self.weight_t, self.bias, dropout_p, keep_mask)
+        return ops.sparse_input_layer(batch, self.weight_t, self.bias, dropout_p, keep_mask, sparse_grad=self.sparse_grad)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight_t = self.weight_t if keep_vars else self.weight_t.detach()
@@ -121,13 +123,7 @@ class RecVAE(nn.Module):
         param = self.decoder.weight
         return as_csr_batch(user_ratings, self.input_dim, dtype=param.dtype, device=param.device)
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None):
-        if not self.training:
-            return mu
-        std = torch.exp(0.5 * logvar)
-        if eps is None:
-            eps = torch.randn_like(std)
-        return eps * std + mu
+    reparameterize = reference.VAE.reparameterize  # z = mu + ε·exp(logvar / 2) in training, mu in eval
 
     def encode(self, user_ratings, dropout_rate: float = 0.0, keep_mask: torch.Tensor | None = None):
         """(mu, logvar) of q(z|x) for a batch of users."""

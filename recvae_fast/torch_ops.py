@@ -38,8 +38,10 @@ def sparse_input_layer(
     bias: torch.Tensor,
     dropout_p: float = 0.0,
     keep_mask: torch.Tensor | None = None,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
-    """fc1 over the nonzeros only; weight_t is W1 stored I × H so the gather reads whole rows."""
+    """fc1 over the nonzeros only; weight_t is W1 stored I × H so the gather reads whole rows.
+    sparse_grad=True makes weight_t's gradient a sparse COO tensor of the batch's rows only."""
     if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if keep_mask is not None and keep_mask.shape != (batch.nnz,):
@@ -47,7 +49,8 @@ def sparse_input_layer(
     coef = input_coefficients(batch, dropout_p, keep_mask)
     # embedding_bag's weight gradient is an index_add over the nonzeros: the scatter of DESIGN.md §2.
     h = F.embedding_bag(
-        batch.indices, weight_t, batch.indptr, mode="sum", per_sample_weights=coef, include_last_offset=True
+        batch.indices, weight_t, batch.indptr, mode="sum", per_sample_weights=coef, include_last_offset=True,
+        sparse=sparse_grad,
     )
     return h + bias
 

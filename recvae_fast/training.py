@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import RecVAE
+from .optim import RowSparseAdam
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -40,6 +41,7 @@ class TrainConfig:
     beta: float | None = None
     dropout: float = 0.5
     not_alternating: bool = False
+    sparse_fc1_grad: bool = False  # row-sparse fc1 gradient + exact RowSparseAdam (see recvae_fast.optim)
     seed: int = 0
     device: str = "cpu"
 
@@ -73,11 +75,16 @@ def _set_phase(model: RecVAE, train_encoder: bool, train_decoder: bool) -> None:
     model.decoder.requires_grad_(train_decoder)
 
 
-def make_optimizers(model: RecVAE, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def make_optimizers(model: RecVAE, lr: float, sparse_fc1_grad: bool = False):
     """One Adam for the encoder and one for the decoder (the authors' setup). The fused
-    implementation does the same arithmetic in one pass over each tensor."""
+    implementation does the same arithmetic in one pass over each tensor. With sparse_fc1_grad,
+    fc1's gradient holds only the batch's rows and the encoder's Adam is RowSparseAdam (exact)."""
     fused = model.decoder.weight.device.type in ("cpu", "cuda")
-    encoder_opt = torch.optim.Adam(model.encoder.parameters(), lr=lr, fused=fused)
+    model.encoder.fc1.sparse_grad = sparse_fc1_grad
+    if sparse_fc1_grad:
+        encoder_opt = RowSparseAdam(model.encoder.parameters(), lr=lr)
+    else:
+        encoder_opt = torch.optim.Adam(model.encoder.parameters(), lr=lr, fused=fused)
     decoder_opt = torch.optim.Adam(model.decoder.parameters(), lr=lr, fused=fused)
     return encoder_opt, decoder_opt
 
@@ -237,7 +244,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = RecVAE(cfg.hidden_dim, cfg.latent_dim, n_items).to(device)
-    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr)
+    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, cfg.sparse_fc1_grad)
     state = TrainState()
     best_state = None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
