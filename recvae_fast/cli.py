@@ -75,7 +75,8 @@ def cmd_train(args) -> dict:
         hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, batch_size=args.batch_size,
         n_epochs=args.epochs, n_enc_epochs=args.n_enc_epochs, n_dec_epochs=args.n_dec_epochs,
         lr=args.lr, gamma=None if args.beta is not None else args.gamma, beta=args.beta,
-        dropout=args.dropout, not_alternating=args.not_alternating, seed=args.seed, device=args.device,
+        dropout=args.dropout, not_alternating=args.not_alternating, sparse_fc1_grad=args.sparse_fc1_grad,
+        seed=args.seed, device=args.device,
     )
     (out / ITEMS_NAME).write_text(json.dumps([_jsonable(i) for i in split.item_ids]))
     sp.save_npz(out / SPLIT_NAME, sp.vstack([split.valid_in, split.valid_out, split.test_in, split.test_out]).tocsr())
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="constant KL weight (replaces gamma)")
     p.add_argument("--dropout", type=float, default=defaults.dropout)
     p.add_argument("--not-alternating", action="store_true", help="step encoder and decoder together")
+    p.add_argument("--sparse-fc1-grad", action="store_true",
+                   help="row-sparse fc1 gradient with an exact row-sparse Adam (for large catalogues on GPU)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
