@@ -106,18 +106,20 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -
     return out
 
 
-def _run_pass(model, train, optimizers, cfg, phase, rng, progress_desc, progress) -> dict:
-    users = rng.permutation(train.shape[0])
+def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, progress) -> dict:
+    """n_passes shuffled passes over the users; returns the phase's losses averaged over all batches."""
     sums: dict[str, float] = {}
     n_batches = 0
     model.train()
-    starts = range(0, len(users), cfg.batch_size)
-    for start in tqdm(starts, desc=progress_desc, leave=False, disable=not progress):
-        rows = np.sort(users[start : start + cfg.batch_size])
-        batch = model.as_batch(train[rows])
-        for key, value in train_step(model, batch, optimizers, cfg, phase).items():
-            sums[key] = sums.get(key, 0.0) + value
-        n_batches += 1
+    for k in range(n_passes):
+        users = rng.permutation(train.shape[0])
+        starts = range(0, len(users), cfg.batch_size)
+        for start in tqdm(starts, desc=f"{desc} {phase} {k + 1}", leave=False, disable=not progress):
+            rows = np.sort(users[start : start + cfg.batch_size])
+            batch = model.as_batch(train[rows])
+            for key, value in train_step(model, batch, optimizers, cfg, phase).items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_batches += 1
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
@@ -272,20 +274,17 @@ def fit(
         for epoch in range(state.epoch, cfg.n_epochs):
             t0 = time.perf_counter()
             record: dict = {"epoch": epoch + 1}
-            users_seen = 0
+            desc = f"epoch {epoch + 1}"
             if cfg.not_alternating:
-                record.update(_run_pass(model, train, [encoder_opt, decoder_opt], cfg, "both", rng,
-                                        f"epoch {epoch + 1}", progress))
-                users_seen += train.shape[0]
+                record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, desc, progress))
+                users_seen = train.shape[0]
             else:
-                for k in range(cfg.n_enc_epochs):
-                    record.update(_run_pass(model, train, [encoder_opt], cfg, "encoder", rng,
-                                            f"epoch {epoch + 1} encoder {k + 1}", progress))
+                record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng, desc,
+                                          progress))
                 model.update_prior()
-                for k in range(cfg.n_dec_epochs):
-                    record.update(_run_pass(model, train, [decoder_opt], cfg, "decoder", rng,
-                                            f"epoch {epoch + 1} decoder {k + 1}", progress))
-                users_seen += train.shape[0] * (cfg.n_enc_epochs + cfg.n_dec_epochs)
+                record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng, desc,
+                                          progress))
+                users_seen = train.shape[0] * (cfg.n_enc_epochs + cfg.n_dec_epochs)
             train_time = time.perf_counter() - t0
             _set_phase(model, True, True)
             record["train_time_s"] = train_time
