@@ -5,21 +5,14 @@ is 3 encoder passes, update_prior, 1 decoder pass (12 steps), as in the authors'
 sides shuffle users each pass; the reference gets dense batches, as the authors' loader gives.
 """
 import numpy as np
-import scipy.sparse as sp
 import torch
+from batches import user_item_batch
 
 from recvae_fast.reference import VAE
 from recvae_fast.training import fit
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, BATCH = 20_108, 1_500, 75, 500
 FLOOR = 2.5
-
-
-def ratings(seed=0):
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(np.arange(N_USERS), ITEMS_PER_USER)
-    cols = np.concatenate([rng.choice(N_ITEMS, ITEMS_PER_USER, replace=False) for _ in range(N_USERS)])
-    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(N_USERS, N_ITEMS))
 
 
 def authors_epoch(model, opt_enc, opt_dec, train, rng, gamma=0.005):
@@ -40,7 +33,7 @@ def authors_epoch(model, opt_enc, opt_dec, train, rng, gamma=0.005):
 
 
 def test_fit_epoch_speedup(compare_speed):
-    train = ratings()
+    train = user_item_batch(N_USERS, N_ITEMS, ITEMS_PER_USER)
     torch.manual_seed(0)
     ref = VAE(600, 200, N_ITEMS)
     opt_enc = torch.optim.Adam(ref.encoder.parameters(), lr=5e-4)

@@ -5,10 +5,9 @@ CPU threads. Each step is what training runs: zero the phase's gradients, forwar
 Adam step. The reference runs the authors' loop (all gradients computed, only the phase's
 optimizer steps); RecVAE runs recvae_fast.training.train_step (the other part frozen).
 """
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
+from batches import user_item_batch
 
 from recvae_fast import RecVAE
 from recvae_fast.reference import VAE
@@ -18,17 +17,10 @@ N_ITEMS, N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 20_108, 500, 75, 600, 200
 FLOORS = {"encoder": 2.5, "decoder": 2.5}
 
 
-def ml20m_shaped_batch(seed=0):
-    rng = np.random.default_rng(seed)
-    rows = np.repeat(np.arange(N_USERS), ITEMS_PER_USER)
-    cols = np.concatenate([rng.choice(N_ITEMS, ITEMS_PER_USER, replace=False) for _ in range(N_USERS)])
-    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(N_USERS, N_ITEMS))
-
-
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    ratings = ml20m_shaped_batch()
+    ratings = user_item_batch(N_USERS, N_ITEMS, ITEMS_PER_USER)
     fast = RecVAE(HIDDEN, LATENT, N_ITEMS)
     ref = VAE(HIDDEN, LATENT, N_ITEMS)
     ref.load_state_dict(fast.state_dict())

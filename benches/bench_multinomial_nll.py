@@ -20,17 +20,12 @@ CASES = [("high", 1.0), ("highest", 0.3)]
 def cuda_inputs():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: without it the Triton kernels run only in the interpreter, meaningless for timing")
-    import numpy as np
-    import scipy.sparse as sp
+    from batches import user_item_batch
 
     from recvae_fast.sparse import as_csr_batch
 
     device = torch.device("cuda")
-    rng = np.random.default_rng(0)
-    counts = rng.integers(PER_USER // 2, 3 * PER_USER // 2, N_USERS)
-    rows = np.repeat(np.arange(N_USERS), counts)
-    cols = rng.integers(0, N_ITEMS, rows.size)
-    x = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(N_USERS, N_ITEMS))
+    x = user_item_batch(N_USERS, N_ITEMS, PER_USER, vary=True)
     batch = as_csr_batch(x, N_ITEMS, dtype=torch.float32, device=device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(N_USERS, LATENT, generator=gen).to(device).requires_grad_()

@@ -31,18 +31,13 @@ CASES = [
 def inputs(request):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: without it the Triton kernels run only in the interpreter, meaningless for timing")
-    import numpy as np
-    import scipy.sparse as sp
+    from batches import user_item_batch
 
     from recvae_fast.sparse import as_csr_batch
 
     n_items = request.param
     device = torch.device("cuda")
-    rng = np.random.default_rng(0)
-    counts = rng.integers(PER_USER // 2, 3 * PER_USER // 2, N_USERS)
-    rows = np.repeat(np.arange(N_USERS), counts)
-    cols = rng.integers(0, n_items, rows.size)
-    x = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(N_USERS, n_items))
+    x = user_item_batch(N_USERS, n_items, PER_USER, vary=True)
     batch = as_csr_batch(x, n_items, dtype=torch.float32, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     w = torch.empty(n_items, HIDDEN, device=device).uniform_(-1e-3, 1e-3, generator=gen).requires_grad_(True)

@@ -39,8 +39,7 @@ def _median_ms(fn, reps: int, sync) -> float:
 
 
 def model_steps(tiny: bool) -> list[tuple]:
-    import numpy as np
-    import scipy.sparse as sp
+    from batches import user_item_batch
 
     from recvae_fast import RecVAE
     from recvae_fast.reference import VAE
@@ -49,10 +48,7 @@ def model_steps(tiny: bool) -> list[tuple]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_items, n_users, per_user, hidden, latent = (20_108, 500, 75, 600, 200) if not tiny else (97, 9, 5, 16, 8)
-    rng = np.random.default_rng(0)
-    rows = np.repeat(np.arange(n_users), per_user)
-    cols = np.concatenate([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)])
-    ratings = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
+    ratings = user_item_batch(n_users, n_items, per_user)
     os.environ["RECVAE_FAST_BACKEND"] = "triton"
 
     torch.manual_seed(0)

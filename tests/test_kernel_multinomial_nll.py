@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must happen before triton is imported anywhere in this process.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import recvae_fast.kernels.multinomial_nll as mnll  # noqa: E402
-from recvae_fast.sparse import CSRBatch, as_csr_batch  # noqa: E402
+import recvae_fast.kernels.multinomial_nll as mnll
+from recvae_fast.sparse import CSRBatch, as_csr_batch
 
 pytestmark = pytest.mark.interpreter
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET was not set before triton was imported", allow_module_level=True)
+    pytest.skip(
+        "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)",
+        allow_module_level=True,
+    )
 
 
 def make_case(n_users, n_items, k, dtype=torch.float64, density=0.03, seed=0, z_scale=1.0, bias=True, special=True):

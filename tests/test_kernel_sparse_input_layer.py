@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must happen before triton is imported anywhere in this process.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import recvae_fast.kernels.sparse_input_layer as sil  # noqa: E402
-from recvae_fast.sparse import CSRBatch, as_csr_batch  # noqa: E402
+import recvae_fast.kernels.sparse_input_layer as sil
+from recvae_fast.sparse import CSRBatch, as_csr_batch
 
 pytestmark = pytest.mark.interpreter
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET was not set before triton was imported", allow_module_level=True)
+    pytest.skip(
+        "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)",
+        allow_module_level=True,
+    )
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
