@@ -14,7 +14,8 @@
    Goal: fused all within 1.3x of the three products; extra peak memory (max_memory_allocated
    over what was allocated before the call) under 1% of the dense path's.
 The first call at each shape includes Triton's autotuning (warm-up, not timed).
-`main(tiny)` is the entry point for benches/gpu_check.py; it returns the rows it printed.
+`main(tiny)` is the entry point for benches/gpu_check.py; it returns the rows it printed, the first
+("check_float64", items, errors, ok) with ok False when the float64 check failed.
 """
 from __future__ import annotations
 
@@ -247,4 +248,5 @@ if __name__ == "__main__":
                         help="comma-separated from highest,high,bf16 (default highest,high)")
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args()
-    main(tiny=args.tiny, sizes=args.sizes, modes=args.modes, reps=args.reps)
+    result = main(tiny=args.tiny, sizes=args.sizes, modes=args.modes, reps=args.reps)
+    sys.exit(0 if result[0][3] else 1)

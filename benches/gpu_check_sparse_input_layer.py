@@ -6,18 +6,22 @@
 1. Correctness, dropout 0.5 with the mask from `dropout_keep_mask`, weighted input with an empty
    and a one-item user and popular (power-law) items:
    - 1M items: the op (float64 and float32) against the dense path in float64
-     (x/‖x‖ · mask/(1−p) @ W1 + b1, autograd): h1_pre, dense dW1, row-sparse dW1, db1.
+     (x/‖x‖ · mask/(1−p) @ W1 + b1, autograd): h1_pre, dense dW1, row-sparse dW1, db1; dW1 with
+     both grad methods (segment reduction, the default, and atomic scatter: "... atomic" keys).
    - 4M items (W1 float32 is 9.6 GB; a dense B × I input would be 8 GB): against a float64
      reference that gathers only the nonzeros' rows (index_add), with items past the 2³¹-element
      offset (item > 2³¹/H) in the batch; checks their rows separately, and that dense dW1 is
-     exactly zero outside the batch's items.
+     exactly zero outside the batch's items; both grad methods.
 2. Speed, B = 500, H = 600, ~75 items per user, float32, at 20k and 1M items (ms, median):
      fused fwd          forward only, dropout 0, no grad (the prior's old encoder)
-     fused dense dW     forward + backward, dropout 0.5, dense I × H dW1 (+ db1)
-     fused sparse dW    forward + backward, dropout 0.5, row-sparse dW1 (torch sparse COO)
+     fused dense dW     forward + backward, dropout 0.5, dense I × H dW1 (+ db1), segment reduction
+     fused sparse dW    forward + backward, dropout 0.5, row-sparse dW1 (torch sparse COO), segment
+     fused ... atomic   the same two with grad_method="atomic" (zero fill + atomic scatter)
      torch_ops          recvae_fast.torch_ops (embedding_bag) forward + backward
      dense torch        x dense → normalise → dropout → addmm → backward (x given, not timed)
    Goal (H100): fused forward + backward under 0.3 ms at 1M items, optimizer excluded.
+   Per layout, the faster grad method is printed ("dense dW: segment … ms vs atomic … ms → …"):
+   the op's default (segment) must follow that measurement.
 3. Optimizer step at 1M items: torch.optim.Adam (foreach, fused) on the dense grad vs
    adam_step_row_sparse_ (exact Adam, one pass over param and moments) on the row-sparse grad.
 The first call at each shape includes Triton's autotuning (warm-up, not timed).
@@ -90,10 +94,11 @@ def _rel(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 # 1. Correctness
 # ----------------------------------------------------------------------------------------------
-def _run_op(sil, batch, w, b, g, seed, sparse_grad):
+def _run_op(sil, batch, w, b, g, seed, sparse_grad, grad_method="segment"):
     w = w.detach().requires_grad_(True)
     b = b.detach().clone().requires_grad_(True)
-    out = sil.sparse_input_layer(batch, w, b, dropout_p=P, seed=seed, sparse_grad=sparse_grad)
+    out = sil.sparse_input_layer(batch, w, b, dropout_p=P, seed=seed, sparse_grad=sparse_grad,
+                                 grad_method=grad_method)
     out.backward(g)
     grad_w, w.grad = w.grad, None
     return out.detach(), grad_w, b.grad
@@ -133,14 +138,19 @@ def check_vs_dense(device, n_users, n_items, per_user, hidden, seed=1):
         name = "fp64" if dtype == torch.float64 else "fp32"
         out, dw, db = _run_op(sil, batch, w, b, g, seed, False)
         errors[f"{name} h1_pre"] = _rel(out, ref_out)
-        errors[f"{name} dW1 dense"] = _rel(dw, ref_dw)
         errors[f"{name} db1"] = _rel(db, ref_db)
         del dw
-        _, dws, _ = _run_op(sil, batch, w, b, g, seed, True)
-        dws = dws.coalesce()
-        errors[f"{name} dW1 row-sparse"] = max(_rel(dws.values(), ref_dw[dws.indices()[0]]),
-                                               0.0 if torch.equal(dws.indices()[0], torch.unique(batch.indices)) else 1.0)
-        del dws, w
+        for method, suffix in (("segment", ""), ("atomic", " atomic")):
+            _, dw, _ = _run_op(sil, batch, w, b, g, seed, False, method)
+            errors[f"{name} dW1 dense{suffix}"] = _rel(dw, ref_dw)
+            del dw
+            _, dws, _ = _run_op(sil, batch, w, b, g, seed, True, method)
+            dws = dws.coalesce()
+            same_rows = torch.equal(dws.indices()[0], torch.unique(batch.indices))
+            errors[f"{name} dW1 row-sparse{suffix}"] = max(_rel(dws.values(), ref_dw[dws.indices()[0]]),
+                                                           0.0 if same_rows else 1.0)
+            del dws
+        del w
         _sync(device)
     return errors
 
@@ -168,22 +178,28 @@ def check_by_gather(device, n_users, n_items, per_user, hidden, seed=2):
     big = uniq * hidden >= 2**31
     n_big = int(big.sum())
 
-    out, dw, db = _run_op(sil, batch, w, b, g, seed, False)
-    errors = {"h1_pre": _rel(out, ref_out), "db1": _rel(db, g.double().sum(0))}
-    got_rows = dw[uniq]
-    errors["dW1 dense (batch rows)"] = _rel(got_rows, ref_rows)
-    if n_big:
-        errors[f"dW1 dense (rows past 2^31, {n_big})"] = _rel(got_rows[big], ref_rows[big])
-        users_big = torch.unique(rows[big[inverse]])
-        errors["h1_pre (users with such rows)"] = _rel(out[users_big], ref_out[users_big])
-    dw.index_fill_(0, uniq, 0)
-    errors["dW1 dense nonzeros elsewhere"] = float(torch.count_nonzero(dw).item())
-    del dw, got_rows
-    _, dws, _ = _run_op(sil, batch, w, b, g, seed, True)
-    dws = dws.coalesce()
-    same_rows = torch.equal(dws.indices()[0], uniq)
-    errors["dW1 row-sparse"] = _rel(dws.values(), ref_rows) if same_rows else float("inf")
-    _sync(device)
+    errors = {}
+    for method, suffix in (("segment", ""), ("atomic", " atomic")):
+        out, dw, db = _run_op(sil, batch, w, b, g, seed, False, method)
+        if method == "segment":
+            errors["h1_pre"] = _rel(out, ref_out)
+            errors["db1"] = _rel(db, g.double().sum(0))
+        got_rows = dw[uniq]
+        errors[f"dW1 dense{suffix} (batch rows)"] = _rel(got_rows, ref_rows)
+        if n_big:
+            errors[f"dW1 dense{suffix} (rows past 2^31, {n_big})"] = _rel(got_rows[big], ref_rows[big])
+            if method == "segment":
+                users_big = torch.unique(rows[big[inverse]])
+                errors["h1_pre (users with such rows)"] = _rel(out[users_big], ref_out[users_big])
+        dw.index_fill_(0, uniq, 0)
+        errors[f"dW1 dense{suffix} nonzeros elsewhere"] = float(torch.count_nonzero(dw).item())
+        del dw, got_rows
+        _, dws, _ = _run_op(sil, batch, w, b, g, seed, True, method)
+        dws = dws.coalesce()
+        same_rows = torch.equal(dws.indices()[0], uniq)
+        errors[f"dW1 row-sparse{suffix}"] = _rel(dws.values(), ref_rows) if same_rows else float("inf")
+        del dws
+        _sync(device)
     return errors, n_big
 
 
@@ -230,10 +246,10 @@ def bench_size(device, n_items, reps, n_users=N_USERS, hidden=HIDDEN, per_user=I
         with torch.no_grad():
             sil.sparse_input_layer(batch, w, b, 0.0)
 
-    def fused(sparse):
+    def fused(sparse, method="segment"):
         def run():
             w.grad = b.grad = None
-            sil.sparse_input_layer(batch, w, b, P, sparse_grad=sparse).backward(g)
+            sil.sparse_input_layer(batch, w, b, P, sparse_grad=sparse, grad_method=method).backward(g)
         return run
 
     def torch_op():
@@ -242,7 +258,9 @@ def bench_size(device, n_items, reps, n_users=N_USERS, hidden=HIDDEN, per_user=I
 
     rows.append(("fused fwd", timed(fused_fwd, device, reps)))
     rows.append(("fused dense dW", timed(fused(False), device, reps)))
+    rows.append(("fused dense dW atomic", timed(fused(False, "atomic"), device, reps)))
     rows.append(("fused sparse dW", timed(fused(True), device, reps)))
+    rows.append(("fused sparse dW atomic", timed(fused(True, "atomic"), device, reps)))
     rows.append(("torch_ops", timed(torch_op, device, reps)))
 
     try:
@@ -298,6 +316,28 @@ def _fmt_t(t) -> str:
     return f"{t * 1e3:10.3f}" if isinstance(t, float) else f"{t:>10s}"
 
 
+def method_verdicts(rows) -> list[tuple]:
+    """Per gradient layout: (layout, segment time, atomic time, the faster grad method)."""
+    by = dict(rows)
+    out = []
+    for layout, path in (("dense dW", "fused dense dW"), ("sparse dW", "fused sparse dW")):
+        seg, atom = by[path], by[f"{path} atomic"]
+        if isinstance(seg, float) and isinstance(atom, float):
+            best = "segment" if seg <= atom else "atomic"
+        elif isinstance(seg, float) or isinstance(atom, float):  # the other ran out of memory
+            best = "segment" if isinstance(seg, float) else "atomic"
+        else:
+            best = "n/a"
+        out.append((layout, seg, atom, best))
+    return out
+
+
+def _fmt_verdict(layout, seg, atom, best) -> str:
+    def ms(t):
+        return f"{t * 1e3:.3f} ms" if isinstance(t, float) else str(t)
+    return f"{layout}: segment {ms(seg)} vs atomic {ms(atom)} → {best}"
+
+
 def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not tiny:
@@ -324,7 +364,7 @@ def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
         for key, err in check_vs_dense(device, **dense_chk).items():
             good = err <= tol[key[:4]]
             ok &= good
-            print(f"  {key:28s} rel err {err:.2e}  {'OK' if good else 'FAILED'}")
+            print(f"  {key:33s} rel err {err:.2e}  {'OK' if good else 'FAILED'}")
             table.append(("check_dense", dense_chk["n_items"], key, err, good))
         errors, n_big = check_by_gather(device, **gather_chk)
         print(f"\ncorrectness vs a float64 gather reference, B={gather_chk['n_users']} I={gather_chk['n_items']:,} "
@@ -335,7 +375,7 @@ def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
         for key, err in errors.items():
             good = err == 0 if "elsewhere" in key else err <= 1e-5
             ok &= good
-            print(f"  {key:36s} {'count' if 'elsewhere' in key else 'rel err'} {err:.2e}  {'OK' if good else 'FAILED'}")
+            print(f"  {key:43s} {'count' if 'elsewhere' in key else 'rel err'} {err:.2e}  {'OK' if good else 'FAILED'}")
             table.append(("check_gather", gather_chk["n_items"], key, err, good))
 
         # 2./3. Speed.
@@ -347,10 +387,10 @@ def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
         print(f"\nforward + backward, B={dims.get('n_users', N_USERS)}, H={dims.get('hidden', HIDDEN)}, "
               f"~{dims.get('per_user', ITEMS_PER_USER)} items/user, float32 (matmul precision 'highest'); "
               f"ms = median of {reps} (dense: fewer)")
-        header = f"{'items':>10s} {'path':>18s} {'ms':>10s} {'vs dense':>9s}"
+        header = f"{'items':>10s} {'path':>22s} {'ms':>10s} {'vs dense':>9s}"
         print(header)
         print("-" * len(header))
-        adam_rows = []
+        adam_rows, verdicts = [], []
         for n_items in sizes:
             rows, adam = bench_size(device, n_items, reps, with_adam=(n_items == max(sizes)), **dims)
             adam_rows += [(n_items, *r) for r in adam]
@@ -358,15 +398,19 @@ def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
             for path, t in rows:
                 ratio = (f"{dense_t / t:8.1f}x" if isinstance(t, float) and isinstance(dense_t, float) and path != "dense torch"
                          else f"{'':>9s}")
-                print(f"{n_items:>10,d} {path:>18s} {_fmt_t(t)} {ratio}")
+                print(f"{n_items:>10,d} {path:>22s} {_fmt_t(t)} {ratio}")
                 table.append(("speed", n_items, path, t))
             if n_items == max(sizes):
                 by = dict(rows)
-                for path in ("fused dense dW", "fused sparse dW"):
+                for path in ("fused dense dW", "fused dense dW atomic", "fused sparse dW", "fused sparse dW atomic"):
                     t = by[path]
                     if isinstance(t, float):
                         verdict = "meets" if t * 1e3 < GOAL_MS else "misses"
-                        print(f"{'':>10s} {'goal':>18s} {path}: {t * 1e3:.3f} ms ({verdict} the {GOAL_MS} ms goal)")
+                        print(f"{'':>10s} {'goal':>22s} {path}: {t * 1e3:.3f} ms ({verdict} the {GOAL_MS} ms goal)")
+            for verdict in method_verdicts(rows):
+                print(f"{'':>10s} {'grad method':>22s} {_fmt_verdict(*verdict)}")
+                verdicts.append((n_items, *verdict))
+                table.append(("grad_method", n_items, *verdict))
             print()
         print(f"optimizer step on fc1 ({max(sizes):,} × {dims.get('hidden', HIDDEN)}, float32)")
         header = f"{'items':>10s} {'step':>38s} {'ms':>10s}"
@@ -375,6 +419,9 @@ def main(tiny: bool = False, sizes=None, reps=None) -> list[tuple]:
         for n_items, path, t in adam_rows:
             print(f"{n_items:>10,d} {path:>38s} {_fmt_t(t)}")
             table.append(("adam", n_items, path, t))
+        print("\ndW1 grad method, forward + backward (the op's default is segment; it must follow this):")
+        for n_items, *verdict in verdicts:
+            print(f"  {n_items:>10,d} items  {_fmt_verdict(*verdict)}")
     finally:
         torch.set_float32_matmul_precision(old_precision)
     table[0] = ("ok", ok)

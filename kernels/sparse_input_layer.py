@@ -13,23 +13,36 @@ nothing of size B × I exists. The pieces:
   the same `_keep` helper and returns it. When a gradient of W1 is wanted, the H-tile-0 program also
   writes c_ui and the user of each nonzero (nnz floats + nnz int32): the backward reuses the exact
   coefficients, so it sees the same mask by construction and needs no RNG, norm or repeat_interleave.
-- `_bwd_kernel`: a segment reduction over the nonzeros sorted by item (torch.sort, O(nnz)), not
-  atomics. Grid (row tiles, H tiles); a program owns BLOCK_R output rows and reads the contiguous run
-  of sorted nonzeros that falls in them (two loads of a segment pointer), gathers dh1_pre[u] for each,
-  scales it by c_ui and adds it to its rows with a one-hot [BLOCK_R × BLOCK_NZ] product (exact: the
-  one-hot entries are 0/1 and the dot is "ieee"/fp64). Why not atomics: (1) every output row is
-  written exactly once, so the dense gradient needs no separate zero fill (at 1M items a memset of
-  2.4 GB costs as much as the whole scatter; here the empty rows are written as zeros in the same
-  pass); (2) popular items (power-law data) get up to B nonzeros, which atomics serialise on the
-  same addresses; (3) it is deterministic; (4) the same kernel produces the row-sparse gradient
-  (rows = the unique items) with no I-sized work at all. The sort of ~40k keys is tens of µs.
+- dW1 has two implementations, chosen by `grad_method` (both give either gradient layout):
+  - "segment" (default), `_bwd_kernel`: a segment reduction over the nonzeros sorted by item
+    (torch.sort, O(nnz)). Grid (row tiles, H tiles); a program owns BLOCK_R output rows and reads the
+    contiguous run of sorted nonzeros that falls in them (two loads of a segment pointer), gathers
+    dh1_pre[u] for each, scales it by c_ui and adds it to its rows with a one-hot
+    [BLOCK_R × BLOCK_NZ] product (exact: the one-hot entries are 0/1 and the dot is "ieee"/fp64).
+    The sort of ~40k keys is tens of µs.
+  - "atomic", `_bwd_atomic_kernel`: grid (users, H tiles), like the forward; a program loads
+    dh1_pre[u, h-tile] once and walks its user's nonzeros in CSR order, `tl.atomic_add`-ing
+    c_ui·dh1_pre[u] into the output row of each (the item id for the dense gradient, zero-filled
+    I × H first; the item's position among the batch's unique items for the row-sparse one, U × H).
+    No sort for the dense gradient. Atomics add in the output's dtype, so fp32/fp64 outputs are
+    accumulated directly and fp16/bf16 parameters go through an fp32 buffer cast at the end. The
+    order of the additions, hence the rounding of dW1, varies from run to run.
+  Why segment is the default: (1) every output row is written exactly once, so the dense gradient
+  needs no separate zero fill (at 1M items a memset of 2.4 GB costs as much as the whole scatter;
+  the empty rows are written as zeros in the same pass); (2) popular items (power-law data) get up
+  to B nonzeros, which atomics serialise on the same addresses; (3) it is deterministic. Atomics
+  avoid the sort (dense layout) and the one-hot product. Both do no I-sized work for the row-sparse
+  gradient (rows = the unique items). Which is faster is a measurement, not an argument:
+  benches/gpu_check_sparse_input_layer.py times both layouts with both methods (and checks the
+  atomic gradients at 1M and 4M items), and the default must follow what it measures.
 - db1 = dh1_pre.sum(0) in torch (B × H, one small reduction).
 
-Gradient layouts (`sparse_grad`): False gives the dense I × H dW1 (every row written once by the
-kernel). True gives a coalesced torch sparse COO tensor of shape I × H whose rows are the items of the
-batch (indices sorted): at 1M items this avoids writing 2.4 GB in backward, and lets an optimiser
-skip reading it (see `adam_step_row_sparse_`). It costs one device→host sync (the number of unique
-items sizes the result). Autograd accepts a sparse gradient for the dense parameter (as
+Gradient layouts (`sparse_grad`): False gives the dense I × H dW1 (segment: every row written once
+by the kernel; atomic: a zero fill, then the scatter). True gives a coalesced torch sparse COO
+tensor of shape I × H whose rows are the items of the batch (indices sorted): at 1M items this
+avoids writing 2.4 GB in backward, and lets an optimiser skip reading it (see
+`adam_step_row_sparse_`). It costs one device→host sync (the number of unique items sizes the
+result). Autograd accepts a sparse gradient for the dense parameter (as
 nn.Embedding(sparse=True) does); torch.optim.Adam does not accept it.
 
 Not fused: swish and LayerNorm1. LN needs the whole H row in one program (BLOCK_H = 1024 for H = 600,
@@ -55,12 +68,15 @@ __all__ = ["sparse_input_layer", "dropout_keep_mask", "adam_step_row_sparse_"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
+_GRAD_METHODS = ("segment", "atomic")
 
 
 # ----------------------------------------------------------------------------------------------
 # Tile configurations: a few, autotuned on GPUs; one small config in the interpreter so that the
-# autotuner never benchmarks there. Every kernel writes each of its outputs completely (nothing is
-# accumulated into a caller's buffer), so autotuning's repeated launches are harmless.
+# autotuner never benchmarks there. Every kernel but one writes each of its outputs completely
+# (nothing is accumulated into a caller's buffer), so autotuning's repeated launches are harmless.
+# The exception, `_bwd_atomic_kernel`, adds into a zero-filled DW: its autotuner zeroes DW before
+# every trial launch and again before the real one (reset_to_zero), or the trials would pile up.
 # ----------------------------------------------------------------------------------------------
 def _cfg(warps, stages, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
@@ -69,6 +85,7 @@ def _cfg(warps, stages, **meta):
 if _INTERPRET:
     _FWD_CONFIGS = [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)]
     _BWD_CONFIGS = [_cfg(4, 1, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=16)]
+    _BWD_ATOMIC_CONFIGS = [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)]
     _ADAM_CONFIGS = [_cfg(4, 1, BLOCK_R=16, BLOCK_H=64)]
 else:
     # H = 600 → 5 tiles of 128 (6.7 % padding) or 10 of 64; B ≈ 500 users → 2500–5000 programs.
@@ -87,6 +104,14 @@ else:
         _cfg(8, 2, BLOCK_R=64, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 2, BLOCK_R=16, BLOCK_H=256, BLOCK_NZ=16),
         _cfg(2, 2, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=32),
+    ]
+    # Atomic scatter: one program per (user, H tile), like the forward; a short list because each
+    # trial launch also pays the zero fill of DW (I × H for the dense gradient).
+    _BWD_ATOMIC_CONFIGS = [
+        _cfg(4, 1, BLOCK_H=128, BLOCK_NZ=16),
+        _cfg(4, 1, BLOCK_H=128, BLOCK_NZ=32),
+        _cfg(2, 1, BLOCK_H=64, BLOCK_NZ=32),
+        _cfg(8, 1, BLOCK_H=256, BLOCK_NZ=16),
     ]
     _ADAM_CONFIGS = [
         _cfg(4, 1, BLOCK_R=8, BLOCK_H=128),
@@ -200,6 +225,39 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _bwd_atomic_kernel(
+    DW, DH, INDPTR, OUTROW, COEF,
+    H, stride_dw, stride_dh,
+    BLOCK_H: tl.constexpr, BLOCK_NZ: tl.constexpr,
+):
+    """Adds c_ui·dh1_pre[u, h-tile] into DW[OUTROW[k], h-tile] for every nonzero k of user u.
+
+    Grid (users, H tiles), the nonzeros in CSR order (INDPTR of the batch; COEF and OUTROW per
+    nonzero). DW must be zero-filled by the caller and is accumulated in its own dtype (fp32 or
+    fp64: the atomics' precision), so the order of the additions, hence the rounding, varies."""
+    u = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    start = tl.load(INDPTR + u).to(tl.int64)
+    end = tl.load(INDPTR + u + 1).to(tl.int64)
+    acc_ty = DW.dtype.element_ty
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    # dh1_pre[u, h-tile] is read once and reused for every nonzero of the user.
+    g = tl.load(DH + u.to(tl.int64) * stride_dh + offs_h, mask=h_mask, other=0.0).to(acc_ty)
+    for k0 in range(start, end, BLOCK_NZ):
+        offs = k0 + tl.arange(0, BLOCK_NZ)
+        m = offs < end
+        # Row offsets in int64: item × H passes 2³¹ at 3.6M items.
+        row = tl.load(OUTROW + offs, mask=m, other=0).to(tl.int64)
+        c = tl.load(COEF + offs, mask=m, other=0.0).to(acc_ty)
+        # Relaxed: nothing reads DW until the kernel ends, only the sums must be complete.
+        tl.atomic_add(
+            DW + row[:, None] * stride_dw + offs_h[None, :], c[:, None] * g[None, :],
+            mask=m[:, None] & h_mask[None, :], sem="relaxed",
+        )
+
+
+@triton.jit
 def _adam_kernel(
     P, M, V, G, GROW, R, H, stride_p, stride_m, stride_v, stride_g,
     lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt,
@@ -233,6 +291,7 @@ def _adam_kernel(
 
 _fwd = triton.autotune(configs=_FWD_CONFIGS, key=["H"])(_fwd_kernel)
 _bwd = triton.autotune(configs=_BWD_CONFIGS, key=["H", "R_BUCKET"])(_bwd_kernel)
+_bwd_atomic = triton.autotune(configs=_BWD_ATOMIC_CONFIGS, key=["H"], reset_to_zero=["DW"])(_bwd_atomic_kernel)
 _adam = triton.autotune(configs=_ADAM_CONFIGS, key=["H"], restore_value=["P", "M", "V"])(_adam_kernel)
 
 
@@ -379,6 +438,36 @@ def _grad_weight_row_sparse(grad_out, indices, coef, rows, n_items, dtype):
     return _sparse_rows(uniq.to(torch.int64), values, n_items)
 
 
+def _launch_bwd_atomic(out, grad_out, indptr, out_rows, coef):
+    n_users, hidden = grad_out.shape
+    if n_users == 0 or hidden == 0 or out.shape[0] == 0:
+        return out
+    grid = lambda meta: (n_users, triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
+    _bwd_atomic[grid](out, grad_out, indptr, out_rows, coef, hidden, out.stride(0), grad_out.stride(0))
+    return out
+
+
+def _grad_weight_dense_atomic(grad_out, indptr, indices, coef, n_items, dtype):
+    # Output row = the item id. The I × H zero fill is part of this method's cost (2.4 GB at 1M
+    # items). Atomics add in the buffer's dtype: fp16/bf16 parameters get an fp32 buffer, cast at
+    # the end (one more I × H pass); for fp32/fp64 the cast is a no-op.
+    acc_torch = _acc(dtype)[1]
+    out = torch.zeros(n_items, grad_out.shape[1], dtype=acc_torch, device=grad_out.device)
+    _launch_bwd_atomic(out, grad_out, indptr, indices, coef)
+    return out.to(dtype)
+
+
+def _grad_weight_row_sparse_atomic(grad_out, indptr, indices, coef, n_items, dtype):
+    # Output row = the item's position among the batch's unique items (sorted). torch.unique sorts
+    # (int32 keys when they fit, as `_sorted_nonzeros`) and syncs once: U sizes the result.
+    keys = indices.to(torch.int32) if n_items <= _INT32_MAX else indices
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    acc_torch = _acc(dtype)[1]
+    values = torch.zeros(uniq.numel(), grad_out.shape[1], dtype=acc_torch, device=grad_out.device)
+    _launch_bwd_atomic(values, grad_out, indptr, inverse, coef)
+    return _sparse_rows(uniq.to(torch.int64), values.to(dtype), n_items)
+
+
 def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, n_items: int) -> torch.Tensor:
     size = (n_items, values.shape[1])
     try:
@@ -391,24 +480,30 @@ class _SparseInputLayer(torch.autograd.Function):
     """Differentiable w.r.t. weight_t (dense or row-sparse gradient) and bias; the batch is data."""
 
     @staticmethod
-    def forward(ctx, weight_t, bias, batch, p, keep_mask, seed, need_w, sparse_grad):
+    def forward(ctx, weight_t, bias, batch, p, keep_mask, seed, need_w, sparse_grad, grad_method):
         out, coef, rows = _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux=need_w)
-        ctx.save_for_backward(batch.indices, coef, rows)
+        # The atomic scatter walks the nonzeros per user, so it needs the batch's indptr.
+        ctx.save_for_backward(batch.indices, coef, rows, batch.indptr if grad_method == "atomic" else None)
         ctx.n_items, ctx.dtype, ctx.sparse_grad = batch.n_cols, weight_t.dtype, sparse_grad
+        ctx.grad_method = grad_method
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        indices, coef, rows = ctx.saved_tensors
+        indices, coef, rows, indptr = ctx.saved_tensors
         grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             g = grad_out.contiguous()
-            make = _grad_weight_row_sparse if ctx.sparse_grad else _grad_weight_dense
-            grad_w = make(g, indices, coef, rows, ctx.n_items, ctx.dtype)
+            if ctx.grad_method == "atomic":
+                make = _grad_weight_row_sparse_atomic if ctx.sparse_grad else _grad_weight_dense_atomic
+                grad_w = make(g, indptr, indices, coef, ctx.n_items, ctx.dtype)
+            else:
+                make = _grad_weight_row_sparse if ctx.sparse_grad else _grad_weight_dense
+                grad_w = make(g, indices, coef, rows, ctx.n_items, ctx.dtype)
         if ctx.needs_input_grad[1]:
             grad_b = grad_out.sum(0)
-        return grad_w, grad_b, None, None, None, None, None, None
+        return grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def sparse_input_layer(
@@ -419,6 +514,7 @@ def sparse_input_layer(
     keep_mask: torch.Tensor | None = None,
     seed: int | None = None,
     sparse_grad: bool = False,
+    grad_method: str = "segment",
 ) -> torch.Tensor:
     """h1_pre [B, H] = b1 + Σ_{i∈nz(u)} c_ui·weight_t[i], c_ui = x_ui·m_ui / ((1 − p)·‖x_u‖).
 
@@ -430,7 +526,12 @@ def sparse_input_layer(
     formula above; duplicates, if given, each contribute linearly.
     Gradients flow to weight_t and bias when they require grad; `sparse_grad=True` makes the
     weight_t gradient a coalesced sparse COO tensor holding only the rows of the batch's items.
+    `grad_method` picks how dW1 is reduced (either layout): "segment" (default: item-sorted segment
+    reduction, deterministic) or "atomic" (zero fill + atomic scatter; the summation order varies
+    run to run). See the module docstring; benches/gpu_check_sparse_input_layer.py times both.
     """
+    if grad_method not in _GRAD_METHODS:
+        raise ValueError(f"grad_method must be one of {_GRAD_METHODS}, got {grad_method!r}")
     p = _check_p(dropout_p)
     _validate(batch, weight_t, bias, keep_mask)
     if p > 0.0 and keep_mask is None:
@@ -441,7 +542,7 @@ def sparse_input_layer(
     need_b = torch.is_grad_enabled() and bias is not None and bias.requires_grad
     if not (need_w or need_b):
         return _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux=False)[0]
-    return _SparseInputLayer.apply(weight_t, bias, batch, p, keep_mask, seed, need_w, bool(sparse_grad))
+    return _SparseInputLayer.apply(weight_t, bias, batch, p, keep_mask, seed, need_w, bool(sparse_grad), grad_method)
 
 
 # ----------------------------------------------------------------------------------------------

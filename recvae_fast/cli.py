@@ -32,6 +32,8 @@ MODEL_NAME, ITEMS_NAME, SPLIT_NAME, LOG_NAME, SUMMARY_NAME = (
     "model.pt", "items.json", "split.npz", "metrics.jsonl", "summary.json",
 )
 
+_FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
+
 
 class UsageError(Exception):
     """Bad input from the command line: reported in one line, no traceback."""
@@ -75,7 +77,7 @@ def cmd_train(args) -> dict:
         hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, batch_size=args.batch_size,
         n_epochs=args.epochs, n_enc_epochs=args.n_enc_epochs, n_dec_epochs=args.n_dec_epochs,
         lr=args.lr, gamma=None if args.beta is not None else args.gamma, beta=args.beta,
-        dropout=args.dropout, not_alternating=args.not_alternating, sparse_fc1_grad=args.sparse_fc1_grad,
+        dropout=args.dropout, not_alternating=args.not_alternating, sparse_fc1_grad=_FC1_GRAD[args.fc1_grad],
         seed=args.seed, device=args.device,
     )
     (out / ITEMS_NAME).write_text(json.dumps([_jsonable(i) for i in split.item_ids]))
@@ -183,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="constant KL weight (replaces gamma)")
     p.add_argument("--dropout", type=float, default=defaults.dropout)
     p.add_argument("--not-alternating", action="store_true", help="step encoder and decoder together")
-    p.add_argument("--sparse-fc1-grad", action="store_true",
-                   help="row-sparse fc1 gradient with an exact row-sparse Adam (for large catalogues on GPU)")
+    p.add_argument("--fc1-grad", choices=sorted(_FC1_GRAD), default="auto",
+                   help="fc1 gradient layout: row-sparse (with an exact row-sparse Adam) or dense; auto picks "
+                        "row-sparse on the CPU for large catalogues (default: auto)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -5,12 +5,16 @@ encoder step, although only the batch's items (≈ 40k rows) are nonzero. With a
 gradient this optimizer does exactly what torch.optim.Adam does with the dense one: every row's
 moments decay and every row moves (a zero gradient still moves a row whose moments are nonzero;
 torch.optim.SparseAdam, which skips such rows, is a different algorithm). It simply never builds
-or reads the dense gradient. On CUDA the update is one Triton pass over param and moments
-(kernels/sparse_input_layer.adam_step_row_sparse_); elsewhere torch ops do the same arithmetic.
+or reads the dense gradient. The update is one pass over param and moments: a Triton kernel on CUDA
+(kernels/sparse_input_layer.adam_step_row_sparse_), the C++ extension recvae_fast._row_sparse_adam
+on the CPU for float32/float64; other cases (half-precision CPU parameters, non-contiguous ones,
+dense gradients) take torch ops with the same arithmetic.
 """
 from __future__ import annotations
 
 import torch
+
+from . import _row_sparse_adam
 
 
 class RowSparseAdam(torch.optim.Optimizer):
@@ -37,16 +41,34 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                state["step"] += 1
                 grad = param.grad
+                if grad.is_sparse and (grad.sparse_dim() != 1 or grad.shape != param.shape):
+                    raise ValueError(
+                        f"RowSparseAdam needs a gradient shaped like its parameter {tuple(param.shape)} and sparse in "
+                        f"its first dimension only (sparse_dim 1), got {tuple(grad.shape)} with sparse_dim "
+                        f"{grad.sparse_dim()}")
+                state["step"] += 1
                 if grad.is_sparse and param.is_cuda:
                     from .kernels.sparse_input_layer import adam_step_row_sparse_
 
                     adam_step_row_sparse_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                           lr=lr, betas=(beta1, beta2), eps=eps)
                     continue
+                if grad.is_sparse and _cpu_kernel_applies(param, state):
+                    # Repeated rows are summed by the kernel: no coalesce (slow on the CPU).
+                    _row_sparse_adam.adam_step_row_sparse(
+                        param.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy(),
+                        grad._indices()[0].numpy(), grad._values().contiguous().numpy(),
+                        lr, beta1, beta2, eps, state["step"], max(1, torch.get_num_threads()))
+                    continue
                 _adam_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2, eps)
         return loss
+
+
+def _cpu_kernel_applies(param, state) -> bool:
+    """The C++ step takes CPU float32/float64 tensors with C-contiguous storage."""
+    return (param.device.type == "cpu" and param.dtype in (torch.float32, torch.float64) and param.dim() == 2
+            and all(t.is_contiguous() for t in (param, state["exp_avg"], state["exp_avg_sq"])))
 
 
 def _adam_update_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):

@@ -84,11 +84,13 @@ def test_recommend_writes_original_ids_without_seen_items(trained_run, ratings_f
 
 
 def test_resume_continues_a_run(ratings_file, tmp_path):
-    args = ["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(tmp_path)]
+    """Also with the row-sparse fc1 gradient, whose RowSparseAdam state the checkpoint carries."""
+    args = ["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(tmp_path), "--fc1-grad", "row-sparse"]
     assert main(args + [a if a != "2" else "1" for a in TINY_TRAIN]) == 0
     assert main(args + TINY_TRAIN + ["--resume"]) == 0
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["fc1_grad"] for r in records] == ["row-sparse", "row-sparse"]
 
 
 def _bad(tmp_path, content: str, name="bad.csv"):

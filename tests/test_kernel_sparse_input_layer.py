@@ -161,10 +161,13 @@ def test_empty_batch_and_users_give_bias():
     )
     g = torch.randn(3, hidden, dtype=torch.float64, device=DEVICE)
     for p in (0.0, 0.5):
-        out, dw, db = run(empty, w, b, g, dropout_p=p, seed=1)
-        assert torch.equal(out, b.expand(3, hidden))
-        assert torch.equal(dw, torch.zeros_like(w))
-        assert_close(db, g.sum(0), 1e-14)
+        for method in ("segment", "atomic"):
+            out, dw, db = run(empty, w, b, g, dropout_p=p, seed=1, grad_method=method)
+            assert torch.equal(out, b.expand(3, hidden))
+            assert torch.equal(dw, torch.zeros_like(w))
+            assert_close(db, g.sum(0), 1e-14)
+            _, dws, _ = run(empty, w, b, g, dropout_p=p, seed=1, sparse_grad=True, grad_method=method)
+            assert dws._nnz() == 0 and dws.shape == w.shape
     # A user whose only entry is an explicit zero: norm 0, still the bias and no NaN.
     zero_val = CSRBatch(
         torch.tensor([0, 1], device=DEVICE), torch.tensor([3], device=DEVICE),
@@ -188,9 +191,11 @@ def test_one_item_user_dropout_kept_or_dropped():
     assert torch.equal(out[1], b)
 
 
-def test_duplicate_ids_are_linear():
+@pytest.mark.parametrize("grad_method", ["segment", "atomic"])
+def test_duplicate_ids_are_linear(grad_method):
     # A non-canonical batch: item 5 twice in user 0, item 9 twice in user 1. Each stored entry
-    # contributes c_e·W[i_e], c_e = v_e·m_e / ((1−p)·sqrt(Σ_e v_e²)); dW sums every entry.
+    # contributes c_e·W[i_e], c_e = v_e·m_e / ((1−p)·sqrt(Σ_e v_e²)); dW sums every entry (for the
+    # atomic method: two atomic adds on the same row from one program).
     hidden, n_items = 37, 20
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(n_items, hidden, generator=gen, dtype=torch.float64).to(DEVICE)
@@ -209,15 +214,18 @@ def test_duplicate_ids_are_linear():
             c = c * mask / (1 - p)
         ref = b + torch.zeros(2, hidden, dtype=torch.float64, device=DEVICE).index_add_(0, rows, c[:, None] * w[indices])
         ref_dw = torch.zeros_like(w).index_add_(0, indices, c[:, None] * g[rows])
-        out, dw, db = run(batch, w, b, g, dropout_p=p, keep_mask=mask)
+        out, dw, db = run(batch, w, b, g, dropout_p=p, keep_mask=mask, grad_method=grad_method)
         assert_close(out, ref, 1e-14)
         assert_close(dw, ref_dw, 1e-14)
         assert_close(db, g.sum(0), 1e-14)
+        _, dws, _ = run(batch, w, b, g, dropout_p=p, keep_mask=mask, sparse_grad=True, grad_method=grad_method)
+        assert torch.equal(dws._indices()[0], torch.tensor([2, 5, 9, 19], device=DEVICE))
+        assert_close(dws.to_dense(), ref_dw, 1e-14)
     # The canonical form (what the model passes) equals the dense reference with summed duplicates.
     x = torch.zeros(2, n_items, dtype=torch.float64, device=DEVICE)
     x.index_put_((rows, indices), values, accumulate=True)
     canon = as_csr_batch(x, n_items, dtype=torch.float64, device=DEVICE)
-    out, dw, _ = run(canon, w, b, g)
+    out, dw, _ = run(canon, w, b, g, grad_method=grad_method)
     ref, ref_dw, _ = dense_reference(x, w, b, g)
     assert_close(out, ref, 1e-14)
     assert_close(dw, ref_dw, 1e-14)
@@ -239,6 +247,35 @@ def test_row_sparse_grad_equals_dense(p):
     if p == 0.0:
         _, ref_dw, _ = dense_reference(x, w, b, g)
         assert_close(sparse_dw.to_dense(), ref_dw, 1e-12)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "row_sparse"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_atomic_grad_matches_dense(dtype, p, sparse_grad):
+    # grad_method="atomic" (zero fill + atomic scatter) against the float64 dense reference, on the
+    # odd-sized case with an empty user, a one-item user, weighted values and dropout (mask
+    # reproduced from the seed); h1_pre and db1 do not depend on the method.
+    x, batch, w, b, g = make_case(dtype=dtype, seed=13, density=0.04)
+    keep = sil.dropout_keep_mask(21, batch.nnz, p, DEVICE)
+    ref, ref_dw, ref_db = dense_reference(x, w, b, g, p, dense_mask(batch, keep))
+    out, dw, db = run(batch, w, b, g, dropout_p=p, seed=21, sparse_grad=sparse_grad, grad_method="atomic")
+    assert dw.dtype == dtype
+    if sparse_grad:
+        assert dw.layout == torch.sparse_coo and dw.shape == w.shape
+        assert torch.equal(dw._indices()[0], torch.unique(batch.indices))
+        dw = dw.to_dense()
+    else:
+        assert dw.layout == torch.strided
+    assert_close(out, ref, TOL[dtype])
+    assert_close(dw, ref_dw, TOL[dtype])
+    assert_close(db, ref_db, TOL[dtype])
+    if p > 0 and not sparse_grad:
+        # Rows of items whose every occurrence was dropped stay exactly zero.
+        dropped_only = torch.zeros(batch.n_cols, dtype=torch.bool, device=DEVICE)
+        dropped_only[batch.indices[~keep]] = True
+        dropped_only[batch.indices[keep]] = False
+        assert dropped_only.any() and (dw[dropped_only] == 0).all()
 
 
 def test_no_grad_paths_and_partial_grads():
@@ -295,6 +332,8 @@ def test_validation_errors():
         sil.sparse_input_layer(batch, w, b, dropout_p=0.5, seed=-1)
     with pytest.raises(TypeError, match="CSRBatch"):
         sil.sparse_input_layer(batch.to_dense(), w, b)
+    with pytest.raises(ValueError, match="grad_method.*'segment', 'atomic'.*'atomics'"):
+        sil.sparse_input_layer(batch, w.requires_grad_(True), b, grad_method="atomics")
     bad = CSRBatch(batch.indptr, batch.indices.clone().fill_(30), batch.values, 30)
     if DEVICE.type == "cpu":
         with pytest.raises(IndexError):
@@ -323,10 +362,12 @@ def test_adam_step_row_sparse_matches_torch_adam():
     assert_close(v, opt.state[ref]["exp_avg_sq"], 1e-6)
 
 
+@pytest.mark.parametrize("grad_method", ["segment", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_accumulates_in_float32(dtype):
+def test_half_precision_accumulates_in_float32(dtype, grad_method):
+    # (atomic: dW1 is accumulated in an fp32 buffer, then cast.)
     x, batch, w, b, g = make_case(dtype=dtype, seed=12)
-    out, dw, db = run(batch, w, b, g, dropout_p=0.3, seed=4)
+    out, dw, db = run(batch, w, b, g, dropout_p=0.3, seed=4, grad_method=grad_method)
     keep = sil.dropout_keep_mask(4, batch.nnz, 0.3, DEVICE)
     x_rounded = batch.to_dense().double()  # the values as the op sees them
     ref, ref_dw, ref_db = dense_reference(x_rounded, w, b, g, 0.3, dense_mask(batch, keep))

@@ -159,3 +159,27 @@ def test_bad_arguments(small_data):
         fit(train.toarray())
     with pytest.raises(ValueError, match="no interactions"):
         fit(sp.csr_matrix((5, 7), dtype=np.float32))
+
+
+def test_fc1_gradient_layout_choice():
+    cfg = training.TrainConfig(batch_size=16)
+    wide = random_ratings(30, 400, seed=3, binary=True, max_items=5)  # a batch touches few of 400 rows
+    narrow = random_ratings(30, 20, seed=3, binary=True, max_items=12)  # a batch touches most rows
+    assert training.fc1_grad_is_row_sparse(cfg, wide)
+    assert not training.fc1_grad_is_row_sparse(cfg, narrow)
+    assert not training.fc1_grad_is_row_sparse(training.TrainConfig(batch_size=16, device="cuda"), wide)
+    assert training.fc1_grad_is_row_sparse(training.TrainConfig(sparse_fc1_grad=True), narrow)
+    assert not training.fc1_grad_is_row_sparse(training.TrainConfig(sparse_fc1_grad=False), wide)
+    with pytest.raises(ValueError, match="sparse_fc1_grad"):
+        training.TrainConfig(sparse_fc1_grad="yes").validate()
+
+
+def test_row_sparse_fc1_fit_equals_dense_fit():
+    """The automatic choice takes the row-sparse layout on a wide catalogue, and an epoch trained
+    with it ends where the dense layout's does (same Adam, rounding apart)."""
+    train = random_ratings(40, 400, seed=4, binary=True, max_items=6).astype(np.float32).tocsr()
+    auto = fit(train, n_epochs=1, **SMALL)
+    dense = fit(train, n_epochs=1, sparse_fc1_grad=False, **SMALL)
+    assert auto.history[0]["fc1_grad"] == "row-sparse" and dense.history[0]["fc1_grad"] == "dense"
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(auto.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
