@@ -99,7 +99,7 @@ def main(tiny: bool = False) -> int:
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (interpreter)'}")
     print("\n== multinomial NLL ==")
-    nll_ok = gpu_check_multinomial_nll.main(tiny=tiny)[0][3]
+    nll_ok = gpu_check_multinomial_nll.main(tiny=tiny)[0][1]
     print("\n== sparse input layer ==")
     sil_ok = gpu_check_sparse_input_layer.main(tiny=tiny)[0][1]
     print("\n== RecVAE training steps ==")
