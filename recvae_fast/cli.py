@@ -148,7 +148,7 @@ def cmd_recommend(args) -> dict:
         (coo.data[known], (coo.row[known], source_cols[coo.col[known]])),
         shape=(interactions.matrix.shape[0], len(item_ids)), dtype=np.float32,
     )
-    ids, scores = recommend(model, matrix, k=args.k, exclude_seen=not args.include_seen)
+    scores, ids = recommend(model, matrix, k=args.k, exclude_seen=not args.include_seen)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import torch
 
 from .metrics import ndcg_at_k, recall_at_k
 from .model import RecVAE
-from .topk import TopKAccumulator, topk_masked
+from .topk import TopK, TopKAccumulator, topk_masked
 
 SCORES_PER_BLOCK = 1 << 25  # 128 MiB of float32 scores at most per block
 
@@ -32,11 +32,11 @@ def recommend(
     k: int = 100,
     exclude_seen: bool = True,
     batch_size: int = 500,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> TopK:
     """Top-k items per user (rows of `interactions`, a users × items scipy matrix).
 
-    Returns (item_ids int64 U × k, scores float32 U × k), best first, ties to the lower item
-    index. With exclude_seen, a user's own items are never returned; a user with fewer than k
+    Returns TopK(scores float32 U × k, items int64 U × k) (torch.topk's order, as topk_masked),
+    best first, ties to the lower item index. With exclude_seen, a user's own items are never returned; a user with fewer than k
     eligible items gets −1 / −inf padding.
     """
     n_items = model.input_dim
@@ -57,12 +57,12 @@ def recommend(
             rows = interactions[start : start + batch_size]
             mu, _ = model.encoder(model.as_batch(rows), 0.0)
             seen = rows if exclude_seen else sp.csr_matrix(rows.shape, dtype=np.float32)
-            ids, scores = _topk_of_scores(mu, weight, bias, seen, k, item_chunk)
+            scores, ids = _topk_of_scores(mu, weight, bias, seen, k, item_chunk)
             out_ids[start : start + len(ids)] = ids
             out_scores[start : start + len(ids)] = scores
     finally:
         model.train(was_training)
-    return out_ids, out_scores
+    return TopK(out_scores, out_ids)
 
 
 def _topk_of_scores(mu, weight, bias, seen: sp.csr_matrix, k: int, item_chunk: int):
@@ -76,7 +76,7 @@ def _topk_of_scores(mu, weight, bias, seen: sp.csr_matrix, k: int, item_chunk: i
             block = torch.addmm(bias[offset : offset + item_chunk], mu, weight[offset : offset + item_chunk].t())
             acc.push(block.float(), offset)
         scores, ids = acc.result()
-    return torch.as_tensor(ids).cpu().numpy(), torch.as_tensor(scores).float().cpu().numpy()
+    return torch.as_tensor(scores).float().cpu().numpy(), torch.as_tensor(ids).cpu().numpy()
 
 
 def evaluate(
@@ -95,7 +95,7 @@ def evaluate(
     heldout = _as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ranked, _ = recommend(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size)
+    ranked = recommend(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items
     ndcg = ndcg_at_k(ranked, heldout, 100)
     has_heldout = ~np.isnan(ndcg)
     if not has_heldout.any():

@@ -29,6 +29,7 @@ torch.topk on row chunks and fixes up ties so the results are identical.
 from __future__ import annotations
 
 import operator
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -173,10 +174,18 @@ def _seen_csr(seen, n_rows: int, n_items: int | None):
     return indptr, indices, n_cols
 
 
-def _wrap(vals64: np.ndarray, idx: np.ndarray, kind: str, out_dtype):
+class TopK(NamedTuple):
+    """A top-k result, in torch.topk's order: `scores` (B × k) and the item indices `items` (B × k),
+    best first; padding is -inf / -1."""
+
+    scores: Any
+    items: Any
+
+
+def _wrap(vals64: np.ndarray, idx: np.ndarray, kind: str, out_dtype) -> TopK:
     if kind == "torch":
-        return torch.from_numpy(vals64).to(out_dtype), torch.from_numpy(idx)
-    return vals64.astype(out_dtype, copy=False), idx
+        return TopK(torch.from_numpy(vals64).to(out_dtype), torch.from_numpy(idx))
+    return TopK(vals64.astype(out_dtype, copy=False), idx)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -193,7 +202,7 @@ def topk_masked(scores, seen, k: int, *, num_threads: int | None = None):
     if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
         _check_tensor_scores(scores)
         indptr, indices, _ = _seen_csr(seen, scores.shape[0], scores.shape[1])
-        return _topk_torch(scores, indptr, torch.from_numpy(indices).to(scores.device), k, 0)
+        return TopK(*_topk_torch(scores, indptr, torch.from_numpy(indices).to(scores.device), k, 0))
     buf, name, kind, out_dtype = _score_buffer(scores)
     n_rows, n_items = buf.shape
     indptr, indices, _ = _seen_csr(seen, n_rows, n_items)
@@ -211,7 +220,7 @@ def topk_masked_torch(scores: torch.Tensor, seen_indptr, seen_indices, k: int, *
     (any device) or arrays, indices in catalogue coordinates; column j of `scores` is item
     `item_offset + j`, and seen indices outside [item_offset, item_offset + I) are ignored, so a
     full-catalogue seen CSR serves every chunk. Works on row chunks (torch.topk, then an exact
-    tie fix-up), never modifying `scores`. Returns (scores, indices) on scores.device.
+    tie fix-up), never modifying `scores`. Returns TopK(scores, items) on scores.device.
     """
     k = _check_k(k)
     _check_tensor_scores(scores)
@@ -404,9 +413,9 @@ class TopKAccumulator:
                 pad = k - v.shape[1]
                 v = torch.cat([v, v.new_full((self.n_rows, pad), float("-inf"))], dim=1)
                 i = torch.cat([i, i.new_full((self.n_rows, pad), -1)], dim=1)
-            return v, i
+            return TopK(v, i)
         if self._state is None:
-            return np.full((self.n_rows, k), -np.inf, np.float32), np.full((self.n_rows, k), -1, np.int64)
+            return TopK(np.full((self.n_rows, k), -np.inf, np.float32), np.full((self.n_rows, k), -1, np.int64))
         vals, idx = self._state.result(_check_threads(self._num_threads))
         if vals.shape[1] < k:  # capacity was min(k, n_items)
             vals = np.concatenate([vals, np.full((self.n_rows, k - vals.shape[1]), -np.inf)], axis=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .model import RecVAE
 from .optim import RowSparseAdam
 
@@ -146,25 +146,9 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, progr
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target: a crash
-    at any point leaves either the old checkpoint or the new one, never a torn file."""
+    """torch.save through recvae_fast.atomic: a crash leaves the old checkpoint or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _rng_states(rng: np.random.Generator) -> dict:

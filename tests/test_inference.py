@@ -32,14 +32,14 @@ def test_recommend_matches_brute_force_chunked_or_not(exclude_seen, monkeypatch)
     ref.eval()
     dense_scores = ref(torch.tensor(x.toarray()), calculate_loss=False).detach().numpy()
     expected = brute_force_topk(dense_scores, x if exclude_seen else None, 10)
-    ids, scores = recommend(fast, x, k=10, exclude_seen=exclude_seen, batch_size=7)
+    scores, ids = recommend(fast, x, k=10, exclude_seen=exclude_seen, batch_size=7)
     np.testing.assert_array_equal(ids, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(dense_scores, expected, 1), rtol=1e-5, atol=1e-5)
     if exclude_seen:
         for u in range(x.shape[0]):
             assert not set(ids[u]) & set(x.indices[x.indptr[u] : x.indptr[u + 1]])
     monkeypatch.setattr(inference, "SCORES_PER_BLOCK", 7 * 50)  # item chunks of 50: 5 chunks
-    ids_chunked, scores_chunked = recommend(fast, x, k=10, exclude_seen=exclude_seen, batch_size=7)
+    scores_chunked, ids_chunked = recommend(fast, x, k=10, exclude_seen=exclude_seen, batch_size=7)
     np.testing.assert_array_equal(ids_chunked, ids)
     np.testing.assert_array_equal(scores_chunked, scores)
     assert fast.training  # the model's mode is restored
