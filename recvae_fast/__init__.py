@@ -1,12 +1,22 @@
-"""recvae_fast: a fast, faithful RecVAE (Shenbin et al., WSDM 2020) for catalogues of millions of items."""
+"""recvae_fast: a fast, faithful RecVAE (Shenbin et al., WSDM 2020) for catalogues of millions of items.
+
+The C++ extensions load on first use (top-k, the row-sparse Adam step), the Triton kernels when
+an op runs with impl "triton"; importing the package loads neither.
+"""
+from importlib.metadata import PackageNotFoundError, version
+
 from .inference import evaluate, recommend
 from .model import RecVAE
-from .sparse import CSRBatch, as_csr_batch
-from .topk import TopKAccumulator, topk_masked, topk_masked_torch
+from .optim import RowSparseAdam
+from .topk import TopK, TopKAccumulator, topk_masked
 from .training import fit, load_model
 
 __all__ = [
-    "RecVAE", "fit", "evaluate", "recommend", "load_model",
-    "topk_masked", "topk_masked_torch", "TopKAccumulator", "CSRBatch", "as_csr_batch",
+    "RecVAE", "fit", "load_model", "evaluate", "recommend",
+    "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("recvae_fast")  # the one version number is setup.py's
+except PackageNotFoundError:  # a source tree that was never installed (the C++ extensions need an install)
+    __version__ = "unknown"

@@ -12,17 +12,16 @@ import torch
 
 from .metrics import ndcg_at_k, recall_at_k
 from .model import RecVAE
-from .topk import TopK, TopKAccumulator, topk_masked
+from .sparse import as_user_matrix
+from .topk import TopK, TopKAccumulator, check_k, topk_masked
 
 SCORES_PER_BLOCK = 1 << 25  # 128 MiB of float32 scores at most per block
 
 
-def _as_user_matrix(name: str, matrix, n_items: int) -> sp.csr_matrix:
-    if not sp.issparse(matrix):
-        raise TypeError(f"{name} must be a scipy.sparse matrix (users × items), got {type(matrix).__name__}")
-    if matrix.shape[1] != n_items:
-        raise ValueError(f"{name} has {matrix.shape[1]} item columns, the model has {n_items} items")
-    return sp.csr_matrix(matrix)
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 @torch.no_grad()
@@ -35,16 +34,16 @@ def recommend(
 ) -> TopK:
     """Top-k items per user (rows of `interactions`, a users × items scipy matrix).
 
-    Returns TopK(scores float32 U × k, items int64 U × k) (torch.topk's order, as topk_masked),
-    best first, ties to the lower item index. With exclude_seen, a user's own items are never returned; a user with fewer than k
-    eligible items gets −1 / −inf padding.
+    Returns TopK(scores float32 U × k, items int64 U × k), numpy arrays in torch.topk's order (as
+    topk_masked), best first, ties to the lower item index. With exclude_seen, a user's own items
+    are never returned; a user with fewer than k eligible items gets −inf / −1 padding.
     """
     n_items = model.input_dim
-    if not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if k > n_items:
         raise ValueError(f"k={k} is larger than the catalogue ({n_items} items)")
-    interactions = _as_user_matrix("interactions", interactions, n_items)
+    batch_size = _check_batch_size(batch_size)
+    interactions = as_user_matrix("interactions", interactions, n_items)
     n_users = interactions.shape[0]
     was_training = model.training
     model.eval()
@@ -55,7 +54,7 @@ def recommend(
     try:
         for start in range(0, n_users, batch_size):
             rows = interactions[start : start + batch_size]
-            mu, _ = model.encoder(model.as_batch(rows), 0.0)
+            mu, _ = model.encode(rows)
             seen = rows if exclude_seen else sp.csr_matrix(rows.shape, dtype=np.float32)
             scores, ids = _topk_of_scores(mu, weight, bias, seen, k, item_chunk)
             out_ids[start : start + len(ids)] = ids
@@ -91,8 +90,9 @@ def evaluate(
     no held-out items are skipped (and not counted in n_users).
     """
     n_items = model.input_dim
-    fold_in = _as_user_matrix("fold_in", fold_in, n_items)
-    heldout = _as_user_matrix("heldout", heldout, n_items)
+    batch_size = _check_batch_size(batch_size)
+    fold_in = as_user_matrix("fold_in", fold_in, n_items)
+    heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
     ranked = recommend(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items

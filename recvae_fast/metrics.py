@@ -1,8 +1,8 @@
 """Ranking metrics for strong-generalisation evaluation, and the popularity baseline.
 
 Inputs: `ranked`, a B × k' integer array of item columns per user, best first (−1 = padding,
-never a hit), and `heldout`, a B × I scipy sparse matrix whose entries with a value > 0 are the
-user's relevant items (binary relevance). Per-user results are float64 arrays with NaN for users
+never a hit), and `heldout`, a B × I scipy sparse matrix (values finite and >= 0) whose entries
+with a value > 0 are the user's relevant items (binary relevance). Per-user results are float64 arrays with NaN for users
 with no held-out item; average them with `mean_over_users` (or np.nanmean).
 
     NDCG@k   = Σ_{r ≤ k} hit_r / log2(r + 1)  /  Σ_{r ≤ min(n_heldout, k)} 1 / log2(r + 1)
@@ -18,6 +18,9 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from .sparse import as_user_matrix
+from .topk import check_k
+
 __all__ = [
     "ndcg_at_k",
     "recall_at_k",
@@ -29,23 +32,14 @@ __all__ = [
 ]
 
 
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
-
-
 def _relevant(heldout) -> sp.csr_matrix:
     """The held-out matrix as a canonical CSR holding only its entries with value > 0."""
-    if not sp.issparse(heldout):
-        raise TypeError(f"heldout must be a scipy.sparse matrix, got {type(heldout).__name__}")
-    h = sp.csr_matrix(heldout)
+    h = as_user_matrix("heldout", heldout)
     if not h.has_canonical_format:
         h = h.copy()
         h.sum_duplicates()
-    if h.nnz and not (h.data > 0).all():
+    if h.nnz and not (h.data > 0).all():  # stored zeros are not relevant
         h = h.copy()
-        h.data = np.where(h.data > 0, h.data, 0)
         h.eliminate_zeros()
     return h
 
@@ -62,7 +56,7 @@ def hits_matrix(ranked, heldout, k: int | None = None) -> np.ndarray:
     if ranked.shape[0] != n_users:
         raise ValueError(f"ranked has {ranked.shape[0]} rows, heldout has {n_users} users")
     if k is not None:
-        ranked = ranked[:, : _check_k(k)]
+        ranked = ranked[:, : check_k(k)]
     ranked = ranked.astype(np.int64, copy=False)
     if ranked.size and (ranked.max() >= n_items or ranked.min() < -1):
         raise ValueError(f"ranked holds item indices outside [-1, {n_items}) (−1 is padding)")
@@ -83,7 +77,7 @@ def _n_heldout(heldout) -> np.ndarray:
 def ndcg_at_k(ranked, heldout, k: int) -> np.ndarray:
     """Per-user NDCG@k (binary gains, 1/log2(rank+1) discounts, IDCG over min(n_heldout, k));
     NaN for users with no held-out item."""
-    k = _check_k(k)
+    k = check_k(k)
     hits = hits_matrix(ranked, heldout, k)
     n = _n_heldout(heldout)
     discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
@@ -99,7 +93,7 @@ def ndcg_at_k(ranked, heldout, k: int) -> np.ndarray:
 def recall_at_k(ranked, heldout, k: int) -> np.ndarray:
     """Per-user Recall@k = hits in the top k / min(k, n_heldout); NaN for users with no
     held-out item."""
-    k = _check_k(k)
+    k = check_k(k)
     hits = hits_matrix(ranked, heldout, k)
     n = _n_heldout(heldout)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -134,9 +128,9 @@ def popularity_ranking(popularity, exclude, k: int, max_block: int = 1 << 24) ->
     """Top-k items per row of `exclude` (B × I sparse: items a user already has) by
     `popularity` (length I; higher first, ties to the lower item index), skipping the row's
     excluded items. Rows with fewer than k eligible items are padded with −1."""
-    k = _check_k(k)
+    k = check_k(k)
     popularity = np.asarray(popularity, dtype=np.float64)
-    ex = sp.csr_matrix(exclude)
+    ex = as_user_matrix("exclude", exclude)
     n_users, n_items = ex.shape
     if popularity.shape != (n_items,):
         raise ValueError(f"popularity has shape {popularity.shape}, expected ({n_items},)")
@@ -174,16 +168,13 @@ def popularity_baseline(train, fold_in, heldout, ks=(20, 50, 100)) -> dict:
     """Most-popular baseline: rank items by training popularity (users per item), excluding
     each user's fold-in items; returns "ndcg@k" and "recall@k" for every k in ks (so
     "ndcg@100", "recall@20", "recall@50" with the defaults) and "n_users"."""
-    train = sp.csr_matrix(train)
+    train = as_user_matrix("train", train)
     n_items = train.shape[1]
-    for name, m in (("fold_in", fold_in), ("heldout", heldout)):
-        if not sp.issparse(m):
-            raise TypeError(f"{name} must be a scipy.sparse matrix, got {type(m).__name__}")
-        if m.shape[1] != n_items:
-            raise ValueError(f"{name} has {m.shape[1]} item columns, train has {n_items}")
+    fold_in = as_user_matrix("fold_in", fold_in, n_items, items_of="train")
+    heldout = as_user_matrix("heldout", heldout, n_items, items_of="train")
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ks = sorted({_check_k(k) for k in ks})
+    ks = sorted({check_k(k) for k in ks})
     popularity = np.bincount(train.indices[train.data != 0], minlength=n_items).astype(np.float64)
     ranked = popularity_ranking(popularity, fold_in, max(ks))
     return ranking_metrics(ranked, heldout, ndcg_ks=ks, recall_ks=ks)

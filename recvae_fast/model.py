@@ -1,8 +1,9 @@
 """`RecVAE`: a drop-in for the authors' `VAE` that never builds a dense B × I tensor.
 
 Same constructor, forward, losses, `update_prior()` and state_dict keys/shapes as the authors'
-code (recvae_fast.reference). Inside, fc1 is stored I × H (`weight_t`) so that the sparse input
-layer gathers whole rows, and the multinomial likelihood is computed fused with the decoder.
+code. Inside, fc1 is stored I × H (`weight_t`) so that the sparse input layer gathers whole rows,
+and the multinomial likelihood is computed fused with the decoder (recvae_fast.ops). The layers
+are written here; recvae_fast.reference is the separate dense oracle the tests compare against.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import math
 import torch
 from torch import nn
 
-from . import reference
-from .backend import ops_for
-from .reference import log_norm_pdf
+from . import ops
 from .sparse import CSRBatch, as_csr_batch
+
+MIXTURE_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)
+LOG_2PI = math.log(2 * math.pi)
 
 
 class SparseInputLinear(nn.Module):
@@ -37,9 +39,12 @@ class SparseInputLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
 
-    def forward(self, batch: CSRBatch, dropout_p: float, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-        ops = ops_for(self.weight_t.device)
-        return ops.sparse_input_layer(batch, self.weight_t, self.bias, dropout_p, keep_mask, sparse_grad=self.sparse_grad)
+    def forward(
+        self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl: str | None = None
+    ) -> torch.Tensor:
+        return ops.sparse_input_layer(
+            batch, self.weight_t, self.bias, dropout_rate, keep_mask, sparse_grad=self.sparse_grad, impl=impl
+        )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight_t = self.weight_t if keep_vars else self.weight_t.detach()
@@ -73,61 +78,119 @@ class SparseInputLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features} (stored transposed)"
 
 
-class Encoder(reference.Encoder):
-    """The authors' encoder with fc1 replaced by the sparse input layer."""
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x | mu, exp(logvar)), elementwise."""
+    return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
+
+
+class Encoder(nn.Module):
+    """q(z|x): fc1 on the CSR batch, then four residual blocks (block k adds every earlier block's
+    output to its linear layer's), each swish then LayerNorm (eps 0.1), and the mu / logvar heads.
+    Modules are named fc1..fc5, ln1..ln5, fc_mu, fc_logvar, as in the authors' checkpoints."""
+
+    N_LAYERS = 5
 
     def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1):
-        super().__init__(hidden_dim, latent_dim, 1, eps)
+        super().__init__()
         self.fc1 = SparseInputLinear(input_dim, hidden_dim)
+        self.ln1 = nn.LayerNorm(hidden_dim, eps=eps)
+        for k in range(2, self.N_LAYERS + 1):
+            setattr(self, f"fc{k}", nn.Linear(hidden_dim, hidden_dim))
+            setattr(self, f"ln{k}", nn.LayerNorm(hidden_dim, eps=eps))
+        self.fc_mu = nn.Linear(hidden_dim, latent_dim)
+        self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
 
-    def forward(self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None):
-        p = dropout_rate if self.training else 0.0
-        return self.from_first_layer(self.fc1(batch, p, keep_mask))
+    def forward(self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
+        rate = dropout_rate if self.training else 0.0
+        outputs = [self.ln1(swish(self.fc1(batch, rate, keep_mask, impl=impl)))]
+        for k in range(2, self.N_LAYERS + 1):
+            pre = getattr(self, f"fc{k}")(outputs[-1])
+            for earlier in outputs:  # left to right, the authors' summation order
+                pre = pre + earlier
+            outputs.append(getattr(self, f"ln{k}")(swish(pre)))
+        return self.fc_mu(outputs[-1]), self.fc_logvar(outputs[-1])
 
 
-class CompositePrior(reference.CompositePrior):
-    """The authors' three-component prior; its old encoder reads the same CSR batch, with no grad."""
+class CompositePrior(nn.Module):
+    """p(z) = 3/20·N(0, 1) + 3/4·N(mu_old, var_old) + 1/10·N(0, e^10): the middle component is the
+    posterior of a frozen copy of the encoder (`encoder_old`, refreshed by RecVAE.update_prior)."""
 
-    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, mixture_weights=reference.MIXTURE_WEIGHTS):
-        super().__init__(hidden_dim, latent_dim, 1, mixture_weights)
+    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, mixture_weights=MIXTURE_WEIGHTS):
+        super().__init__()
+        self.mixture_weights = list(mixture_weights)
+        # Parameters (not buffers) without grad: the authors' checkpoints hold them as parameters.
+        self.mu_prior = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=False)
+        self.logvar_prior = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=False)
+        self.logvar_uniform_prior = nn.Parameter(torch.full((1, latent_dim), 10.0), requires_grad=False)
         self.encoder_old = Encoder(hidden_dim, latent_dim, input_dim)
         self.encoder_old.requires_grad_(False)
 
-    def forward(self, batch: CSRBatch, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: CSRBatch, z: torch.Tensor, impl=None) -> torch.Tensor:
         with torch.no_grad():  # frozen copy: no parameter of it, nor its input, needs a gradient
-            post_mu, post_logvar = self.encoder_old(batch, 0.0)
-        return self.log_density(z, post_mu, post_logvar)
+            post_mu, post_logvar = self.encoder_old(batch, 0.0, impl=impl)
+        log_components = torch.stack([
+            log_norm_pdf(z, self.mu_prior, self.logvar_prior),
+            log_norm_pdf(z, post_mu, post_logvar),
+            log_norm_pdf(z, self.mu_prior, self.logvar_uniform_prior),
+        ], dim=-1)
+        log_weights = torch.tensor([math.log(w) for w in self.mixture_weights], dtype=z.dtype, device=z.device)
+        return torch.logsumexp(log_components + log_weights, dim=-1)
 
 
 class RecVAE(nn.Module):
     """RecVAE(hidden_dim, latent_dim, input_dim), call-compatible with the authors' `VAE`.
 
     `user_ratings` may be a torch sparse CSR (or COO) tensor, a scipy.sparse matrix, a dense
-    tensor, or a `CSRBatch`. Parameters that do not require grad cost no gradient work: freeze
-    the decoder in encoder phases and the encoder in decoder phases (recvae_fast.fit does).
+    tensor, or a `CSRBatch`. `impl` picks the implementation of the two fused ops ("torch",
+    "triton", or None: the default for the parameters' device; see recvae_fast.ops); it can be
+    changed at any time (`model.impl = "torch"`). Parameters that do not require grad cost no
+    gradient work: freeze the decoder in encoder phases and the encoder in decoder phases
+    (recvae_fast.fit does).
     """
 
-    def __init__(self, hidden_dim: int = 600, latent_dim: int = 200, input_dim: int | None = None):
+    def __init__(self, hidden_dim: int = 600, latent_dim: int = 200, input_dim: int | None = None, impl: str | None = None):
         super().__init__()
         if input_dim is None or input_dim <= 0 or hidden_dim <= 0 or latent_dim <= 0:
             raise ValueError(
                 f"hidden_dim, latent_dim and input_dim must be positive, got {hidden_dim}, {latent_dim}, {input_dim}"
             )
         self.hidden_dim, self.latent_dim, self.input_dim = hidden_dim, latent_dim, input_dim
+        self.impl = impl
         self.encoder = Encoder(hidden_dim, latent_dim, input_dim)
         self.prior = CompositePrior(hidden_dim, latent_dim, input_dim)
         self.decoder = nn.Linear(latent_dim, input_dim)
+
+    @property
+    def impl(self) -> str | None:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str | None) -> None:
+        for op in ("sparse_input_layer", "multinomial_nll"):
+            ops.check_impl(op, impl)
+        self._impl = impl
 
     def as_batch(self, user_ratings) -> CSRBatch:
         """Validate and convert user ratings to this model's canonical CSR batch."""
         param = self.decoder.weight
         return as_csr_batch(user_ratings, self.input_dim, dtype=param.dtype, device=param.device)
 
-    reparameterize = reference.VAE.reparameterize  # z = mu + ε·exp(logvar / 2) in training, mu in eval
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mu + ε·exp(logvar / 2) in training (ε ~ N(0, 1) unless given), mu in eval."""
+        if not self.training:
+            return mu
+        std = torch.exp(0.5 * logvar)
+        if eps is None:
+            eps = torch.randn_like(std)
+        return eps * std + mu
 
     def encode(self, user_ratings, dropout_rate: float = 0.0, keep_mask: torch.Tensor | None = None):
-        """(mu, logvar) of q(z|x) for a batch of users."""
-        return self.encoder(self.as_batch(user_ratings), dropout_rate, keep_mask)
+        """(mu, logvar) of q(z|x) for a batch of users (dropout only in training mode)."""
+        return self.encoder(self.as_batch(user_ratings), dropout_rate, keep_mask, impl=self.impl)
 
     def forward(
         self,
@@ -145,7 +208,7 @@ class RecVAE(nn.Module):
         (B × K) pin the randomness; left as None they are drawn from torch's generator."""
         batch = self.as_batch(user_ratings)
         if not calculate_loss:
-            mu, logvar = self.encoder(batch, dropout_rate, keep_mask)
+            mu, logvar = self.encoder(batch, dropout_rate, keep_mask, impl=self.impl)
             return self.decoder(self.reparameterize(mu, logvar, eps))
         mll, kld = self.loss_terms(batch, beta, gamma, dropout_rate, keep_mask=keep_mask, eps=eps)
         negative_elbo = -(mll - kld)
@@ -171,13 +234,13 @@ class RecVAE(nn.Module):
                 kl_weight = beta
             else:
                 raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight)")
-        mu, logvar = self.encoder(batch, dropout_rate, keep_mask)
+        mu, logvar = self.encoder(batch, dropout_rate, keep_mask, impl=self.impl)
         z = self.reparameterize(mu, logvar, eps)
-        ops = ops_for(z.device)
-        mll = -ops.multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch).mean()
+        mll = -ops.multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch, impl=self.impl).mean()
         if not with_kl:
             return mll, None
-        kld = (log_norm_pdf(z, mu, logvar) - self.prior(batch, z)).sum(dim=-1).mul(kl_weight).mean()
+        log_prior = self.prior(batch, z, impl=self.impl)
+        kld = (log_norm_pdf(z, mu, logvar) - log_prior).sum(dim=-1).mul(kl_weight).mean()
         return mll, kld
 
     @torch.no_grad()

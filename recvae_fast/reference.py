@@ -1,5 +1,7 @@
 """A plain, dense PyTorch RecVAE: the oracle for every test and benchmark.
 
+It stands alone: recvae_fast.model writes its own layers, and the tests compare the two.
+
 It computes what the authors' public code computes (encoder with residual sums, swish,
 LayerNorm eps 0.1; composite prior 3/20·N(0,1) + 3/4·N(mu_old, var_old) + 1/10·N(0, e^10);
 KL weight gamma·n_u or constant beta; reparameterisation) with the same module and parameter
@@ -55,11 +57,7 @@ class Encoder(nn.Module):
             x = x * dropout_mask / (1 - dropout_rate)
         else:
             x = F.dropout(x, p=dropout_rate, training=self.training)
-        return self.from_first_layer(self.fc1(x))
-
-    def from_first_layer(self, h1_pre: torch.Tensor):
-        """Everything after fc1: the residual stack and the two heads."""
-        h1 = self.ln1(swish(h1_pre))
+        h1 = self.ln1(swish(self.fc1(x)))
         h2 = self.ln2(swish(self.fc2(h1) + h1))
         h3 = self.ln3(swish(self.fc3(h2) + h1 + h2))
         h4 = self.ln4(swish(self.fc4(h3) + h1 + h2 + h3))
@@ -79,9 +77,6 @@ class CompositePrior(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         post_mu, post_logvar = self.encoder_old(x, 0)
-        return self.log_density(z, post_mu, post_logvar)
-
-    def log_density(self, z: torch.Tensor, post_mu: torch.Tensor, post_logvar: torch.Tensor) -> torch.Tensor:
         stnd_prior = log_norm_pdf(z, self.mu_prior, self.logvar_prior)
         post_prior = log_norm_pdf(z, post_mu, post_logvar)
         unif_prior = log_norm_pdf(z, self.mu_prior, self.logvar_uniform_prior)

@@ -62,13 +62,30 @@ class CSRBatch:
         )
 
 
-def _check_values(values: torch.Tensor) -> None:
+def _check_values(values: torch.Tensor, name: str = "user_ratings") -> None:
     if values.numel() == 0:
         return
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("user_ratings contains non-finite values (NaN or inf)")
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     if bool((values < 0).any()):
-        raise ValueError("user_ratings contains negative values; implicit feedback must be >= 0")
+        raise ValueError(f"{name} contains negative values; implicit feedback must be >= 0")
+
+
+def as_user_matrix(name: str, matrix, n_items: int | None = None, items_of: str = "the model") -> sp.csr_matrix:
+    """`matrix` (users × items, any scipy.sparse format) as a CSR matrix, checked: 2-D, `n_items`
+    columns when given (`items_of` names what fixes that number in the error), finite values
+    >= 0. The one validator of user matrices for fit, recommend, evaluate and the metrics."""
+    if not sp.issparse(matrix):
+        raise TypeError(f"{name} must be a scipy.sparse matrix (users × items), got {type(matrix).__name__}")
+    if matrix.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (users × items), got shape {matrix.shape}")
+    if n_items is not None and matrix.shape[1] != n_items:
+        raise ValueError(f"{name} has {matrix.shape[1]} item columns, {items_of} has {n_items} items")
+    matrix = sp.csr_matrix(matrix)
+    if matrix.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {matrix.dtype}")
+    _check_values(torch.from_numpy(np.ascontiguousarray(matrix.data)), name)
+    return matrix
 
 
 def _canonical(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> CSRBatch:
@@ -114,11 +131,7 @@ def as_csr_batch(
     dtype = dtype or torch.get_default_dtype()
 
     if sp.issparse(x):
-        if x.ndim != 2:
-            raise ValueError(f"user_ratings must be 2-D, got shape {x.shape}")
-        if x.shape[1] != n_cols:
-            raise ValueError(f"user_ratings has {x.shape[1]} columns, the model has {n_cols} items")
-        csr = x.tocsr()
+        csr = as_user_matrix("user_ratings", x, n_cols)
         indptr = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64))
         indices = torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
         values = torch.from_numpy(np.asarray(csr.data)).to(dtype)
@@ -126,7 +139,7 @@ def as_csr_batch(
             indptr, indices, values = indptr.to(device), indices.to(device), values.to(device)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_cols):
             raise IndexError(f"user_ratings has an item index outside [0, {n_cols})")
-        _check_values(values)
+        _check_values(values)  # again after the cast: a float64 value may overflow float32
         return _canonical(indptr, indices, values, n_cols)
 
     if isinstance(x, np.ndarray):

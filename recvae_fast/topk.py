@@ -1,8 +1,7 @@
 """Top-k recommendation with seen-item masking: the best k items per user, excluding what the
 user already has.
 
-Semantics (shared by every path here: the C++ kernel, the streaming accumulator and the torch
-implementation used for CUDA tensors):
+Semantics (shared by both implementations, "cpp" and "torch", and by the streaming accumulator):
 
 - Ranking: higher score first; equal scores go to the lower item index. Results are sorted best
   first.
@@ -22,9 +21,10 @@ pair of arrays/tensors, or None (nothing seen). Outputs: numpy arrays for numpy 
 tensors for CPU tensor input, tensors on the same device for CUDA input; scores keep the input
 dtype, indices are int64.
 
-CPU work runs in the C++ extension ``recvae_fast._topk`` on ``torch.get_num_threads()`` threads
-(or ``num_threads``) with the GIL released; CUDA tensors take `topk_masked_torch`, which uses
-torch.topk on row chunks and fixes up ties so the results are identical.
+Implementations (`impl=`, chosen as for every op: recvae_fast.ops): "cpp", the C++ extension
+``recvae_fast._topk`` on ``torch.get_num_threads()`` threads (or ``num_threads``) with the GIL
+released, the default for CPU input; "torch", torch.topk on row chunks with an exact tie fix-up,
+the default for CUDA tensors. Both give identical results.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from . import _topk
+from . import ops
 
-__all__ = ["topk_masked", "topk_masked_torch", "TopKAccumulator"]
+__all__ = ["TopK", "TopKAccumulator", "check_k", "topk_masked"]
 
 _NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
 _TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -49,15 +49,16 @@ _TORCH_CHUNK_ELEMENTS = 1 << 24
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_k(k) -> int:
+def check_k(k) -> int:
+    """k as an int, checked: an integer >= 1 (the one `k` check of top-k, metrics and inference)."""
     if isinstance(k, bool):
-        raise TypeError(f"k must be an integer, got {k!r}")
+        raise TypeError(f"k must be a positive integer, got {k!r}")
     try:
         k = operator.index(k)
     except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
+        raise TypeError(f"k must be a positive integer, got {type(k).__name__}") from None
     if k <= 0:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ValueError(f"k must be a positive integer, got {k}")
     return k
 
 
@@ -182,54 +183,63 @@ class TopK(NamedTuple):
     items: Any
 
 
-def _wrap(vals64: np.ndarray, idx: np.ndarray, kind: str, out_dtype) -> TopK:
-    if kind == "torch":
-        return TopK(torch.from_numpy(vals64).to(out_dtype), torch.from_numpy(idx))
-    return TopK(vals64.astype(out_dtype, copy=False), idx)
+def _ext():
+    from . import _topk  # the C++ extension, loaded on first use, not when the package is imported
+
+    return _topk
+
+
+def _scores_input(scores, impl: str | None, what: str):
+    """Validate `scores` and pick the implementation: (impl, form, data). form = (input type
+    "numpy" | "torch", device, dtype) says what the result must look like; data is (buffer, dtype
+    name) for the C++ code, a tensor for the torch code."""
+    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    impl = ops.resolve_impl("topk_masked", impl, device)
+    if impl == "cpp" or isinstance(scores, np.ndarray) or not isinstance(scores, torch.Tensor):
+        buf, name, kind, dtype = _score_buffer(scores, what)
+        if impl == "cpp":
+            return impl, (kind, device, dtype), (buf, name)
+        # torch code on numpy scores: a tensor view (a copy only for layouts torch cannot view)
+        return impl, (kind, device, dtype), torch.from_numpy(np.ascontiguousarray(buf))
+    _check_tensor_scores(scores, what)
+    return impl, ("torch", device, scores.dtype), scores.detach()
+
+
+def _as_output(vals, idx, form) -> TopK:
+    """A result in the input's form: numpy arrays for numpy scores, tensors on the scores' device
+    otherwise; scores in the input dtype, items int64."""
+    kind, _, dtype = form
+    if kind == "numpy":
+        if isinstance(vals, torch.Tensor):
+            vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
+        return TopK(vals.astype(dtype, copy=False), idx)
+    if isinstance(vals, np.ndarray):
+        vals, idx = torch.from_numpy(vals), torch.from_numpy(idx)
+    return TopK(vals.to(dtype), idx)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def topk_masked(scores, seen, k: int, *, num_threads: int | None = None):
-    """The best k unseen items per row of `scores` (B × I): returns (scores, item indices), B × k,
-    best first, ties to the lower index, NaN never returned, short rows padded with -1 / -inf.
+def topk_masked(scores, seen, k: int, *, impl: str | None = None, num_threads: int | None = None) -> TopK:
+    """The best k unseen items per row of `scores` (B × I): TopK(scores, items), B × k, best first,
+    ties to the lower index, NaN never returned, short rows padded with -inf / -1.
 
-    CPU inputs run in the C++ kernel on `num_threads` threads (default: torch.get_num_threads());
-    CUDA tensors run `topk_masked_torch`. See the module docstring for accepted input forms.
+    impl: "cpp" (default for CPU input; `num_threads` threads, default torch.get_num_threads()),
+    "torch" (default for CUDA tensors), or None (see recvae_fast.ops). See the module docstring
+    for the accepted input forms.
     """
-    k = _check_k(k)
-    if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
-        _check_tensor_scores(scores)
-        indptr, indices, _ = _seen_csr(seen, scores.shape[0], scores.shape[1])
-        return TopK(*_topk_torch(scores, indptr, torch.from_numpy(indices).to(scores.device), k, 0))
-    buf, name, kind, out_dtype = _score_buffer(scores)
-    n_rows, n_items = buf.shape
+    k = check_k(k)
+    impl, form, data = _scores_input(scores, impl, "scores")
+    n_rows, n_items = data.shape if impl == "torch" else data[0].shape
     indptr, indices, _ = _seen_csr(seen, n_rows, n_items)
+    if impl == "torch":
+        vals, idx = _topk_torch(data, indptr, torch.from_numpy(indices).to(data.device), k, 0)
+        return _as_output(vals, idx, form)
     nt = _check_threads(num_threads)
-    state = _topk.State(n_rows, k, min(k, n_items))
-    state.push(buf, name, 0, indptr, indices, nt)
-    vals, idx = state.result(nt)
-    return _wrap(vals, idx, kind, out_dtype)
-
-
-def topk_masked_torch(scores: torch.Tensor, seen_indptr, seen_indices, k: int, *, item_offset: int = 0):
-    """Pure-torch masked top-k with exactly the semantics of `topk_masked` (for CUDA or any device).
-
-    scores: B × I floating tensor; seen_indptr (B + 1) and seen_indices: the seen CSR, as tensors
-    (any device) or arrays, indices in catalogue coordinates; column j of `scores` is item
-    `item_offset + j`, and seen indices outside [item_offset, item_offset + I) are ignored, so a
-    full-catalogue seen CSR serves every chunk. Works on row chunks (torch.topk, then an exact
-    tie fix-up), never modifying `scores`. Returns TopK(scores, items) on scores.device.
-    """
-    k = _check_k(k)
-    _check_tensor_scores(scores)
-    item_offset = operator.index(item_offset)
-    if item_offset < 0:
-        raise ValueError(f"item_offset must be >= 0, got {item_offset}")
-    limit = scores.shape[1] if item_offset == 0 else None
-    indptr, indices, _ = _seen_csr((seen_indptr, seen_indices), scores.shape[0], limit)
-    return _topk_torch(scores, indptr, torch.from_numpy(indices).to(scores.device), k, item_offset)
+    state = _ext().State(n_rows, k, min(k, n_items))
+    state.push(*data, 0, indptr, indices, nt)
+    return _as_output(*state.result(nt), form)
 
 
 def _topk_torch(scores: torch.Tensor, indptr: np.ndarray, indices: torch.Tensor, k: int, item_offset: int):
@@ -306,13 +316,10 @@ class TopKAccumulator:
     Each push merges the chunk's masked top-k (items numbered item_offset + column) into a running
     top-k, so only one chunk of B × chunk scores need exist. The result equals `topk_masked` on
     the concatenated scores exactly, ties included, whatever the chunk sizes or their order.
-    Chunks must not overlap; all must share one dtype and input kind (numpy / CPU tensor / CUDA
-    tensor). `seen` may be given once here or with each push; `n_items` (optional; taken from a
-    scipy seen matrix's shape if not given) bounds the offsets and the seen indices.
-
-    backend: "auto" (C++ kernel for numpy / CPU tensors, `topk_masked_torch` plus a sorted merge for
-    other devices), "cpp" (refuse non-CPU chunks) or "torch" (the torch path for every tensor
-    chunk, CPU included; numpy chunks are refused).
+    Chunks must not overlap; all must share one input type, device and dtype. `seen` may be given
+    once here or with each push; `n_items` (optional; taken from a scipy seen matrix's shape if not
+    given) bounds the offsets and the seen indices. `impl` as for `topk_masked` (the default is
+    resolved from the first chunk's device).
     """
 
     def __init__(
@@ -323,15 +330,13 @@ class TopKAccumulator:
         n_items: int | None = None,
         seen=None,
         num_threads: int | None = None,
-        backend: str = "auto",
+        impl: str | None = None,
     ):
-        if backend not in ("auto", "cpp", "torch"):
-            raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
-        self.backend = backend
+        self.impl = ops.check_impl("topk_masked", impl)
         self.n_rows = operator.index(n_rows)
         if self.n_rows < 0:
             raise ValueError(f"n_rows must be >= 0, got {self.n_rows}")
-        self.k = _check_k(k)
+        self.k = check_k(k)
         if n_items is None and sp.issparse(seen):
             n_items = seen.shape[1]
         self.n_items = None if n_items is None else operator.index(n_items)
@@ -339,12 +344,10 @@ class TopKAccumulator:
             raise ValueError(f"n_items must be >= 0, got {self.n_items}")
         self._num_threads = num_threads
         self._seen = None if seen is None else self._parse_seen(seen)
-        self._seen_device = None
+        self._seen_device = None  # the constructor's seen indices, copied to the chunks' device once
         self._cap = self.k if self.n_items is None else min(self.k, self.n_items)
-        self._state = None  # the C++ running top-k (CPU chunks)
-        self._device = None  # running (scores, indices) tensors (CUDA chunks)
-        self._kind = None
-        self._dtype = None
+        self._form = None  # (impl, (input type, device, dtype)) of the first chunk
+        self._state = None  # the running top-k: C++ state ("cpp") or (scores, items) tensors ("torch")
         self._ranges: list[tuple[int, int]] = []
 
     def _parse_seen(self, seen):
@@ -365,59 +368,42 @@ class TopKAccumulator:
         if item_offset < 0:
             raise ValueError(f"item_offset must be >= 0, got {item_offset}")
         indptr, indices = self._parse_seen(seen) if seen is not None else (self._seen or self._parse_seen(None))
-        is_tensor = isinstance(scores_chunk, torch.Tensor)
-        if self.backend == "torch" and not is_tensor:
-            raise TypeError("backend='torch' needs torch tensor chunks")
-        on_device = is_tensor and (scores_chunk.device.type != "cpu" or self.backend == "torch")
-        if on_device and self.backend == "cpp":
-            raise ValueError(f"backend='cpp' needs CPU chunks, got a tensor on {scores_chunk.device}")
-        if on_device:
-            _check_tensor_scores(scores_chunk, "scores_chunk")
-            if scores_chunk.shape[0] != self.n_rows:
-                raise ValueError(f"scores_chunk has {scores_chunk.shape[0]} rows, the accumulator has {self.n_rows}")
-            kind, dtype = ("device", scores_chunk.device), scores_chunk.dtype
-        else:
-            buf, name, kind, dtype = _score_buffer(scores_chunk, "scores_chunk")
-            if buf.shape[0] != self.n_rows:
-                raise ValueError(f"scores_chunk has {buf.shape[0]} rows, the accumulator has {self.n_rows}")
-        if self._kind is None:
-            self._kind, self._dtype = kind, dtype
-        elif (kind, dtype) != (self._kind, self._dtype):
-            raise TypeError(
-                f"every chunk must have the same kind and dtype: first {self._kind}/{self._dtype}, now {kind}/{dtype}"
-            )
-        n_cols = scores_chunk.shape[1]
+        impl, form, data = _scores_input(scores_chunk, self.impl, "scores_chunk")
+        n_rows, n_cols = data.shape if impl == "torch" else data[0].shape
+        if n_rows != self.n_rows:
+            raise ValueError(f"scores_chunk has {n_rows} rows, the accumulator has {self.n_rows}")
+        if self._form is None:
+            self._form = (impl, form)
+        elif (impl, form) != self._form:
+            raise TypeError(f"every chunk must have the same input type, device and dtype: first {self._form[1]}, "
+                            f"now {form}")
         self._claim(item_offset, item_offset + n_cols)
-        if on_device:
-            dev = scores_chunk.device
-            if seen is None and self._seen is not None:  # the constructor's seen: copy to the device once
-                if self._seen_device is None or self._seen_device.device != dev:
-                    self._seen_device = torch.from_numpy(indices).to(dev)
-                indices_dev = self._seen_device
-            else:
-                indices_dev = torch.from_numpy(indices).to(dev)
-            v, i = _topk_torch(scores_chunk, indptr, indices_dev, self._cap, item_offset)
-            self._device = (v, i) if self._device is None else _merge_torch(*self._device, v, i, self._cap)
-        else:
+        if impl == "cpp":
             if self._state is None:
-                self._state = _topk.State(self.n_rows, self._cap, self._cap)
-            self._state.push(buf, name, item_offset, indptr, indices, _check_threads(self._num_threads))
+                self._state = _ext().State(self.n_rows, self._cap, self._cap)
+            self._state.push(*data, item_offset, indptr, indices, _check_threads(self._num_threads))
+            return
+        if seen is None and self._seen is not None:
+            if self._seen_device is None:
+                self._seen_device = torch.from_numpy(indices).to(data.device)
+            indices_on_device = self._seen_device
+        else:
+            indices_on_device = torch.from_numpy(indices).to(data.device)
+        v, i = _topk_torch(data, indptr, indices_on_device, self._cap, item_offset)
+        self._state = (v, i) if self._state is None else _merge_torch(*self._state, v, i, self._cap)
 
-    def result(self):
-        """(scores, item indices), n_rows × k, best first, padded with -inf / -1 (see topk_masked).
+    def result(self) -> TopK:
+        """TopK(scores, items), n_rows × k, best first, padded with -inf / -1 (see topk_masked).
         Before any push: all padding, float32 numpy."""
-        k = self.k
-        if self._device is not None:
-            v, i = self._device
-            if v.shape[1] < k:
-                pad = k - v.shape[1]
-                v = torch.cat([v, v.new_full((self.n_rows, pad), float("-inf"))], dim=1)
-                i = torch.cat([i, i.new_full((self.n_rows, pad), -1)], dim=1)
-            return TopK(v, i)
-        if self._state is None:
-            return TopK(np.full((self.n_rows, k), -np.inf, np.float32), np.full((self.n_rows, k), -1, np.int64))
-        vals, idx = self._state.result(_check_threads(self._num_threads))
-        if vals.shape[1] < k:  # capacity was min(k, n_items)
-            vals = np.concatenate([vals, np.full((self.n_rows, k - vals.shape[1]), -np.inf)], axis=1)
-            idx = np.concatenate([idx, np.full((self.n_rows, k - idx.shape[1]), -1, np.int64)], axis=1)
-        return _wrap(vals, idx, self._kind, self._dtype)
+        if self._form is None:
+            return TopK(np.full((self.n_rows, self.k), -np.inf, np.float32), np.full((self.n_rows, self.k), -1, np.int64))
+        impl, form = self._form
+        if impl == "cpp":
+            vals, idx = (torch.from_numpy(a) for a in self._state.result(_check_threads(self._num_threads)))
+        else:
+            vals, idx = self._state
+        pad = self.k - vals.shape[1]  # capacity was min(k, n_items)
+        if pad:
+            vals = torch.cat([vals, vals.new_full((self.n_rows, pad), float("-inf"))], dim=1)
+            idx = torch.cat([idx, idx.new_full((self.n_rows, pad), -1)], dim=1)
+        return _as_output(vals, idx, form)

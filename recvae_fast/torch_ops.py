@@ -17,7 +17,7 @@ from .sparse import CSRBatch
 LOGITS_PER_CHUNK = 1 << 22
 
 
-def input_coefficients(batch: CSRBatch, dropout_p: float, keep_mask: torch.Tensor | None) -> torch.Tensor:
+def input_coefficients(batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None) -> torch.Tensor:
     """c_ui for each nonzero: the row L2 normalisation and inverted dropout, folded together."""
     row_ids = batch.row_ids()
     sq_norm = torch.zeros(batch.n_rows, dtype=batch.dtype, device=batch.device)
@@ -25,10 +25,10 @@ def input_coefficients(batch: CSRBatch, dropout_p: float, keep_mask: torch.Tenso
     norm = sq_norm.sqrt()
     norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # an empty user keeps h1_pre = b1
     coef = batch.values / norm[row_ids]
-    if dropout_p > 0:
+    if dropout_rate > 0:
         if keep_mask is None:
-            keep_mask = torch.rand(batch.nnz, device=batch.device) >= dropout_p
-        coef = coef * keep_mask.to(coef.dtype) / (1 - dropout_p)
+            keep_mask = torch.rand(batch.nnz, device=batch.device) >= dropout_rate
+        coef = coef * keep_mask.to(coef.dtype) / (1 - dropout_rate)
     return coef
 
 
@@ -36,17 +36,17 @@ def sparse_input_layer(
     batch: CSRBatch,
     weight_t: torch.Tensor,
     bias: torch.Tensor,
-    dropout_p: float = 0.0,
+    dropout_rate: float = 0.0,
     keep_mask: torch.Tensor | None = None,
     sparse_grad: bool = False,
 ) -> torch.Tensor:
     """fc1 over the nonzeros only; weight_t is W1 stored I × H so the gather reads whole rows.
     sparse_grad=True makes weight_t's gradient a sparse COO tensor of the batch's rows only."""
-    if not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0 <= dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     if keep_mask is not None and keep_mask.shape != (batch.nnz,):
         raise ValueError(f"keep_mask must have one entry per nonzero ({batch.nnz}), got {tuple(keep_mask.shape)}")
-    coef = input_coefficients(batch, dropout_p, keep_mask)
+    coef = input_coefficients(batch, dropout_rate, keep_mask)
     # embedding_bag's weight gradient is an index_add over the nonzeros: the scatter of DESIGN.md §2.
     h = F.embedding_bag(
         batch.indices, weight_t, batch.indptr, mode="sum", per_sample_weights=coef, include_last_offset=True,

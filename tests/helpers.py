@@ -29,10 +29,11 @@ def random_ratings(n_users: int, n_items: int, seed: int = 0, binary: bool = Fal
     return sp.csr_matrix((vals, (rows, cols)), shape=(n_users, n_items))
 
 
-def model_pair(hidden: int, latent: int, n_items: int, dtype=torch.float64, seed: int = 0):
-    """A RecVAE and a reference VAE with identical weights (old encoder different from the new)."""
+def model_pair(hidden: int, latent: int, n_items: int, dtype=torch.float64, seed: int = 0, impl=None):
+    """A RecVAE (with `impl`) and a reference VAE with identical weights (old encoder different
+    from the new)."""
     torch.manual_seed(seed)
-    fast = RecVAE(hidden, latent, n_items).to(dtype)
+    fast = RecVAE(hidden, latent, n_items, impl=impl).to(dtype)
     with torch.no_grad():  # make the old encoder differ from the current one
         for p in fast.prior.encoder_old.parameters():
             p.add_(0.05 * torch.randn_like(p))

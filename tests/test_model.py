@@ -1,4 +1,5 @@
-"""RecVAE (sparse, fused) against the dense reference, and the reference against hand values."""
+"""RecVAE (sparse, fused) against the dense reference, through each implementation of its ops
+("torch", and "triton" under the interpreter), and the reference against hand values."""
 from __future__ import annotations
 
 import math
@@ -9,15 +10,20 @@ import scipy.sparse as sp
 import torch
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
 
-from recvae_fast import RecVAE
+from recvae_fast import RecVAE, model, reference
 from recvae_fast.reference import VAE, log_norm_pdf, swish
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
+# (users, items, hidden, latent): odd sizes, smaller under the (slow) Triton interpreter.
+SHAPES = {"torch": (37, 1001, 31, 13), "triton": (9, 77, 13, 5)}
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def impl(request):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    return request.param
 
 
 # --- the reference against values computed by hand -------------------------------------------
@@ -84,10 +90,10 @@ def test_reference_needs_gamma_or_beta():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kl", [dict(gamma=0.005), dict(beta=0.2, gamma=None)])
-def test_eval_mode_matches_reference(dtype, kl):
-    n_users, n_items, hidden, latent = 37, 1001, 31, 13
+def test_eval_mode_matches_reference(dtype, kl, impl):
+    n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=3)
-    fast, ref = model_pair(hidden, latent, n_items, dtype)
+    fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
     fast.eval()
     ref.eval()
     (mll, kld), loss = fast(x, **kl)
@@ -101,10 +107,10 @@ def test_eval_mode_matches_reference(dtype, kl):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
-def test_training_mode_values_and_every_gradient(dtype, dropout):
-    n_users, n_items, hidden, latent = 37, 1001, 31, 13
+def test_training_mode_values_and_every_gradient(dtype, dropout, impl):
+    n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=4)
-    fast, ref = model_pair(hidden, latent, n_items, dtype)
+    fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
     dense_mask, keep, eps = pinned_noise(fast, x, latent, dtype, p=dropout if dropout else 0.5)
     (mll, kld), loss = fast(x, gamma=0.005, dropout_rate=dropout, keep_mask=keep, eps=eps)
     (mll_r, kld_r), loss_r = ref(
@@ -122,13 +128,13 @@ def test_training_mode_values_and_every_gradient(dtype, dropout):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_frozen_parts_cost_no_gradient_and_match():
+def test_frozen_parts_cost_no_gradient_and_match(impl):
     """Encoder phase (decoder frozen) and decoder phase (encoder frozen) give the reference's
     gradients for the part being trained, and none for the rest."""
-    n_users, n_items, hidden, latent = 23, 301, 17, 5
+    n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=5)
     dtype = torch.float64
-    fast, ref = model_pair(hidden, latent, n_items, dtype)
+    fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
     _, keep, eps = pinned_noise(fast, x, latent, dtype)
     dense_mask, _, _ = pinned_noise(fast, x, latent, dtype)
     xd = torch.tensor(x.toarray(), dtype=dtype)
@@ -154,17 +160,16 @@ def test_frozen_parts_cost_no_gradient_and_match():
         torch.testing.assert_close(g, grads_r[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_empty_users_give_finite_outputs():
-    x = sp.csr_matrix((4, 50))
-    x[1, 3] = 1.0
-    fast = RecVAE(8, 3, 50).double()
+def test_empty_users_give_finite_outputs(impl):
+    x = sp.csr_matrix(([1.0], ([1], [3])), shape=(4, 50))
+    fast = RecVAE(8, 3, 50, impl=impl).double()
     (mll, kld), loss = fast(x, gamma=0.005)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(mll) and torch.isfinite(kld)
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
     fast.eval()
     # an empty user's first layer is the bias alone
-    h1_pre = fast.encoder.fc1(fast.as_batch(x), 0.0)
+    h1_pre = fast.encoder.fc1(fast.as_batch(x), 0.0, impl=impl)
     torch.testing.assert_close(h1_pre[0], fast.encoder.fc1.bias)
 
 
@@ -182,7 +187,7 @@ def test_all_input_kinds_agree():
         torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-12)
 
 
-def test_duplicate_ids_are_summed_like_dense_input():
+def test_duplicate_ids_are_summed_like_dense_input(impl):
     # user 0 has item 5 twice (1 + 2) and item 7 once; user 1 has item 2 three times
     rows = np.array([0, 0, 0, 1, 1, 1])
     cols = np.array([5, 7, 5, 2, 2, 2])
@@ -190,7 +195,7 @@ def test_duplicate_ids_are_summed_like_dense_input():
     dup_coo = torch.sparse_coo_tensor(torch.tensor(np.stack([rows, cols])), torch.tensor(vals), (2, 10))
     dup_csr = sp.csr_matrix((vals, cols, np.array([0, 3, 6])), shape=(2, 10))  # duplicates kept
     assert not dup_csr.has_canonical_format
-    fast, ref = model_pair(6, 3, 10)
+    fast, ref = model_pair(6, 3, 10, impl=impl)
     ref.eval()
     fast.eval()
     expected = ref(torch.tensor([[0, 0, 0, 0, 0, 3, 0, 1, 0, 0], [0, 0, 3, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64),
@@ -240,16 +245,47 @@ def test_bad_input_raises_clear_errors():
         RecVAE(600, 200, 0)
 
 
-def test_backend_switch(monkeypatch):
+def test_impl_choice_and_its_errors(monkeypatch):
     x = random_ratings(5, 30, seed=7)
+    with pytest.raises(ValueError, match="no implementation 'bogus'"):
+        RecVAE(8, 3, 30, impl="bogus")
+    with pytest.raises(ValueError, match="no implementation 'cpp'"):
+        RecVAE(8, 3, 30, impl="cpp")
     fast = RecVAE(8, 3, 30).double()
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="RECVAE_FAST_BACKEND"):
+    with pytest.raises(ValueError, match="no implementation"):
+        fast.impl = "gpu"
+    assert fast.impl is None
+    monkeypatch.setenv("RECVAE_FAST_IMPL", "bogus")
+    with pytest.raises(ValueError, match="RECVAE_FAST_IMPL"):
         fast(x)
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "triton")
+    # The variable changes the default (here to Triton, which cannot run on CPU tensors without
+    # the interpreter) but never an explicit impl.
+    monkeypatch.setenv("RECVAE_FAST_IMPL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fast(x)
+    fast.impl = "torch"
+    assert torch.isfinite(fast(x)[1])
+    fast.impl = "triton"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fast(x)
+
+
+def test_model_is_built_apart_from_its_oracle():
+    """RecVAE shares no class with the reference (so the comparisons above compare two codes),
+    and building it makes no dense input_dim × hidden_dim layer."""
+    fast = RecVAE(16, 4, 5000)
+    for module in fast.modules():
+        for cls in type(module).__mro__:
+            assert cls.__module__ != reference.__name__, type(module)
+    assert not any(
+        isinstance(m, torch.nn.Linear) and m.in_features == 5000 for m in fast.modules()
+    )
+    assert fast.encoder.fc1.weight_t.shape == (5000, 16)
+    assert model.swish is not reference.swish and model.log_norm_pdf is not reference.log_norm_pdf
+    z, mu, logvar = torch.randn(3, 3, 4, dtype=torch.float64).unbind(0)
+    torch.testing.assert_close(model.log_norm_pdf(z, mu, logvar), reference.log_norm_pdf(z, mu, logvar))
+    torch.testing.assert_close(model.swish(z), reference.swish(z))
 
 
 # --- checkpoints -------------------------------------------------------------------------------
