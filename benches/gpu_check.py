@@ -51,7 +51,7 @@ def model_steps(tiny: bool) -> list[tuple]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_items, n_users, per_user, hidden, latent = (20_108, 500, 75, 600, 200) if not tiny else (97, 9, 5, 16, 8)
     ratings = user_item_batch(n_users, n_items, per_user)
-    os.environ["RECVAE_FAST_BACKEND"] = "triton"
+    os.environ["RECVAE_FAST_IMPL"] = "triton"
 
     torch.manual_seed(0)
     fast64 = RecVAE(hidden, latent, n_items).double().to(device).eval()

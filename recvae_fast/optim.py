@@ -69,16 +69,23 @@ def adam_step_row_sparse_(
         raise ValueError(f"step counts from 1, got {step}")
     beta1, beta2 = betas
     impl = ops.resolve_impl("row_sparse_adam", impl, param.device, param.dtype)
-    if impl == "triton":
-        _triton_adam_step()(param, grad, exp_avg, exp_avg_sq, step, lr=lr, betas=(beta1, beta2), eps=eps)
-    elif impl == "cpp":
-        _cpp_step_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
-    else:
+    if impl == "torch":
         grad = grad.coalesce()
         rows, values = grad.indices()[0], grad.values()
         exp_avg.mul_(beta1).index_add_(0, rows, values, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).index_add_(0, rows, values * values, alpha=1 - beta2)
         _apply_moments_(param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+        return
+    # The kernels read and write contiguous rows; other layouts go through a copy.
+    tensors = (param, exp_avg, exp_avg_sq)
+    p, m, v = (t if t.is_contiguous() else t.contiguous() for t in tensors)
+    if impl == "triton":
+        _triton_adam_step()(p, grad, m, v, step, lr=lr, betas=(beta1, beta2), eps=eps)
+    else:
+        _cpp_step_(p, grad, m, v, step, lr, beta1, beta2, eps)
+    for t, buffer in zip(tensors, (p, m, v)):
+        if buffer is not t:
+            t.copy_(buffer)
 
 
 def _cpp_step_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps) -> None:
@@ -87,16 +94,11 @@ def _cpp_step_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps) ->
     if param.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"impl 'cpp' of the row-sparse Adam step takes float32 or float64, got {param.dtype}; "
                         "use impl 'torch'")
-    # The C++ code reads and writes C-contiguous buffers; other layouts go through a copy.
-    buffers = [t if t.is_contiguous() else t.contiguous() for t in (param, exp_avg, exp_avg_sq)]
     _row_sparse_adam.adam_step_row_sparse(
-        *(b.detach().numpy() for b in buffers),
+        param.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
         grad._indices()[0].numpy(), grad._values().contiguous().numpy(),  # uncoalesced: the C++ sums repeats
         lr, beta1, beta2, eps, step, max(1, torch.get_num_threads()),
     )
-    for t, b in zip((param, exp_avg, exp_avg_sq), buffers):
-        if b is not t:
-            t.copy_(b)
 
 
 def _apply_moments_(param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps) -> None:

@@ -29,6 +29,7 @@ the default for CUDA tensors. Both give identical results.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -200,7 +201,10 @@ def _scores_input(scores, impl: str | None, what: str):
         if impl == "cpp":
             return impl, (kind, device, dtype), (buf, name)
         # torch code on numpy scores: a tensor view (a copy only for layouts torch cannot view)
-        return impl, (kind, device, dtype), torch.from_numpy(np.ascontiguousarray(buf))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only array: the torch code only reads it
+            tensor = torch.from_numpy(np.ascontiguousarray(buf))
+        return impl, (kind, device, dtype), tensor
     _check_tensor_scores(scores, what)
     return impl, ("torch", device, scores.dtype), scores.detach()
 

@@ -17,7 +17,7 @@ TINY_TRAIN = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "8", "--bat
 
 @pytest.fixture(autouse=True)
 def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
+    monkeypatch.setenv("RECVAE_FAST_IMPL", "torch")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def ratings_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(ratings_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    os.environ["RECVAE_FAST_BACKEND"] = "torch"
+    os.environ["RECVAE_FAST_IMPL"] = "torch"
     assert main(["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(out), *TINY_TRAIN]) == 0
     return out
 

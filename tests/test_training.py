@@ -18,7 +18,7 @@ SMALL = dict(hidden_dim=16, latent_dim=6, batch_size=16, n_enc_epochs=2, n_dec_e
 
 @pytest.fixture(autouse=True)
 def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
+    monkeypatch.setenv("RECVAE_FAST_IMPL", "torch")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,15 @@
-"""recvae_fast.topk: masked top-k against a brute-force numpy reference.
+"""The masked top-k op (recvae_fast.topk), each implementation ("cpp", "torch") against a
+brute-force numpy reference.
 
 Scores are drawn from a handful of values so that ties are everywhere (the lower item index must
 win), with NaNs (never returned), -inf (eligible, ranked last), rows where everything is seen,
-unsorted and duplicate seen indices, k >= I, chunked accumulation, both input kinds, the torch
-implementation (used for CUDA tensors, run here on CPU tensors), strided inputs and bad inputs.
+unsorted and duplicate seen indices, k >= I, chunked accumulation, both input kinds, strided
+inputs and bad inputs. The "torch" implementation (the default for CUDA tensors) runs here on CPU
+tensors and numpy arrays.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -15,9 +18,26 @@ import scipy.sparse as sp
 import torch
 
 import recvae_fast.topk as topk_mod
-from recvae_fast.topk import TopKAccumulator, topk_masked, topk_masked_torch
+from recvae_fast.topk import TopKAccumulator, topk_masked
 
 NEG_INF = float("-inf")
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def impl(request):
+    return request.param
+
+
+@pytest.fixture
+def topk(impl):
+    """topk_masked with the implementation under test."""
+    return functools.partial(topk_masked, impl=impl)
+
+
+@pytest.fixture
+def accumulator(impl):
+    """TopKAccumulator with the implementation under test."""
+    return functools.partial(TopKAccumulator, impl=impl)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -79,10 +99,10 @@ def assert_same(got, want, check_dtype=None):
 
 @pytest.mark.parametrize("n_rows,n_items", [(37, 1), (37, 9), (23, 150), (12, 3000), (5, 40_000)])
 @pytest.mark.parametrize("k", [1, 7, 100])
-def test_matches_reference_numpy_float64(n_rows, n_items, k):
+def test_matches_reference_numpy_float64(n_rows, n_items, k, topk):
     rng = np.random.default_rng(n_rows * 1000 + n_items + k)
     scores, indptr, indices = make_case(rng, n_rows, n_items)
-    vals, idx = topk_masked(scores, (indptr, indices), k)
+    vals, idx = topk(scores, (indptr, indices), k)
     assert vals.shape == idx.shape == (n_rows, k)
     assert vals.dtype == np.float64 and idx.dtype == np.int64
     assert_same((vals, idx), reference(scores, indptr, indices, k))
@@ -90,7 +110,7 @@ def test_matches_reference_numpy_float64(n_rows, n_items, k):
 
 @pytest.mark.parametrize("layout", ["c", "fortran", "float16"])
 @pytest.mark.parametrize("k", [1, 10, 64, 250])
-def test_many_ties_larger_rows_and_warmup_paths(k, layout):
+def test_many_ties_larger_rows_and_warmup_paths(k, layout, topk):
     # Few distinct values, sparse seen rows: exercises the warm-up bound (ties at the bound must
     # be collected), the running threshold and the tail of rows longer than the warm-up segment.
     rng = np.random.default_rng(k)
@@ -105,12 +125,12 @@ def test_many_ties_larger_rows_and_warmup_paths(k, layout):
         scores = scores.astype(np.float16)
     want = reference(scores, indptr, indices, k)
     for nt in (1, 2):
-        got = topk_masked(scores, (indptr, indices), k, num_threads=nt)
+        got = topk(scores, (indptr, indices), k, num_threads=nt)
         assert_same(got, want, scores.dtype)
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])
-def test_seen_items_hold_the_best_scores(k):
+def test_seen_items_hold_the_best_scores(k, topk):
     # The user has already seen every top-scored item, spread over the row: bounds taken from
     # group maxima must not count seen items as candidates.
     rng = np.random.default_rng(k)
@@ -121,12 +141,12 @@ def test_seen_items_hold_the_best_scores(k):
         scores[r, cols] = 100.0 + rng.integers(0, 3, cols.size)
     indptr = np.arange(0, 300 * n_rows + 1, 300)
     indices = np.concatenate(rows)
-    got = topk_masked(scores, (indptr, indices), k)
+    got = topk(scores, (indptr, indices), k)
     assert np.all(got[0] < 100)
     assert_same(got, reference(scores, indptr, indices, k))
 
 
-def test_infinities_nan_and_padding():
+def test_infinities_nan_and_padding(topk):
     s = np.array(
         [
             [NEG_INF, 1.0, np.nan, NEG_INF, 2.0, np.inf],
@@ -136,7 +156,7 @@ def test_infinities_nan_and_padding():
         dtype=np.float32,
     )
     seen = sp.csr_matrix(([1, 1], ([0, 2], [0, 4])), shape=(3, 6))
-    vals, idx = topk_masked(s, seen, 5)
+    vals, idx = topk(s, seen, 5)
     # -inf items are eligible and come after the finite ones (ties by index), padding after them.
     np.testing.assert_array_equal(idx, [[5, 4, 1, 3, -1], [-1] * 5, [5, 0, 1, 2, -1]])
     np.testing.assert_array_equal(vals[0], [np.inf, 2, 1, NEG_INF, NEG_INF])
@@ -144,33 +164,33 @@ def test_infinities_nan_and_padding():
     assert vals[2, 0] == 0 and np.signbit(vals[2, 0]) and np.all(vals[2, 1:] == NEG_INF)
 
 
-def test_float64_precision_is_kept():
+def test_float64_precision_is_kept(topk):
     # Values that collapse to one float32: float64 scores must be ranked and returned as float64.
     s = np.array([[1.0, 1.0 + 1e-12, 1.0 + 3e-12, 1.0 + 2e-12]])
-    vals, idx = topk_masked(s, None, 4)
+    vals, idx = topk(s, None, 4)
     np.testing.assert_array_equal(idx, [[2, 3, 1, 0]])
     np.testing.assert_array_equal(vals, s[:, [2, 3, 1, 0]])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_signed_zeros_tie_and_keep_their_sign(dtype):
+def test_signed_zeros_tie_and_keep_their_sign(dtype, topk):
     s = np.array([[1.0, 0.0, -0.0, 0.0, -0.0, -1.0]], dtype=dtype)
-    vals, idx = topk_masked(s, None, 6)
+    vals, idx = topk(s, None, 6)
     np.testing.assert_array_equal(idx, [[0, 1, 2, 3, 4, 5]])
     np.testing.assert_array_equal(np.signbit(vals), [[False, False, True, False, True, True]])
 
 
 @pytest.mark.parametrize("k", [5, 6, 50])
-def test_k_at_least_n_items(k):
+def test_k_at_least_n_items(k, topk):
     rng = np.random.default_rng(1)
     scores, indptr, indices = make_case(rng, 20, 6)
-    got = topk_masked(scores.astype(np.float32), (indptr, indices), k)
+    got = topk(scores.astype(np.float32), (indptr, indices), k)
     assert got[0].shape == (20, k)
     assert_same(got, reference(scores.astype(np.float32), indptr, indices, k))
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-def test_float16_and_seen_forms():
+def test_float16_and_seen_forms(topk):
     rng = np.random.default_rng(2)
     scores, indptr, indices = make_case(rng, 30, 500)
     s16 = scores.astype(np.float16)
@@ -190,23 +210,23 @@ def test_float16_and_seen_forms():
             check_invariants=False,
         ),
     ]:
-        assert_same(topk_masked(s16, seen, 20), want, np.float16)
+        assert_same(topk(s16, seen, 20), want, np.float16)
 
 
-def test_empty_seen_and_no_seen():
+def test_empty_seen_and_no_seen(topk):
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 3, (9, 40)).astype(np.float32)
     empty = (np.zeros(10, np.int64), np.zeros(0, np.int64))
     want = reference(scores, *empty, 8)
-    assert_same(topk_masked(scores, empty, 8), want)
-    assert_same(topk_masked(scores, None, 8), want)
-    assert_same(topk_masked(scores, sp.csr_matrix((9, 40)), 8), want)
+    assert_same(topk(scores, empty, 8), want)
+    assert_same(topk(scores, None, 8), want)
+    assert_same(topk(scores, sp.csr_matrix((9, 40)), 8), want)
 
 
-def test_empty_shapes():
-    v, i = topk_masked(np.zeros((0, 10), np.float32), None, 3)
+def test_empty_shapes(topk):
+    v, i = topk(np.zeros((0, 10), np.float32), None, 3)
     assert v.shape == i.shape == (0, 3)
-    v, i = topk_masked(np.zeros((4, 0), np.float32), sp.csr_matrix((4, 0)), 3)
+    v, i = topk(np.zeros((4, 0), np.float32), sp.csr_matrix((4, 0)), 3)
     assert np.all(i == -1) and np.all(v == NEG_INF) and v.shape == (4, 3)
 
 
@@ -214,36 +234,35 @@ def test_empty_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_torch_input_types(dtype):
+def test_torch_input_types(dtype, topk):
     rng = np.random.default_rng(4)
     scores, indptr, indices = make_case(rng, 25, 300)
     t = torch.from_numpy(scores).to(dtype)
     want = reference(t.double().numpy(), indptr, indices, 12)
-    got = topk_masked(t, (indptr, indices), 12)
+    got = topk(t, (indptr, indices), 12)
     assert isinstance(got[0], torch.Tensor) and isinstance(got[1], torch.Tensor)
     assert got[1].dtype == torch.int64
     assert_same(got, want, dtype)
-    assert_same(topk_masked_torch(t, torch.from_numpy(indptr), torch.from_numpy(indices), 12), want, dtype)
 
 
-def test_torch_requires_grad_and_not_modified():
+def test_torch_requires_grad_and_not_modified(topk):
     rng = np.random.default_rng(5)
     scores, indptr, indices = make_case(rng, 10, 200)
     t = torch.from_numpy(scores).float().requires_grad_()
     before = t.detach().clone()
-    got = topk_masked(t, (indptr, indices), 9)
+    got = topk(t, (indptr, indices), 9)
     assert_same(got, reference(before.numpy(), indptr, indices, 9))
     assert torch.equal(torch.nan_to_num(t.detach(), 7.0), torch.nan_to_num(before, 7.0))
 
 
 @pytest.mark.parametrize("k", [1, 13, 300, 400])
-def test_torch_path_equals_cpp(k, monkeypatch):
+def test_torch_impl_equals_cpp_bit_for_bit(k, monkeypatch):
     monkeypatch.setattr(topk_mod, "_TORCH_CHUNK_ELEMENTS", 3000)  # several row chunks
     rng = np.random.default_rng(k)
     scores, indptr, indices = make_case(rng, 41, 300)
     t = torch.from_numpy(scores).float()
-    want = topk_masked(t, (indptr, indices), k)
-    got = topk_masked_torch(t, indptr, indices, k)
+    want = topk_masked(t, (indptr, indices), k, impl="cpp")
+    got = topk_masked(t, (indptr, indices), k, impl="torch")
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
     assert_same(got, reference(t.numpy(), indptr, indices, k))
@@ -253,7 +272,7 @@ def test_torch_path_equals_cpp(k, monkeypatch):
 
 
 @pytest.mark.parametrize("view", ["column slice", "row step", "reversed rows", "column step", "fortran order"])
-def test_strided_inputs_are_read_in_place(view):
+def test_strided_inputs_are_read_in_place(view, topk):
     rng = np.random.default_rng(6)
     n = 300
     big, indptr, indices = make_case(rng, 40, n)  # seen indices are in view coordinates
@@ -268,13 +287,13 @@ def test_strided_inputs_are_read_in_place(view):
     }[view]
     ip = indptr[: v.shape[0] + 1]
     want = reference(v, ip, indices, 15)
-    assert_same(topk_masked(v, (ip, indices), 15), want)
+    assert_same(topk(v, (ip, indices), 15), want)
     if view in ("column slice", "column step"):  # the same view of a torch tensor
         t = torch.from_numpy(big.copy()).as_strided(v.shape, [st // 4 for st in v.strides])
-        assert_same(topk_masked(t, (ip, indices), 15), want)
+        assert_same(topk(t, (ip, indices), 15), want)
 
 
-def test_torch_strided_tensor():
+def test_torch_strided_tensor(topk):
     rng = np.random.default_rng(7)
     scores, indptr, indices = make_case(rng, 30, 200)
     t = torch.from_numpy(scores).float()
@@ -283,10 +302,10 @@ def test_torch_strided_tensor():
     view = wide[:, 30:230]
     assert not view.is_contiguous()
     want = reference(t.numpy(), indptr, indices, 11)
-    assert_same(topk_masked(view, (indptr, indices), 11), want)
-    assert_same(topk_masked(t.t().contiguous().t(), (indptr, indices), 11), want)
+    assert_same(topk(view, (indptr, indices), 11), want)
+    assert_same(topk(t.t().contiguous().t(), (indptr, indices), 11), want)
     bf = wide.to(torch.bfloat16)[:, 30:230]
-    assert_same(topk_masked(bf, (indptr, indices), 11), reference(bf.double().numpy(), indptr, indices, 11))
+    assert_same(topk(bf, (indptr, indices), 11), reference(bf.double().numpy(), indptr, indices, 11))
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -299,25 +318,25 @@ def _chunks(rng, n_items, n_chunks):
 
 
 @pytest.mark.parametrize("k", [1, 9, 120])
-def test_accumulator_equals_one_shot(k):
+def test_accumulator_equals_one_shot(k, topk, accumulator):
     rng = np.random.default_rng(10 + k)
     scores, indptr, indices = make_case(rng, 33, 2000)
     scores = scores.astype(np.float32)
     seen = sp.csr_matrix((np.ones(indices.size), indices, indptr), shape=(33, 2000))
-    want = topk_masked(scores, seen, k)
+    want = topk(scores, seen, k)
     assert_same(want, reference(scores, indptr, indices, k))
     for shuffled in (False, True):
         chunks = _chunks(rng, 2000, 7)
         if shuffled:  # any push order gives the same answer, ties included
             rng.shuffle(chunks)
-        acc = TopKAccumulator(33, k, seen=seen)
+        acc = accumulator(33, k, seen=seen)
         for a, b in chunks:
             acc.push(scores[:, a:b], a)
         got = acc.result()
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
         # seen given per push, torch chunks, no n_items
-        acc = TopKAccumulator(33, k)
+        acc = accumulator(33, k)
         for a, b in chunks:
             acc.push(torch.from_numpy(scores[:, a:b]), a, seen=(indptr, indices))
         got = acc.result()
@@ -326,27 +345,27 @@ def test_accumulator_equals_one_shot(k):
 
 
 @pytest.mark.parametrize("k,dtype", [(4, torch.float32), (150, torch.float32), (30, torch.bfloat16)])
-def test_accumulator_torch_backend_equals_cpp(k, dtype):
+def test_accumulator_torch_impl_equals_cpp(k, dtype):
     rng = np.random.default_rng(20 + k)
     scores, indptr, indices = make_case(rng, 21, 1500)
     t = torch.from_numpy(scores).to(dtype)
-    want = topk_masked(t, (indptr, indices), k)
+    want = topk_masked(t, (indptr, indices), k, impl="cpp")
     chunks = _chunks(rng, 1500, 5)
     rng.shuffle(chunks)
-    acc = TopKAccumulator(21, k, n_items=1500, seen=(indptr, indices), backend="torch")
+    acc = TopKAccumulator(21, k, n_items=1500, seen=(indptr, indices), impl="torch")
     for a, b in chunks:
         acc.push(t[:, a:b], a)
     got = acc.result()
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
-def test_accumulator_item_offsets_past_2_to_the_32():
+def test_accumulator_item_offsets_past_2_to_the_32(topk, accumulator):
     rng = np.random.default_rng(40)
     scores, indptr, indices = make_case(rng, 10, 600)
     scores = scores.astype(np.float32)
-    want_v, want_i = topk_masked(scores, (indptr, indices), 25)
+    want_v, want_i = topk(scores, (indptr, indices), 25)
     base = 2**32 - 300  # the catalogue straddles 2^32
-    acc = TopKAccumulator(10, 25, seen=(indptr, indices + base))
+    acc = accumulator(10, 25, seen=(indptr, indices + base))
     for a, b in [(300, 600), (0, 300)]:
         acc.push(scores[:, a:b], base + a)
     got_v, got_i = acc.result()
@@ -354,26 +373,26 @@ def test_accumulator_item_offsets_past_2_to_the_32():
     np.testing.assert_array_equal(got_v, want_v)
 
 
-def test_accumulator_small_catalogue_pads():
+def test_accumulator_small_catalogue_pads(accumulator):
     s = np.array([[3.0, np.nan], [1.0, 2.0]], dtype=np.float32)
-    acc = TopKAccumulator(2, 4, n_items=3)
+    acc = accumulator(2, 4, n_items=3)
     acc.push(s, 0)
     acc.push(np.array([[3.0], [np.nan]], dtype=np.float32), 2)
     v, i = acc.result()
     np.testing.assert_array_equal(i, [[0, 2, -1, -1], [1, 0, -1, -1]])
     np.testing.assert_array_equal(v, [[3, 3, NEG_INF, NEG_INF], [2, 1, NEG_INF, NEG_INF]])
-    v, i = TopKAccumulator(2, 3).result()
+    v, i = accumulator(2, 3).result()
     assert np.all(i == -1) and v.shape == (2, 3)
 
 
-def test_accumulator_errors():
-    acc = TopKAccumulator(3, 2, n_items=10)
+def test_accumulator_errors(accumulator):
+    acc = accumulator(3, 2, n_items=10)
     acc.push(np.zeros((3, 4), np.float32), 0)
     with pytest.raises(ValueError, match="overlap"):
         acc.push(np.zeros((3, 2), np.float32), 3)
     with pytest.raises(ValueError, match="past the catalogue"):
         acc.push(np.zeros((3, 4), np.float32), 8)
-    with pytest.raises(TypeError, match="same kind and dtype"):
+    with pytest.raises(TypeError, match="same input type, device and dtype"):
         acc.push(np.zeros((3, 2), np.float64), 4)
     with pytest.raises(ValueError, match="rows"):
         acc.push(np.zeros((2, 2), np.float32), 4)
@@ -381,55 +400,62 @@ def test_accumulator_errors():
         acc.push(np.zeros((3, 2), np.float32), -1)
     with pytest.raises(ValueError, match="out of range"):
         acc.push(np.zeros((3, 2), np.float32), 4, seen=(np.array([0, 1, 1, 1]), np.array([10])))
-    with pytest.raises(TypeError, match="tensor"):
-        TopKAccumulator(3, 2, backend="torch").push(np.zeros((3, 2), np.float32), 0)
-    with pytest.raises(ValueError, match="backend"):
-        TopKAccumulator(3, 2, backend="gpu")
+    with pytest.raises(TypeError, match="same input type"):
+        acc.push(torch.zeros((3, 2)), 4)
+
+
+def test_impl_errors():
+    s = np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match="no implementation 'gpu'"):
+        TopKAccumulator(3, 2, impl="gpu")
+    with pytest.raises(ValueError, match="no implementation 'triton'"):
+        topk_masked(s, None, 2, impl="triton")
+    # A tensor that is not on the CPU (meta: no GPU needed) cannot go to the C++ code.
+    with pytest.raises(ValueError, match="CPU tensors"):
+        topk_masked(torch.zeros(3, 5, device="meta"), None, 2, impl="cpp")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        TopKAccumulator(3, 2, impl="cpp").push(torch.zeros(3, 5, device="meta"), 0)
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs():
+def test_bad_inputs(topk):
     s = np.zeros((3, 5), np.float32)
     seen = (np.array([0, 1, 1, 2]), np.array([0, 4]))
     for k, exc in [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)]:
         with pytest.raises(exc, match="k must"):
-            topk_masked(s, seen, k)
+            topk(s, seen, k)
     with pytest.raises(ValueError, match="2-D"):
-        topk_masked(np.zeros(5, np.float32), None, 1)
+        topk(np.zeros(5, np.float32), None, 1)
     with pytest.raises(ValueError, match="2-D"):
-        topk_masked(torch.zeros(2, 2, 2), None, 1)
+        topk(torch.zeros(2, 2, 2), None, 1)
     with pytest.raises(TypeError, match="float32"):
-        topk_masked(np.zeros((3, 5), np.int64), seen, 1)
+        topk(np.zeros((3, 5), np.int64), seen, 1)
     with pytest.raises(TypeError, match="float32"):
-        topk_masked(torch.zeros(3, 5, dtype=torch.int32), seen, 1)
+        topk(torch.zeros(3, 5, dtype=torch.int32), seen, 1)
     with pytest.raises(TypeError, match="numpy array or a torch tensor"):
-        topk_masked([[1.0, 2.0]], None, 1)
+        topk([[1.0, 2.0]], None, 1)
     with pytest.raises(ValueError, match="rows"):
-        topk_masked(s, sp.csr_matrix((4, 5)), 1)
+        topk(s, sp.csr_matrix((4, 5)), 1)
     with pytest.raises(ValueError, match="columns"):
-        topk_masked(s, sp.csr_matrix((3, 6)), 1)
+        topk(s, sp.csr_matrix((3, 6)), 1)
     with pytest.raises(ValueError, match="rows"):
-        topk_masked(s, (np.array([0, 1, 2]), np.array([0, 1])), 1)
+        topk(s, (np.array([0, 1, 2]), np.array([0, 1])), 1)
     with pytest.raises(ValueError, match="out of range"):
-        topk_masked(s, (np.array([0, 1, 1, 2]), np.array([0, 5])), 1)
+        topk(s, (np.array([0, 1, 1, 2]), np.array([0, 5])), 1)
     with pytest.raises(ValueError, match="out of range"):
-        topk_masked(s, (np.array([0, 1, 1, 2]), np.array([-1, 2])), 1)
+        topk(s, (np.array([0, 1, 1, 2]), np.array([-1, 2])), 1)
     with pytest.raises(ValueError, match="indptr"):
-        topk_masked(s, (np.array([0, 2, 1, 2]), np.array([0, 1])), 1)
+        topk(s, (np.array([0, 2, 1, 2]), np.array([0, 1])), 1)
     with pytest.raises(ValueError, match="indptr"):
-        topk_masked(s, (np.array([0, 1, 1, 9]), np.array([0, 1])), 1)
+        topk(s, (np.array([0, 1, 1, 9]), np.array([0, 1])), 1)
     with pytest.raises(TypeError, match="integers"):
-        topk_masked(s, (np.array([0, 1, 1, 2]), np.array([0.0, 1.0])), 1)
+        topk(s, (np.array([0, 1, 1, 2]), np.array([0.0, 1.0])), 1)
     with pytest.raises(TypeError, match="seen must be"):
-        topk_masked(s, "nope", 1)
-    with pytest.raises(ValueError, match="2-D"):
-        topk_masked_torch(torch.zeros(5), np.array([0]), np.array([]), 1)
+        topk(s, "nope", 1)
     with pytest.raises(ValueError, match="out of range"):
-        topk_masked_torch(torch.zeros(3, 5), np.array([0, 1, 1, 2]), np.array([0, 7]), 1)
-    with pytest.raises(TypeError, match="float32"):
-        topk_masked_torch(torch.zeros(3, 5, dtype=torch.int64), np.array([0, 0, 0, 0]), np.array([]), 1)
+        topk(torch.zeros(3, 5), (np.array([0, 1, 1, 2]), np.array([0, 7])), 1)
 
 
 def test_threads_and_gil():
