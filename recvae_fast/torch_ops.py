@@ -47,7 +47,7 @@ def sparse_input_layer(
     if keep_mask is not None and keep_mask.shape != (batch.nnz,):
         raise ValueError(f"keep_mask must have one entry per nonzero ({batch.nnz}), got {tuple(keep_mask.shape)}")
     coef = input_coefficients(batch, dropout_rate, keep_mask)
-    # embedding_bag's weight gradient is an index_add over the nonzeros: the scatter of DESIGN.md §2.
+    # embedding_bag's weight gradient is an index_add over the nonzeros (a scatter into the batch's rows).
     h = F.embedding_bag(
         batch.indices, weight_t, batch.indptr, mode="sum", per_sample_weights=coef, include_last_offset=True,
         sparse=sparse_grad,
