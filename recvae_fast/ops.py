@@ -11,10 +11,10 @@ Four ops have more than one implementation, all computing the same result:
 Every op takes `impl=None | "torch" | "triton" | "cpp"`. None means the default for the tensors'
 device: on CUDA "triton" (top-k: "torch", it has no Triton kernel); on the CPU "torch" for the two
 model ops and "cpp" for top-k and the Adam step (the Adam step's C++ code takes float32/float64;
-other CPU dtypes default to "torch"). The environment variable RECVAE_FAST_IMPL changes only that
-default: set to an implementation name, it is used by every op that has one of that name (the
-others keep their device default); unset, empty or "auto" leaves the device default. An explicit
-`impl=` always wins. An implementation that cannot run on the given tensors is an error, never a
+other CPU dtypes default to "torch"); on any other device "torch". The environment variable
+RECVAE_FAST_IMPL changes only that default: set to an implementation name, it is used by every op
+that has one of that name (the others keep their device default); unset, empty or "auto" leaves
+the device default. An explicit `impl=` always wins. An implementation that cannot run on the given tensors is an error, never a
 silent fallback: "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported),
 "cpp" needs CPU tensors.
 
@@ -75,9 +75,9 @@ def default_impl(op: str, device: torch.device, dtype: torch.dtype | None = None
         return preferred
     if device.type == "cuda":
         return "triton" if "triton" in OP_IMPLS[op] else "torch"
-    if op in _CPP_DTYPES and (dtype is None or dtype in _CPP_DTYPES[op]):
+    if device.type == "cpu" and op in _CPP_DTYPES and (dtype is None or dtype in _CPP_DTYPES[op]):
         return "cpp"
-    return "torch"
+    return "torch"  # also any other device (mps, meta, ...)
 
 
 def resolve_impl(op: str, impl: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:

@@ -196,7 +196,7 @@ def _scores_input(scores, impl: str | None, what: str):
     name) for the C++ code, a tensor for the torch code."""
     device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
     impl = ops.resolve_impl("topk_masked", impl, device)
-    if impl == "cpp" or isinstance(scores, np.ndarray) or not isinstance(scores, torch.Tensor):
+    if impl == "cpp" or not isinstance(scores, torch.Tensor):
         buf, name, kind, dtype = _score_buffer(scores, what)
         if impl == "cpp":
             return impl, (kind, device, dtype), (buf, name)

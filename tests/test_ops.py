@@ -29,6 +29,8 @@ def test_defaults_by_device():
     # The C++ Adam step takes float32/float64 only: other CPU dtypes default to torch.
     assert ops.resolve_impl("row_sparse_adam", None, CPU, torch.float16) == "torch"
     assert ops.resolve_impl("topk_masked", None, CPU, torch.bfloat16) == "cpp"
+    # Any other device: the plain torch ops.
+    assert all(ops.resolve_impl(op, None, torch.device("meta")) == "torch" for op in ops.OP_IMPLS)
 
 
 @pytest.mark.parametrize("value", ["", "auto", " AUTO "])
