@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -13,11 +12,6 @@ from recvae_fast.cli import main
 
 TINY_TRAIN = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "8", "--batch-size", "64",
               "--no-progress", "--heldout-users", "40"]
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_IMPL", "torch")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,6 @@ def ratings_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(ratings_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    os.environ["RECVAE_FAST_IMPL"] = "torch"
     assert main(["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(out), *TINY_TRAIN]) == 0
     return out
 

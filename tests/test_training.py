@@ -16,11 +16,6 @@ from recvae_fast.training import fit, load_model
 SMALL = dict(hidden_dim=16, latent_dim=6, batch_size=16, n_enc_epochs=2, n_dec_epochs=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_IMPL", "torch")
-
-
 @pytest.fixture(scope="module")
 def small_data():
     train = random_ratings(60, 41, seed=20, binary=True, max_items=12).astype(np.float32)
