@@ -58,7 +58,7 @@ def check_impl(op: str, impl: str | None) -> str | None:
     return impl
 
 
-def env_impl() -> str | None:
+def _env_impl() -> str | None:
     """The implementation named by RECVAE_FAST_IMPL, or None (unset, empty or "auto")."""
     name = os.environ.get(ENV_VAR, "").strip().lower()
     if name in ("", "auto"):
@@ -68,9 +68,9 @@ def env_impl() -> str | None:
     return name
 
 
-def default_impl(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def _default_impl(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The implementation `op` uses on `device` when none is asked for (see the module docstring)."""
-    preferred = env_impl()
+    preferred = _env_impl()
     if preferred in OP_IMPLS[op]:
         return preferred
     if device.type == "cuda":
@@ -83,7 +83,7 @@ def default_impl(op: str, device: torch.device, dtype: torch.dtype | None = None
 def resolve_impl(op: str, impl: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The implementation of `op` to run on tensors of `device` (and `dtype`): `impl` if given,
     else the default; an error if it cannot run there."""
-    impl = check_impl(op, impl) or default_impl(op, device, dtype)
+    impl = check_impl(op, impl) or _default_impl(op, device, dtype)
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"{op}: impl 'triton' on {device} tensors needs TRITON_INTERPRET=1 (set before triton is "

@@ -5,6 +5,9 @@ finite non-negative values, indices in range) and sums duplicate (user, item) en
 the ops can rely on a canonical CSR: rows sorted by item, no repeated item within a row.
 Summing duplicates matters beyond the linear layer: the row L2 norm and the dropout mask of
 the dense input see one entry per (user, item), and so must we.
+
+`as_user_matrix` is the one check of a users × items scipy matrix (fit, recommend, evaluate,
+metrics): scipy.sparse, 2-D, the expected number of item columns, finite values >= 0.
 """
 from __future__ import annotations
 
@@ -54,12 +57,6 @@ class CSRBatch:
         out = torch.zeros(self.n_rows, self.n_cols, dtype=self.dtype, device=self.device)
         out[self.row_ids(), self.indices] = self.values
         return out
-
-    def to_scipy(self) -> sp.csr_matrix:
-        return sp.csr_matrix(
-            (self.values.detach().cpu().numpy(), self.indices.cpu().numpy(), self.indptr.cpu().numpy()),
-            shape=(self.n_rows, self.n_cols),
-        )
 
 
 def _check_values(values: torch.Tensor, name: str = "user_ratings") -> None:

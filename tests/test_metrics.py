@@ -155,6 +155,24 @@ def test_bad_arguments():
         recall_at_k(RANKED.astype(float), HELDOUT, 2)
 
 
+def test_matrices_are_checked_by_the_one_validator():
+    bad = HELDOUT.copy().astype(np.float64)
+    bad.data[0] = -1.0
+    with pytest.raises(ValueError, match="heldout contains negative values"):
+        ndcg_at_k(RANKED, bad, 2)
+    bad.data[0] = np.nan
+    with pytest.raises(ValueError, match="heldout contains non-finite values"):
+        recall_at_k(RANKED, bad, 2)
+    with pytest.raises(TypeError, match="heldout must be a scipy.sparse matrix"):
+        recall_at_k(RANKED, HELDOUT.toarray(), 2)
+    train = csr([[0, 1], [1, 2]], 5)
+    with pytest.raises(ValueError, match="fold_in has 4 item columns, train has 5 items"):
+        popularity_baseline(train, csr([[0]], 4), csr([[1]], 5))
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            popularity_baseline(train, csr([[0]], 5), csr([[1]], 5), ks=(k,))
+
+
 def test_vectorised_on_many_users():
     rng = np.random.default_rng(0)
     heldout = sp.random(10_000, 5_000, density=0.004, format="csr", random_state=rng)
