@@ -6,7 +6,7 @@ gradient this optimizer does exactly what torch.optim.Adam does with the dense o
 moments decay and every row moves (a zero gradient still moves a row whose moments are nonzero;
 torch.optim.SparseAdam, which skips such rows, is a different algorithm). It simply never builds
 or reads the dense gradient. The update is one pass over param and moments: a Triton kernel on CUDA
-(kernels/sparse_input_layer.adam_step_row_sparse_), the C++ extension recvae_fast._row_sparse_adam
+(kernels/row_sparse_adam.adam_step_row_sparse_), the C++ extension recvae_fast._row_sparse_adam
 on the CPU for float32/float64; other cases (half-precision CPU parameters, non-contiguous ones,
 dense gradients) take torch ops with the same arithmetic.
 """
@@ -49,7 +49,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                         f"{grad.sparse_dim()}")
                 state["step"] += 1
                 if grad.is_sparse and param.is_cuda:
-                    from .kernels.sparse_input_layer import adam_step_row_sparse_
+                    from .kernels.row_sparse_adam import adam_step_row_sparse_
 
                     adam_step_row_sparse_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                           lr=lr, betas=(beta1, beta2), eps=eps)

@@ -1,0 +1,75 @@
+"""Helpers shared by the Triton ops: dtypes, tile configs, the CUDA device guard, batch checks."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from recvae_fast.sparse import CSRBatch
+
+# Read once, at import, as triton itself does: TRITON_INTERPRET must be set before triton loads.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT32_MAX = 2**31 - 1
+
+
+def acc_dtypes(dtype: torch.dtype):
+    """(torch, triton) accumulation dtype: fp64 for fp64 data, fp32 for everything narrower."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def config(warps: int, stages: int, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def size_bucket(n: int) -> int:
+    """An autotuning key for a size: its bit length (one bucket per power of two), so that a new
+    batch size re-tunes only when it changes the order of magnitude."""
+    return max(int(n), 0).bit_length()
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_runs_here(device: torch.device, op: str, cpu_alternative: str) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (tests)."""
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"the Triton {op} runs on CUDA tensors (got {device}); on the CPU use {cpu_alternative}, "
+            "or set TRITON_INTERPRET=1 before importing triton"
+        )
+
+
+def check_batch(batch, n_users: int | None, n_items: int, device: torch.device, op: str) -> None:
+    """The CSR batch: its type, int64 indices on `device`, n_items columns (and n_users rows)."""
+    if not isinstance(batch, CSRBatch):
+        raise TypeError(f"{op}: batch must be a recvae_fast.sparse.CSRBatch, got {type(batch).__name__}")
+    ip, ind, val = batch.indptr, batch.indices, batch.values
+    if ip.dim() != 1 or ip.numel() < 1 or ip.dtype != torch.int64:
+        raise ValueError(f"{op}: batch.indptr must be int64 [B + 1], got {ip.dtype} {tuple(ip.shape)}")
+    if ind.dim() != 1 or ind.dtype != torch.int64 or val.shape != ind.shape:
+        raise ValueError(
+            f"{op}: batch.indices must be int64 [nnz] and batch.values [nnz], got {ind.dtype} "
+            f"{tuple(ind.shape)} and {tuple(val.shape)} (build the batch with as_csr_batch)"
+        )
+    if not val.is_floating_point():
+        raise TypeError(f"{op}: batch.values must be floating point, got {val.dtype}")
+    if n_users is not None and batch.n_rows != n_users:
+        raise ValueError(f"{op}: the batch has {batch.n_rows} users, the input has {n_users} rows")
+    if batch.n_cols != n_items:
+        raise ValueError(f"{op}: the batch has {batch.n_cols} items (columns), the weight has {n_items} rows")
+    for name, t in (("indptr", ip), ("indices", ind), ("values", val)):
+        if t.device != device:
+            raise ValueError(f"{op}: batch.{name} is on {t.device}, the weight is on {device}")
+    if ind.numel() > INT32_MAX or ip.numel() - 1 > INT32_MAX:
+        raise ValueError(f"{op}: batches with 2**31 or more nonzeros or users are not supported")
+    if device.type != "cuda" and ind.numel():
+        # On CUDA this would cost a sync: CSRBatch validated the indices when it was built. The
+        # interpreter does not catch out-of-bounds reads, so check here where it is cheap.
+        if int(ind.min()) < 0 or int(ind.max()) >= n_items:
+            raise IndexError(f"{op}: batch.indices has an item outside [0, {n_items})")
