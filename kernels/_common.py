@@ -50,13 +50,14 @@ def check_batch(batch, n_users: int | None, n_items: int, device: torch.device, 
     if not isinstance(batch, CSRBatch):
         raise TypeError(f"{op}: batch must be a recvae_fast.sparse.CSRBatch, got {type(batch).__name__}")
     ip, ind, val = batch.indptr, batch.indices, batch.values
-    if ip.dim() != 1 or ip.numel() < 1 or ip.dtype != torch.int64:
-        raise ValueError(f"{op}: batch.indptr must be int64 [B + 1], got {ip.dtype} {tuple(ip.shape)}")
-    if ind.dim() != 1 or ind.dtype != torch.int64 or val.shape != ind.shape:
-        raise ValueError(
-            f"{op}: batch.indices must be int64 [nnz] and batch.values [nnz], got {ind.dtype} "
-            f"{tuple(ind.shape)} and {tuple(val.shape)} (build the batch with as_csr_batch)"
-        )
+    if ip.dtype != torch.int64 or ind.dtype != torch.int64:
+        raise TypeError(f"{op}: batch.indptr and batch.indices must be int64, got {ip.dtype} and {ind.dtype} "
+                        "(build the batch with as_csr_batch)")
+    if ip.dim() != 1 or ip.numel() < 1:
+        raise ValueError(f"{op}: batch.indptr must be [B + 1], got shape {tuple(ip.shape)}")
+    if ind.dim() != 1 or val.shape != ind.shape:
+        raise ValueError(f"{op}: batch.indices and batch.values must be [nnz], got {tuple(ind.shape)} and "
+                         f"{tuple(val.shape)}")
     if not val.is_floating_point():
         raise TypeError(f"{op}: batch.values must be floating point, got {val.dtype}")
     if n_users is not None and batch.n_rows != n_users:

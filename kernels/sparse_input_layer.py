@@ -462,7 +462,7 @@ class _SparseInputLayer(torch.autograd.Function):
 
 
 def sparse_input_layer(
-    batch: CSRBatch,
+    batch,
     weight_t: torch.Tensor,
     bias: torch.Tensor | None,
     dropout_rate: float = 0.0,
