@@ -74,3 +74,18 @@ def check_batch(batch, n_users: int | None, n_items: int, device: torch.device, 
         # interpreter does not catch out-of-bounds reads, so check here where it is cheap.
         if int(ind.min()) < 0 or int(ind.max()) >= n_items:
             raise IndexError(f"{op}: batch.indices has an item outside [0, {n_items})")
+
+
+def interpreter_numpy_problem() -> str | None:
+    """Why the Triton interpreter cannot run here, or None: triton < 3.7's interpreter fails with
+    numpy >= 2.4 (40 of 46 kernel tests failed with triton 3.6 + numpy 2.4; all pass with 2.3.5).
+    Install numpy<2.4 next to triton 3.6."""
+    import numpy
+
+    def major_minor(version: str):
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter needs numpy<2.4 (found {numpy.__version__}); "
+                "pip install 'numpy<2.4' or use triton>=3.7")
+    return None

@@ -32,9 +32,10 @@ fp64), and the tensor-core paths at larger K, go over K in chunks of KC, because
 its whole reduction dimension in registers and a whole-K tile at K = 1024 needs more shared memory
 than a GPU has.
 
-Supported K: 1 ≤ K ≤ 1024 (MAX_K): the [rows, K] accumulator of dz (forward) and dWd (backward)
-stays in registers, and at K = 1024 only 16-row tiles keep it within 64 registers per thread.
-Beyond that the op raises a ValueError naming the limit. tests/test_kernel_compile.py compiles
+Supported K (MAX_K): 1 ≤ K ≤ 1024 for fp32, bf16 and fp16, K ≤ 512 for fp64. The [rows, K]
+accumulator of dz (forward) and dWd (backward) stays in registers; at K = 1024 only 16-row fp32
+tiles keep it within 64 registers per thread, and fp64 (two registers a value, no tensor cores)
+spills there. Beyond the limit the op raises a ValueError naming it. tests/test_kernel_compile.py compiles
 every config the prune keeps for sm_80 and sm_90 and checks shared memory and register spills.
 
 Tile sizes: autotuned on GPUs (a few configs, keyed on a power-of-two bucket of B, on I, K and the
@@ -52,13 +53,14 @@ from ._common import config as _common_config
 
 __all__ = ["multinomial_nll", "MAX_K"]
 
-MAX_K = 1024
+MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.float64: 512}
 # Item splits are this many items apart at most tile-aligned (a multiple of every BLOCK_I).
 _SPLIT_ALIGN = 256
 # The CSC pointer of the backward sparse part is kept every _CSC_GRAN items (<= every BLOCK_I).
 _CSC_GRAN = 16
-# Per-thread registers the [rows, K] fp32 accumulator may take (fp64 counts twice): more spills.
-_ACC_REGS = 64
+# Per-thread registers the [rows, K] accumulator may take (an fp64 value takes two): more spills.
+# fp64 gets half, its FMA logits tiles are fp64 too (measured: 64 registers of fp64 accumulator spill).
+_ACC_REGS = {4: 64, 8: 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +82,6 @@ GPU_CONFIGS = {
         _cfg(64, 16, 8, 3),
         _cfg(32, 64, 8, 2),
         _cfg(32, 32, 4, 2),
-        _cfg(64, 128, 8, 2),
         _cfg(128, 64, 8, 2),
         # large K: K chunks, 16-row accumulators
         _cfg(16, 32, 8, 2, kc=32),
@@ -133,7 +134,8 @@ def _max_smem() -> int:
 def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stationary: str, streamed: str,
                     smem_limit: int):
     """The configs whose tiles fit: shared memory for the resident and pipelined tiles, and at most
-    _ACC_REGS registers per thread for the [stationary rows, K] accumulator when there is one.
+    _ACC_REGS registers per thread for the [stationary rows, K] accumulator when there is one
+    (tuned on sm_90 compiles with triton 3.6 and 3.9, see tests/test_kernel_compile.py).
     Whole-K configs (KC = 0) are kept only up to K = 256: beyond, the whole-K tiles spill."""
     kept = []
     for c in configs:
@@ -150,7 +152,11 @@ def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stati
             # chunks of both operands, pipelined, plus the whole-K operand of the accumulator's dot
             smem = (stages * (res + stream) * kc + (stream * block_k if wide_acc else 0)) * elem_size
         acc_regs = res * block_k * max(elem_size, 4) // 4 // (32 * c.num_warps) if wide_acc else 0
-        if smem <= smem_limit and acc_regs <= _ACC_REGS:
+        if kc == 0 and stationary == "BLOCK_B":
+            # The forward's whole-K z tile stays in registers next to the accumulator: count it too
+            # (triton 3.6, sm_90, K 200: a 64-row tile spilled 428/760 B tf32, 312/568 B bf16).
+            acc_regs *= 2
+        if smem <= smem_limit and acc_regs <= _ACC_REGS[max(elem_size, 4)]:
             kept.append(c)
     return kept
 
@@ -159,8 +165,9 @@ def _prune(configs, named_args, kwargs, stationary, streamed, wide_acc):
     kept = fitting_configs(configs, kwargs["BLOCK_K"], named_args["W"].element_size(), wide_acc,
                            stationary, streamed, _max_smem())
     if not kept:  # _validate bounds K, so this means a config list that does not cover MAX_K
+        dtype = named_args["W"].dtype
         raise ValueError(f"multinomial_nll: no tile config fits K = {named_args['K']} (BLOCK_K {kwargs['BLOCK_K']}) "
-                         f"for {named_args['W'].dtype}; supported: 1 <= K <= {MAX_K}")
+                         f"for {dtype}; supported: 1 <= K <= {MAX_K[dtype]}")
     return kept
 
 
@@ -534,11 +541,11 @@ def _validate(z, weight, bias, batch) -> None:
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n_items):
         raise ValueError(f"bias must have shape [{n_items}], got {tuple(bias.shape)}")
     check_batch(batch, n_users, n_items, z.device, "multinomial_nll")
-    if n_items == 0 or not 1 <= k <= MAX_K:
-        raise ValueError(f"multinomial_nll needs at least one item and 1 <= K <= {MAX_K} (MAX_K: the dz and dWd "
-                         f"accumulators stay in registers), got I={n_items}, K={k}")
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"z has dtype {z.dtype}; supported: float16, bfloat16, float32, float64")
+    if n_items == 0 or not 1 <= k <= MAX_K[z.dtype]:
+        raise ValueError(f"multinomial_nll needs at least one item and 1 <= K <= {MAX_K[z.dtype]} for {z.dtype} "
+                         f"(MAX_K: the dz and dWd accumulators stay in registers), got I={n_items}, K={k}")
     if weight.dtype != z.dtype or (bias is not None and bias.dtype != z.dtype):
         raise TypeError(
             f"z, weight and bias must share a dtype, got {z.dtype}, {weight.dtype}, "

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from recvae_fast.kernels._common import interpreter_numpy_problem
 import recvae_fast.kernels.row_sparse_adam as rsa
 
 pytestmark = pytest.mark.interpreter
@@ -16,6 +17,8 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)",
         allow_module_level=True,
     )
+if DEVICE.type == "cpu" and interpreter_numpy_problem():
+    pytest.skip(interpreter_numpy_problem(), allow_module_level=True)
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 

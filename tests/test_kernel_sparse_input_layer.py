@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from recvae_fast.kernels._common import interpreter_numpy_problem
 import recvae_fast.kernels.sparse_input_layer as sil
 from recvae_fast.sparse import CSRBatch, as_csr_batch
 
@@ -22,6 +23,8 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)",
         allow_module_level=True,
     )
+if DEVICE.type == "cpu" and interpreter_numpy_problem():
+    pytest.skip(interpreter_numpy_problem(), allow_module_level=True)
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
