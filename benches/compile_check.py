@@ -343,8 +343,10 @@ def compile_variant(v: Variant) -> dict:
     return record
 
 
-def run_check(level: str, workers: int):
+def run_check(level: str, workers: int, only: str | None = None):
     variants = enumerate_variants(level)
+    if only:
+        variants = [v for v in variants if only in (v[1] if isinstance(v, tuple) else v.name())]
     no_config = [f"no config fits: {v[1]}" for v in variants if isinstance(v, tuple)]
     variants = [v for v in variants if not isinstance(v, tuple)]
     if workers > 1:
@@ -382,6 +384,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", help="write every variant's record to this file")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--only", help="keep the variants whose name contains this text (e.g. 'nll_fwd tf32 sm_90')")
     args = parser.parse_args(argv)
     for arch in (90, 80):
         if ptxas_path(arch) is None:
@@ -389,10 +392,12 @@ def main(argv=None) -> int:
             return 2
     if args.list:
         for v in enumerate_variants(args.level):
-            print(v[1] if isinstance(v, tuple) else v.name())
+            name = v[1] if isinstance(v, tuple) else v.name()
+            if not args.only or args.only in name:
+                print(name)
         return 0
     start = time.perf_counter()
-    records, no_config = run_check(args.level, args.workers)
+    records, no_config = run_check(args.level, args.workers, args.only)
     print(summary(records, no_config))
     print(f"  {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -115,12 +115,14 @@ def warm_up_and_check_precisions(tiny: bool) -> list[tuple]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if tiny:
         nll_dims, sil_dims = dict(n_users=9, n_items=300, per_user=7), dict(n_users=9, n_items=300, per_user=7, hidden=24)
-        ks = (24, 40)
+        ks = (24, 40)  # 40 stands in for K 600: a second BLOCK_K
     else:
         nll_dims, sil_dims = dict(n_users=64, n_items=20_000, per_user=75), dict(n_users=64, n_items=20_000,
                                                                                  per_user=75, hidden=600)
         ks = (200, 600)
     cases = [("nll", k, mode) for k in ks for mode in ("highest", "high", "bf16")]
+    if tiny:  # the interpreter is slow: the second K in one mode only
+        cases = [c for c in cases if c[1] == ks[0] or c[2] == "high"]
     cases += [("sil", None, dtype) for dtype in (torch.float32, torch.bfloat16)]
     rows = [("ok", True)]
     start = time.perf_counter()
