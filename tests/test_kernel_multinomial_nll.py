@@ -256,3 +256,13 @@ def test_validation_errors():
     bad = CSRBatch(batch.indptr.to(torch.int32), batch.indices, batch.values, batch.n_cols)
     with pytest.raises(TypeError, match="int64"):
         mnll.multinomial_nll(z, w, b, bad)
+
+
+def test_autotune_keys_bucket_the_batch_size():
+    """B enters the keys as a power-of-two bucket: the last, smaller batch of an epoch and the
+    evaluation batches reuse the tuning instead of re-tuning for each new size."""
+    for tuner in (*mnll._FWD.values(), *mnll._BWD.values()):
+        assert "B_BUCKET" in tuner.keys and "B" not in tuner.keys
+    from recvae_fast.kernels._common import size_bucket
+
+    assert size_bucket(500) == size_bucket(300) != size_bucket(600)

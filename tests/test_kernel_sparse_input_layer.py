@@ -357,3 +357,34 @@ def test_half_precision_accumulates_in_float32(dtype, grad_method):
     assert_close(out, ref, tol)
     assert_close(dw, ref_dw, tol)
     assert_close(db, ref_db, tol)
+
+
+def test_atomic_launch_discards_the_autotuning_trials(monkeypatch):
+    """When a launch autotunes, its trial launches all add into the output (no zero fill between
+    them, so that the fill is not timed); the launch must then zero it and add once more."""
+
+    class TuningScatter:
+        cache = {}
+
+        def __getitem__(self, grid):
+            return self.launch
+
+        def launch(self, out, *args):
+            if not self.cache:  # a new key: three trials, then the choice is cached
+                out += 3.0
+                self.cache["key"] = "config"
+            else:
+                out += 1.0
+
+    monkeypatch.setattr(sil, "_bwd_atomic", TuningScatter())
+    grad_out = torch.ones(2, 3)
+    indptr, rows, coef = torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(2)
+    for _ in range(2):  # the tuning call and a cached one give the same result
+        out = sil._launch_bwd_atomic(torch.zeros(4, 3), grad_out, indptr, rows, coef)
+        assert torch.equal(out, torch.ones(4, 3))
+
+
+def test_autotune_keys_are_layout_and_size_buckets():
+    assert sil._fwd.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET"]
+    assert sil._bwd.keys == ["H", "R_BUCKET", "NNZ_BUCKET"]
+    assert sil._bwd_atomic.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET", "R_BUCKET"]
