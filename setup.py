@@ -36,6 +36,8 @@ setup(
     description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
     python_requires=">=3.11",
     packages=["recvae_fast", "recvae_fast.kernels"],
+    # The top-level kernels/ folder is installed as the subpackage recvae_fast.kernels (an editable
+    # install maps it too, so `import recvae_fast.kernels.X` resolves to kernels/X.py).
     package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -3,6 +3,11 @@
     python benches/gpu_check.py            # on a CUDA machine (one call, a few minutes)
     python benches/gpu_check.py --tiny     # anywhere: tiny sizes, Triton interpreter on the CPU
 
+0. Warm-up: every kernel variant the later parts launch is compiled (and autotuned) once on small
+   inputs, with a progress line, so that the timed parts find them in the cache; then the
+   precision checks: the multinomial NLL in fp32 ("highest" and tf32) and bf16 against a float64
+   dense reference at K 200 and K 600, and the sparse input layer in bf16 and fp32, with
+   tolerances that fit each precision.
 1. kernels/multinomial_nll.py: float64 check at 1M items, timings at 20k / 1M / 3M items.
 2. kernels/sparse_input_layer.py: checks at 1M and 4M items (rows past the 2^31 offset), timings at
    20k / 1M items, and the optimizer step (dense Adam vs the exact row-sparse Adam).
@@ -38,6 +43,107 @@ def _median_ms(fn, reps: int, sync) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+# Max error relative to the reference's largest magnitude, per input precision: tf32 rounds the dot
+# operands to 11 significant bits (2^-11 ≈ 5e-4 per product), bf16 to 8 (≈ 4e-3), both with fp32
+# accumulation; sums of hundreds of products land an order of magnitude above one product's error.
+PRECISION_TOL = {"highest": 1e-4, "high": 1e-2, "bf16": 5e-2}
+
+
+def _rel_err(got, want) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300)).item()
+
+
+def nll_precision_check(device, n_users, n_items, k, per_user, mode) -> tuple[float, dict]:
+    """The fused NLL in `mode` ("highest", "high" = tf32, "bf16") against float64 dense autograd."""
+    from gpu_check_multinomial_nll import dense_nll, make_batch, make_params
+
+    from recvae_fast.kernels.multinomial_nll import multinomial_nll
+
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if mode == "high" else "highest")
+    try:
+        batch = make_batch(n_users, n_items, per_user, dtype, device, seed=3)
+        z, w, b, g = make_params(n_users, n_items, k, dtype, device, seed=3)
+        leaves = [t.clone().requires_grad_() for t in (z, w, b)]
+        out = multinomial_nll(*leaves, batch)
+        grads = torch.autograd.grad(out, leaves, g)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    ref_leaves = [t.double().requires_grad_() for t in (z, w, b)]
+    ref = dense_nll(*ref_leaves, batch.to_dense().double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    errors = {name: _rel_err(got, want) for name, got, want in
+              zip(("loss", "dz", "dWd", "dbd"), (out, *grads), (ref, *ref_grads))}
+    return max(errors.values()), errors
+
+
+def sil_precision_check(device, n_users, n_items, per_user, hidden, dtype) -> tuple[float, dict]:
+    """The sparse input layer (dropout from a seed, dense dW1) against float64 dense autograd with
+    the same keep mask."""
+    from gpu_check_sparse_input_layer import make_batch
+
+    from recvae_fast.kernels.sparse_input_layer import dropout_keep_mask, sparse_input_layer
+
+    batch = make_batch(n_users, n_items, per_user, hidden, dtype, device, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randn(n_items, hidden, generator=gen) * 0.05).to(dtype).to(device)
+    b = torch.randn(hidden, generator=gen).to(dtype).to(device)
+    g = torch.randn(batch.n_rows, hidden, generator=gen).to(dtype).to(device)
+    p, seed = 0.5, 11
+    leaves = [t.clone().requires_grad_() for t in (w, b)]
+    out = sparse_input_layer(batch, *leaves, dropout_rate=p, seed=seed)
+    grads = torch.autograd.grad(out, leaves, g)
+    keep = torch.zeros(batch.n_rows, batch.n_cols, dtype=torch.float64, device=device)
+    keep[batch.row_ids(), batch.indices] = dropout_keep_mask(seed, batch.nnz, p, device).double()
+    x = batch.to_dense().double()
+    norm = x.norm(dim=1, keepdim=True)
+    xn = x / torch.where(norm > 0, norm, torch.ones_like(norm)) * keep / (1 - p)
+    ref_leaves = [t.double().requires_grad_() for t in (w, b)]
+    ref = xn @ ref_leaves[0] + ref_leaves[1]
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    errors = {name: _rel_err(got, want) for name, got, want in
+              zip(("h1_pre", "dW1", "db1"), (out, *grads), (ref, *ref_grads))}
+    return max(errors.values()), errors
+
+
+def warm_up_and_check_precisions(tiny: bool) -> list[tuple]:
+    """Part 0: compile every variant once (progress line per case), checking precision as it goes."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if tiny:
+        nll_dims, sil_dims = dict(n_users=9, n_items=300, per_user=7), dict(n_users=9, n_items=300, per_user=7, hidden=24)
+        ks = (24, 40)  # 40 stands in for K 600: a second BLOCK_K
+    else:
+        # The timed parts' batch shape (B 500, 20k items): triton specialises integer arguments on
+        # divisibility by 16, so a different B would compile other variants than the ones timed.
+        nll_dims = dict(n_users=500, n_items=20_000, per_user=75)
+        sil_dims = dict(n_users=500, n_items=20_000, per_user=75, hidden=600)
+        ks = (200, 600)
+    cases = [("nll", k, mode) for k in ks for mode in ("highest", "high", "bf16")]
+    if tiny:  # the interpreter is slow: the second K in one mode only
+        cases = [c for c in cases if c[1] == ks[0] or c[2] == "high"]
+    cases += [("sil", None, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    rows = [("ok", True)]
+    start = time.perf_counter()
+    for i, (op, k, mode) in enumerate(cases, 1):
+        if op == "nll":
+            worst, errors = nll_precision_check(device, k=k, mode=mode, **nll_dims)
+            name, tol = f"multinomial NLL K={k} {mode}", PRECISION_TOL[mode]
+        else:
+            worst, errors = sil_precision_check(device, dtype=mode, **sil_dims)
+            name = f"sparse input layer {str(mode).replace('torch.', '')}"
+            tol = PRECISION_TOL["bf16" if mode == torch.bfloat16 else "highest"]
+        sync()
+        ok = worst <= tol
+        rows[0] = ("ok", rows[0][1] and ok)
+        rows.append((name, ok, errors))
+        print(f"[{i}/{len(cases)} {time.perf_counter() - start:6.1f} s] {name}: "
+              + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()) + f" (tol {tol:g}) {'OK' if ok else 'FAILED'}",
+              flush=True)
+    return rows
 
 
 def model_steps(tiny: bool) -> list[tuple]:
@@ -98,13 +204,15 @@ def main(tiny: bool = False) -> int:
 
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (interpreter)'}")
+    print("\n== warm-up compile and precision checks ==")
+    precision_ok = warm_up_and_check_precisions(tiny)[0][1]
     print("\n== multinomial NLL ==")
     nll_ok = gpu_check_multinomial_nll.main(tiny=tiny)[0][1]
     print("\n== sparse input layer ==")
     sil_ok = gpu_check_sparse_input_layer.main(tiny=tiny)[0][1]
     print("\n== RecVAE training steps ==")
     model_ok = model_steps(tiny)[0][1]
-    verdicts = {"multinomial NLL": nll_ok, "sparse input layer": sil_ok, "RecVAE loss": model_ok}
+    verdicts = {"precisions": precision_ok, "multinomial NLL": nll_ok, "sparse input layer": sil_ok, "RecVAE loss": model_ok}
     print("\ncorrectness: " + ", ".join(f"{k} {'OK' if v else 'FAILED'}" for k, v in verdicts.items()))
     return 0 if all(verdicts.values()) else 1
 

@@ -205,7 +205,7 @@ def main(tiny: bool = False, sizes=None, modes=None, reps=None) -> list[tuple]:
         table[0] = ("ok", ok)
         table.append(("check_float64", chk["n_items"], errors, ok))
 
-        sizes = sizes or ((300, 1000) if tiny else SIZES)
+        sizes = sizes or ((300,) if tiny else SIZES)
         modes = modes or ("highest", "high")
         reps = reps or (2 if tiny else 5)
         dims = dict(n_users=8, k=16, per_user=6) if tiny else {}

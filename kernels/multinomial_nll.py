@@ -1,4 +1,4 @@
-"""Fused decoder + multinomial log-likelihood (DESIGN.md §2) as Triton kernels.
+"""Fused decoder + multinomial log-likelihood of RecVAE as Triton kernels.
 
     multinomial_nll(z, weight, bias, batch)[u] = n_u·LSE_u − Σ_{i∈nz(u)} x_ui·logit_ui
     logit = z·weightᵀ + bias,  n_u = Σ_i x_ui,  LSE_u = log Σ_i exp(logit_ui)
@@ -27,30 +27,41 @@ backward kernel unless Wd or bd needs a gradient, and inside it only dWd and/or 
 Precision: fp32 inputs follow torch.get_float32_matmul_precision(): "highest" → tl.dot with
 input_precision="ieee" (exact fp32 products, FMA units), "high"/"medium" → tf32. bf16/fp16 use
 tensor cores with fp32 accumulation, fp32 LSE and fp32 partials; fp64 computes in fp64.
-Tensor-core paths dot over the whole (padded) K at once; the FMA paths ("ieee", fp64) go over
-K in chunks of KC = 16, because an FMA dot holds its whole reduction dimension in registers.
-Tile sizes: autotuned on GPUs (a few configs, keyed on B, I, K and the flags); one fixed small
-config under TRITON_INTERPRET=1. All products of an index by a stride are done in int64.
+Tensor-core paths dot over the whole (padded) K at once up to K = 256; the FMA paths ("ieee",
+fp64), and the tensor-core paths at larger K, go over K in chunks of KC, because an FMA dot holds
+its whole reduction dimension in registers and a whole-K tile at K = 1024 needs more shared memory
+than a GPU has.
+
+Supported K (MAX_K): 1 ≤ K ≤ 1024 for fp32, bf16 and fp16, K ≤ 512 for fp64. The [rows, K]
+accumulator of dz (forward) and dWd (backward) stays in registers; at K = 1024 only 16-row fp32
+tiles keep it within 64 registers per thread, and fp64 (two registers a value, no tensor cores)
+spills there. Beyond the limit the op raises a ValueError naming it. benches/compile_check.py
+compiles the configs the prune keeps for sm_90 and sm_80 and checks shared memory and spills
+(every one with --level full; tests/test_kernel_compile.py runs a sample).
+
+Tile sizes: autotuned on GPUs (a few configs, keyed on a power-of-two bucket of B, on I, K and the
+flags, so the last, smaller batch of an epoch and evaluation batches reuse the tuning); one fixed
+small config under TRITON_INTERPRET=1. All products of an index by a stride are done in int64.
 """
 from __future__ import annotations
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from recvae_fast.sparse import CSRBatch
+from ._common import INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device, size_bucket
+from ._common import config as _common_config
 
-__all__ = ["multinomial_nll"]
+__all__ = ["multinomial_nll", "MAX_K"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.float64: 512}
 # Item splits are this many items apart at most tile-aligned (a multiple of every BLOCK_I).
 _SPLIT_ALIGN = 256
 # The CSC pointer of the backward sparse part is kept every _CSC_GRAN items (<= every BLOCK_I).
 _CSC_GRAN = 16
+# Per-thread registers the [rows, K] accumulator may take (an fp64 value takes two): more spills.
+# fp64 gets half, its FMA logits tiles are fp64 too (measured: 64 registers of fp64 accumulator spill).
+_ACC_REGS = {4: 64, 8: 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,81 +69,107 @@ _CSC_GRAN = 16
 # (tests on CPU) gets one small config so that autotune never benchmarks there.
 # ----------------------------------------------------------------------------------------------
 def _cfg(bb, bi, warps, stages, kc=0, **extra):
-    return triton.Config({"BLOCK_B": bb, "BLOCK_I": bi, "KC": kc, **extra}, num_warps=warps, num_stages=stages)
+    return _common_config(warps, stages, BLOCK_B=bb, BLOCK_I=bi, KC=kc, **extra)
 
 
-# Two config lists per kernel: tensor cores (tf32, bf16, fp16; KC = 0: whole-K dots) and FMA
-# (fp32 "ieee", fp64; KC = 16: K chunks). Each list is autotuned on its own kernel object.
-if _INTERPRET:
-    _FWD_CONFIGS = {False: [_cfg(32, 64, 4, 1)], True: [_cfg(32, 64, 4, 1, kc=16)]}
-    _BWD_CONFIGS = {False: [_cfg(32, 64, 4, 1, BLOCK_NZ=16)], True: [_cfg(32, 64, 4, 1, kc=16, BLOCK_NZ=16)]}
-else:
-    # Picked from sm_90 compiles at K = 200 (BLOCK_K = 256) so that the wide accumulators do not
-    # spill (checked with cuobjdump on fp32/tf32, bf16 and fp64); the larger tiles help smaller K
-    # and are pruned below when their accumulator cannot fit.
-    _FWD_CONFIGS = {
-        False: [
-            _cfg(64, 64, 8, 2),
-            _cfg(64, 32, 8, 2),
-            _cfg(64, 16, 8, 3),
-            _cfg(32, 64, 8, 2),
-            _cfg(32, 32, 4, 2),
-            _cfg(64, 128, 8, 2),
-            _cfg(128, 64, 8, 2),
-        ],
-        True: [
-            _cfg(64, 32, 8, 2, kc=16),
-            _cfg(64, 16, 8, 2, kc=16),
-            _cfg(32, 32, 8, 2, kc=16),
-            _cfg(32, 16, 8, 2, kc=16),
-            _cfg(32, 16, 4, 2, kc=16),
-        ],
-    }
-    _BWD_CONFIGS = {
-        False: [
-            _cfg(32, 64, 8, 3, BLOCK_NZ=16),
-            _cfg(16, 64, 8, 2, BLOCK_NZ=16),
-            _cfg(32, 32, 8, 2, BLOCK_NZ=16),
-            _cfg(32, 32, 4, 2, BLOCK_NZ=16),
-            _cfg(64, 64, 8, 2, BLOCK_NZ=16),
-            _cfg(32, 128, 8, 2, BLOCK_NZ=16),
-        ],
-        True: [
-            _cfg(16, 16, 8, 2, kc=16, BLOCK_NZ=16),
-            _cfg(32, 16, 8, 2, kc=16, BLOCK_NZ=16),
-            _cfg(32, 32, 8, 1, kc=16, BLOCK_NZ=16),
-            _cfg(16, 64, 8, 1, kc=16, BLOCK_NZ=16),
-        ],
-    }
+# Two config lists per kernel: tensor cores (tf32, bf16, fp16) and FMA (fp32 "ieee", fp64). Each
+# list is autotuned on its own kernel object. KC = 0: whole-K dots; KC > 0: K chunks of KC.
+# The prune (fitting_configs) keeps, for each K and dtype, the configs whose shared memory and
+# accumulator registers fit; its rules were set from sm_90 compiles with triton 3.6 and 3.9
+# (benches/compile_check.py; what was compiled and the figures are in benches/RESULTS.md).
+GPU_CONFIGS = {
+    ("fwd", False): [
+        _cfg(64, 64, 8, 2),
+        _cfg(64, 32, 8, 2),
+        _cfg(64, 16, 8, 3),
+        _cfg(32, 64, 8, 2),
+        _cfg(32, 32, 4, 2),
+        _cfg(128, 64, 8, 2),
+        # large K: K chunks, 16-row accumulators
+        _cfg(16, 32, 8, 2, kc=32),
+        _cfg(16, 16, 8, 2, kc=32),
+    ],
+    ("fwd", True): [
+        _cfg(64, 32, 8, 2, kc=16),
+        _cfg(64, 16, 8, 2, kc=16),
+        _cfg(32, 32, 8, 2, kc=16),
+        _cfg(32, 16, 8, 2, kc=16),
+        _cfg(32, 16, 4, 2, kc=16),
+        _cfg(16, 16, 8, 2, kc=16),
+        _cfg(16, 16, 16, 1, kc=16),
+    ],
+    ("bwd", False): [
+        _cfg(32, 64, 8, 3, BLOCK_NZ=16),
+        _cfg(16, 64, 8, 2, BLOCK_NZ=16),
+        _cfg(32, 32, 8, 2, BLOCK_NZ=16),
+        _cfg(32, 32, 4, 2, BLOCK_NZ=16),
+        # (64, 64) and (32, 128) were dropped: they spill on triton 3.6 at K 200 (80 and 120 B)
+        _cfg(32, 16, 8, 2, kc=32, BLOCK_NZ=16),
+        _cfg(16, 16, 8, 2, kc=32, BLOCK_NZ=16),
+    ],
+    ("bwd", True): [
+        _cfg(16, 16, 8, 2, kc=16, BLOCK_NZ=16),
+        _cfg(32, 16, 8, 2, kc=16, BLOCK_NZ=16),
+        _cfg(32, 32, 8, 1, kc=16, BLOCK_NZ=16),
+        _cfg(16, 64, 8, 1, kc=16, BLOCK_NZ=16),
+        _cfg(16, 16, 16, 1, kc=16, BLOCK_NZ=16),
+    ],
+}
+_INTERPRETER_CONFIGS = {
+    ("fwd", False): [_cfg(32, 64, 4, 1)],
+    ("fwd", True): [_cfg(32, 64, 4, 1, kc=16)],
+    ("bwd", False): [_cfg(32, 64, 4, 1, BLOCK_NZ=16)],
+    ("bwd", True): [_cfg(32, 64, 4, 1, kc=16, BLOCK_NZ=16)],
+}
+_CONFIGS = _INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
 def _max_smem() -> int:
     try:
         dev = torch.cuda.current_device()
         return triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
-    except Exception:  # noqa: BLE001 - best effort; the autotuner also skips what does not fit
-        return 227 * 1024
+    except Exception:  # noqa: BLE001 - best effort: the smallest limit of the GPUs we target (sm_80)
+        return 163 * 1024
 
 
-def _prune(configs, named_args, kwargs, stationary, streamed, wide_acc):
-    """Keep the configs whose tiles fit this K and dtype: shared memory for the resident and the
-    pipelined tiles, and at most 64 fp32 registers per thread for the [rows, K] accumulator
-    (more spills at K = 256). The autotuner skips out-of-resource configs too, but only after
-    compiling them."""
-    kp = kwargs["BLOCK_K"]
-    esize = named_args["W"].element_size()
-    limit = _max_smem()
+def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stationary: str, streamed: str,
+                    smem_limit: int):
+    """The configs whose tiles fit: shared memory for the resident and pipelined tiles, and at most
+    _ACC_REGS registers per thread for the [stationary rows, K] accumulator when there is one
+    (rules set from sm_90 compiles with triton 3.6 and 3.9, benches/compile_check.py).
+    Whole-K configs (KC = 0) are kept only up to K = 256: beyond, the whole-K tiles spill."""
     kept = []
     for c in configs:
         kc = c.kwargs["KC"]
         res, stream = c.kwargs[stationary], c.kwargs[streamed]
         stages = max(c.num_stages, 1)
-        smem = (res * kp + stages * stream * kp) * esize if not kc else (stages * (res + stream) * kc + res * kp) * esize
-        acc_regs = res * kp * max(esize, 4) // 4 // (32 * c.num_warps) if wide_acc else 0
-        if smem <= limit and acc_regs <= 64:
+        if kc == 0:
+            if block_k > 256:
+                continue
+            smem = (res + stages * stream) * block_k * elem_size
+        else:
+            if kc > block_k:
+                continue
+            # chunks of both operands, pipelined, plus the whole-K operand of the accumulator's dot
+            smem = (stages * (res + stream) * kc + (stream * block_k if wide_acc else 0)) * elem_size
+        acc_regs = res * block_k * max(elem_size, 4) // 4 // (32 * c.num_warps) if wide_acc else 0
+        if kc == 0 and stationary == "BLOCK_B":
+            # The forward's whole-K z tile stays in registers next to the accumulator: count it too
+            # (triton 3.6, sm_90, K 200: a 64-row tile spilled 428/760 B tf32, 312/568 B bf16).
+            acc_regs *= 2
+        # + 1 KB: triton reserves a little more than the tiles (measured: 512 B for reductions)
+        if smem + 1024 <= smem_limit and acc_regs <= _ACC_REGS[max(elem_size, 4)]:
             kept.append(c)
-    if not kept:  # very large K: the smallest config
-        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_I"], -c.num_warps))]
+    return kept
+
+
+def _prune(configs, named_args, kwargs, stationary, streamed, wide_acc):
+    kept = fitting_configs(configs, kwargs["BLOCK_K"], named_args["W"].element_size(), wide_acc,
+                           stationary, streamed, _max_smem())
+    if not kept:  # _validate bounds K, so this means a config list that does not cover MAX_K
+        dtype = named_args["W"].dtype
+        raise ValueError(f"multinomial_nll: no tile config fits K = {named_args['K']} (BLOCK_K {kwargs['BLOCK_K']}) "
+                         f"for {dtype}; supported: 1 <= K <= {MAX_K[dtype]}")
     return kept
 
 
@@ -149,7 +186,7 @@ def _prune_bwd(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # The interpreter's tl.dot multiplies bf16 operands as raw integers (numpy has no bf16), so there
 # the operands are widened to fp32 first: the same numbers a bf16 MMA with fp32 accumulation gives.
-_WIDEN_BF16 = tl.constexpr(_INTERPRET)
+_WIDEN_BF16 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -178,16 +215,17 @@ def _logits_by_k_chunks(z_rows, w_rows, b_mask, i_mask, K, KC: tl.constexpr, BLO
 @triton.jit
 def _fwd_kernel(
     Z, W, BIAS, M_PART, S_PART, A_PART,
-    B, I, K, items_per_split, stride_z, stride_w,
+    B, I, K, items_per_split, stride_z, stride_w, B_BUCKET,
     HAS_BIAS: tl.constexpr, COMPUTE_A: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, KC: tl.constexpr,
 ):
-    """Partial (max, sum[, A]) of one user tile over one split of the items.
+    """Partial (max, sum[, A]) of one user tile over one split of the items. BIAS and A_PART are
+    None when unused (HAS_BIAS, COMPUTE_A); B_BUCKET is only an autotuning key.
 
     KC == 0 (tensor-core paths): the user tile of z is loaded once and each logits tile is one
     dot over the whole (padded) K. KC > 0 (fp32 "ieee" and fp64, FMA paths): the logits are
-    accumulated over K chunks of KC, because an FMA dot holds its whole reduction dimension in
-    registers and spills badly at K = 256 (checked on sm_90 compiles)."""
+    accumulated over K chunks of KC (an FMA dot holds its whole reduction dimension in registers;
+    whole-K tiles at large K do not fit shared memory)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -241,7 +279,8 @@ def _gather_kernel(
     HAS_BIAS: tl.constexpr, STORE_XW: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
-    """Per user u: XDOT[u] = Σ_j x_j·(z_u·Wd[i_j] + bd[i_j]), NSUM[u] = Σ_j x_j, XW[u] = Σ_j x_j·Wd[i_j]."""
+    """Per user u: XDOT[u] = Σ_j x_j·(z_u·Wd[i_j] + bd[i_j]), NSUM[u] = Σ_j x_j, XW[u] = Σ_j x_j·Wd[i_j].
+    BIAS and XW are None when unused (HAS_BIAS, STORE_XW)."""
     u = tl.program_id(0).to(tl.int64)
     start = tl.load(INDPTR + u)
     end = tl.load(INDPTR + u + 1)
@@ -270,7 +309,7 @@ def _gather_kernel(
 @triton.jit
 def _bwd_w_kernel(
     Z, W, BIAS, LSE, GN, DW, DB, CSC_PTR, CSC_USER, CSC_ITEM, CSC_COEF,
-    B, I, K, n_gran, stride_z, stride_w,
+    B, I, K, n_gran, stride_z, stride_w, B_BUCKET,
     HAS_BIAS: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     DOT_PREC: tl.constexpr, ACC: tl.constexpr, GRAN: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_NZ: tl.constexpr,
@@ -278,7 +317,8 @@ def _bwd_w_kernel(
 ):
     """One item tile: dWd = Σ_users Gᵀ·z + sparse part, dbd = Σ_users G + sparse part, with
     G = GN·softmax recomputed from the saved LSE (GN = g·n) and the sparse part −g_u·x_ui.
-    KC as in _fwd_kernel (0: resident Wd tile, whole-K dot; > 0: K chunks for FMA paths)."""
+    KC as in _fwd_kernel (0: resident Wd tile, whole-K dot; > 0: K chunks). BIAS, DW, DB are None
+    when unused (HAS_BIAS, NEED_W, NEED_B); B_BUCKET is only an autotuning key."""
     pid = tl.program_id(0)
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     i_mask = offs_i < I
@@ -344,14 +384,14 @@ def _bwd_w_kernel(
 
 
 _FWD = {
-    fma: triton.autotune(configs=cfgs, key=["B", "I", "K", "COMPUTE_A", "DOT_PREC"],
+    fma: triton.autotune(configs=_CONFIGS["fwd", fma], key=["B_BUCKET", "I", "K", "COMPUTE_A", "DOT_PREC"],
                          prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-    for fma, cfgs in _FWD_CONFIGS.items()
+    for fma in (False, True)
 }
 _BWD = {
-    fma: triton.autotune(configs=cfgs, key=["B", "I", "K", "NEED_W", "NEED_B", "DOT_PREC"],
+    fma: triton.autotune(configs=_CONFIGS["bwd", fma], key=["B_BUCKET", "I", "K", "NEED_W", "NEED_B", "DOT_PREC"],
                          prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_w_kernel)
-    for fma, cfgs in _BWD_CONFIGS.items()
+    for fma in (False, True)
 }
 
 
@@ -366,12 +406,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # bf16/fp16: ignored by tl.dot (tensor cores, fp32 accumulation)
 
 
-def _acc_dtypes(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def _block_k(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
+
+
+def _gather_block_nz(block_k: int) -> int:
+    """Nonzeros per step of the gather: a [BLOCK_NZ, BLOCK_K] tile of ≤ 4096 elements (32 fp32
+    registers per thread at 4 warps), so that K = 1024 does not spill."""
+    return max(1, min(16, 4096 // block_k))
 
 
 def _n_sms(device: torch.device) -> int:
@@ -383,10 +425,9 @@ def _n_sms(device: torch.device) -> int:
 def _forward(z, weight, bias, batch, want_a, prec):
     n_users, k = z.shape
     n_items = weight.shape[0]
-    acc_t, acc_tl = _acc_dtypes(z.dtype)
+    acc_t, acc_tl = acc_dtypes(z.dtype)
     block_k = _block_k(k)
     has_bias = bias is not None
-    bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
 
     # Split the items so that (user tiles × splits) ≈ 2 waves of programs, each split a
     # multiple of _SPLIT_ALIGN items (tile-aligned for every config).
@@ -397,21 +438,21 @@ def _forward(z, weight, bias, batch, want_a, prec):
 
     m_part = torch.empty(n_splits, n_users, dtype=acc_t, device=z.device)
     s_part = torch.empty_like(m_part)
-    a_part = torch.empty(n_splits, n_users, k, dtype=acc_t, device=z.device) if want_a else m_part
+    a_part = torch.empty(n_splits, n_users, k, dtype=acc_t, device=z.device) if want_a else None
     grid = lambda meta: (triton.cdiv(n_users, meta["BLOCK_B"]), n_splits)  # noqa: E731
     _FWD[prec == "ieee"][grid](
-        z, weight, bias_arg, m_part, s_part, a_part,
-        n_users, n_items, k, items_per_split, z.stride(0), weight.stride(0),
+        z, weight, bias, m_part, s_part, a_part,
+        n_users, n_items, k, items_per_split, z.stride(0), weight.stride(0), size_bucket(n_users),
         HAS_BIAS=has_bias, COMPUTE_A=want_a, DOT_PREC=prec, ACC=acc_tl, BLOCK_K=block_k,
     )
 
     xdot = torch.empty(n_users, dtype=acc_t, device=z.device)
     n = torch.empty_like(xdot)
-    xw = torch.empty(n_users, k, dtype=acc_t, device=z.device) if want_a else xdot
+    xw = torch.empty(n_users, k, dtype=acc_t, device=z.device) if want_a else None
     _gather_kernel[(n_users,)](
-        z, weight, bias_arg, batch.indptr, batch.indices, batch.values, xdot, n, xw,
+        z, weight, bias, batch.indptr, batch.indices, batch.values, xdot, n, xw,
         k, z.stride(0), weight.stride(0),
-        HAS_BIAS=has_bias, STORE_XW=want_a, ACC=acc_tl, BLOCK_K=block_k, BLOCK_NZ=16,
+        HAS_BIAS=has_bias, STORE_XW=want_a, ACC=acc_tl, BLOCK_K=block_k, BLOCK_NZ=_gather_block_nz(block_k),
         num_warps=4,
     )
 
@@ -432,7 +473,7 @@ def _forward(z, weight, bias, batch, want_a, prec):
 def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
     n_users, k = z.shape
     n_items = weight.shape[0]
-    acc_t, acc_tl = _acc_dtypes(z.dtype)
+    acc_t, acc_tl = acc_dtypes(z.dtype)
     g = g.to(acc_t)
     gn = (g * n).contiguous()
 
@@ -445,29 +486,24 @@ def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
     bounds = torch.arange(n_gran + 1, device=z.device, dtype=torch.int64) * _CSC_GRAN
     csc_ptr = torch.searchsorted(csc_item, bounds).to(torch.int64)
 
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else gn
-    db = torch.empty(n_items, dtype=bias.dtype, device=z.device) if need_b else gn
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    db = torch.empty(n_items, dtype=bias.dtype, device=z.device) if need_b else None
     grid = lambda meta: (triton.cdiv(n_items, meta["BLOCK_I"]),)  # noqa: E731
     _BWD[prec == "ieee"][grid](
-        z, weight, bias if bias is not None else weight, lse, gn, dw, db,
+        z, weight, bias, lse, gn, dw, db,
         csc_ptr, csc_user, csc_item, csc_coef,
-        n_users, n_items, k, n_gran, z.stride(0), weight.stride(0),
+        n_users, n_items, k, n_gran, z.stride(0), weight.stride(0), size_bucket(n_users),
         HAS_BIAS=bias is not None, NEED_W=need_w, NEED_B=need_b,
         DOT_PREC=prec, ACC=acc_tl, GRAN=_CSC_GRAN, BLOCK_K=_block_k(k),
     )
-    return (dw if need_w else None), (db if need_b else None)
-
-
-def _device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return dw, db
 
 
 class _MultinomialNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, weight, bias, batch: CSRBatch, want_dz: bool):
+    def forward(ctx, z, weight, bias, batch, want_dz: bool):
         prec = _dot_precision(z.dtype)
-        with _device_of(z):
+        with on_device(z):
             nll, lse, n, dz_per_g = _forward(z, weight, bias, batch, want_dz, prec)
         # Saved: LSE and n (B floats each) and, only when z needs a gradient, dz/g (B × K).
         ctx.save_for_backward(z, weight, bias, lse, n, dz_per_g)
@@ -484,7 +520,7 @@ class _MultinomialNLL(torch.autograd.Function):
                 raise RuntimeError("multinomial_nll: z needs a gradient but the forward ran without grad mode")
             grad_z = (grad_nll.to(dz_per_g.dtype)[:, None] * dz_per_g).to(z.dtype)
         if need_w or need_b:
-            with _device_of(z):
+            with on_device(z):
                 grad_w, grad_b = _backward_w(z, weight, bias, ctx.batch, lse, n, grad_nll, need_w, need_b, ctx.prec)
         return grad_z, grad_w, grad_b, None, None
 
@@ -493,8 +529,6 @@ class _MultinomialNLL(torch.autograd.Function):
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 def _validate(z, weight, bias, batch) -> None:
-    if not isinstance(batch, CSRBatch):
-        raise TypeError(f"batch must be a recvae_fast.sparse.CSRBatch, got {type(batch).__name__}")
     for name, t in (("z", z), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -508,36 +542,24 @@ def _validate(z, weight, bias, batch) -> None:
         raise ValueError(f"weight has K={weight.shape[1]} columns, z has K={k}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n_items):
         raise ValueError(f"bias must have shape [{n_items}], got {tuple(bias.shape)}")
-    if batch.n_rows != n_users:
-        raise ValueError(f"batch has {batch.n_rows} users, z has {n_users} rows")
-    if batch.n_cols != n_items:
-        raise ValueError(f"batch has {batch.n_cols} items, weight has {n_items} rows")
-    if n_items == 0 or k == 0:
-        raise ValueError(f"multinomial_nll needs at least one item and K >= 1, got I={n_items}, K={k}")
-    if z.dtype not in _SUPPORTED:
+    check_batch(batch, n_users, n_items, z.device, "multinomial_nll")
+    if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"z has dtype {z.dtype}; supported: float16, bfloat16, float32, float64")
+    if n_items == 0 or not 1 <= k <= MAX_K[z.dtype]:
+        raise ValueError(f"multinomial_nll needs at least one item and 1 <= K <= {MAX_K[z.dtype]} for {z.dtype} "
+                         f"(MAX_K: the dz and dWd accumulators stay in registers), got I={n_items}, K={k}")
     if weight.dtype != z.dtype or (bias is not None and bias.dtype != z.dtype):
         raise TypeError(
             f"z, weight and bias must share a dtype, got {z.dtype}, {weight.dtype}, "
             f"{bias.dtype if bias is not None else None}"
         )
-    if not batch.values.is_floating_point():
-        raise TypeError(f"batch.values must be floating point, got {batch.values.dtype}")
-    if batch.indptr.dtype != torch.int64 or batch.indices.dtype != torch.int64:
-        raise TypeError("batch.indptr and batch.indices must be int64 (build the batch with as_csr_batch)")
-    devices = {t.device for t in (z, weight, batch.indptr, batch.indices, batch.values)}
-    if bias is not None:
-        devices.add(bias.device)
+    devices = {z.device, weight.device} | ({bias.device} if bias is not None else set())
     if len(devices) != 1:
         raise ValueError(f"z, weight, bias and the batch must be on one device, got {sorted(map(str, devices))}")
-    if z.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(
-            f"the Triton multinomial_nll runs on CUDA tensors (got {z.device}); on the CPU use "
-            "recvae_fast.torch_ops.multinomial_nll, or set TRITON_INTERPRET=1 before importing triton"
-        )
+    check_runs_here(z.device, "multinomial_nll", "recvae_fast.torch_ops.multinomial_nll")
 
 
-def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: CSRBatch) -> torch.Tensor:
+def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch) -> torch.Tensor:
     """−mll per user, shape [B], dtype of z; differentiable in z, weight and bias, and only the
     gradients that are needed are computed (z's is prepared in the forward pass, see above)."""
     _validate(z, weight, bias, batch)

@@ -1,10 +1,10 @@
-"""Sparse encoder input layer (DESIGN.md §2) as Triton kernels.
+"""Sparse encoder input layer of RecVAE as Triton kernels.
 
     h1_pre[u] = b1 + Σ_{i∈nz(u)} c_ui·W1[i],   c_ui = x_ui·m_ui / ((1 − p)·‖x_u‖)
     dW1[i]    = Σ_u c_ui·dh1_pre[u],           db1 = Σ_u dh1_pre[u]
 
-W1 is stored I × H (`weight_t`), so the forward is a gather of whole rows of W1, one per nonzero:
-nothing of size B × I exists. The pieces:
+(p = dropout_rate, m_ui the dropout keep mask.) W1 is stored I × H (`weight_t`), so the forward
+is a gather of whole rows of W1, one per nonzero: nothing of size B × I exists. The pieces:
 
 - `_fwd_kernel`: grid (users, H tiles). A program reads its user's nonzeros twice: once for the
   squared L2 norm (values only), once for the gather, where it folds the norm, the inverted dropout
@@ -19,105 +19,94 @@ nothing of size B × I exists. The pieces:
     contiguous run of sorted nonzeros that falls in them (two loads of a segment pointer), gathers
     dh1_pre[u] for each, scales it by c_ui and adds it to its rows with a one-hot
     [BLOCK_R × BLOCK_NZ] product (exact: the one-hot entries are 0/1 and the dot is "ieee"/fp64).
-    The sort of ~40k keys is tens of µs.
   - "atomic", `_bwd_atomic_kernel`: grid (users, H tiles), like the forward; a program loads
     dh1_pre[u, h-tile] once and walks its user's nonzeros in CSR order, `tl.atomic_add`-ing
     c_ui·dh1_pre[u] into the output row of each (the item id for the dense gradient, zero-filled
     I × H first; the item's position among the batch's unique items for the row-sparse one, U × H).
-    No sort for the dense gradient. Atomics add in the output's dtype, so fp32/fp64 outputs are
-    accumulated directly and fp16/bf16 parameters go through an fp32 buffer cast at the end. The
-    order of the additions, hence the rounding of dW1, varies from run to run.
-  Why segment is the default: (1) every output row is written exactly once, so the dense gradient
-  needs no separate zero fill (at 1M items a memset of 2.4 GB costs as much as the whole scatter;
-  the empty rows are written as zeros in the same pass); (2) popular items (power-law data) get up
-  to B nonzeros, which atomics serialise on the same addresses; (3) it is deterministic. Atomics
-  avoid the sort (dense layout) and the one-hot product. Both do no I-sized work for the row-sparse
-  gradient (rows = the unique items). Which is faster is a measurement, not an argument:
-  benches/gpu_check_sparse_input_layer.py times both layouts with both methods (and checks the
-  atomic gradients at 1M and 4M items), and the default must follow what it measures.
+    fp16/bf16 parameters accumulate in an fp32 buffer cast at the end. The order of the additions,
+    hence the rounding of dW1, varies from run to run.
+    This is a measured alternative, not a default: its caller is
+    benches/gpu_check_sparse_input_layer.py, which times both methods on both layouts on a GPU
+    (the choice of the default waits on that measurement) and checks the atomic gradients at 1M
+    and 4M items. Why segment is the default until then: every output row is written exactly once
+    (no separate zero fill: at 1M items a memset of 2.4 GB costs as much as the whole scatter),
+    popular items (power-law data) get up to B nonzeros, which atomics serialise on one address,
+    and the result is deterministic.
 - db1 = dh1_pre.sum(0) in torch (B × H, one small reduction).
 
-Gradient layouts (`sparse_grad`): False gives the dense I × H dW1 (segment: every row written once
-by the kernel; atomic: a zero fill, then the scatter). True gives a coalesced torch sparse COO
-tensor of shape I × H whose rows are the items of the batch (indices sorted): at 1M items this
-avoids writing 2.4 GB in backward, and lets an optimiser skip reading it (see
-`adam_step_row_sparse_`). It costs one device→host sync (the number of unique items sizes the
-result). Autograd accepts a sparse gradient for the dense parameter (as
-nn.Embedding(sparse=True) does); torch.optim.Adam does not accept it.
+Gradient layouts (`sparse_grad`): False gives the dense I × H dW1. True gives a coalesced torch
+sparse COO tensor of shape I × H whose rows are the items of the batch (indices sorted): at 1M
+items this avoids writing 2.4 GB in backward, and lets the optimiser skip reading it (see
+kernels/row_sparse_adam.py). It costs one device→host sync (the number of unique items sizes the
+result). Autograd accepts a sparse gradient for the dense parameter (as nn.Embedding(sparse=True)
+does); torch.optim.Adam does not accept it.
 
 Not fused: swish and LayerNorm1. LN needs the whole H row in one program (BLOCK_H = 1024 for H = 600,
 41 % of the gather wasted) and the op's contract returns h1_pre; on B × H = 300k elements the torch
 elementwise/LN kernels cost a few µs each.
 
 Precision: fp32/bf16/fp16 accumulate in fp32, fp64 in fp64. 1/(1 − p) is passed as a one-element
-tensor of the accumulation dtype (Triton float scalars are fp32). All index × stride products are
-int64 (I × H passes 2³¹ at 3.6M items for H = 600).
+tensor of the accumulation dtype (Triton passes Python floats as fp32). All index × stride products
+are int64 (I × H passes 2³¹ at 3.6M items for H = 600). Absent tensors (bias, keep mask, the
+backward's coefficients) are passed as None with a constexpr flag.
+
+Autotuning (GPU only): the keys are what changes the best tile: H, and power-of-two buckets of the
+number of users or output rows (I for the dense gradient, U for the row-sparse one) and of the
+nonzeros per user or per row. Trial launches time the kernel alone (see `_launch_bwd_atomic`).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from recvae_fast.sparse import CSRBatch
+from ._common import INT32_MAX, INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device
+from ._common import config as _cfg
+from ._common import size_bucket
 
-__all__ = ["sparse_input_layer", "dropout_keep_mask", "adam_step_row_sparse_"]
+__all__ = ["sparse_input_layer", "dropout_keep_mask"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT32_MAX = 2**31 - 1
 _GRAD_METHODS = ("segment", "atomic")
 
 
 # ----------------------------------------------------------------------------------------------
 # Tile configurations: a few, autotuned on GPUs; one small config in the interpreter so that the
-# autotuner never benchmarks there. Every kernel but one writes each of its outputs completely
-# (nothing is accumulated into a caller's buffer), so autotuning's repeated launches are harmless.
-# The exception, `_bwd_atomic_kernel`, adds into a zero-filled DW: its autotuner zeroes DW before
-# every trial launch and again before the real one (reset_to_zero), or the trials would pile up.
+# autotuner never benchmarks there. The forward and the segment backward write each of their
+# outputs completely (nothing is accumulated into a caller's buffer), so autotuning's repeated
+# launches are harmless; the atomic backward is handled in `_launch_bwd_atomic`.
 # ----------------------------------------------------------------------------------------------
-def _cfg(warps, stages, **meta):
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
-
-
-if _INTERPRET:
-    _FWD_CONFIGS = [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)]
-    _BWD_CONFIGS = [_cfg(4, 1, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=16)]
-    _BWD_ATOMIC_CONFIGS = [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)]
-    _ADAM_CONFIGS = [_cfg(4, 1, BLOCK_R=16, BLOCK_H=64)]
-else:
+GPU_CONFIGS = {
     # H = 600 → 5 tiles of 128 (6.7 % padding) or 10 of 64; B ≈ 500 users → 2500–5000 programs.
-    _FWD_CONFIGS = [
+    "fwd": [
         _cfg(4, 2, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 3, BLOCK_H=128, BLOCK_NZ=32),
         _cfg(2, 2, BLOCK_H=64, BLOCK_NZ=32),
         _cfg(4, 2, BLOCK_H=256, BLOCK_NZ=16),
         _cfg(8, 2, BLOCK_H=256, BLOCK_NZ=32),
-    ]
+    ],
     # Dense gradients are dominated by writing I × H (mostly zero rows: wide tiles, fewer programs);
     # row-sparse ones by the gather of dh1_pre (narrow row tiles, less one-hot waste).
-    _BWD_CONFIGS = [
+    "bwd": [
         _cfg(4, 2, BLOCK_R=16, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 2, BLOCK_R=32, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(8, 2, BLOCK_R=64, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 2, BLOCK_R=16, BLOCK_H=256, BLOCK_NZ=16),
         _cfg(2, 2, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=32),
-    ]
-    # Atomic scatter: one program per (user, H tile), like the forward; a short list because each
-    # trial launch also pays the zero fill of DW (I × H for the dense gradient).
-    _BWD_ATOMIC_CONFIGS = [
+    ],
+    # Atomic scatter: one program per (user, H tile), like the forward.
+    "bwd_atomic": [
         _cfg(4, 1, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 1, BLOCK_H=128, BLOCK_NZ=32),
         _cfg(2, 1, BLOCK_H=64, BLOCK_NZ=32),
         _cfg(8, 1, BLOCK_H=256, BLOCK_NZ=16),
-    ]
-    _ADAM_CONFIGS = [
-        _cfg(4, 1, BLOCK_R=8, BLOCK_H=128),
-        _cfg(4, 1, BLOCK_R=16, BLOCK_H=128),
-        _cfg(8, 1, BLOCK_R=16, BLOCK_H=256),
-    ]
+    ],
+}
+_INTERPRETER_CONFIGS = {
+    "fwd": [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)],
+    "bwd": [_cfg(4, 1, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=16)],
+    "bwd_atomic": [_cfg(4, 1, BLOCK_H=64, BLOCK_NZ=16)],
+}
+_CONFIGS = _INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,11 +128,13 @@ def _keep_mask_kernel(OUT, n, seed, p, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
     OUT, W, BIAS, INDPTR, INDICES, VALUES, KEEP, SCALE, COEF, ROWS,
-    H, stride_w0, stride_w1, stride_out, seed, p,
+    H, stride_w0, stride_w1, stride_out, seed, p, USERS_BUCKET, NNZ_BUCKET,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, WRITE_AUX: tl.constexpr,
     ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
-    """h1_pre[u, h-tile] for one user. DROPOUT: 0 none, 1 mask from `seed`, 2 mask from KEEP."""
+    """h1_pre[u, h-tile] for one user. DROPOUT: 0 none, 1 mask from `seed`, 2 mask from KEEP.
+    BIAS (HAS_BIAS), KEEP (DROPOUT 2), SCALE (DROPOUT != 0), COEF and ROWS (WRITE_AUX) are None
+    when unused. USERS_BUCKET and NNZ_BUCKET are only autotuning keys."""
     u = tl.program_id(0)
     pid_h = tl.program_id(1)
     start = tl.load(INDPTR + u).to(tl.int64)
@@ -190,14 +181,14 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     DW, DH, PERM, SEG, COEF, ROWS, SEGPTR,
-    R, H, stride_dw, stride_dh, R_BUCKET,
+    R, H, stride_dw, stride_dh, R_BUCKET, NNZ_BUCKET,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
     """Rows [r0, r0 + BLOCK_R) of dW (R rows: all items, or the unique items of the batch).
 
     The nonzeros sorted by output row: PERM[k] is the original position of the k-th, SEG[k] its
     output row, and the rows [a, b) own the sorted nonzeros [SEGPTR[a], SEGPTR[b]). Rows with no
-    nonzero are written as zeros. R_BUCKET is only an autotuning key."""
+    nonzero are written as zeros. R_BUCKET and NNZ_BUCKET are only autotuning keys."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     r0 = pid_r.to(tl.int64) * BLOCK_R
@@ -227,14 +218,15 @@ def _bwd_kernel(
 @triton.jit
 def _bwd_atomic_kernel(
     DW, DH, INDPTR, OUTROW, COEF,
-    H, stride_dw, stride_dh,
+    H, stride_dw, stride_dh, USERS_BUCKET, NNZ_BUCKET, R_BUCKET,
     BLOCK_H: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
     """Adds c_ui·dh1_pre[u, h-tile] into DW[OUTROW[k], h-tile] for every nonzero k of user u.
 
     Grid (users, H tiles), the nonzeros in CSR order (INDPTR of the batch; COEF and OUTROW per
     nonzero). DW must be zero-filled by the caller and is accumulated in its own dtype (fp32 or
-    fp64: the atomics' precision), so the order of the additions, hence the rounding, varies."""
+    fp64: the atomics' precision), so the order of the additions, hence the rounding, varies.
+    The *_BUCKET arguments are only autotuning keys."""
     u = tl.program_id(0)
     pid_h = tl.program_id(1)
     start = tl.load(INDPTR + u).to(tl.int64)
@@ -257,55 +249,20 @@ def _bwd_atomic_kernel(
         )
 
 
-@triton.jit
-def _adam_kernel(
-    P, M, V, G, GROW, R, H, stride_p, stride_m, stride_v, stride_g,
-    lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """One exact Adam step on rows [r0, r0 + BLOCK_R) of an I × H parameter whose gradient is
-    row-sparse: GROW[r] is the row of G holding row r's gradient, or −1 where the gradient is 0."""
-    r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r_mask = offs_r < R
-    mask = r_mask[:, None] & (offs_h < H)[None, :]
-    grow = tl.load(GROW + offs_r, mask=r_mask, other=-1).to(tl.int64)
-    p_ptr = P + offs_r[:, None] * stride_p + offs_h[None, :]
-    m_ptr = M + offs_r[:, None] * stride_m + offs_h[None, :]
-    v_ptr = V + offs_r[:, None] * stride_v + offs_h[None, :]
-    p = tl.load(p_ptr, mask=mask, other=0.0).to(ACC)
-    m = tl.load(m_ptr, mask=mask, other=0.0).to(ACC)
-    v = tl.load(v_ptr, mask=mask, other=0.0).to(ACC)
-    g_mask = mask & (grow >= 0)[:, None]
-    g = tl.load(G + grow[:, None] * stride_g + offs_h[None, :], mask=g_mask, other=0.0).to(ACC)
-    g = g + weight_decay * p
-    m = m + (1.0 - beta1) * (g - m)  # torch's lerp
-    v = v * beta2 + (1.0 - beta2) * g * g
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    p = p - (lr / bc1) * (m / denom)
-    tl.store(p_ptr, p.to(P.dtype.element_ty), mask=mask)
-    tl.store(m_ptr, m.to(M.dtype.element_ty), mask=mask)
-    tl.store(v_ptr, v.to(V.dtype.element_ty), mask=mask)
-
-
-_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["H"])(_fwd_kernel)
-_bwd = triton.autotune(configs=_BWD_CONFIGS, key=["H", "R_BUCKET"])(_bwd_kernel)
-_bwd_atomic = triton.autotune(configs=_BWD_ATOMIC_CONFIGS, key=["H"], reset_to_zero=["DW"])(_bwd_atomic_kernel)
-_adam = triton.autotune(configs=_ADAM_CONFIGS, key=["H"], restore_value=["P", "M", "V"])(_adam_kernel)
+_fwd = triton.autotune(configs=_CONFIGS["fwd"], key=["H", "USERS_BUCKET", "NNZ_BUCKET"])(_fwd_kernel)
+_bwd = triton.autotune(configs=_CONFIGS["bwd"], key=["H", "R_BUCKET", "NNZ_BUCKET"])(_bwd_kernel)
+# No reset_to_zero: the autotuner would time the zero fill with every trial (see _launch_bwd_atomic).
+_bwd_atomic = triton.autotune(configs=_CONFIGS["bwd_atomic"], key=["H", "USERS_BUCKET", "NNZ_BUCKET", "R_BUCKET"])(
+    _bwd_atomic_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch logic
 # ----------------------------------------------------------------------------------------------
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def _check_p(p: float) -> float:
     p = float(p)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+        raise ValueError(f"dropout_rate must be in [0, 1), got {p}")
     return p
 
 
@@ -316,92 +273,78 @@ def _check_seed(seed) -> int:
 
 
 def dropout_keep_mask(seed: int, nnz: int, p: float, device) -> torch.Tensor:
-    """The keep-mask (bool [nnz]) that `sparse_input_layer(..., dropout_p=p, seed=seed)` applies to
+    """The keep-mask (bool [nnz]) that `sparse_input_layer(..., dropout_rate=p, seed=seed)` applies to
     a batch with `nnz` nonzeros: the same Philox draw as the forward kernel (`_keep`)."""
     seed, p, nnz = _check_seed(seed), _check_p(p), int(nnz)
-    if not 0 <= nnz <= _INT32_MAX:
+    if not 0 <= nnz <= INT32_MAX:
         raise ValueError(f"nnz must be in [0, 2**31), got {nnz}")
     device = torch.device(device)
     out = torch.empty(nnz, dtype=torch.uint8, device=device)
     if p == 0.0:
         return out.fill_(1).view(torch.bool)
+    check_runs_here(device, "dropout_keep_mask", "sparse_input_layer's keep_mask argument with a torch mask")
     if nnz:
         block = 1024
-        _keep_mask_kernel[(triton.cdiv(nnz, block),)](out, nnz, seed, p, BLOCK=block)
+        with on_device(out):
+            _keep_mask_kernel[(triton.cdiv(nnz, block),)](out, nnz, seed, p, BLOCK=block)
     return out.view(torch.bool)
 
 
 def _validate(batch, weight_t, bias, keep_mask):
-    if not isinstance(batch, CSRBatch):
-        raise TypeError(f"batch must be a recvae_fast.sparse.CSRBatch, got {type(batch).__name__}")
     if not isinstance(weight_t, torch.Tensor) or weight_t.dim() != 2:
-        raise ValueError("weight_t must be a 2-D tensor [n_items, hidden]")
+        raise ValueError("sparse_input_layer: weight_t must be a 2-D tensor [n_items, hidden]")
     n_items, hidden = weight_t.shape
     device, dtype = weight_t.device, weight_t.dtype
-    if dtype not in _SUPPORTED:
+    if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weight_t must be float16, bfloat16, float32 or float64, got {dtype}")
-    if n_items != batch.n_cols:
-        raise ValueError(f"weight_t has {n_items} rows, the batch has {batch.n_cols} items (columns)")
+    check_batch(batch, None, n_items, device, "sparse_input_layer")
     if bias is not None and (bias.shape != (hidden,) or bias.dtype != dtype or bias.device != device):
         raise ValueError(
             f"bias must be [{hidden}] {dtype} on {device}, got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
         )
-    ip, ind, val = batch.indptr, batch.indices, batch.values
-    if ip.dim() != 1 or ip.numel() < 1 or ip.dtype != torch.int64:
-        raise ValueError(f"batch.indptr must be int64 [B + 1], got {ip.dtype} {tuple(ip.shape)}")
-    if ind.dim() != 1 or ind.dtype != torch.int64 or val.shape != ind.shape:
-        raise ValueError(
-            f"batch.indices must be int64 [nnz] and batch.values [nnz], got {ind.dtype} {tuple(ind.shape)}"
-            f" and {tuple(val.shape)}"
-        )
-    if val.dtype != dtype:
-        raise TypeError(f"batch.values has dtype {val.dtype}, weight_t has {dtype}")
-    for name, t in (("indptr", ip), ("indices", ind), ("values", val)):
-        if t.device != device:
-            raise ValueError(f"batch.{name} is on {t.device}, weight_t is on {device}")
-    if ind.numel() > _INT32_MAX or ip.numel() - 1 > _INT32_MAX:
-        raise ValueError("batches with 2**31 or more nonzeros or users are not supported")
+    if batch.values.dtype != dtype:
+        raise TypeError(f"batch.values has dtype {batch.values.dtype}, weight_t has {dtype}")
     if keep_mask is not None:
-        if keep_mask.dtype != torch.bool or keep_mask.shape != (ind.numel(),) or keep_mask.device != device:
+        if keep_mask.dtype != torch.bool or keep_mask.shape != (batch.nnz,) or keep_mask.device != device:
             raise ValueError(
-                f"keep_mask must be bool [{ind.numel()}] (one per nonzero) on {device}, got "
+                f"keep_mask must be bool [{batch.nnz}] (one per nonzero) on {device}, got "
                 f"{keep_mask.dtype} {tuple(keep_mask.shape)} on {keep_mask.device}"
             )
-    if device.type != "cuda" and ind.numel():
-        # On CUDA this would cost a sync: CSRBatch validated the indices when it was built. The
-        # interpreter does not catch out-of-bounds reads, so check here where it is cheap.
-        if int(ind.min()) < 0 or int(ind.max()) >= n_items:
-            raise IndexError(f"batch.indices has an item outside [0, {n_items})")
+    check_runs_here(device, "sparse_input_layer", "recvae_fast.torch_ops.sparse_input_layer")
 
 
 def _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux):
     n_users, hidden = batch.n_rows, weight_t.shape[1]
     nnz = batch.nnz
     device = weight_t.device
-    acc_tl, acc_torch = _acc(weight_t.dtype)
+    acc_torch, acc_tl = acc_dtypes(weight_t.dtype)
     out = torch.empty(n_users, hidden, dtype=weight_t.dtype, device=device)
-    coef = torch.empty(nnz if write_aux else 0, dtype=acc_torch, device=device)
-    rows = torch.empty(nnz if write_aux else 0, dtype=torch.int32, device=device)
+    coef = torch.empty(nnz, dtype=acc_torch, device=device) if write_aux else None
+    rows = torch.empty(nnz, dtype=torch.int32, device=device) if write_aux else None
+    keep = scale = None
     if p == 0.0:
-        mode, keep, scale = 0, batch.values, batch.values  # placeholders, never read
+        mode = 0
     else:
         scale = torch.full((1,), 1.0 / (1.0 - p), dtype=acc_torch, device=device)
-        mode, keep = (2, keep_mask.view(torch.uint8)) if keep_mask is not None else (1, batch.values)
+        mode = 1 if keep_mask is None else 2
+        if keep_mask is not None:
+            keep = keep_mask.view(torch.uint8)
     if n_users and hidden:
         grid = lambda meta: (n_users, triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
-        _fwd[grid](
-            out, weight_t, bias if bias is not None else out, batch.indptr, batch.indices, batch.values,
-            keep, scale, coef, rows,
-            hidden, weight_t.stride(0), weight_t.stride(1), out.stride(0), seed, p,
-            HAS_BIAS=bias is not None, DROPOUT=mode, WRITE_AUX=write_aux, ACC=acc_tl,
-        )
+        with on_device(weight_t):
+            _fwd[grid](
+                out, weight_t, bias, batch.indptr, batch.indices, batch.values, keep, scale, coef, rows,
+                hidden, weight_t.stride(0), weight_t.stride(1), out.stride(0), seed, p,
+                size_bucket(n_users), size_bucket(nnz // n_users),
+                HAS_BIAS=bias is not None, DROPOUT=mode, WRITE_AUX=write_aux, ACC=acc_tl,
+            )
     return out, coef, rows
 
 
 def _sorted_nonzeros(indices: torch.Tensor, n_items: int):
     """The nonzeros sorted by item: (sorted items, permutation). int32 keys when they fit (half the
     radix passes); stable, so the summation order, hence the gradient, is deterministic."""
-    keys = indices.to(torch.int32) if n_items <= _INT32_MAX else indices
+    keys = indices.to(torch.int32) if n_items <= INT32_MAX else indices
     return torch.sort(keys, stable=True)
 
 
@@ -410,11 +353,13 @@ def _launch_bwd(out, grad_out, perm, seg, coef, rows, segptr, n_out_rows, acc_tl
     if n_out_rows == 0 or hidden == 0:
         return out
     grid = lambda meta: (triton.cdiv(n_out_rows, meta["BLOCK_R"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
-    _bwd[grid](
-        out, grad_out, perm, seg, coef, rows, segptr,
-        n_out_rows, hidden, out.stride(0), grad_out.stride(0), n_out_rows.bit_length(),
-        ACC=acc_tl,
-    )
+    with on_device(out):
+        _bwd[grid](
+            out, grad_out, perm, seg, coef, rows, segptr,
+            n_out_rows, hidden, out.stride(0), grad_out.stride(0),
+            size_bucket(n_out_rows), size_bucket(perm.numel() // n_out_rows),
+            ACC=acc_tl,
+        )
     return out
 
 
@@ -424,7 +369,7 @@ def _grad_weight_dense(grad_out, indices, coef, rows, n_items, dtype):
     boundaries = torch.arange(n_items + 1, device=indices.device, dtype=sorted_items.dtype)
     segptr = torch.searchsorted(sorted_items, boundaries)
     out = torch.empty(n_items, grad_out.shape[1], dtype=dtype, device=grad_out.device)
-    return _launch_bwd(out, grad_out, perm, sorted_items, coef, rows, segptr, n_items, _acc(dtype)[0])
+    return _launch_bwd(out, grad_out, perm, sorted_items, coef, rows, segptr, n_items, acc_dtypes(dtype)[1])
 
 
 def _grad_weight_row_sparse(grad_out, indices, coef, rows, n_items, dtype):
@@ -434,16 +379,26 @@ def _grad_weight_row_sparse(grad_out, indices, coef, rows, n_items, dtype):
     segptr = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, 0, out=segptr[1:])
     values = torch.empty(uniq.numel(), grad_out.shape[1], dtype=dtype, device=grad_out.device)
-    _launch_bwd(values, grad_out, perm, seg, coef, rows, segptr, uniq.numel(), _acc(dtype)[0])
+    _launch_bwd(values, grad_out, perm, seg, coef, rows, segptr, uniq.numel(), acc_dtypes(dtype)[1])
     return _sparse_rows(uniq.to(torch.int64), values, n_items)
 
 
 def _launch_bwd_atomic(out, grad_out, indptr, out_rows, coef):
+    """Adds the scatter into the zero-filled `out`. When this launch autotunes (a new key, several
+    configs), every trial adds into `out` and only the kernel is timed (no zero fill per trial);
+    `out` is then zeroed once and the chosen config launched again on it."""
     n_users, hidden = grad_out.shape
     if n_users == 0 or hidden == 0 or out.shape[0] == 0:
         return out
     grid = lambda meta: (n_users, triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
-    _bwd_atomic[grid](out, grad_out, indptr, out_rows, coef, hidden, out.stride(0), grad_out.stride(0))
+    args = (out, grad_out, indptr, out_rows, coef, hidden, out.stride(0), grad_out.stride(0),
+            size_bucket(n_users), size_bucket(out_rows.numel() // n_users), size_bucket(out.shape[0]))
+    with on_device(out):
+        n_tuned = len(_bwd_atomic.cache)
+        _bwd_atomic[grid](*args)
+        if len(_bwd_atomic.cache) != n_tuned:  # this call ran the trials: out holds their sum
+            out.zero_()
+            _bwd_atomic[grid](*args)
     return out
 
 
@@ -451,7 +406,7 @@ def _grad_weight_dense_atomic(grad_out, indptr, indices, coef, n_items, dtype):
     # Output row = the item id. The I × H zero fill is part of this method's cost (2.4 GB at 1M
     # items). Atomics add in the buffer's dtype: fp16/bf16 parameters get an fp32 buffer, cast at
     # the end (one more I × H pass); for fp32/fp64 the cast is a no-op.
-    acc_torch = _acc(dtype)[1]
+    acc_torch = acc_dtypes(dtype)[0]
     out = torch.zeros(n_items, grad_out.shape[1], dtype=acc_torch, device=grad_out.device)
     _launch_bwd_atomic(out, grad_out, indptr, indices, coef)
     return out.to(dtype)
@@ -460,9 +415,9 @@ def _grad_weight_dense_atomic(grad_out, indptr, indices, coef, n_items, dtype):
 def _grad_weight_row_sparse_atomic(grad_out, indptr, indices, coef, n_items, dtype):
     # Output row = the item's position among the batch's unique items (sorted). torch.unique sorts
     # (int32 keys when they fit, as `_sorted_nonzeros`) and syncs once: U sizes the result.
-    keys = indices.to(torch.int32) if n_items <= _INT32_MAX else indices
+    keys = indices.to(torch.int32) if n_items <= INT32_MAX else indices
     uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    acc_torch = _acc(dtype)[1]
+    acc_torch = acc_dtypes(dtype)[0]
     values = torch.zeros(uniq.numel(), grad_out.shape[1], dtype=acc_torch, device=grad_out.device)
     _launch_bwd_atomic(values, grad_out, indptr, inverse, coef)
     return _sparse_rows(uniq.to(torch.int64), values.to(dtype), n_items)
@@ -507,10 +462,10 @@ class _SparseInputLayer(torch.autograd.Function):
 
 
 def sparse_input_layer(
-    batch: CSRBatch,
+    batch,
     weight_t: torch.Tensor,
     bias: torch.Tensor | None,
-    dropout_p: float = 0.0,
+    dropout_rate: float = 0.0,
     keep_mask: torch.Tensor | None = None,
     seed: int | None = None,
     sparse_grad: bool = False,
@@ -518,24 +473,24 @@ def sparse_input_layer(
 ) -> torch.Tensor:
     """h1_pre [B, H] = b1 + Σ_{i∈nz(u)} c_ui·weight_t[i], c_ui = x_ui·m_ui / ((1 − p)·‖x_u‖).
 
-    weight_t: [I, H] (I = batch.n_cols); bias: [H] (or None). Dropout (0 <= dropout_p < 1) acts on
+    weight_t: [I, H] (I = batch.n_cols); bias: [H] (or None). Dropout (0 <= dropout_rate < 1) acts on
     the nonzeros: `keep_mask` (bool [nnz]) when given, else the Philox mask of `seed` (see
     `dropout_keep_mask`); seed None draws one from torch's default (CPU) generator, so
-    torch.manual_seed makes runs reproducible. With dropout_p == 0 no mask is applied. c_ui is
+    torch.manual_seed makes runs reproducible. With dropout_rate == 0 no mask is applied. c_ui is
     computed per stored entry: on a canonical CSRBatch (no duplicate items in a row) that is the
     formula above; duplicates, if given, each contribute linearly.
     Gradients flow to weight_t and bias when they require grad; `sparse_grad=True` makes the
     weight_t gradient a coalesced sparse COO tensor holding only the rows of the batch's items.
     `grad_method` picks how dW1 is reduced (either layout): "segment" (default: item-sorted segment
     reduction, deterministic) or "atomic" (zero fill + atomic scatter; the summation order varies
-    run to run). See the module docstring; benches/gpu_check_sparse_input_layer.py times both.
+    run to run), kept for benches/gpu_check_sparse_input_layer.py, which times both on a GPU.
     """
     if grad_method not in _GRAD_METHODS:
         raise ValueError(f"grad_method must be one of {_GRAD_METHODS}, got {grad_method!r}")
-    p = _check_p(dropout_p)
+    p = _check_p(dropout_rate)
     _validate(batch, weight_t, bias, keep_mask)
     if p > 0.0 and keep_mask is None:
-        seed = int(torch.randint(0, _INT32_MAX, (1,)).item()) if seed is None else _check_seed(seed)
+        seed = int(torch.randint(0, INT32_MAX, (1,)).item()) if seed is None else _check_seed(seed)
     else:
         seed = 0 if seed is None else _check_seed(seed)
     need_w = torch.is_grad_enabled() and weight_t.requires_grad
@@ -543,59 +498,3 @@ def sparse_input_layer(
     if not (need_w or need_b):
         return _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux=False)[0]
     return _SparseInputLayer.apply(weight_t, bias, batch, p, keep_mask, seed, need_w, bool(sparse_grad), grad_method)
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact Adam for a row-sparse gradient
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def adam_step_row_sparse_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> None:
-    """One step of torch.optim.Adam (amsgrad=False, maximize=False) on an I × H `param`, in place,
-    with `grad` a row-sparse COO gradient (as `sparse_input_layer(..., sparse_grad=True)` gives).
-
-    Exact, not lazy (unlike torch.optim.SparseAdam): untouched rows still decay their moments and
-    move, as with a dense zero gradient. One pass over param/exp_avg/exp_avg_sq (read + write each);
-    the dense gradient is never built nor read. `step` counts from 1 (bias corrections). The
-    moments must be fp32/fp64 tensors shaped like param; hyper-parameters are fp32 in the kernel.
-    """
-    if grad.layout != torch.sparse_coo or grad.shape != param.shape or param.dim() != 2:
-        raise ValueError("grad must be a sparse COO tensor shaped like the 2-D param")
-    if exp_avg.shape != param.shape or exp_avg_sq.shape != param.shape:
-        raise ValueError("exp_avg and exp_avg_sq must be shaped like param")
-    for t in (param, exp_avg, exp_avg_sq):
-        if t.stride(1) != 1:
-            raise ValueError("param and moments must have contiguous rows")
-    if step < 1:
-        raise ValueError(f"step counts from 1, got {step}")
-    if not grad.is_coalesced():
-        # AccumulateGrad drops the coalesced flag when it stores a sparse .grad (torch behaviour),
-        # so a .grad from `sparse_grad=True` lands here although its rows are already unique; this
-        # costs a sort of the U row indices and a copy of the U × H values (not I-sized).
-        grad = grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()
-    if values.dim() != 2:
-        raise ValueError("grad must be sparse in its first dimension only (hybrid COO with dense rows)")
-    values = values.contiguous()
-    n_rows, hidden = param.shape
-    grow = torch.full((n_rows,), -1, dtype=torch.int32, device=param.device)
-    grow[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=param.device)
-    beta1, beta2 = betas
-    acc_tl = _acc(param.dtype)[0]
-    if n_rows and hidden:
-        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
-        _adam[grid](
-            param, exp_avg, exp_avg_sq, values, grow, n_rows, hidden,
-            param.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), values.stride(0) if values.numel() else hidden,
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            1.0 - beta1**step, (1.0 - beta2**step) ** 0.5, ACC=acc_tl,
-        )

@@ -21,14 +21,7 @@ from . import ops
 
 
 def _triton_adam_step():
-    # The kernel lives in kernels/row_sparse_adam.py; trees from before that file kept it in
-    # kernels/sparse_input_layer.py.
-    try:
-        return ops.import_kernel("row_sparse_adam", "adam_step_row_sparse_")
-    except RuntimeError as exc:
-        if not isinstance(exc.__cause__, ModuleNotFoundError) or "row_sparse_adam" not in str(exc.__cause__.name):
-            raise
-        return ops.import_kernel("sparse_input_layer", "adam_step_row_sparse_")
+    return ops.import_kernel("row_sparse_adam", "adam_step_row_sparse_")
 
 
 def _check_moments(param, exp_avg, exp_avg_sq) -> None:
