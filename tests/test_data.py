@@ -169,7 +169,8 @@ def test_ids_are_ints_only_when_exact(tmp_path):
         ("a.csv", "userId,movieId,rating\n1,2,-1\n", {}, ["negative rating", "line 2"]),
         ("a.csv", "userId,movieId\n1,2\n", {"rating_threshold": 3.5}, ["no rating column"]),
         ("a.csv", "userId,movieId\n1,\n", {}, ["empty item id", "line 2"]),
-        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "parquet"}, ["unknown fmt"]),
+        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "xlsx"}, ["unknown fmt"]),
+        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "parquet"}, ["a.csv", "not a readable Parquet file"]),
     ],
 )
 def test_bad_input_raises_one_clear_data_error(tmp_path, name, content, kwargs, words):
@@ -385,22 +386,33 @@ def test_popularity_scores():
     assert data.popularity_scores(sp.csr_matrix((2, 4))).shape == (4,)
 
 
-def test_big_files_are_read_in_blocks_with_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sep", [",", "::", "whitespace"])
+def test_big_files_are_read_in_blocks_with_the_same_result(tmp_path, monkeypatch, sep):
     rng = np.random.default_rng(0)
-    rows = [f"{rng.integers(1, 30)},{rng.integers(1, 50)},{rng.integers(1, 6)},{k}" for k in range(400)]
+    join = {"whitespace": " \t "}.get(sep, sep)
+    rows = [join.join(map(str, (rng.integers(1, 30), rng.integers(1, 50), rng.integers(1, 6), k))) for k in range(400)]
     rows[150] = ""  # a blank line
-    rows[390] = "x9,7,5,1"  # a string user id only in the last block: every id becomes a string
-    path = write(tmp_path, "ratings.csv", "\n\nuserId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    rows[390] = join.join(["x9", "7", "5", "1"])  # a string user id only in the last block: every id becomes a string
+    header = join.join(["userId", "movieId", "rating", "timestamp"])
+    path = write(tmp_path, "ratings.txt", "\n\n" + header + "\r\n" + "\n".join(rows) + "\n")
     whole = load_interactions(path, rating_threshold=2)
-    monkeypatch.setattr(data.readers, "_BLOCK_CHARS", 37)
+    monkeypatch.setattr(data.readers, "_BLOCK_BYTES", 64)  # pyarrow blocks of a few lines
+    monkeypatch.setattr(data.readers, "_SCAN_CHUNK", 7)  # lines and separators cut across reads
     blocks = load_interactions(path, rating_threshold=2)
     assert (whole.matrix != blocks.matrix).nnz == 0
     np.testing.assert_array_equal(whole.user_ids, blocks.user_ids)
     np.testing.assert_array_equal(whole.item_ids, blocks.item_ids)
-    assert whole.user_ids.dtype == STRING_IDS and "x9" in set(whole.user_ids)
+    assert whole.user_ids.dtype == STRING_IDS and "x9" in set(whole.user_ids.tolist())
     assert whole.item_ids.dtype == np.int64
+    assert whole.nnz == len({(r.split()[0] if sep == "whitespace" else r.split(sep)[0],
+                              r.split()[1] if sep == "whitespace" else r.split(sep)[1])
+                             for r in rows if r and int((r.split() if sep == "whitespace" else r.split(sep))[2]) > 2})
     # line numbers stay right across blocks and blank lines (header on line 3, rows[k] on line k + 4)
-    rows[300] = "1,2,oops,3"
-    path = write(tmp_path, "bad.csv", "\n\nuserId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
-    with pytest.raises(DataError, match="'oops' .* line 304 of bad.csv"):
+    rows[300] = join.join(["1", "2", "oops", "3"])
+    path = write(tmp_path, "bad.txt", "\n\n" + header + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="'oops' .* line 304 of bad.txt"):
+        load_interactions(path)
+    rows[300] = join.join(["1", "2", "1e39", "3"])
+    path = write(tmp_path, "huge.txt", "\n\n" + header + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="1e.39 .* line 304 of huge.txt is beyond the float32 range"):
         load_interactions(path)

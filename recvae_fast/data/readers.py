@@ -1,288 +1,49 @@
-"""Data: interaction files, the paper's preprocessing and strong-generalisation split, and the
-embedded synthetic dataset.
+"""Reading interaction files into `Interactions`, with pyarrow.
 
-- `load_interactions(path)` reads user–item(–rating) files: CSV/TSV with or without a header,
-  MovieLens ``ratings.csv`` (``userId,movieId,rating,timestamp``), MovieLens 100k ``u.data``
-  (tab separated, no header), MovieLens 1M/10M ``ratings.dat`` (``::`` separated) and RecBole
-  atomic ``.inter`` files (typed header fields such as ``user_id:token``); ``.gz`` files too.
-- `preprocess` drops users with too few items; `split_strong_generalization` picks held-out
-  users for validation and test, restricts items to those seen in training and splits each
-  held-out user's items 80/20 into fold-in / held-out (Liang et al. 2018, as RecVAE uses it).
-- `synthetic_dataset` generates a seeded dataset with planted tastes and Zipf popularity.
+Delimited text goes through pyarrow's multi-threaded CSV reader: CSV/TSV and other one-character
+separators directly; ``::`` (MovieLens ratings.dat), other multi-character separators and runs of
+whitespace through a stream that rewrites them, line by line, into one separator character.
+Compressed files (.gz, .bz2, .zst) are decompressed on the fly; a gzip/bzip2/zstd file is
+recognised by its first bytes whatever its name. Parquet files are read with pyarrow.parquet.
 
-Every problem with the input raises `DataError` (a ValueError) with one line that names it.
+The user and item columns are read as dictionary-encoded strings: the reader hashes the ids into a
+table of distinct ids and per-row codes, so memory grows with the number of distinct ids, not with
+the longest one. The table is then normalised (ids that are all exact integers become int64) and
+sorted, and rows and columns follow that order.
+
+Problems are located for the user: a failing row is found again in the text, streaming, to name
+its line number (only when something is wrong, so the fast path never counts lines).
 """
+from __future__ import annotations
 
-import csv
-import gzip
+import io
 import math
-import operator
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
 from .errors import DataError
-from .interactions import Interactions, from_triples
+from .ids import MAX_ID_LENGTH, STRING_IDS, ints_if_exact
+from .interactions import Interactions, from_codes
+from .layout import FORMATS, WHITESPACE, Layout, choose_columns, detect_layout, parse_sep, split_line
 
-def _ints_if_exact(arr: np.ndarray) -> np.ndarray:
-    """'U' array -> int64 if every string is the canonical decimal form of an int64 ('7',
-    '-12'; not '007', '+7', ' 7' or '1_000', which are kept as distinct string ids)."""
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    width = arr.dtype.itemsize // 4
-    if width > 18:  # could overflow int64: the slow, exact way
-        try:
-            ints = arr.astype(np.int64)
-        except (ValueError, OverflowError):
-            return arr
-        return ints if np.array_equal(ints.astype("U21"), arr) else arr
-    codes = np.ascontiguousarray(arr).view(np.uint32).reshape(arr.size, width)
-    neg = codes[:, 0] == 45  # '-'
-    ok = np.ones(arr.size, dtype=bool)
-    mag = np.zeros(arr.size, dtype=np.int64)
-    n_digits = np.zeros(arr.size, dtype=np.int64)
-    for j in range(width):  # Horner, one character column at a time (ids are short)
-        c = codes[:, j]
-        digit = (c - 48) <= 9  # unsigned: below '0' wraps around
-        ok &= digit | (neg if j == 0 else (c == 0))
-        mag = np.where(digit, mag * 10 + (c.astype(np.int64) - 48), mag)
-        n_digits += digit
-    lead = np.where(neg, codes[:, 1] if width > 1 else 0, codes[:, 0])
-    ok &= n_digits >= 1
-    ok &= (lead != 48) | ((n_digits == 1) & ~neg)  # no leading zeros, no '-0'
-    if not ok.all():
-        return arr
-    return np.where(neg, -mag, mag)
-
-# ----------------------------------------------------------------------------- file reading
-
-_WS = " "  # separator meaning "runs of whitespace"
-
-_USER_NAMES = ("user_id", "userid", "user", "uid", "users", "customer_id", "customerid", "visitorid",
-               "visitor_id", "member_id", "reviewerid", "reviewer_id", "session_id")
-_ITEM_NAMES = ("item_id", "itemid", "item", "iid", "items", "movie_id", "movieid", "movie", "product_id",
-               "productid", "track_id", "trackid", "song_id", "songid", "business_id", "asin", "book_id",
-               "isbn", "anime_id", "article_id", "recipe_id", "game_id", "artist_id", "venue_id", "poi_id")
-_RATING_NAMES = ("rating", "ratings", "score", "stars", "value", "weight", "count", "play_count", "playcount",
-                 "plays", "preference", "rating_value", "overall", "clicks", "frequency", "label")
-_TIME_NAMES = ("timestamp", "time", "ts", "datetime", "date", "unixreviewtime")
-_KNOWN = set(_USER_NAMES) | set(_ITEM_NAMES) | set(_RATING_NAMES) | set(_TIME_NAMES)
-
-_FORMATS = {
-    # fmt: (sep, has_header)
-    "auto": (None, None),
-    "csv": (",", None),
-    "tsv": ("\t", None),
-    "movielens": (None, None),  # ratings.csv, u.data or ratings.dat, detected
-    "ml-latest": (",", True),  # ratings.csv
-    "ml-20m": (",", True),
-    "ml-100k": ("\t", False),  # u.data
-    "u.data": ("\t", False),
-    "ml-1m": ("::", False),  # ratings.dat
-    "ml-10m": ("::", False),
-    "dat": ("::", False),
-    "inter": ("\t", True),  # RecBole atomic file
-    "recbole": ("\t", True),
-}
-
-
-def _norm_name(name: str) -> str:
-    """'user_id:token' -> 'user_id'; '"UserId"' -> 'userid'."""
-    return name.strip().strip('"').strip("'").split(":")[0].strip().lower()
-
-
-def _squash(name: str) -> str:
-    return re.sub(r"[\s_\-.]", "", _norm_name(name))
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-_BLOCK_CHARS = 1 << 24  # characters parsed at a time (whole lines), to bound memory on big files
-
-
-def _open_text(path: Path):
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a data file")
-    try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
-        return open(path, "r", encoding="utf-8-sig", errors="replace", newline="")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-
-
-def _read_blocks(f, block_chars: int):
-    """Blocks of whole lines ('\n'-terminated except perhaps the last), '\r\n' and '\r'
-    turned into '\n'."""
-    leftover = ""
-    while True:
-        chunk = f.read(block_chars)
-        if not chunk:
-            break
-        buf = leftover + chunk
-        cut = buf.rfind("\n")
-        if cut < 0:
-            leftover = buf
-            continue
-        leftover = buf[cut + 1:]
-        yield _fix_newlines(buf[: cut + 1])
-    if leftover:
-        yield _fix_newlines(leftover)
-
-
-def _fix_newlines(text: str) -> str:
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
-
-
-def _parse_sep(sep) -> str | None:
-    if sep is None:
-        return None
-    if not isinstance(sep, str) or sep == "":
-        raise DataError(f"sep must be a non-empty string, got {sep!r}")
-    aliases = {"\\t": "\t", "tab": "\t", "\\s+": _WS, "space": _WS, "whitespace": _WS, "comma": ",",
-               "semicolon": ";", "pipe": "|"}
-    sep = aliases.get(sep.lower(), sep)
-    if sep.isspace() and sep != "\t":
-        return _WS
-    return sep
-
-
-def _detect_sep(first_line: str, path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".inter"):
-        return "\t"
-    for candidate in ("::", "\t", ",", ";", "|"):
-        if candidate in first_line:
-            return candidate
-    if len(first_line.split()) >= 2:
-        return _WS
-    raise DataError(
-        f"cannot detect the field separator of {path.name} from its first line {first_line[:80]!r}; "
-        "pass sep= (--sep)"
-    )
-
-
-def _split_line(line: str, sep: str) -> list[str]:
-    if sep == _WS:
-        return line.split()
-    if '"' in line and len(sep) == 1:
-        return next(csv.reader([line], delimiter=sep, skipinitialspace=True))
-    return [t.strip() for t in line.split(sep)]
-
-
-def _detect_header(first: list[str], second: list[str] | None, user_col, item_col, rating_col) -> bool:
-    names = {_norm_name(t) for t in first} | {_squash(t) for t in first}
-    if names & _KNOWN:
-        return True
-    if any(re.fullmatch(r"[^:]+:(token|float|token_seq|float_seq)", t.strip()) for t in first):
-        return True  # RecBole typed header
-    given = {str(c).strip().lower() for c in (user_col, item_col, rating_col) if isinstance(c, str)}
-    if given & {t.strip().lower() for t in first} - {str(i) for i in range(len(first))}:
-        return True
-    if second is not None:
-        # a name where the data has numbers
-        for a, b in zip(first, second):
-            if not _is_number(a) and _is_number(b):
-                return True
-    return False
-
-
-def _tokenize(lines: list[str], linenos: np.ndarray, sep: str, n_fields: int, quoted: bool,
-              path: Path) -> tuple[list[str], np.ndarray]:
-    """All fields of `lines` as one flat list (n_fields per line) and the line numbers of the
-    lines kept, after checking that every line has n_fields fields (whitespace-only lines are
-    dropped)."""
-    def check(found: np.ndarray):
-        nonlocal lines, linenos
-        bad = np.flatnonzero(found != n_fields)
-        if bad.size == 0:
-            return False
-        for k in bad:
-            if lines[k] and not lines[k].isspace():
-                shown = "whitespace" if sep == _WS else repr(sep)
-                raise DataError(
-                    f"line {int(linenos[k])} of {path.name} has {int(found[k])} field(s) separated by {shown}, "
-                    f"expected {n_fields} (like the first line): {lines[k][:80]!r}"
-                )
-        keep = np.ones(len(lines), dtype=bool)
-        keep[bad] = False
-        lines = [line for line, kept in zip(lines, keep) if kept]
-        linenos = linenos[keep]
-        return True
-
-    if sep != _WS and not quoted:
-        counts = np.fromiter(map(operator.methodcaller("count", sep), lines), dtype=np.int64, count=len(lines))
-        check(counts + 1)
-        return (sep.join(lines).split(sep) if lines else []), linenos
-    if sep == _WS:
-        rows = [line.split() for line in lines]
-    elif len(sep) == 1:
-        rows = list(csv.reader(lines, delimiter=sep, skipinitialspace=True))
-    else:
-        rows = [[t.strip().strip('"') for t in line.split(sep)] for line in lines]
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    if check(lengths):
-        rows = [row for row, n in zip(rows, lengths) if n == n_fields]
-    return list(chain.from_iterable(rows)), linenos
-
-
-def _resolve_column(spec, header: list[str] | None, n_fields: int, candidates: tuple[str, ...],
-                    role: str, path: Path, required: bool, default_pos: int | None) -> int | None:
-    """Column index of `role` from a user spec (name or 0-based index) or the known names."""
-    shown = ", ".join(repr(h) for h in header) if header is not None else None
-    if spec is not None:
-        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-            if not 0 <= spec < n_fields:
-                raise DataError(f"{role} column index {spec} is out of range: {path.name} has {n_fields} columns")
-            return int(spec)
-        spec = str(spec)
-        if header is not None:
-            for j, h in enumerate(header):
-                if h.strip().strip('"') == spec:
-                    return j
-            for j, h in enumerate(header):
-                if _norm_name(h) == _norm_name(spec):
-                    return j
-        if spec.strip().isdigit() and int(spec) < n_fields:
-            return int(spec)
-        if header is None:
-            raise DataError(
-                f"{role} column {spec!r} not found: {path.name} has no header, give a 0-based column "
-                f"index (0..{n_fields - 1}) instead"
-            )
-        raise DataError(f"{role} column {spec!r} not found in {path.name}; its columns are: {shown}")
-    if header is None:
-        if default_pos is not None and default_pos < n_fields:
-            return default_pos
-        if required:
-            raise DataError(f"{path.name} has {n_fields} column(s); need at least user and item columns")
-        return None
-    norms = [_norm_name(h) for h in header]
-    squashed = [_squash(h) for h in header]
-    for name in candidates:
-        if name in norms:
-            return norms.index(name)
-    for name in candidates:
-        sq = name.replace("_", "")
-        if sq in squashed:
-            return squashed.index(sq)
-    if required:
-        flag = {"user": "user_col (--user-col)", "item": "item_col (--item-col)"}[role]
-        raise DataError(f"no {role} column found in the header of {path.name} (columns: {shown}); pass {flag}")
-    return None
+_BLOCK_BYTES = 1 << 22  # pyarrow's CSV block; a longer line is rejected (ids are at most 1,000 characters)
+_SCAN_CHUNK = 1 << 20  # bytes read at a time when streaming through lines
+_FIELD_SEP = b"\x1f"  # ASCII unit separator: what multi-character separators are rewritten to
+_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+_COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
+_PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def load_interactions(
@@ -300,189 +61,451 @@ def load_interactions(
 
     Layouts (detected from the extension and the first lines unless given): CSV/TSV with or
     without a header (columns user, item[, rating][, timestamp] by position without one),
-    MovieLens ratings.csv, u.data, ratings.dat (``::``), RecBole ``.inter``; ``.gz`` allowed.
-    fmt: "auto", "csv", "tsv", "movielens", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "inter".
-    Columns (user_col, item_col, rating_col) are header names or 0-based indices; None
-    detects them (known names such as userId/user_id/movieId/item_id/rating, or positions
-    0, 1, 2 without a header); rating_col=False (or "none") means no rating column.
+    MovieLens ratings.csv, u.data, ratings.dat (``::``), RecBole ``.inter``, Parquet; .gz, .bz2 and
+    .zst compressed text too. fmt: "auto", "csv", "tsv", "movielens", "ml-100k", "ml-1m",
+    "ml-10m", "ml-20m", "inter", "parquet". Columns (user_col, item_col, rating_col) are header
+    names or 0-based indices; None detects them (known names such as userId/user_id/movieId/
+    item_id/rating, or positions 0, 1, 2 without a header); rating_col=False (or "none") means no
+    rating column.
 
     Values: with rating_threshold, rows with rating > threshold become 1 (the paper: 3.5);
     without one, the rating when there is a rating column (duplicate user–item pairs summed,
-    zero ratings dropped, negative ones rejected), else 1. Users and items that keep no
-    interaction are not indexed. Rows and columns are in sorted order of the original ids.
+    zero ratings dropped, negative ones rejected), else 1. Ratings must be finite and within
+    float32. Ids are at most MAX_ID_LENGTH characters, surrounding whitespace removed. Users and
+    items that keep no interaction are not indexed. Rows and columns are in sorted order of the
+    original ids.
     """
     path = Path(path)
-    if fmt not in _FORMATS:
-        raise DataError(f"unknown fmt {fmt!r}; expected one of: {', '.join(_FORMATS)}")
-    if rating_threshold is not None:
-        try:
-            rating_threshold = float(rating_threshold)
-        except (TypeError, ValueError):
-            raise DataError(f"rating_threshold must be a number, got {rating_threshold!r}") from None
-        if math.isnan(rating_threshold):
-            raise DataError("rating_threshold must be a number, got nan")
-    fmt_sep, fmt_header = _FORMATS[fmt]
-    options = dict(sep=_parse_sep(sep) or fmt_sep, has_header=fmt_header if has_header is None else has_header,
-                   user_col=user_col, item_col=item_col, rating_col=rating_col)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown fmt {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    rating_threshold = _parse_threshold(rating_threshold)
+    source = _Source.open(path)
+    columns = dict(user_col=user_col, item_col=item_col, rating_col=rating_col)
+    if fmt == "parquet" or (fmt == "auto" and source.is_parquet):
+        table = _read_parquet(source, rating_threshold, **columns)
+    else:
+        fmt_sep, fmt_header = FORMATS[fmt]
+        table = _read_text(source, rating_threshold, sep=parse_sep(sep) or fmt_sep,
+                           has_header=fmt_header if has_header is None else has_header, **columns)
+    return table.to_interactions(rating_threshold)
 
-    layout = None
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-    n_rows = 0
-    next_lineno = 1
+
+def _parse_threshold(rating_threshold) -> float | None:
+    if rating_threshold is None:
+        return None
     try:
-        with _open_text(path) as f:
-            for block in _read_blocks(f, _BLOCK_CHARS):
-                lines = block.split("\n")
-                if lines[-1] == "":
-                    lines.pop()
-                linenos = np.arange(next_lineno, next_lineno + len(lines))
-                next_lineno += len(lines)
-                # Blank lines are skipped (whitespace-only ones elsewhere are dropped by _tokenize).
-                if "\n\n" in block or block.startswith("\n"):
-                    keep = [k for k, line in enumerate(lines) if line and not line.isspace()]
-                    if len(keep) < len(lines):
-                        lines = [lines[k] for k in keep]
-                        linenos = linenos[keep]
-                if not lines:
-                    continue
-                if layout is None:
-                    layout = _detect_layout(lines, path, rating_threshold, **options)
-                    if layout.header is not None:
-                        lines, linenos = lines[1:], linenos[1:]
-                        if not lines:
-                            continue
-                part, n = _parse_lines(lines, linenos, layout, path, rating_threshold)
-                n_rows += n
-                if part[0].size:
-                    parts.append(part)
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        value = float(rating_threshold)
+    except (TypeError, ValueError):
+        raise DataError(f"rating_threshold must be a number, got {rating_threshold!r}") from None
+    if math.isnan(value):
+        raise DataError("rating_threshold must be a number, got nan")
+    return value
 
-    if layout is None:
-        raise DataError(f"empty dataset: {path.name} has no data")
-    if n_rows == 0:
-        raise DataError(f"empty dataset: {path.name} has a header but no data rows")
-    if not parts:
-        if rating_threshold is not None:
-            what = f" after keeping ratings > {rating_threshold:g}"
-        else:
-            what = " after dropping zero ratings" if layout.rating is not None else ""
-        raise DataError(f"empty dataset: no interactions left in {path.name}{what} ({n_rows} rows read)")
-    users = _concat_ids([p[0] for p in parts])
-    items = _concat_ids([p[1] for p in parts])
-    binary = rating_threshold is not None or layout.rating is None
-    values = None if binary else np.concatenate([p[2] for p in parts])
-    return from_triples(users, items, values, binary)
+
+# ----------------------------------------------------------------------------- the file
 
 
 @dataclass
-class _Layout:
-    sep: str
-    n_fields: int
-    header: list[str] | None
-    user: int
-    item: int
-    rating: int | None
+class _Source:
+    """A data file and how to decompress it."""
 
-    def column_name(self, j: int) -> str:
-        return repr(self.header[j]) if self.header is not None else str(j)
+    path: Path
+    compression: str | None
+    note: str  # said in errors when the compression came from the content, not the name
+    is_parquet: bool
 
-
-def _detect_layout(lines: list[str], path: Path, rating_threshold, *, sep, has_header, user_col, item_col,
-                   rating_col) -> _Layout:
-    """Separator, header and columns from the first (non-blank) lines."""
-    first = lines[0]
-    if sep is None:
-        sep = _detect_sep(first, path)
-    first_fields = _split_line(first, sep)
-    second_fields = _split_line(lines[1], sep) if len(lines) > 1 else None
-    if has_header is None:
-        has_header = _detect_header(first_fields, second_fields, user_col, item_col, rating_col)
-    n_fields = len(first_fields)
-    header = [f.strip() for f in first_fields] if has_header else None
-
-    u = _resolve_column(user_col, header, n_fields, _USER_NAMES, "user", path, True, 0)
-    i = _resolve_column(item_col, header, n_fields, _ITEM_NAMES, "item", path, True, 1)
-    no_rating = rating_col is False or (isinstance(rating_col, str) and rating_col.strip().lower() in ("", "none"))
-    if no_rating:
-        r = None
-    else:
-        r = _resolve_column(rating_col, header, n_fields, _RATING_NAMES, "rating", path, False, 2)
-        if rating_col is None and header is None and r in (u, i):
-            r = None  # the positional default collides with explicitly chosen columns
-    if u == i:
-        raise DataError(f"user and item columns are the same column ({u}) of {path.name}")
-    if r is not None and r in (u, i):
-        raise DataError(f"the rating column ({r}) of {path.name} is also the user or item column")
-    if rating_threshold is not None and r is None:
-        raise DataError(f"rating_threshold given but {path.name} has no rating column; pass rating_col")
-    return _Layout(sep, n_fields, header, u, i, r)
-
-
-def _parse_lines(lines: list[str], linenos: np.ndarray, layout: _Layout, path: Path, rating_threshold):
-    """((users, items, values), rows read) of data lines, filtered by the threshold (or zero
-    ratings); ids as int64 when exact, else str."""
-    sep, n_fields = layout.sep, layout.n_fields
-    joined = "".join(lines)
-    quoted = sep != _WS and '"' in joined
-    spaced = sep != _WS and not quoted and " " in joined
-    del joined
-    tokens, linenos = _tokenize(lines, linenos, sep, n_fields, quoted, path)
-    if not tokens:
-        return (np.empty(0, np.int64), np.empty(0, np.int64), None), 0
-    if spaced:
-        tokens = [t.strip() for t in tokens]
-
-    def where(k: int) -> str:
-        return f"line {int(linenos[k])} of {path.name}"
-
-    users = np.array(tokens[layout.user::n_fields])
-    items = np.array(tokens[layout.item::n_fields])
-    n_rows = users.size
-    for ids, role, j in ((users, "user", layout.user), (items, "item", layout.item)):
-        empty = np.flatnonzero(ids == "")
-        if empty.size:
-            raise DataError(f"empty {role} id (column {layout.column_name(j)}) on {where(int(empty[0]))}")
-
-    values = None
-    r = layout.rating
-    if r is not None:
-        raw = tokens[r::n_fields]
+    @classmethod
+    def open(cls, path: Path) -> "_Source":
+        if not path.exists():
+            raise DataError(f"data file not found: {path}")
+        if path.is_dir():
+            raise DataError(f"{path} is a directory, not a data file")
         try:
-            values = np.array(raw, dtype=np.float64)
-        except ValueError:
-            for k, t in enumerate(raw):
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        by_content = next((c for m, c in _COMPRESSION_MAGIC.items() if magic.startswith(m)), None)
+        suffix = path.suffix.lower()
+        by_name = _COMPRESSION_SUFFIXES.get(suffix)
+        if by_name and by_content != by_name:
+            raise DataError(f"{path} ends in {suffix} but is not {by_name}-compressed (its first bytes are {magic!r})")
+        note = f" (read as {by_content}: its first bytes are {by_content}'s magic number)" \
+            if by_content and not by_name else ""
+        return cls(path, by_content, note, suffix in _PARQUET_SUFFIXES or magic == b"PAR1")
+
+    def stream(self):
+        """The decompressed bytes, as a pyarrow input stream."""
+        try:
+            return pa.input_stream(str(self.path), compression=self.compression)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"cannot read {self.path}: {exc}") from None
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, bytes) of every line (ends: \\n, \\r\\n or \\r), streaming. A line longer
+        than _BLOCK_BYTES ends the iteration (cut there), so memory stays bounded."""
+        carry, lineno = b"", 0
+        with self.stream() as f:
+            while True:
                 try:
-                    float(t)
-                except ValueError:
-                    raise DataError(
-                        f"unparsable rating {t!r} (column {layout.column_name(r)}) on {where(k)}"
-                    ) from None
-            raise  # pragma: no cover - numpy and float() disagree
+                    chunk = f.read(_SCAN_CHUNK)
+                except (OSError, pa.ArrowException) as exc:
+                    raise DataError(f"cannot read {self.path}{self.note}: {exc}") from None
+                buf = carry + chunk
+                if not chunk:
+                    if buf:
+                        yield lineno + 1, buf
+                    return
+                hold_cr = buf.endswith(b"\r")  # it may be the first half of \r\n
+                parts = re.split(rb"\r\n|\r|\n", buf[:-1] if hold_cr else buf)
+                carry = parts.pop() + (b"\r" if hold_cr else b"")
+                for line in parts:
+                    lineno += 1
+                    yield lineno, line
+                if len(carry) > _BLOCK_BYTES:
+                    yield lineno + 1, carry[:_BLOCK_BYTES]
+                    return
+
+
+# ----------------------------------------------------------------------------- the columns read
+
+
+@dataclass
+class _Columns:
+    """The user, item (dictionary-encoded) and rating columns read from a file, and how to name
+    the place of a row in it."""
+
+    source: _Source
+    users: pa.ChunkedArray
+    items: pa.ChunkedArray
+    ratings: pa.ChunkedArray | None
+    labels: tuple[str, str, str | None]  # the columns as the user knows them
+    where: Callable[[int], str]  # row -> "line 12 of ratings.csv"
+    had_header: bool
+
+    def to_interactions(self, rating_threshold: float | None) -> Interactions:
+        name = self.source.path.name
+        n_rows = len(self.users)
+        if n_rows == 0:
+            what = "has a header but no data rows" if self.had_header else "has no data"
+            raise DataError(f"empty dataset: {name} {what}")
+        rows, user_ids = self._codes(self.users, "user", self.labels[0])
+        cols, item_ids = self._codes(self.items, "item", self.labels[1])
+        values = None
+        if self.ratings is not None:
+            values = self._ratings()
+            if rating_threshold is not None:
+                keep = values > rating_threshold
+            else:
+                negative = np.flatnonzero(values < 0)
+                if negative.size:
+                    k = int(negative[0])
+                    raise DataError(f"negative rating '{values[k]:g}' on {self.where(k)}: interaction weights must "
+                                    "be >= 0 (pass rating_threshold to binarise ratings)")
+                keep = values > 0
+            if not keep.all():
+                rows, cols, values = rows[keep], cols[keep], values[keep]
+        if rows.size == 0:
+            if rating_threshold is not None:
+                what = f" after keeping ratings > {rating_threshold:g}"
+            else:
+                what = " after dropping zero ratings" if self.ratings is not None else ""
+            raise DataError(f"empty dataset: no interactions left in {name}{what} ({n_rows} rows read)")
+        rows, user_ids = _drop_unused(rows, user_ids)
+        cols, item_ids = _drop_unused(cols, item_ids)
+        binary = rating_threshold is not None or values is None
+        return from_codes(rows, cols, None if binary else values, binary, user_ids, item_ids)
+
+    def _codes(self, column: pa.ChunkedArray, role: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """(per-row code, sorted distinct ids) of an id column, the ids checked and normalised."""
+        if column.null_count:
+            k = _first_true(pc.is_null(column))
+            raise DataError(f"missing {role} id (column {label}) on {self.where(k)}")
+        if not pa.types.is_dictionary(column.type):
+            column = pc.dictionary_encode(column)
+        column = pa.table({"c": column}).unify_dictionaries().column("c")
+        dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
+        codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in column.chunks]).astype(np.int64)
+
+        def row_of(entry: int) -> int:
+            return int(np.flatnonzero(codes == entry)[0])
+
+        if pa.types.is_string(dictionary.type) or pa.types.is_large_string(dictionary.type):
+            lengths = pc.utf8_length(dictionary).to_numpy(zero_copy_only=False)
+            if lengths.size and lengths.max() > MAX_ID_LENGTH:
+                entry = int(np.argmax(lengths))
+                raise DataError(f"{role} id of {int(lengths[entry])} characters (column {label}) on "
+                                f"{self.where(row_of(entry))}: ids are at most {MAX_ID_LENGTH} characters")
+            dictionary = pc.utf8_trim_whitespace(dictionary)
+            empty = np.flatnonzero(pc.equal(dictionary, "").to_numpy(zero_copy_only=False))
+            if empty.size:
+                raise DataError(f"empty {role} id (column {label}) on {self.where(row_of(int(empty[0])))}")
+            ids = ints_if_exact(np.array(dictionary.to_pylist(), dtype=STRING_IDS))
+        elif pa.types.is_integer(dictionary.type):
+            ids = dictionary.cast(pa.int64()).to_numpy()
+        else:
+            raise DataError(f"the {role} column {label} of {self.source.path.name} holds {dictionary.type}, "
+                            "not integers or strings")
+        distinct, inverse = np.unique(ids, return_inverse=True)  # sorts, and merges ids equal after trimming
+        return inverse.reshape(-1)[codes], distinct
+
+    def _ratings(self) -> np.ndarray:
+        label = self.labels[2]
+        column = self.ratings
+        if column.null_count:
+            raise DataError(f"missing rating (column {label}) on {self.where(_first_true(pc.is_null(column)))}")
+        try:
+            values = column.cast(pa.float64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"the rating column {label} of {self.source.path.name} is not numeric ({exc})") from None
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
             k = int(bad[0])
-            raise DataError(f"non-finite rating {raw[k]!r} (column {layout.column_name(r)}) on {where(k)}: "
+            raise DataError(f"non-finite rating '{values[k]:g}' (column {label}) on {self.where(k)}: "
                             "ratings must be finite numbers")
-        if rating_threshold is not None:
-            keep = values > rating_threshold
+        huge = np.flatnonzero(np.abs(values) > _FLOAT32_MAX)
+        if huge.size:
+            k = int(huge[0])
+            raise DataError(f"rating {values[k]:g} (column {label}) on {self.where(k)} is beyond the float32 "
+                            f"range (±{_FLOAT32_MAX:.4g})")
+        return values
+
+
+def _first_true(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])
+
+
+def _drop_unused(codes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and ids without the ids that no kept row uses (order kept)."""
+    used = np.bincount(codes, minlength=ids.size) > 0
+    if used.all():
+        return codes, ids
+    new_code = np.cumsum(used) - 1
+    return new_code[codes], ids[used]
+
+
+# ----------------------------------------------------------------------------- delimited text
+
+
+def _read_text(source: _Source, rating_threshold, *, sep, has_header, user_col, item_col, rating_col) -> _Columns:
+    """The columns of a delimited text file (layout detected from its first lines)."""
+    name = source.path.name
+    head, skip = _first_lines(source)
+    if not head:
+        raise DataError(f"empty dataset: {name} has no data")
+    layout = detect_layout(head, source.path, rating_threshold, sep=sep, has_header=has_header, user_col=user_col,
+                           item_col=item_col, rating_col=rating_col)
+    skip += layout.header is not None
+    names = [f"f{j}" for j in range(layout.n_fields)]
+    wanted = [layout.user, layout.item] + ([layout.rating] if layout.rating is not None else [])
+    one_char = len(layout.sep) == 1 and layout.sep != WHITESPACE
+    bad_rows: list = []
+
+    def on_invalid_row(row) -> str:
+        if not row.text.strip():
+            return "skip"  # whitespace-only lines are blank lines
+        bad_rows.append(row)
+        return "error"
+
+    read_options = pa_csv.ReadOptions(use_threads=True, block_size=_BLOCK_BYTES, skip_rows=skip, column_names=names)
+    parse_options = pa_csv.ParseOptions(
+        delimiter=layout.sep if one_char else _FIELD_SEP.decode(), quote_char='"' if one_char else False,
+        invalid_row_handler=on_invalid_row)
+    convert_options = pa_csv.ConvertOptions(
+        include_columns=[names[j] for j in wanted],
+        column_types={names[layout.user]: _ID_TYPE, names[layout.item]: _ID_TYPE,
+                      **({names[layout.rating]: pa.float64()} if layout.rating is not None else {})},
+        null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False)
+    stream = source.stream()
+    try:
+        with _undecodable_rows_as_errors(bad_rows):
+            table = pa_csv.read_csv(stream if one_char else _SeparatorStream(stream, layout.sep),
+                                    read_options=read_options, parse_options=parse_options,
+                                    convert_options=convert_options)
+    except (pa.ArrowException, OSError) as exc:
+        raise _text_error(source, layout, skip, exc, bad_rows) from None
+    finally:
+        stream.close()
+    labels = tuple(layout.column_name(j) if j is not None else None for j in (layout.user, layout.item, layout.rating))
+    return _Columns(source, table.column(names[layout.user]), table.column(names[layout.item]),
+                    table.column(names[layout.rating]) if layout.rating is not None else None,
+                    labels, lambda k: _line_of_row(source, skip, k), layout.header is not None)
+
+
+@contextmanager
+def _undecodable_rows_as_errors(bad_rows: list):
+    """pyarrow decodes an invalid row's text before calling the row handler, and reports a row
+    that is not UTF-8 as an 'exception ignored'; record it as a bad row instead."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, UnicodeDecodeError):
+            bad_rows.append(None)
         else:
-            neg = np.flatnonzero(values < 0)
-            if neg.size:
-                k = int(neg[0])
-                raise DataError(f"negative rating {raw[k]!r} on {where(k)}: interaction weights must be >= 0 "
-                                "(pass rating_threshold to binarise ratings)")
-            keep = values > 0
-        if not keep.all():
-            users, items, values = users[keep], items[keep], values[keep]
-    return (_ints_if_exact(users), _ints_if_exact(items), values), n_rows
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
-def _concat_ids(parts: list[np.ndarray]) -> np.ndarray:
-    """Blocks of ids: int64 when every block is, else all as str (exact ints print back
-    as the original text)."""
-    if all(p.dtype.kind == "i" for p in parts):
-        return np.concatenate(parts)
-    return np.concatenate([p.astype(str) if p.dtype.kind == "i" else p for p in parts])
+def _first_lines(source: _Source) -> tuple[list[str], int]:
+    """The first two non-blank lines (text, for detecting the layout) and the number of blank
+    lines before them. DataError for UTF-16 or binary content."""
+    lines: list[str] = []
+    n_blank = 0
+    for lineno, raw in source.lines():
+        if lineno == 1:
+            if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(f"{source.path} is UTF-16 text (it starts with a UTF-16 byte-order mark); "
+                                "convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+        if b"\x00" in raw:
+            raise DataError(f"line {lineno} of {source.path.name} contains NUL bytes: the file is UTF-16 or binary, "
+                            f"not UTF-8 text{source.note}")
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            if not lines:
+                n_blank += 1
+            continue
+        lines.append(text)
+        if len(lines) == 2:
+            break
+    return lines, n_blank
 
 
+def _line_of_row(source: _Source, skip: int, row: int) -> str:
+    """'line N of NAME' of data row `row` (blank lines are not rows), found by streaming."""
+    k = -1
+    for lineno, raw in source.lines():
+        if lineno > skip and raw.strip():
+            k += 1
+            if k == row:
+                return f"line {lineno} of {source.path.name}"
+    return f"data row {row + 1} of {source.path.name}"
+
+
+def _text_error(source: _Source, layout: Layout, skip: int, exc: Exception, bad_rows: list) -> DataError:
+    """The DataError for a failed pyarrow read, naming the line where it can be found."""
+    name = source.path.name
+    message = str(exc)
+    if "invalid UTF8" in message or (bad_rows and bad_rows[0] is None):
+        found = _find_line(source, skip, None, utf8=True)
+        at = f"line {found[0]}" if found else "a line"
+        return DataError(f"{at} of {name} is not valid UTF-8 text{source.note}")
+    if bad_rows:
+        row = bad_rows[0]
+        shown = "whitespace" if layout.sep == WHITESPACE else repr(layout.sep)
+        one_char = len(layout.sep) == 1 and layout.sep != WHITESPACE
+        as_read = (lambda text: text) if one_char else \
+            (lambda text: _rewrite(text.encode("utf-8"), layout.sep).decode("utf-8", errors="replace"))
+        found = _find_line(source, skip, lambda text: as_read(text) == row.text.rstrip("\r"))
+        at = f"line {found[0]}" if found else "a line"
+        text = found[1] if found else row.text
+        return DataError(f"{at} of {name} has {row.actual_columns} field(s) separated by {shown}, expected "
+                         f"{layout.n_fields} (like the first line): {text[:80]!r}")
+    if "straddling" in message:
+        found = _find_line(source, 0, None)
+        return DataError(f"line {found[0] if found else '?'} of {name} is longer than {_BLOCK_BYTES:,} bytes: not an "
+                         f"interaction record (ids are at most {MAX_ID_LENGTH} characters)")
+    conversion = re.search(r"CSV conversion error to (\w+): invalid value '(.*)'", message)
+    if conversion and layout.rating is not None:
+        value = conversion.group(2)
+        found = _find_line(source, skip, lambda text: _field(text, layout, layout.rating) == value.strip())
+        at = f"line {found[0]}" if found else "a line"
+        return DataError(f"unparsable rating {value!r} (column {layout.column_name(layout.rating)}) on {at} of {name}")
+    return DataError(f"cannot read {source.path}{source.note}: {message.splitlines()[0] if message else exc!r}")
+
+
+def _find_line(source: _Source, skip: int, matches: Callable[[str], bool] | None,
+               utf8: bool = False) -> tuple[int, str] | None:
+    """(number, text) of the first line after `skip` that `matches`, or that is not UTF-8
+    (utf8=True), or (matches None) that is longer than _BLOCK_BYTES."""
+    for lineno, raw in source.lines():
+        if matches is None and not utf8:
+            if len(raw) >= _BLOCK_BYTES:
+                return lineno, ""
+            continue
+        if lineno <= skip:
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if utf8:
+                return lineno, ""
+            continue
+        if matches is not None and matches(text):
+            return lineno, text
+    return None
+
+
+def _field(text: str, layout: Layout, j: int) -> str | None:
+    fields = split_line(text, layout.sep)
+    return fields[j].strip() if len(fields) > j else None
+
+
+class _SeparatorStream(io.RawIOBase):
+    """A byte stream with `sep` (a multi-character separator, or WHITESPACE for runs of spaces
+    and tabs) rewritten to _FIELD_SEP, one whole line at a time, for pyarrow's CSV reader."""
+
+    def __init__(self, raw, sep: str):
+        super().__init__()
+        self._raw, self._sep = raw, sep
+        self._carry = self._out = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._eof and (n < 0 or len(self._out) < n):
+            chunk = self._raw.read(_SCAN_CHUNK)
+            if chunk:
+                buf = self._carry + chunk
+                cut = max(buf.rfind(b"\n"), buf.rfind(b"\r")) + 1
+                if cut == 0 and len(buf) > _BLOCK_BYTES:
+                    cut = len(buf)  # an overlong line: pass it on and let the reader reject it
+                data, self._carry = buf[:cut], buf[cut:]
+            else:
+                self._eof = True
+                data, self._carry = self._carry, b""
+            self._out += _rewrite(data, self._sep)
+        if n < 0:
+            out, self._out = self._out, b""
+        else:
+            out, self._out = self._out[:n], self._out[n:]
+        return out
+
+
+
+def _rewrite(data: bytes, sep: str) -> bytes:
+    """Whole lines with `sep` (or runs of whitespace) turned into _FIELD_SEP."""
+    if sep == WHITESPACE:
+        return b"\n".join(_FIELD_SEP.join(line.split()) for line in data.split(b"\n"))
+    return data.replace(sep.encode("utf-8"), _FIELD_SEP)
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def _read_parquet(source: _Source, rating_threshold, *, user_col, item_col, rating_col) -> _Columns:
+    """The columns of a Parquet file, chosen by name (or index) like a text file's header."""
+    path = source.path
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
+    u, i, r = choose_columns(names, len(names), path, rating_threshold, user_col=user_col, item_col=item_col,
+                             rating_col=rating_col)
+    wanted = [names[j] for j in (u, i, r) if j is not None]
+    try:
+        table = parquet.read(columns=wanted, use_threads=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read {path} (Parquet): {exc}") from None
+    return _Columns(source, table.column(names[u]), table.column(names[i]),
+                    table.column(names[r]) if r is not None else None,
+                    tuple(repr(names[j]) if j is not None else None for j in (u, i, r)),
+                    lambda k: f"row {k + 1} of {path.name}", True)
