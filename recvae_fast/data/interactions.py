@@ -150,12 +150,12 @@ def from_triples(users: np.ndarray, items: np.ndarray, values: np.ndarray | None
 def from_codes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None, binary: bool,
                user_ids: np.ndarray, item_ids: np.ndarray) -> Interactions:
     """Interactions from row/column codes into id tables; duplicates summed (or 1 if binary)."""
-    vals = np.ones(rows.size, dtype=np.float32) if values is None else values
-    m = sp.csr_matrix((vals, (rows, cols)), shape=(user_ids.size, item_ids.size), dtype=np.float64 if not binary else np.float32)
+    vals = np.ones(rows.size, dtype=np.float32) if binary or values is None else values.astype(np.float64)
+    m = sp.csr_matrix((vals, (rows, cols)), shape=(user_ids.size, item_ids.size))
     m.sum_duplicates()
     if binary:
         m.data[:] = 1.0
-    return Interactions(m.astype(np.float32), user_ids, item_ids)
+    return Interactions(m if m.dtype == np.float32 else m.astype(np.float32), user_ids, item_ids)
 
 
 def popularity_scores(train) -> np.ndarray:

@@ -6,10 +6,12 @@ whitespace through a stream that rewrites them, line by line, into one separator
 Compressed files (.gz, .bz2, .zst) are decompressed on the fly; a gzip/bzip2/zstd file is
 recognised by its first bytes whatever its name. Parquet files are read with pyarrow.parquet.
 
-The user and item columns are read as dictionary-encoded strings: the reader hashes the ids into a
-table of distinct ids and per-row codes, so memory grows with the number of distinct ids, not with
-the longest one. The table is then normalised (ids that are all exact integers become int64) and
-sorted, and rows and columns follow that order.
+The user and item columns are read as strings (Arrow's variable-width layout, so one long id costs
+its own length). A column whose every value is the canonical decimal form of an int64 becomes int64
+ids, coded by direct indexing into the range they span; other ids are hashed into a table of
+distinct ids (pyarrow's dictionary encoding) that is checked, trimmed and normalised. The distinct
+ids are sorted, and rows and columns follow that order. The rating filter is applied before
+coding, so users and items left without an interaction are not indexed.
 
 Problems are located for the user: a failing row is found again in the text, streaming, to name
 its line number (only when something is wrong, so the fast path never counts lines).
@@ -39,7 +41,6 @@ from .layout import FORMATS, WHITESPACE, Layout, choose_columns, detect_layout, 
 _BLOCK_BYTES = 1 << 22  # pyarrow's CSV block; a longer line is rejected (ids are at most 1,000 characters)
 _SCAN_CHUNK = 1 << 20  # bytes read at a time when streaming through lines
 _FIELD_SEP = b"\x1f"  # ASCII unit separator: what multi-character separators are rewritten to
-_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 _COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -141,14 +142,14 @@ class _Source:
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"cannot read {self.path}: {exc}") from None
 
-    def lines(self) -> Iterator[tuple[int, bytes]]:
+    def lines(self, chunk_bytes: int = _SCAN_CHUNK) -> Iterator[tuple[int, bytes]]:
         """(line number, bytes) of every line (ends: \\n, \\r\\n or \\r), streaming. A line longer
         than _BLOCK_BYTES ends the iteration (cut there), so memory stays bounded."""
         carry, lineno = b"", 0
         with self.stream() as f:
             while True:
                 try:
-                    chunk = f.read(_SCAN_CHUNK)
+                    chunk = f.read(chunk_bytes)
                 except (OSError, pa.ArrowException) as exc:
                     raise DataError(f"cannot read {self.path}{self.note}: {exc}") from None
                 buf = carry + chunk
@@ -189,9 +190,7 @@ class _Columns:
         if n_rows == 0:
             what = "has a header but no data rows" if self.had_header else "has no data"
             raise DataError(f"empty dataset: {name} {what}")
-        rows, user_ids = self._codes(self.users, "user", self.labels[0])
-        cols, item_ids = self._codes(self.items, "item", self.labels[1])
-        values = None
+        values = keep = None
         if self.ratings is not None:
             values = self._ratings()
             if rating_threshold is not None:
@@ -203,29 +202,41 @@ class _Columns:
                     raise DataError(f"negative rating '{values[k]:g}' on {self.where(k)}: interaction weights must "
                                     "be >= 0 (pass rating_threshold to binarise ratings)")
                 keep = values > 0
-            if not keep.all():
-                rows, cols, values = rows[keep], cols[keep], values[keep]
-        if rows.size == 0:
+            if keep.all():
+                keep = None
+            else:
+                values = values[keep]
+        if values is not None and values.size == 0:
             if rating_threshold is not None:
                 what = f" after keeping ratings > {rating_threshold:g}"
             else:
-                what = " after dropping zero ratings" if self.ratings is not None else ""
+                what = " after dropping zero ratings"
             raise DataError(f"empty dataset: no interactions left in {name}{what} ({n_rows} rows read)")
-        rows, user_ids = _drop_unused(rows, user_ids)
-        cols, item_ids = _drop_unused(cols, item_ids)
+        # Ids are checked on every row, coded on the rows kept: ids of no kept row are not indexed.
+        rows, user_ids = self._codes(self.users, "user", self.labels[0], keep)
+        cols, item_ids = self._codes(self.items, "item", self.labels[1], keep)
         binary = rating_threshold is not None or values is None
         return from_codes(rows, cols, None if binary else values, binary, user_ids, item_ids)
 
-    def _codes(self, column: pa.ChunkedArray, role: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-        """(per-row code, sorted distinct ids) of an id column, the ids checked and normalised."""
+    def _codes(self, column: pa.ChunkedArray, role: str, label: str,
+               keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(code of each kept row, sorted distinct ids of the kept rows) of an id column, the ids of
+        every row checked and normalised."""
         if column.null_count:
             k = _first_true(pc.is_null(column))
             raise DataError(f"missing {role} id (column {label}) on {self.where(k)}")
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            ints = _exact_ints(column)
+            if ints is not None:
+                return _int_codes(ints if keep is None else ints[keep])
+        elif pa.types.is_integer(column.type):
+            ints = column.cast(pa.int64()).to_numpy()
+            return _int_codes(ints if keep is None else ints[keep])
         if not pa.types.is_dictionary(column.type):
-            column = pc.dictionary_encode(column)
+            column = pc.dictionary_encode(column)  # hashes the ids: codes into a table of distinct ids
         column = pa.table({"c": column}).unify_dictionaries().column("c")
         dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
-        codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in column.chunks]).astype(np.int64)
+        codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in column.chunks])
 
         def row_of(entry: int) -> int:
             return int(np.flatnonzero(codes == entry)[0])
@@ -247,7 +258,7 @@ class _Columns:
             raise DataError(f"the {role} column {label} of {self.source.path.name} holds {dictionary.type}, "
                             "not integers or strings")
         distinct, inverse = np.unique(ids, return_inverse=True)  # sorts, and merges ids equal after trimming
-        return inverse.reshape(-1)[codes], distinct
+        return _drop_unused(inverse.reshape(-1)[codes if keep is None else codes[keep]], distinct)
 
     def _ratings(self) -> np.ndarray:
         label = self.labels[2]
@@ -269,6 +280,49 @@ class _Columns:
             raise DataError(f"rating {values[k]:g} (column {label}) on {self.where(k)} is beyond the float32 "
                             f"range (±{_FLOAT32_MAX:.4g})")
         return values
+
+
+def _exact_ints(column: pa.ChunkedArray) -> np.ndarray | None:
+    """The column as int64 when every value is the canonical decimal form of an int64 ('7',
+    '-12'; not '007', '+7', ' 7' or '0x7'), else None. pyarrow's cast rejects signs, spaces and
+    non-digits but accepts leading zeros ('007', '0x7', '-0'): those are caught by looking at the
+    first two bytes of each string."""
+    try:
+        ints = pc.cast(column, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        offsets_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offsets_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
+        starts = offsets[:-1]
+        first = data[starts]
+        zero, minus = first == ord("0"), first == ord("-")
+        if zero.any() and (np.diff(offsets)[zero] > 1).any():
+            return None
+        if minus.any() and (data[starts[minus] + 1] == ord("0")).any():
+            return None
+    return ints.to_numpy()
+
+
+def _int_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row code, sorted distinct ids) of int64 ids: by direct indexing when the ids span a
+    range not much larger than their count (the usual case: O(n), no hashing, no sorting),
+    else by hashing (pyarrow) and sorting the distinct ids."""
+    if values.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < 4 * values.size + 1024:
+        offset = values - lo
+        present = np.zeros(hi - lo + 1, dtype=bool)
+        present[offset] = True
+        rank = np.cumsum(present, dtype=np.int64) - 1
+        return rank[offset], np.flatnonzero(present) + lo
+    encoded = pc.dictionary_encode(pa.array(values))
+    distinct, inverse = np.unique(encoded.dictionary.to_numpy(), return_inverse=True)
+    return inverse.reshape(-1)[encoded.indices.to_numpy()], distinct
 
 
 def _first_true(mask) -> int:
@@ -313,7 +367,7 @@ def _read_text(source: _Source, rating_threshold, *, sep, has_header, user_col, 
         invalid_row_handler=on_invalid_row)
     convert_options = pa_csv.ConvertOptions(
         include_columns=[names[j] for j in wanted],
-        column_types={names[layout.user]: _ID_TYPE, names[layout.item]: _ID_TYPE,
+        column_types={names[layout.user]: pa.string(), names[layout.item]: pa.string(),
                       **({names[layout.rating]: pa.float64()} if layout.rating is not None else {})},
         null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False)
     stream = source.stream()
@@ -356,7 +410,7 @@ def _first_lines(source: _Source) -> tuple[list[str], int]:
     lines before them. DataError for UTF-16 or binary content."""
     lines: list[str] = []
     n_blank = 0
-    for lineno, raw in source.lines():
+    for lineno, raw in source.lines(min(_SCAN_CHUNK, 1 << 16)):
         if lineno == 1:
             if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
                 raise DataError(f"{source.path} is UTF-16 text (it starts with a UTF-16 byte-order mark); "
