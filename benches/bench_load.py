@@ -6,12 +6,13 @@ The file is generated: userId (~1 user per 145 rows, as in ML-20M), movieId (Zip
 ~27,000 ids up to 131,262), rating in 0.5 .. 5.0, 10-digit timestamp. Default 5,000,000 rows
 (~120 MB of CSV, peak memory of the whole bench ~3 GiB); RECVAE_BENCH_LOAD_ROWS=20000000 gives the
 ML-20M size (~7 GiB peak). Each loader's peak memory is measured alone, in a fresh interpreter
-(peak RSS after the load minus RSS after the imports), and printed with the times.
+(peak RSS during the load, reset through /proc/self/clear_refs, minus the RSS before it), and printed with the times.
 
     pytest benches/bench_load.py --benchmark-disable -s
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -23,7 +24,6 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-import scipy.sparse as sp
 
 from recvae_fast.data import load_interactions
 
@@ -35,23 +35,25 @@ THRESHOLD = 3.5
 # it replaced was 14x slower than pandas); they are not the goal (>= 1x).
 CSV_FLOOR, PARQUET_FLOOR = 0.4, 0.7
 
-PANDAS_LOAD = textwrap.dedent("""
-    import numpy as np, pandas as pd, scipy.sparse as sp
 
-    def pandas_load(path, threshold):
-        if str(path).endswith(".parquet"):
-            df = pd.read_parquet(path, columns=["userId", "movieId", "rating"])
-        else:
-            df = pd.read_csv(path, usecols=["userId", "movieId", "rating"])
-        df = df[df["rating"] > threshold]
-        user_ids, rows = np.unique(df["userId"].to_numpy(), return_inverse=True)
-        item_ids, cols = np.unique(df["movieId"].to_numpy(), return_inverse=True)
-        m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(user_ids.size, item_ids.size))
-        m.sum_duplicates()
-        m.data[:] = 1
-        return m, user_ids, item_ids
-""")
-exec(PANDAS_LOAD)  # defines pandas_load here too, the same code the memory probe runs
+
+def pandas_load(path, threshold):
+    """The reference: pandas.read_csv (or read_parquet) and the same filtering and CSR build."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    if str(path).endswith(".parquet"):
+        df = pd.read_parquet(path, columns=["userId", "movieId", "rating"])
+    else:
+        df = pd.read_csv(path, usecols=["userId", "movieId", "rating"])
+    df = df[df["rating"] > threshold]
+    user_ids, rows = np.unique(df["userId"].to_numpy(), return_inverse=True)
+    item_ids, cols = np.unique(df["movieId"].to_numpy(), return_inverse=True)
+    m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(user_ids.size, item_ids.size))
+    m.sum_duplicates()
+    m.data[:] = 1
+    return m, user_ids, item_ids
 
 
 def generate(path_csv, path_parquet, n_rows: int, seed: int = 0) -> None:
@@ -83,18 +85,22 @@ def peak_memory_mib(kind: str, path) -> tuple[float, float]:
     if kind == "ours":
         setup, call = "from recvae_fast.data import load_interactions", f"load_interactions({str(path)!r}, rating_threshold={THRESHOLD})"
     else:
-        setup, call = PANDAS_LOAD, f"pandas_load({str(path)!r}, {THRESHOLD})"
-    script = setup + textwrap.dedent(f"""
-        import json, resource, time
+        setup, call = inspect.getsource(pandas_load), f"pandas_load({str(path)!r}, {THRESHOLD})"
+    script = setup + "\n" + textwrap.dedent(f"""
+        import json, time
         import pyarrow, pandas  # both loaders' imports before the baseline
-        def rss_mib():
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
-        base = rss_mib()
+
+        def status_kib(field):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        base = status_kib("VmRSS")
         start = time.perf_counter()
         result = {call}
         seconds = time.perf_counter() - start
-        print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, seconds]))
+        print(json.dumps([(status_kib("VmHWM") - base) / 1024, seconds]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=1200)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from ..atomic import atomic_write, atomic_write_text
 from .errors import DataError
 from .ids import IdMap, ids_from_arrays, ids_to_arrays, normalize_ids, read_json
+from .storage import csr_from_arrays, open_npz
 
 
 def canonical_csr(matrix) -> sp.csr_matrix:
@@ -116,8 +117,6 @@ class Interactions:
     @classmethod
     def load(cls, path) -> "Interactions":
         """Read a file written by `save`, validating it (DataError naming the file otherwise)."""
-        from .storage import csr_from_arrays, open_npz
-
         path = Path(path)
         with open_npz(path) as z:
             m = csr_from_arrays(z, "", path.name)
