@@ -5,8 +5,9 @@ filtering (rating > 3.5, sorted id maps, CSR build with duplicates merged).
 The file is generated: userId (~1 user per 145 rows, as in ML-20M), movieId (Zipf-like over
 ~27,000 ids up to 131,262), rating in 0.5 .. 5.0, 10-digit timestamp. Default 5,000,000 rows
 (121 MiB of CSV; the whole bench peaked at 0.9 GiB RSS); RECVAE_BENCH_LOAD_ROWS=20000000 gives the
-ML-20M size (each loader alone peaked at 0.9-1.5 GiB; see benches/RESULTS.md). Each loader's peak memory is measured alone, in a fresh interpreter
-(peak RSS during the load, reset through /proc/self/clear_refs, minus the RSS before it), and printed with the times.
+ML-20M size (each loader alone peaked at 0.9-1.5 GiB; see benches/RESULTS.md). Each loader's peak
+memory is measured alone, in a fresh interpreter (peak RSS during the load, reset through
+/proc/self/clear_refs, minus the RSS before it), and printed with the times.
 
     pytest benches/bench_load.py --benchmark-disable -s
 """
@@ -83,7 +84,8 @@ def files(tmp_path_factory):
 def peak_memory_mib(kind: str, path) -> tuple[float, float]:
     """(peak RSS growth in MiB, seconds) of one load in a fresh interpreter."""
     if kind == "ours":
-        setup, call = "from recvae_fast.data import load_interactions", f"load_interactions({str(path)!r}, rating_threshold={THRESHOLD})"
+        setup = "from recvae_fast.data import load_interactions"
+        call = f"load_interactions({str(path)!r}, rating_threshold={THRESHOLD})"
     else:
         setup, call = inspect.getsource(pandas_load), f"pandas_load({str(path)!r}, {THRESHOLD})"
     script = setup + "\n" + textwrap.dedent(f"""

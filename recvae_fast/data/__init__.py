@@ -4,10 +4,11 @@ embedded synthetic dataset, and the split's storage in a run folder.
 Modules, top-down:
 - `ids`: original user/item ids and `IdMap`, the one map between ids and matrix positions;
 - `interactions`: `Interactions`, a CSR users × items matrix with its ids;
-- `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files;
+- `layout`: a text file's separator, header and user/item/rating columns, detected;
+- `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files (pyarrow);
 - `preprocess`: drop users (and items) with too few interactions;
 - `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` /
-  `Split.fingerprint` implemented in `storage`;
+  `Split.fingerprint` implemented in `storage` (a run folder's split.npz, items.json, users.json);
 - `synthetic`: `synthetic_dataset`.
 
 Every problem with the input raises `DataError` (a ValueError) with one line that names it.

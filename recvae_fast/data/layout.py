@@ -69,8 +69,8 @@ def parse_sep(sep) -> str | None:
         return None
     if not isinstance(sep, str) or sep == "":
         raise DataError(f"sep must be a non-empty string, got {sep!r}")
-    aliases = {"\\t": "\t", "tab": "\t", "\\s+": WHITESPACE, "space": WHITESPACE, "whitespace": WHITESPACE, "comma": ",",
-               "semicolon": ";", "pipe": "|"}
+    aliases = {"\\t": "\t", "tab": "\t", "\\s+": WHITESPACE, "space": WHITESPACE, "whitespace": WHITESPACE,
+               "comma": ",", "semicolon": ";", "pipe": "|"}
     sep = aliases.get(sep.lower(), sep)
     if sep.isspace() and sep != "\t":
         return WHITESPACE

@@ -8,7 +8,7 @@ recognised by its first bytes whatever its name. Parquet files are read with pya
 
 The user and item columns are read as strings (Arrow's variable-width layout, so one long id costs
 its own length). A column whose every value is the canonical decimal form of an int64 becomes int64
-ids, coded by direct indexing into the range they span; other ids are hashed into a table of
+ids, coded by direct indexing into the range they span (by hashing when that range is sparse); other ids are hashed into a table of
 distinct ids (pyarrow's dictionary encoding) that is checked, trimmed and normalised. The distinct
 ids are sorted, and rows and columns follow that order. The rating filter is applied before
 coding, so users and items left without an interaction are not indexed.
