@@ -12,6 +12,7 @@ import torch
 
 from .metrics import ndcg_at_k, recall_at_k
 from .model import RecVAE
+from .scoring import blocked_topk
 from .sparse import as_user_matrix
 from .topk import TopK, TopKAccumulator, check_k, topk_masked
 
@@ -66,6 +67,8 @@ def recommend(
 
 def _topk_of_scores(mu, weight, bias, seen: sp.csr_matrix, k: int, item_chunk: int):
     """Masked top-k of mu·Wdᵀ + bd, in item chunks when the block would be too large (any device)."""
+    if mu.device.type == "cpu":  # score cache-sized blocks, each merged into the top-k while in cache
+        return tuple(blocked_topk(mu, weight, bias, seen, k))
     n_items = weight.shape[0]
     if item_chunk >= n_items:
         scores, ids = topk_masked(torch.addmm(bias, mu, weight.t()).float(), seen, k)

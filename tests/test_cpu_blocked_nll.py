@@ -1,0 +1,140 @@
+"""The CPU multinomial NLL (recvae_fast.torch_ops) streams item blocks: values and every gradient
+against the dense reference −(log_softmax(z·Wᵀ + b)·X).sum(−1), at awkward block boundaries
+(items not a multiple of the block, a last block of one item, one block larger than the
+catalogue, one item per block), with empty and one-item users, in float32 and float64, with the
+decoder-phase probabilities kept from forward and recomputed in backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_ratings
+
+from recvae_fast import torch_ops
+from recvae_fast.cache_blocks import item_block_size
+from recvae_fast.sparse import as_csr_batch
+
+N_USERS, N_ITEMS, LATENT = 9, 37, 5
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+# The gradients each phase of training asks for: encoder (z), decoder (Wd, bd), and all three.
+FLAGS = {"encoder": (True, False, False), "decoder": (False, True, True), "all": (True, True, True)}
+
+
+def make_case(n_users, n_items, dtype, seed=0, z_scale=1.0):
+    ratings = random_ratings(n_users, n_items, seed=seed, max_items=min(12, n_items))  # rows 0 / 1: empty / one item
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_users, LATENT, generator=gen, dtype=torch.float64) * z_scale
+    w = torch.randn(n_items, LATENT, generator=gen, dtype=torch.float64) / LATENT**0.5
+    b = torch.randn(n_items, generator=gen, dtype=torch.float64)
+    g = torch.randn(n_users, generator=gen, dtype=torch.float64)
+    x = torch.tensor(ratings.toarray(), dtype=torch.float64)
+    return as_csr_batch(ratings, n_items, dtype=dtype), x, z, w, b, g
+
+
+def run_both(batch, x, z, w, b, g, flags, dtype, nll):
+    """(loss, grads) of `nll` in `dtype` and of the dense reference in float64, for the flagged inputs."""
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(f) for t, f in zip((z, w, b), flags)]
+    out = nll(*leaves, batch)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g.to(dtype))
+    ref_leaves = [t.detach().clone().requires_grad_(f) for t, f in zip((z, w, b), flags)]
+    ref = -(torch.log_softmax(torch.addmm(ref_leaves[2], ref_leaves[0], ref_leaves[1].T), dim=-1) * x).sum(-1)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], g)
+    return out, grads, ref, ref_grads
+
+
+def assert_match(out, grads, ref, ref_grads, dtype):
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("block", [1, 6, N_ITEMS - 1, N_ITEMS, N_ITEMS + 5], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("phase", list(FLAGS))
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
+def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_probs):
+    batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, dtype)
+    assert batch.row_sums()[0] == 0 and batch.indptr[2] - batch.indptr[1] == 1  # an empty and a one-item user
+
+    def nll(z, w, b, batch):
+        return torch_ops.multinomial_nll_blocked(z, w, b, batch, block, keep_probs=keep_probs)
+
+    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, nll), dtype)
+
+
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
+def test_large_logits_stay_finite_and_exact(keep_probs):
+    """Logits of ±hundreds: the running max and the per-block exp(m − LSE) scale must not overflow."""
+    batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=3, z_scale=300.0)
+
+    def nll(z, w, b, batch):
+        return torch_ops.multinomial_nll_blocked(z, w, b, batch, 4, keep_probs=keep_probs)
+
+    out, grads, ref, ref_grads = run_both(batch, x, z, w, b, g, FLAGS["all"], torch.float64, nll)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
+    assert_match(out, grads, ref, ref_grads, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("phase", list(FLAGS))
+def test_default_block_rule_with_several_blocks(dtype, phase):
+    """multinomial_nll itself (the machine's block size), on a batch wide enough for several
+    blocks and a partial last one."""
+    n_users = 700
+    block = item_block_size(n_users, torch.tensor([], dtype=dtype).element_size())
+    n_items = 2 * block + 3
+    batch, x, z, w, b, g = make_case(n_users, n_items, dtype, seed=1)
+    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, torch_ops.multinomial_nll), dtype)
+
+
+def test_probabilities_kept_only_within_the_budget(monkeypatch):
+    """Within KEPT_PROBS_BYTES the decoder phase keeps each block's probabilities for backward;
+    past it (budget 0 here) it keeps none and recomputes; both match the reference."""
+    batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=2)
+    for budget, kept_blocks in ((1 << 30, 1), (0, 0)):
+        monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", budget)
+        leaves = [t.clone().requires_grad_(f) for t, f in zip((z, w, b), FLAGS["decoder"])]
+        out = torch_ops.multinomial_nll(*leaves, batch)
+        assert len(out.grad_fn.kept) == kept_blocks  # autograd's node is the Function's ctx
+        assert_match(
+            *run_both(batch, x, z, w, b, g, FLAGS["decoder"], torch.float64, torch_ops.multinomial_nll), torch.float64
+        )
+    leaves = [t.clone().requires_grad_(f) for t, f in zip((z, w, b), FLAGS["encoder"])]
+    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", 1 << 30)
+    assert torch_ops.multinomial_nll(*leaves, batch).grad_fn.kept == []  # encoder phase: nothing kept
+
+
+def test_no_grad_and_all_users_empty():
+    batch, x, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
+    with torch.no_grad():
+        out = torch_ops.multinomial_nll_blocked(z, w, b, batch, 5)
+    ref = -(torch.log_softmax(z @ w.T + b, dim=-1) * x).sum(-1)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    empty = as_csr_batch(torch.zeros(4, N_ITEMS, dtype=torch.float64), N_ITEMS, dtype=torch.float64)
+    zz = torch.randn(4, LATENT, dtype=torch.float64, requires_grad=True)
+    ww = w.clone().requires_grad_()
+    out = torch_ops.multinomial_nll_blocked(zz, ww, b, empty, 8)
+    assert torch.equal(out, torch.zeros(4, dtype=torch.float64))
+    gz, gw = torch.autograd.grad(out.sum(), (zz, ww))
+    assert torch.equal(gz, torch.zeros_like(gz)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+def test_bad_block_raises():
+    batch, _, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
+    with pytest.raises(ValueError, match="item_block must be >= 1"):
+        torch_ops.multinomial_nll_blocked(z, w, b, batch, 0)
+
+
+def test_block_rule_fills_half_of_l2(monkeypatch):
+    import recvae_fast.cache_blocks as cb
+
+    monkeypatch.setattr(cb, "l2_bytes_per_core", lambda: 2 << 20)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cb.item_block_size(500, 4) == 1024  # 500 × 1024 × 4 B = 2 MiB: half of 2 × 2 MiB
+    assert cb.item_block_size(500, 8) == 512
+    assert cb.item_block_size(1, 4) == 1 << 16  # capped
+    assert cb.item_block_size(100_000, 8) == 64  # floored
+    with pytest.raises(ValueError):
+        cb.item_block_size(10, 0)
