@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _topk
 from .cache_blocks import item_block_size
-from .topk import TopK, _check_k, _check_threads, _seen_csr
+from .topk import TopK, _check_threads, _ext, _seen_csr, check_k
 
 # The merge into the running top-k costs a fixed amount per row and block, so scoring blocks are
 # this many times the NLL's cache block. A probe on the (loaded) development machine at B 500:
@@ -40,7 +39,7 @@ def blocked_topk(
 
     seen: any form `topk_masked` accepts (B rows, catalogue columns). item_block: items per block
     (default: scoring_block_size)."""
-    k = _check_k(k)
+    k = check_k(k)
     for name, t in (("mu", mu), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
             raise TypeError(f"{name} must be a CPU tensor")
@@ -55,7 +54,7 @@ def blocked_topk(
     indptr, indices, _ = _seen_csr(seen, n_rows, n_items)
     threads = _check_threads(num_threads)
     cap = min(k, n_items)
-    state = _topk.State(n_rows, cap, cap)
+    state = _ext().State(n_rows, cap, cap)
     scores = torch.empty(n_rows, min(block, n_items), dtype=mu.dtype)
     scores32 = scores if mu.dtype == torch.float32 else torch.empty(scores.shape, dtype=torch.float32)
     for start in range(0, n_items, block):

@@ -90,7 +90,7 @@ def test_bad_inputs_raise_clear_errors():
         blocked_topk(mu, weight[:, :2], bias, seen, 3)
     with pytest.raises(ValueError, match="seen has 40 columns"):
         blocked_topk(mu, weight, bias, seen[:, :40], 3)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
         blocked_topk(mu, weight, bias, seen, 0)
     with pytest.raises(TypeError, match="CPU tensor"):
         blocked_topk(mu.numpy(), weight, bias, seen, 3)
