@@ -10,30 +10,36 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
 
 from recvae_fast import RecVAE, evaluate, recommend
 from recvae_fast.distributed import ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
 from recvae_fast.distributed.model import SHARDED_KEYS
+from recvae_fast.distributed.checkpoint import (
+    gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
+)
+from recvae_fast.distributed.training import make_sharded_optimizers, sharded_train_step
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 H, K = 12, 5
 
 
-def spawn(worker, world_size: int, tmp_path, *args) -> None:
+def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> None:
     """Run worker(rank, *args) in world_size gloo processes; any worker's exception fails the test.
     Forked, not spawned: a fresh interpreter importing torch costs seconds per process."""
-    mp.start_processes(_bootstrap, args=(world_size, str(tmp_path / "pg_init"), worker, args), nprocs=world_size,
+    init_file = tmp_path / f"pg_init_{worker.__name__}"
+    mp.start_processes(_bootstrap, args=(world_size, str(init_file), timeout_s, worker, args), nprocs=world_size,
                        join=True, start_method="fork")
 
 
-def _bootstrap(rank, world_size, init_file, worker, args):
+def _bootstrap(rank, world_size, init_file, timeout_s, worker, args):
     os.environ["RECVAE_FAST_BACKEND"] = "torch"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=timeout_s))
     try:
         worker(rank, *args)
     finally:
@@ -165,3 +171,87 @@ def _training_worker(rank, n_items, out_dir):
 
 def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
     spawn(_training_worker, 2, tmp_path, 23, str(tmp_path))
+
+
+def _one_step(model, ratings, optimizers, cfg):
+    """One pinned encoder step (same mask and ε everywhere) on a RecVAE or a ShardedRecVAE."""
+    torch.manual_seed(11)
+    if isinstance(model, RecVAE):
+        train_step(model, model.as_batch(ratings), optimizers, cfg, "encoder")
+    else:
+        sharded_train_step(model, ratings, optimizers, cfg, "encoder")
+
+
+def _write_checkpoint_worker(rank, n_items, folder):
+    layout = item_layout(make_item_mesh(2), n_items)
+    torch.manual_seed(0)
+    initial = RecVAE(H, K, n_items).double().state_dict()
+    model = ShardedRecVAE(layout, H, K).double()
+    model.load_full_state_dict(initial)
+    optimizers = make_sharded_optimizers(model, 1e-3)
+    _one_step(model, awkward_ratings(9, n_items, 2), optimizers[:1], TrainConfig(**FIT))
+    save_checkpoint(folder, 1, model, optimizers, {"note": "2 shards"})
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        torch.save(full, Path(folder) / "expected.pt")
+
+
+def _reshard_checkpoint_worker(rank, n_items, folder):
+    layout = item_layout(make_item_mesh(3), n_items)
+    model = ShardedRecVAE(layout, H, K, seed=99).double()  # other weights, overwritten by the load
+    optimizers = make_sharded_optimizers(model, 1e-3)
+    train_state, _ = load_checkpoint(latest_checkpoint(folder), model, optimizers)
+    assert train_state == {"note": "2 shards"}
+    expected = torch.load(Path(folder) / "expected.pt", weights_only=True)
+    model_full = gather_full_state_dict(model)
+    if rank == 0:
+        for key, value in expected.items():
+            torch.testing.assert_close(model_full[key], value, rtol=0, atol=0, msg=key)
+    # Adam's moments were resharded too: they are those of the same step on one device
+    torch.manual_seed(0)
+    one = RecVAE(H, K, n_items).double()
+    one_opts = make_optimizers(one, 1e-3, sparse_fc1_grad=False)
+    _one_step(one, awkward_ratings(9, n_items, 2), one_opts[:1], TrainConfig(**FIT))
+    lo, hi = layout.lo, layout.hi
+    one_fc1 = one_opts[0].state[one.encoder.fc1.weight_t]
+    ours_fc1 = optimizers[0].state[model.encoder.fc1.weight_t]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ours_fc1[moment], one_fc1[moment][lo:hi], **TIGHT)
+    torch.testing.assert_close(ours_fc1["step"], one_fc1["step"].to(ours_fc1["step"].dtype))
+    save_checkpoint(folder, 2, model, optimizers, {"note": "3 shards"})
+
+
+def test_checkpoint_2_shards_to_3_shards_to_one_device(tmp_path):
+    folder = tmp_path / "ckpt"
+    spawn(_write_checkpoint_worker, 2, tmp_path, 23, str(folder))
+    spawn(_reshard_checkpoint_worker, 3, tmp_path, 23, str(folder))
+    expected = torch.load(folder / "expected.pt", weights_only=True)
+    assert latest_checkpoint(folder).name == "step-000002"
+    assert not (folder / "step-000001").exists()  # replaced once the new one was complete
+    one = load_into_recvae(latest_checkpoint(folder))
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_incomplete_checkpoint_is_never_used(tmp_path):
+    folder = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = RecVAE(H, K, 13).double()
+    state = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
+    (folder / "step-000001").mkdir(parents=True)
+    dcp.save(state, checkpoint_id=folder / "step-000001", no_dist=True)
+    (folder / "step-000001" / "train_state.json").write_text("{}")
+    (folder / "LATEST").write_text("step-000001\n")
+    # a crash during the next save leaves a partial folder, and LATEST untouched
+    (folder / "step-000002").mkdir()
+    (folder / "step-000002" / "__0_0.distcp").write_bytes(b"partial")
+    assert latest_checkpoint(folder).name == "step-000001"
+    loaded = load_into_recvae(latest_checkpoint(folder))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    (folder / "LATEST").write_text("step-000002\n")  # a pointer to an incomplete folder is refused
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        latest_checkpoint(folder)
+    (folder / "LATEST").write_text("../../etc\n")
+    with pytest.raises(ValueError, match="step-NNNNNN"):
+        latest_checkpoint(folder)

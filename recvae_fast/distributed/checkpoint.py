@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,13 +64,14 @@ def _model_entries(model: ShardedRecVAE) -> dict[str, tuple[torch.Tensor, bool]]
     return {name: (p, id(p) in shard_ids) for name, p in model.named_parameters()}
 
 
-def _add_optimizer_state(model: ShardedRecVAE, optimizers) -> None:
-    """Give every parameter of `optimizers` an Adam state (zeros) so that DCP can load into it."""
-    for opt in optimizers:
+def _add_optimizer_state(model: ShardedRecVAE, optimizers, saved_keys) -> None:
+    """Give each parameter whose Adam state the checkpoint holds a zero state, for DCP to load into."""
+    names = {id(p): n for n, (p, _) in _model_entries(model).items()}
+    for j, opt in enumerate(optimizers):
         fused = bool(opt.defaults.get("fused"))
         for group in opt.param_groups:
             for p in group["params"]:
-                if not opt.state[p]:
+                if f"adam{j}.{names[id(p)]}.step" in saved_keys and not opt.state[p]:
                     opt.state[p] = {
                         "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
                         **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in ADAM_MOMENTS},
@@ -149,8 +151,8 @@ def load_checkpoint(path, model: ShardedRecVAE, optimizers=(), with_best: bool =
     needed). Returns (the JSON training state, the best parameters by name, or None if asked for
     without with_best or if the checkpoint has none)."""
     path = Path(path)
-    _add_optimizer_state(model, optimizers)
     saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    _add_optimizer_state(model, optimizers, saved_keys)
     with_best = with_best and "best.decoder.weight" in saved_keys  # a run without validation has none
     best = {name: torch.empty_like(p) for name, (p, _) in _model_entries(model).items()} if with_best else None
     rng = torch.get_rng_state() if with_rng else None
@@ -176,7 +178,9 @@ def load_into_recvae(path, best: bool = False) -> RecVAE:
     dtype = metadata.state_dict_metadata[prefix + "decoder.weight"].properties.dtype
     model = model.to(dtype)
     state = {prefix + name: p.detach() for name, p in model.named_parameters()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.eval()
     return model
 
