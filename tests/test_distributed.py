@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from recvae_fast.distributed.model import SHARDED_KEYS
 from recvae_fast.distributed.checkpoint import (
     gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
 )
-from recvae_fast.distributed.training import make_sharded_optimizers, sharded_train_step
+from recvae_fast.distributed.inference import merge_candidates
+from recvae_fast.distributed.training import fit_sharded, make_sharded_optimizers, sharded_train_step
+from recvae_fast.topk import topk_masked
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -255,3 +258,105 @@ def test_incomplete_checkpoint_is_never_used(tmp_path):
     (folder / "LATEST").write_text("../../etc\n")
     with pytest.raises(ValueError, match="step-NNNNNN"):
         latest_checkpoint(folder)
+
+
+def _mesh_2x2_fit_worker(rank, n_items, out_dir):
+    train = awkward_ratings(26, n_items, 2, seed=2).astype(np.float32)
+    valid_in, valid_out = awkward_ratings(8, n_items, 2, seed=3), random_ratings(8, n_items, seed=4)
+    model = fit_sharded(train, valid_in, valid_out, item_shards=2, **{**FIT, "n_epochs": 2})
+    assert model.layout.data_size == 2 and model.layout.n_shards == 2
+    assert [r["epoch"] for r in model.history] == [1, 2] and all("valid_ndcg@100" in r for r in model.history)
+    # every rank of a shard ends with the same rows; every rank with the same replicated weights
+    for name, param in model.named_parameters():
+        copies = [torch.empty_like(param) for _ in range(4)]  # even shards: one shape on every rank
+        dist.all_gather(copies, param.detach().contiguous())
+        same_rows_as = {0: 2, 1: 3, 2: 0, 3: 1} if name in _sharded_param_names(model) else {r: (r + 1) % 4 for r in range(4)}
+        torch.testing.assert_close(copies[rank], copies[same_rows_as[rank]], rtol=0, atol=0, msg=name)
+
+
+def _sharded_param_names(model):
+    ids = {id(t) for t in model.shard_tensors().values()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_2x2_mesh_fit_keeps_replicas_in_step(tmp_path):
+    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 20, str(tmp_path))
+
+
+# --- the top-k merge: exact, ties included -----------------------------------------------------
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
+def test_merge_of_shard_topks_equals_one_topk(n_shards):
+    """Per-shard masked top-k, ids offset, merged: equal to topk_masked over all items, with many ties
+    (scores from a few values, across shard borders), eligible −inf items, NaN, seen items, and k larger
+    than a shard."""
+    rng = np.random.default_rng(n_shards)
+    n_users, n_items, k = 13, 17, 7
+    scores = rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    scores[rng.random(scores.shape) < 0.05] = np.nan
+    scores[0] = -np.inf  # every item −inf: still eligible, ranked by index
+    seen = sp.random(n_users, n_items, density=0.3, format="lil", random_state=1)
+    seen[1, :] = 1.0  # a user who has seen everything: all padding
+    seen = sp.csr_matrix(seen)
+    expected = topk_masked(scores, seen, k)
+    scores_t = torch.from_numpy(scores)
+    parts_scores, parts_items = [], []
+    for lo, hi in shard_bounds(n_items, n_shards):
+        local = topk_masked(scores_t[:, lo:hi].contiguous(), sp.csr_matrix(seen[:, lo:hi]), k)
+        parts_scores.append(local.scores)
+        parts_items.append(torch.where(local.items >= 0, local.items + lo, local.items))
+    merged = merge_candidates(torch.cat(parts_scores, 1), torch.cat(parts_items, 1), k)
+    np.testing.assert_array_equal(merged.items.numpy(), expected.items)
+    np.testing.assert_array_equal(merged.scores.numpy(), expected.scores)
+
+
+def test_shard_bounds():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        shard_bounds(2, 3)
+    with pytest.raises(ValueError, match="positive"):
+        shard_bounds(5, 0)
+
+
+# --- faults: every rank stops, with a clear error, in bounded time ------------------------------
+
+
+def _record_outcome(folder, rank, action):
+    """Run action(); write how it ended (and after how long) to folder/rank<r>.txt, then exit normally."""
+    start = time.monotonic()
+    try:
+        action()
+        outcome = "finished"
+    except Exception as exc:  # noqa: BLE001 - the test inspects every rank's error
+        outcome = f"{type(exc).__name__}: {exc}"
+    (Path(folder) / f"rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{outcome}")
+
+
+def _bad_data_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    if rank == 1:
+        train.data[3] = np.nan  # this rank read a corrupt file
+    _record_outcome(folder, rank, lambda: fit_sharded(train, item_shards=2, **{**FIT, "n_epochs": 1}))
+
+
+def _vanishing_rank_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    if rank == 1:
+        os._exit(0)  # killed without a word before training starts
+    _record_outcome(folder, rank, lambda: fit_sharded(train, item_shards=2, **{**FIT, "n_epochs": 1}))
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
+    spawn(_bad_data_worker, 2, tmp_path, 23, str(tmp_path))
+    for rank, message in ((0, "rank(s) [1] failed"), (1, "non-finite")):
+        seconds, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert message in outcome and float(seconds) < 30
+
+
+def test_a_vanished_rank_stops_the_others_in_bounded_time(tmp_path):
+    spawn(_vanishing_rank_worker, 2, tmp_path, 23, str(tmp_path), timeout_s=10)
+    seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert outcome != "finished" and float(seconds) < 30
