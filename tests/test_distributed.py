@@ -33,6 +33,8 @@ H, K = 12, 5
 def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> None:
     """Run worker(rank, *args) in world_size gloo processes; any worker's exception fails the test.
     Forked, not spawned: a fresh interpreter importing torch costs seconds per process."""
+    # torch.optim's first Adam imports torch._dynamo (seconds): pay it once here, not in every fork
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
     init_file = tmp_path / f"pg_init_{worker.__name__}"
     mp.start_processes(_bootstrap, args=(world_size, str(init_file), timeout_s, worker, args), nprocs=world_size,
                        join=True, start_method="fork")
