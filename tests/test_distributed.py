@@ -238,6 +238,7 @@ def test_checkpoint_2_shards_to_3_shards_to_one_device(tmp_path):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_incomplete_checkpoint_is_never_used(tmp_path):
     folder = tmp_path / "ckpt"
     torch.manual_seed(0)

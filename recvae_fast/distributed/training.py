@@ -10,6 +10,7 @@ group, the ranks that hold the same rows.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 
@@ -163,6 +164,9 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     agree(error)
 
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     mesh = make_item_mesh(item_shards, device.type)
     layout = item_layout(mesh, train.shape[1])
     torch.manual_seed(cfg.seed)
