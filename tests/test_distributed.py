@@ -97,6 +97,15 @@ def _gradient_worker(rank, n_items, item_shards, n_users):
         if param.requires_grad:
             torch.testing.assert_close(param.grad, expected[key], **TIGHT, msg=f"rank {rank}: {key}")
 
+    # an encoder step (decoder frozen) takes the likelihood's one-pass dz path: same encoder gradients
+    model.zero_grad(set_to_none=True)
+    model.decoder.requires_grad_(False)
+    sharded_backward(model, view, n_users, gamma=0.01, dropout_rate=0.5, keep_mask=sub_keep, eps=eps[users])
+    reduce_gradients(model)
+    assert model.decoder.weight.grad is None
+    torch.testing.assert_close(model.encoder.fc1.weight_t.grad, expected["encoder.fc1.weight"].t()[lo:hi], **TIGHT)
+    torch.testing.assert_close(model.encoder.fc_mu.weight.grad, expected["encoder.fc_mu.weight"], **TIGHT)
+
 
 @pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (3, 3, 31), (4, 2, 19)],
                          ids=["2 shards", "3 uneven shards", "2x2 mesh"])

@@ -39,61 +39,96 @@ class ShardView:
         self.local = CSRBatch(indptr, batch.indices[self.selected] - lo, batch.values[self.selected], hi - lo)
 
 
-class _ShardLogSumExp(torch.autograd.Function):
-    """log Σ_{i in shard} exp(z_u·Wd[i] + bd[i]) per user, streamed over item chunks (online max and
-    sum); saves the B results only. Backward recomputes each chunk's softmax from them.
-    (A per-shard partial of recvae_fast.torch_ops' multinomial NLL; a fused kernel can replace it.)"""
+class _ShardLikelihoodParts(torch.autograd.Function):
+    """This shard's two parts of each user's likelihood: LSE_u = log Σ_{i in shard} exp(logit_ui) and
+    Σ_{i in nz(u), in shard} x_ui·logit_ui, logits = z·Wdᵀ + bd over the shard's rows.
+
+    Forward streams item chunks (online max and sum) and saves the B LSEs, not the logits; backward
+    recomputes each chunk's softmax, with the sparse −g·x part put into the chunk before its products
+    (so dWd and dbd take one product and one sum per chunk, and no dense I × K gradient of the sparse
+    part is ever built). When only z needs a gradient (an encoder step), forward also accumulates
+    E_softmax[Wd]_u = Σ_i softmax_ui·Wd[i], and backward is dz = g_lse·E[Wd] + g_x·Σ_i x_ui·Wd[i] with
+    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; a
+    fused kernel can replace it.)"""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, chunk: int):
+    def forward(ctx, z, weight, bias, local: CSRBatch, chunk: int, only_grad_z: bool):
         run_max = torch.full((z.shape[0],), float("-inf"), dtype=z.dtype, device=z.device)
         run_sum = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        expected_w = torch.zeros_like(z) if only_grad_z else None
         for start in range(0, weight.shape[0], chunk):
-            logits = torch.addmm(bias[start : start + chunk], z, weight[start : start + chunk].t())
+            w_chunk = weight[start : start + chunk]
+            logits = torch.addmm(bias[start : start + chunk], z, w_chunk.t())
             new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
+            probs = torch.exp(logits.sub_(new_max[:, None]))
+            run_sum = run_sum * rescale + probs.sum(dim=1)
+            if only_grad_z:
+                expected_w.mul_(rescale[:, None]).addmm_(probs, w_chunk)
             run_max = new_max
         lse = run_max + torch.log(run_sum)
-        ctx.save_for_backward(z, weight, bias, lse)
-        ctx.chunk = chunk
-        return lse
+        # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]: one bag over the nonzeros
+        x_weight = F.embedding_bag(
+            local.indices, weight, local.indptr, mode="sum", per_sample_weights=local.values, include_last_offset=True
+        )
+        x_bias = torch.zeros_like(lse).index_add_(0, local.row_ids(), local.values * bias[local.indices])
+        x_logit = (z * x_weight).sum(dim=1) + x_bias
+        if only_grad_z:
+            ctx.save_for_backward(expected_w.div_(run_sum[:, None]), x_weight)
+        else:
+            ctx.save_for_backward(z, weight, bias, lse)
+            ctx.local = local
+        ctx.chunk, ctx.only_grad_z = chunk, only_grad_z
+        return lse, x_logit
 
     @staticmethod
-    def backward(ctx, grad_lse):
+    def backward(ctx, grad_lse, grad_x_logit):
+        if ctx.only_grad_z:
+            expected_w, x_weight = ctx.saved_tensors
+            return grad_lse[:, None] * expected_w + grad_x_logit[:, None] * x_weight, None, None, None, None, None
         z, weight, bias, lse = ctx.saved_tensors
+        local, chunk = ctx.local, ctx.chunk
         need_z, need_w, need_b = ctx.needs_input_grad[:3]
         grad_z = torch.zeros_like(z) if need_z else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b else None
-        for start in range(0, weight.shape[0], ctx.chunk):
-            w_chunk = weight[start : start + ctx.chunk]
-            logits = torch.addmm(bias[start : start + ctx.chunk], z, w_chunk.t())
-            g = torch.exp(logits.sub_(lse[:, None])).mul_(grad_lse[:, None])  # g_u · softmax_ui
+        # G = g_lse·softmax + g_x·x, chunk by chunk; nonzeros sorted by item give each chunk a slice
+        order = torch.argsort(local.indices, stable=True)
+        items_sorted = local.indices[order]
+        rows_sorted = local.row_ids()[order]
+        gx_sorted = (grad_x_logit[local.row_ids()] * local.values)[order]
+        n_items = weight.shape[0]
+        chunk_starts = torch.arange(0, n_items + chunk, chunk, device=z.device).clamp_(max=n_items)
+        bounds = torch.searchsorted(items_sorted, chunk_starts).tolist()
+        for k, start in enumerate(range(0, n_items, chunk)):
+            w_chunk = weight[start : start + chunk]
+            logits = torch.addmm(bias[start : start + chunk], z, w_chunk.t())
+            g = torch.exp(logits.sub_(lse[:, None])).mul_(grad_lse[:, None])
+            lo, hi = bounds[k], bounds[k + 1]
+            flat = rows_sorted[lo:hi] * g.shape[1] + (items_sorted[lo:hi] - start)
+            g.view(-1).index_add_(0, flat, gx_sorted[lo:hi])
             if need_z:
                 grad_z.addmm_(g, w_chunk)
             if need_w:
-                torch.mm(g.t(), z, out=grad_w[start : start + ctx.chunk])
+                torch.mm(g.t(), z, out=grad_w[start : start + chunk])
             if need_b:
-                torch.sum(g, dim=0, out=grad_b[start : start + ctx.chunk])
-        return grad_z, grad_w, grad_b, None
+                torch.sum(g, dim=0, out=grad_b[start : start + chunk])
+        return grad_z, grad_w, grad_b, None, None, None
 
 
-def shard_log_sum_exp(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def shard_likelihood_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, local: CSRBatch):
+    """(LSE over the shard's items, Σ x·logit over the shard's nonzeros) per user, both [B]."""
     chunk = max(256, LOGITS_PER_CHUNK // max(1, z.shape[0]))
-    return _ShardLogSumExp.apply(z, weight, bias, chunk)
+    only_grad_z = torch.is_grad_enabled() and z.requires_grad and not (weight.requires_grad or bias.requires_grad)
+    return _ShardLikelihoodParts.apply(z, weight, bias, local, chunk, only_grad_z)
 
 
 def sharded_multinomial_nll(z, weight, bias, view: ShardView, layout: ItemLayout) -> torch.Tensor:
     """−mll per user, [B]: n_u·LSE_u − Σ_i x_ui·logit_ui, with this rank holding decoder rows [lo, hi)."""
     z_here = grad_summed_over_shards(z, layout)  # dz = Σ over shards of each shard's part
-    lse = torch.logsumexp(gather_over_shards(shard_log_sum_exp(z_here, weight, bias), layout), dim=0)
-    local = view.local
-    x_weight = F.embedding_bag(
-        local.indices, weight, local.indptr, mode="sum", per_sample_weights=local.values, include_last_offset=True
-    )
-    x_bias = torch.zeros_like(lse).index_add(0, local.row_ids(), local.values * bias[local.indices])
-    x_logit = sum_over_shards((z_here * x_weight).sum(dim=1) + x_bias, layout)
-    return view.full.row_sums() * lse - x_logit
+    shard_lse, shard_x_logit = shard_likelihood_parts(z_here, weight, bias, view.local)
+    lse = torch.logsumexp(gather_over_shards(shard_lse, layout), dim=0)
+    return view.full.row_sums() * lse - sum_over_shards(shard_x_logit, layout)
 
 
 class ShardedInputLinear(nn.Module):
