@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..inference import SCORES_PER_BLOCK
-from ..metrics import ndcg_at_k, recall_at_k
+from ..metrics import ranking_metrics
 from ..topk import TopK, TopKAccumulator
 from .model import ShardedRecVAE
 
@@ -99,14 +99,7 @@ def evaluate_sharded(model: ShardedRecVAE, fold_in, heldout, batch_size: int = 5
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
     ranked = recommend_sharded(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items
-    heldout = sp.csr_matrix(heldout)
-    ndcg = ndcg_at_k(ranked, heldout, 100)
-    has_heldout = ~np.isnan(ndcg)
-    if not has_heldout.any():
+    metrics = ranking_metrics(ranked, sp.csr_matrix(heldout))
+    if metrics["n_users"] == 0:
         raise ValueError("no user has held-out items: nothing to evaluate")
-    return {
-        "ndcg@100": float(np.nanmean(ndcg)),
-        "recall@20": float(np.nanmean(recall_at_k(ranked, heldout, 20))),
-        "recall@50": float(np.nanmean(recall_at_k(ranked, heldout, 50))),
-        "n_users": int(has_heldout.sum()),
-    }
+    return metrics
