@@ -8,12 +8,12 @@ Inside an initialised process group (torchrun): `fit_sharded` trains, `recommend
 """
 from .checkpoint import gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint
 from .inference import evaluate_sharded, recommend_sharded
-from .mesh import ItemLayout, item_layout, make_item_mesh, shard_bounds
+from .mesh import ItemLayout, init_distributed, item_layout, make_item_mesh, shard_bounds
 from .model import ShardedRecVAE
 from .training import fit_sharded, sharded_train_step
 
 __all__ = [
-    "ItemLayout", "item_layout", "make_item_mesh", "shard_bounds", "ShardedRecVAE", "fit_sharded",
+    "ItemLayout", "init_distributed", "item_layout", "make_item_mesh", "shard_bounds", "ShardedRecVAE", "fit_sharded",
     "sharded_train_step", "recommend_sharded", "evaluate_sharded", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "load_into_recvae", "gather_full_state_dict",
 ]

@@ -14,7 +14,9 @@ random draws), which is what makes their backward passes correct:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -155,3 +157,24 @@ def gather_over_shards(x: torch.Tensor, layout: ItemLayout) -> torch.Tensor:
     if layout.n_shards == 1:
         return x[None]
     return _GatherOverShards.apply(x, layout.items_group)
+
+
+def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> None:
+    """dist.init_process_group from torchrun's environment, with every key of the group (and of the
+    mesh's subgroups, which share its store) under a prefix of the restart count.
+
+    Under `torchrun --max-restarts N` the store outlives a failed attempt, and the subgroups of the new
+    attempt get the same names as those of the old one: a rank could read a dead peer's address and
+    fail to connect. The prefix keeps each attempt's keys apart. `timeout` bounds how long a rank waits
+    in a collective for a peer that is gone. backend None: nccl with CUDA, gloo without.
+    """
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_hosts_store, timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"recvae_fast/attempt_{attempt}/", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
