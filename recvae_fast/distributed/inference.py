@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..inference import SCORES_PER_BLOCK
 from ..metrics import ranking_metrics
 from ..topk import TopK, TopKAccumulator
+from .mesh import collective_device
 from .model import ShardedRecVAE
 
 
@@ -58,9 +59,10 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
         raise ValueError(f"interactions must be a scipy.sparse users × {layout.n_items} matrix")
     interactions = sp.csr_matrix(interactions)
     n_users = interactions.shape[0]
-    # Rows of other data ranks stay zero; one sum over the data group fills them in.
-    out_scores = torch.zeros(n_users, k, dtype=torch.float32)
-    out_items = torch.zeros(n_users, k, dtype=torch.int64)
+    # Rows scored by other data ranks keep values below any result (−inf, and an item id below the −1
+    # of padding); a max over the data group fills them in.
+    out_scores = torch.full((n_users, k), float("-inf"), dtype=torch.float32)
+    out_items = torch.full((n_users, k), torch.iinfo(torch.int64).min, dtype=torch.int64)
     was_training = model.training
     model.eval()
     try:
@@ -82,11 +84,12 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
             out_items[start : start + len(items)] = items.cpu()
     finally:
         model.train(was_training)
-    if layout.data_size > 1:
-        out_scores = out_scores.masked_fill(torch.isinf(out_scores), 0)  # −inf padding: sum as 0, restore below
-        dist.all_reduce(out_scores, group=layout.data_group)
-        dist.all_reduce(out_items, group=layout.data_group)
-        out_scores = out_scores.masked_fill(out_items < 0, float("-inf"))
+    if layout.data_size > 1:  # each row was filled by one data rank; the others left their fill value
+        device = collective_device()
+        out_scores, out_items = out_scores.to(device), out_items.to(device)
+        dist.all_reduce(out_scores, op=dist.ReduceOp.MAX, group=layout.data_group)
+        dist.all_reduce(out_items, op=dist.ReduceOp.MAX, group=layout.data_group)
+        out_scores, out_items = out_scores.cpu(), out_items.cpu()
     return TopK(out_scores.numpy(), out_items.numpy())
 
 

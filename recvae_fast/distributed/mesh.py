@@ -103,6 +103,13 @@ def item_layout(mesh: DeviceMesh | None, n_items: int) -> ItemLayout:
     )
 
 
+def collective_device() -> torch.device:
+    """Where a tensor made only for a collective must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class _SumOverShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial, group):

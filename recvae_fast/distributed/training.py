@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..training import TrainConfig
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
-from .mesh import item_layout, make_item_mesh
+from .mesh import collective_device, item_layout, make_item_mesh
 from .model import ShardView, ShardedRecVAE
 
 
@@ -64,7 +64,7 @@ def agree(error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=collective_device())
     failed[dist.get_rank()] = int(error is not None)
     dist.all_reduce(failed)
     if error is not None:
