@@ -7,7 +7,9 @@ and only then switches `LATEST` atomically: a crash mid-save leaves the previous
 
 Sharded tensors are saved as ShardedTensor with their global shape and row offsets, so a checkpoint
 loads into any other number of item shards (DCP reads the overlapping rows), and, without a process
-group, into a single-device RecVAE. The training state that is not a tensor (epoch, history, the
+group, into a single-device RecVAE. (ShardedTensor, not DTensor: DTensor's Shard(0) fixes the rows per
+rank to ceil(I / S), which can leave a rank empty, e.g. 9 items over 4 ranks as 3, 3, 3, 0, where
+ShardedTensor takes any row ranges. torch announces ShardedTensor's deprecation with a FutureWarning.) The training state that is not a tensor (epoch, history, the
 numpy generator, the configuration) is JSON in `train_state.json` inside the subfolder: nothing in a
 checkpoint is ever unpickled.
 """

@@ -5,8 +5,8 @@ of the old encoder's fc1 and of the decoder (weight rows and bias); every other 
 replicated. Every rank sees the whole CSR batch:
 - fc1: c_ui (row L2 norm, dropout mask) from the full row, as on one device; each rank gathers its
   own items' rows into a partial B × H sum; one all-reduce gives h1_pre.
-- likelihood: each rank's log-sum-exp over its items (`shard_log_sum_exp`, streamed in item chunks)
-  and its Σ x·logit; an all-gather of the B-sized LSEs gives the global one, an all-reduce the sum.
+- likelihood: each rank's log-sum-exp over its items and its Σ x·logit (`shard_likelihood_parts`,
+  streamed in item chunks); an all-gather of the B-sized LSEs gives the global one, an all-reduce the sum.
   dz is all-reduced (B × K) in backward; decoder and fc1 gradients stay on their rank.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..sparse import CSRBatch, as_csr_batch
 from ..torch_ops import LOGITS_PER_CHUNK, input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
 
-# Rows per block of the layout-independent initialisation (see ShardedRecVAE.reset_shards).
+# Rows per block of the layout-independent initialisation (see ShardedRecVAE.reset_item_parameters).
 INIT_BLOCK_ROWS = 4096
 
 
