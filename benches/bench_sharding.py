@@ -21,7 +21,6 @@ import statistics
 import time
 from datetime import timedelta
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
