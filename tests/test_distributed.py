@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -384,3 +385,16 @@ def test_a_vanished_rank_stops_the_others_in_bounded_time(tmp_path):
     spawn(_vanishing_rank_worker, 2, tmp_path, 23, str(tmp_path), timeout_s=10)
     seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert outcome != "finished" and float(seconds) < 30
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_crafted_checkpoint_metadata_is_refused(tmp_path):
+    folder = tmp_path / "step-000001"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ValueError, match="is not a torch.distributed.checkpoint metadata file"):
+        load_into_recvae(folder)

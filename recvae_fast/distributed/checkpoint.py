@@ -9,13 +9,16 @@ Sharded tensors are saved as ShardedTensor with their global shape and row offse
 loads into any other number of item shards (DCP reads the overlapping rows), and, without a process
 group, into a single-device RecVAE. (ShardedTensor, not DTensor: DTensor's Shard(0) fixes the rows per
 rank to ceil(I / S), which can leave a rank empty, e.g. 9 items over 4 ranks as 3, 3, 3, 0, where
-ShardedTensor takes any row ranges. torch announces ShardedTensor's deprecation with a FutureWarning.) The training state that is not a tensor (epoch, history, the
-numpy generator, the configuration) is JSON in `train_state.json` inside the subfolder: nothing in a
-checkpoint is ever unpickled.
+ShardedTensor takes any row ranges. torch announces ShardedTensor's deprecation with a FutureWarning.)
+The training state that is not a tensor (epoch, history, the
+numpy generator, the configuration) is JSON in `train_state.json` inside the subfolder. DCP unpickles
+its `.metadata` file; before DCP reads it, `read_metadata` unpickles it with an allow-list of the
+classes DCP's metadata is made of, so a crafted checkpoint cannot run code.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -37,6 +41,38 @@ POINTER_NAME = "LATEST"
 TRAIN_STATE_NAME = "train_state.json"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP_FOLDER = re.compile(r"step-\d{6}")
+
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+                 "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_metadata(path) -> Metadata:
+    """The DCP metadata of checkpoint folder `path`, unpickled with an allow-list of DCP's own classes;
+    a file holding anything else is refused with an error naming it."""
+    metadata_file = Path(path) / ".metadata"
+    try:
+        with open(metadata_file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file: {exc}") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file")
+    return metadata
 
 
 def _sharded(rows: torch.Tensor, layout: ItemLayout) -> ShardedTensor:
@@ -153,7 +189,7 @@ def load_checkpoint(path, model: ShardedRecVAE, optimizers=(), with_best: bool =
     needed). Returns (the JSON training state, the best parameters by name, or None if asked for
     without with_best or if the checkpoint has none)."""
     path = Path(path)
-    saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved_keys = read_metadata(path).state_dict_metadata
     _add_optimizer_state(model, optimizers, saved_keys)
     with_best = with_best and "best.decoder.weight" in saved_keys  # a run without validation has none
     best = {name: torch.empty_like(p) for name, (p, _) in _model_entries(model).items()} if with_best else None
@@ -169,7 +205,7 @@ def load_into_recvae(path, best: bool = False) -> RecVAE:
     """A single-device RecVAE (CPU) from a checkpoint folder, without a process group: the layout it
     was written with does not matter. best=True takes the best parameters instead of the last."""
     path = Path(path)
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = read_metadata(path)
     prefix = "best." if best else "model."
     shapes = {k[len(prefix):]: md.size for k, md in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     if "decoder.weight" not in shapes or "encoder.fc1.weight_t" not in shapes:
