@@ -1,0 +1,400 @@
+"""Item-sharded RecVAE (recvae_fast.distributed) on gloo, 2–4 CPU processes, against one device."""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
+
+from recvae_fast import RecVAE, evaluate, recommend
+from recvae_fast.distributed import ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
+from recvae_fast.distributed.model import SHARDED_KEYS
+from recvae_fast.distributed.checkpoint import (
+    gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
+)
+from recvae_fast.distributed.inference import merge_candidates, recommend_sharded
+from recvae_fast.distributed.training import fit_sharded, make_sharded_optimizers, sharded_train_step
+from recvae_fast.topk import topk_masked
+from recvae_fast.training import TrainConfig, make_optimizers, train_step
+
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+H, K = 12, 5
+
+
+def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> None:
+    """Run worker(rank, *args) in world_size gloo processes; any worker's exception fails the test.
+    Forked, not spawned: a fresh interpreter importing torch costs seconds per process."""
+    # torch.optim's first Adam imports torch._dynamo (seconds): pay it once here, not in every fork
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    init_file = tmp_path / f"pg_init_{worker.__name__}"
+    mp.start_processes(_bootstrap, args=(world_size, str(init_file), timeout_s, worker, args), nprocs=world_size,
+                       join=True, start_method="fork")
+
+
+def _bootstrap(rank, world_size, init_file, timeout_s, worker, args):
+    os.environ["RECVAE_FAST_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def awkward_ratings(n_users: int, n_items: int, n_shards: int, seed: int = 0) -> sp.csr_matrix:
+    """random_ratings (an empty user, one-item users, weights) plus a user whose items all sit on the
+    first shard and one whose items all sit on the last."""
+    base = random_ratings(n_users, n_items, seed=seed, max_items=n_items // 2).tolil()
+    bounds = shard_bounds(n_items, n_shards)
+    for user, (lo, hi) in ((3, bounds[0]), (4, bounds[-1])):
+        base.rows[user], base.data[user] = list(range(lo, hi)), [2.0] * (hi - lo)
+    return base.tocsr()
+
+
+# --- loss terms and every gradient ------------------------------------------------------------
+
+
+def _gradient_worker(rank, n_items, item_shards, n_users):
+    from recvae_fast.distributed.training import reduce_gradients, sharded_backward
+
+    single, _ = model_pair(H, K, n_items)
+    ratings = awkward_ratings(n_users, n_items, item_shards)
+    dense_mask, keep, eps = pinned_noise(single, ratings, K, torch.float64)
+    single.train()
+    mll, kld = single.loss_terms(single.as_batch(ratings), gamma=0.01, dropout_rate=0.5, keep_mask=keep, eps=eps)
+    (kld - mll).backward()
+    expected = grads_by_authors_name(single)
+
+    layout = item_layout(make_item_mesh(item_shards), n_items)
+    model = ShardedRecVAE(layout, H, K).double()
+    model.load_full_state_dict(single.state_dict())
+    model.train()
+    # this data rank's users: a contiguous part of the batch, with their mask entries and ε
+    users = np.array_split(np.arange(n_users), layout.data_size)[layout.data_rank]
+    view = model.view(ratings[users])
+    sub_keep = dense_mask[users][view.full.row_ids(), view.full.indices].bool()
+    terms = sharded_backward(model, view, n_users, gamma=0.01, dropout_rate=0.5, keep_mask=sub_keep, eps=eps[users])
+    reduce_gradients(model)
+    torch.testing.assert_close(terms["mll"], mll.item(), **TIGHT)
+    torch.testing.assert_close(terms["kld"], kld.item(), **TIGHT)
+    lo, hi = layout.lo, layout.hi
+    for key, param in model.shard_tensors().items():
+        if key.startswith("prior."):
+            continue  # the old encoder takes no gradient
+        full = expected[key].t() if SHARDED_KEYS[key] == 1 else expected[key]
+        torch.testing.assert_close(param.grad, full[lo:hi], **TIGHT, msg=f"rank {rank}: {key}")
+    for key, param in model.replicated_tensors().items():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[key], **TIGHT, msg=f"rank {rank}: {key}")
+
+    # an encoder step (decoder frozen) takes the likelihood's one-pass dz path: same encoder gradients
+    model.zero_grad(set_to_none=True)
+    model.decoder.requires_grad_(False)
+    sharded_backward(model, view, n_users, gamma=0.01, dropout_rate=0.5, keep_mask=sub_keep, eps=eps[users])
+    reduce_gradients(model)
+    assert model.decoder.weight.grad is None
+    torch.testing.assert_close(model.encoder.fc1.weight_t.grad, expected["encoder.fc1.weight"].t()[lo:hi], **TIGHT)
+    torch.testing.assert_close(model.encoder.fc_mu.weight.grad, expected["encoder.fc_mu.weight"], **TIGHT)
+
+
+@pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (3, 3, 31), (4, 2, 19)],
+                         ids=["2 shards", "3 uneven shards", "2x2 mesh"])
+def test_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_shards, n_items):
+    spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9)
+
+
+# --- training, scoring and checkpoints ----------------------------------------------------------
+
+FIT = dict(hidden_dim=H, latent_dim=K, batch_size=7, n_epochs=2, n_enc_epochs=2, n_dec_epochs=1, gamma=0.005,
+           seed=3)
+
+
+def _one_device_training(train, initial_state, **hyperparameters) -> RecVAE:
+    """fit's schedule on one device with recvae_fast.training's own step, from given weights."""
+    cfg = TrainConfig(**hyperparameters)
+    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).double()
+    model.load_state_dict(initial_state)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, sparse_fc1_grad=False)
+    for _ in range(cfg.n_epochs):
+        model.train()
+        for phase, opt, n_passes in (("encoder", encoder_opt, cfg.n_enc_epochs), ("decoder", decoder_opt, cfg.n_dec_epochs)):
+            for _ in range(n_passes):
+                users = rng.permutation(train.shape[0])
+                for start in range(0, len(users), cfg.batch_size):
+                    rows = np.sort(users[start : start + cfg.batch_size])
+                    train_step(model, model.as_batch(train[rows]), [opt], cfg, phase)
+            if phase == "encoder":
+                model.update_prior()
+    return model.eval()
+
+
+def _training_worker(rank, n_items, out_dir):
+    from recvae_fast.distributed.checkpoint import gather_full_state_dict
+    from recvae_fast.distributed.inference import evaluate_sharded, recommend_sharded
+    from recvae_fast.distributed.training import fit_sharded
+
+    out_dir = Path(out_dir)
+    train = awkward_ratings(30, n_items, 2, seed=5).astype(np.float32)
+    torch.manual_seed(0)
+    initial = RecVAE(H, K, n_items).double().state_dict()
+    expected = _one_device_training(train, initial, **FIT)
+
+    model = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
+                        checkpoint_dir=out_dir / "run", **FIT)
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        for key, value in expected.state_dict().items():
+            torch.testing.assert_close(full[key], value, rtol=1e-9, atol=1e-11, msg=key)
+        torch.save(full, out_dir / "after_2_shards.pt")
+    dist.barrier()
+    full = torch.load(out_dir / "after_2_shards.pt", weights_only=True)
+
+    # the same run stopped after one epoch and resumed ends at the same weights
+    fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64, checkpoint_dir=out_dir / "cut",
+                **{**FIT, "n_epochs": 1})
+    resumed = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
+                          checkpoint_dir=out_dir / "cut", resume=True, **FIT)
+    resumed_full = gather_full_state_dict(resumed)
+    if rank == 0:
+        for key, value in full.items():
+            torch.testing.assert_close(resumed_full[key], value, rtol=0, atol=0, msg=f"resumed {key}")
+
+    # scoring: the one-device model with exactly the sharded weights gives the same top-k and metrics
+    one = RecVAE(H, K, n_items).double()
+    one.load_state_dict(full)
+    fold_in = awkward_ratings(11, n_items, 2, seed=8)
+    heldout = random_ratings(11, n_items, seed=9)
+    ours = recommend_sharded(model, fold_in, k=9, batch_size=4)
+    theirs = recommend(one, fold_in, k=9, batch_size=4)
+    np.testing.assert_array_equal(ours.items, theirs.items)
+    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-6)
+    assert evaluate_sharded(model, fold_in, heldout, batch_size=4) == evaluate(one, fold_in, heldout, batch_size=4)
+
+
+def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
+    spawn(_training_worker, 2, tmp_path, 23, str(tmp_path))
+
+
+def _one_step(model, ratings, optimizers, cfg):
+    """One pinned encoder step (same mask and ε everywhere) on a RecVAE or a ShardedRecVAE."""
+    torch.manual_seed(11)
+    if isinstance(model, RecVAE):
+        train_step(model, model.as_batch(ratings), optimizers, cfg, "encoder")
+    else:
+        sharded_train_step(model, ratings, optimizers, cfg, "encoder")
+
+
+def _write_checkpoint_worker(rank, n_items, folder):
+    layout = item_layout(make_item_mesh(2), n_items)
+    torch.manual_seed(0)
+    initial = RecVAE(H, K, n_items).double().state_dict()
+    model = ShardedRecVAE(layout, H, K).double()
+    model.load_full_state_dict(initial)
+    optimizers = make_sharded_optimizers(model, 1e-3)
+    _one_step(model, awkward_ratings(9, n_items, 2), optimizers[:1], TrainConfig(**FIT))
+    save_checkpoint(folder, 1, model, optimizers, {"note": "2 shards"})
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        torch.save(full, Path(folder) / "expected.pt")
+
+
+def _reshard_checkpoint_worker(rank, n_items, folder):
+    layout = item_layout(make_item_mesh(3), n_items)
+    model = ShardedRecVAE(layout, H, K, seed=99).double()  # other weights, overwritten by the load
+    optimizers = make_sharded_optimizers(model, 1e-3)
+    train_state, _ = load_checkpoint(latest_checkpoint(folder), model, optimizers)
+    assert train_state == {"note": "2 shards"}
+    expected = torch.load(Path(folder) / "expected.pt", weights_only=True)
+    model_full = gather_full_state_dict(model)
+    if rank == 0:
+        for key, value in expected.items():
+            torch.testing.assert_close(model_full[key], value, rtol=0, atol=0, msg=key)
+    # Adam's moments were resharded too: they are those of the same step on one device
+    torch.manual_seed(0)
+    one = RecVAE(H, K, n_items).double()
+    one_opts = make_optimizers(one, 1e-3, sparse_fc1_grad=False)
+    _one_step(one, awkward_ratings(9, n_items, 2), one_opts[:1], TrainConfig(**FIT))
+    lo, hi = layout.lo, layout.hi
+    one_fc1 = one_opts[0].state[one.encoder.fc1.weight_t]
+    ours_fc1 = optimizers[0].state[model.encoder.fc1.weight_t]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ours_fc1[moment], one_fc1[moment][lo:hi], **TIGHT)
+    torch.testing.assert_close(ours_fc1["step"], one_fc1["step"].to(ours_fc1["step"].dtype))
+    save_checkpoint(folder, 2, model, optimizers, {"note": "3 shards"})
+
+
+def test_checkpoint_2_shards_to_3_shards_to_one_device(tmp_path):
+    folder = tmp_path / "ckpt"
+    spawn(_write_checkpoint_worker, 2, tmp_path, 23, str(folder))
+    spawn(_reshard_checkpoint_worker, 3, tmp_path, 23, str(folder))
+    expected = torch.load(folder / "expected.pt", weights_only=True)
+    assert latest_checkpoint(folder).name == "step-000002"
+    assert not (folder / "step-000001").exists()  # replaced once the new one was complete
+    one = load_into_recvae(latest_checkpoint(folder))
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_incomplete_checkpoint_is_never_used(tmp_path):
+    folder = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = RecVAE(H, K, 13).double()
+    state = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
+    (folder / "step-000001").mkdir(parents=True)
+    dcp.save(state, checkpoint_id=folder / "step-000001", no_dist=True)
+    (folder / "step-000001" / "train_state.json").write_text("{}")
+    (folder / "LATEST").write_text("step-000001\n")
+    # a crash during the next save leaves a partial folder, and LATEST untouched
+    (folder / "step-000002").mkdir()
+    (folder / "step-000002" / "__0_0.distcp").write_bytes(b"partial")
+    assert latest_checkpoint(folder).name == "step-000001"
+    loaded = load_into_recvae(latest_checkpoint(folder))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    (folder / "LATEST").write_text("step-000002\n")  # a pointer to an incomplete folder is refused
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        latest_checkpoint(folder)
+    (folder / "LATEST").write_text("../../etc\n")
+    with pytest.raises(ValueError, match="step-NNNNNN"):
+        latest_checkpoint(folder)
+
+
+def _mesh_2x2_fit_worker(rank, n_items, out_dir):
+    train = awkward_ratings(26, n_items, 2, seed=2).astype(np.float32)
+    valid_in, valid_out = awkward_ratings(8, n_items, 2, seed=3), random_ratings(8, n_items, seed=4)
+    model = fit_sharded(train, valid_in, valid_out, item_shards=2, **{**FIT, "n_epochs": 2})
+    assert model.layout.data_size == 2 and model.layout.n_shards == 2
+    assert [r["epoch"] for r in model.history] == [1, 2] and all("valid_ndcg@100" in r for r in model.history)
+    # every rank of a shard ends with the same rows; every rank with the same replicated weights
+    for name, param in model.named_parameters():
+        copies = [torch.empty_like(param) for _ in range(4)]  # even shards: one shape on every rank
+        dist.all_gather(copies, param.detach().contiguous())
+        same_rows_as = {0: 2, 1: 3, 2: 0, 3: 1} if name in _sharded_param_names(model) else {r: (r + 1) % 4 for r in range(4)}
+        torch.testing.assert_close(copies[rank], copies[same_rows_as[rank]], rtol=0, atol=0, msg=name)
+
+
+    # data-parallel scoring: batches dealt over the data ranks, the same top-k as one device
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        torch.save(full, Path(out_dir) / "mesh_2x2.pt")
+    dist.barrier()
+    one = RecVAE(H, K, n_items)
+    one.load_state_dict(torch.load(Path(out_dir) / "mesh_2x2.pt", weights_only=True))
+    ours, theirs = recommend_sharded(model, valid_in, k=6, batch_size=3), recommend(one, valid_in, k=6, batch_size=3)
+    np.testing.assert_array_equal(ours.items, theirs.items)
+    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-5)  # float32: fc1's sum order differs
+
+
+def _sharded_param_names(model):
+    ids = {id(t) for t in model.shard_tensors().values()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_2x2_mesh_fit_keeps_replicas_in_step(tmp_path):
+    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 20, str(tmp_path))
+
+
+# --- the top-k merge: exact, ties included -----------------------------------------------------
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
+def test_merge_of_shard_topks_equals_one_topk(n_shards):
+    """Per-shard masked top-k, ids offset, merged: equal to topk_masked over all items, with many ties
+    (scores from a few values, across shard borders), eligible −inf items, NaN, seen items, and k larger
+    than a shard."""
+    rng = np.random.default_rng(n_shards)
+    n_users, n_items, k = 13, 17, 7
+    scores = rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    scores[rng.random(scores.shape) < 0.05] = np.nan
+    scores[0] = -np.inf  # every item −inf: still eligible, ranked by index
+    seen = sp.random(n_users, n_items, density=0.3, format="lil", random_state=1)
+    seen[1, :] = 1.0  # a user who has seen everything: all padding
+    seen = sp.csr_matrix(seen)
+    expected = topk_masked(scores, seen, k)
+    scores_t = torch.from_numpy(scores)
+    parts_scores, parts_items = [], []
+    for lo, hi in shard_bounds(n_items, n_shards):
+        local = topk_masked(scores_t[:, lo:hi].contiguous(), sp.csr_matrix(seen[:, lo:hi]), k)
+        parts_scores.append(local.scores)
+        parts_items.append(torch.where(local.items >= 0, local.items + lo, local.items))
+    merged = merge_candidates(torch.cat(parts_scores, 1), torch.cat(parts_items, 1), k)
+    np.testing.assert_array_equal(merged.items.numpy(), expected.items)
+    np.testing.assert_array_equal(merged.scores.numpy(), expected.scores)
+
+
+def test_shard_bounds():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        shard_bounds(2, 3)
+    with pytest.raises(ValueError, match="positive"):
+        shard_bounds(5, 0)
+
+
+# --- faults: every rank stops, with a clear error, in bounded time ------------------------------
+
+
+def _record_outcome(folder, rank, action):
+    """Run action(); write how it ended (and after how long) to folder/rank<r>.txt, then exit normally."""
+    start = time.monotonic()
+    try:
+        action()
+        outcome = "finished"
+    except Exception as exc:  # noqa: BLE001 - the test inspects every rank's error
+        outcome = f"{type(exc).__name__}: {exc}"
+    (Path(folder) / f"rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{outcome}")
+
+
+def _bad_data_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    if rank == 1:
+        train.data[3] = np.nan  # this rank read a corrupt file
+    _record_outcome(folder, rank, lambda: fit_sharded(train, item_shards=2, **{**FIT, "n_epochs": 1}))
+
+
+def _vanishing_rank_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    if rank == 1:
+        os._exit(0)  # killed without a word before training starts
+    _record_outcome(folder, rank, lambda: fit_sharded(train, item_shards=2, **{**FIT, "n_epochs": 1}))
+
+
+def test_bad_data_on_one_rank_stops_every_rank(tmp_path):
+    spawn(_bad_data_worker, 2, tmp_path, 23, str(tmp_path))
+    for rank, message in ((0, "rank(s) [1] failed"), (1, "non-finite")):
+        seconds, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert message in outcome and float(seconds) < 30
+
+
+def test_a_vanished_rank_stops_the_others_in_bounded_time(tmp_path):
+    spawn(_vanishing_rank_worker, 2, tmp_path, 23, str(tmp_path), timeout_s=10)
+    seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert outcome != "finished" and float(seconds) < 30
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_crafted_checkpoint_metadata_is_refused(tmp_path):
+    folder = tmp_path / "step-000001"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ValueError, match="is not a torch.distributed.checkpoint metadata file"):
+        load_into_recvae(folder)
