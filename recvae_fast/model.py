@@ -94,9 +94,10 @@ class Encoder(nn.Module):
 
     N_LAYERS = 5
 
-    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1):
+    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1, *, fc1=None):
         super().__init__()
-        self.fc1 = SparseInputLinear(input_dim, hidden_dim)
+        # fc1 may be given (the item-sharded model passes its shard of the input layer).
+        self.fc1 = SparseInputLinear(input_dim, hidden_dim) if fc1 is None else fc1
         self.ln1 = nn.LayerNorm(hidden_dim, eps=eps)
         for k in range(2, self.N_LAYERS + 1):
             setattr(self, f"fc{k}", nn.Linear(hidden_dim, hidden_dim))
@@ -119,14 +120,15 @@ class CompositePrior(nn.Module):
     """p(z) = 3/20·N(0, 1) + 3/4·N(mu_old, var_old) + 1/10·N(0, e^10): the middle component is the
     posterior of a frozen copy of the encoder (`encoder_old`, refreshed by RecVAE.update_prior)."""
 
-    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, mixture_weights=MIXTURE_WEIGHTS):
+    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, mixture_weights=MIXTURE_WEIGHTS, *,
+                 encoder_old: Encoder | None = None):
         super().__init__()
         self.mixture_weights = list(mixture_weights)
         # Parameters (not buffers) without grad: the authors' checkpoints hold them as parameters.
         self.mu_prior = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=False)
         self.logvar_prior = nn.Parameter(torch.zeros(1, latent_dim), requires_grad=False)
         self.logvar_uniform_prior = nn.Parameter(torch.full((1, latent_dim), 10.0), requires_grad=False)
-        self.encoder_old = Encoder(hidden_dim, latent_dim, input_dim)
+        self.encoder_old = Encoder(hidden_dim, latent_dim, input_dim) if encoder_old is None else encoder_old
         self.encoder_old.requires_grad_(False)
 
     def forward(self, batch: CSRBatch, z: torch.Tensor, impl=None) -> torch.Tensor:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference
-from ..reference import log_norm_pdf
+from ..cache_blocks import item_block_size
+from ..model import CompositePrior, Encoder, RecVAE, log_norm_pdf
 from ..sparse import CSRBatch, as_csr_batch
-from ..torch_ops import LOGITS_PER_CHUNK, input_coefficients
+from ..torch_ops import input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
 
 # Rows per block of the layout-independent initialisation (see ShardedRecVAE.reset_item_parameters).
@@ -118,7 +118,7 @@ class _ShardLikelihoodParts(torch.autograd.Function):
 
 def shard_likelihood_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, local: CSRBatch):
     """(LSE over the shard's items, Σ x·logit over the shard's nonzeros) per user, both [B]."""
-    chunk = max(256, LOGITS_PER_CHUNK // max(1, z.shape[0]))
+    chunk = item_block_size(z.shape[0], z.element_size())
     only_grad_z = torch.is_grad_enabled() and z.requires_grad and not (weight.requires_grad or bias.requires_grad)
     return _ShardLikelihoodParts.apply(z, weight, bias, local, chunk, only_grad_z)
 
@@ -140,7 +140,8 @@ class ShardedInputLinear(nn.Module):
         self.weight_t = nn.Parameter(torch.empty(layout.n_local, out_features))
         self.bias = nn.Parameter(torch.empty(out_features))
 
-    def forward(self, view: ShardView, dropout_rate: float, keep_mask: torch.Tensor | None = None):
+    def forward(self, view: ShardView, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
+        # impl: accepted for the Encoder's call; the shard's gather is plain torch (embedding_bag).
         if keep_mask is not None and keep_mask.shape != (view.full.nnz,):
             raise ValueError(f"keep_mask must have one entry per nonzero ({view.full.nnz}), got {tuple(keep_mask.shape)}")
         # From the full rows: the norm and the one dropout mask of the one-device model.
@@ -152,26 +153,9 @@ class ShardedInputLinear(nn.Module):
         return sum_over_shards(partial, self.layout) + self.bias
 
 
-class ShardedEncoder(reference.Encoder):
-    def __init__(self, layout: ItemLayout, hidden_dim: int, latent_dim: int, eps: float = 1e-1):
-        super().__init__(hidden_dim, latent_dim, 1, eps)
-        self.fc1 = ShardedInputLinear(layout, hidden_dim)
-
-    def forward(self, view: ShardView, dropout_rate: float, keep_mask: torch.Tensor | None = None):
-        p = dropout_rate if self.training else 0.0
-        return self.from_first_layer(self.fc1(view, p, keep_mask))
-
-
-class ShardedPrior(reference.CompositePrior):
-    def __init__(self, layout: ItemLayout, hidden_dim: int, latent_dim: int):
-        super().__init__(hidden_dim, latent_dim, 1)
-        self.encoder_old = ShardedEncoder(layout, hidden_dim, latent_dim)
-        self.encoder_old.requires_grad_(False)
-
-    def forward(self, view: ShardView, z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            post_mu, post_logvar = self.encoder_old(view, 0.0)
-        return self.log_density(z, post_mu, post_logvar)
+def sharded_encoder(layout: ItemLayout, hidden_dim: int, latent_dim: int) -> Encoder:
+    """The model's encoder with this rank's shard of fc1; it reads a ShardView instead of a batch."""
+    return Encoder(hidden_dim, latent_dim, 0, fc1=ShardedInputLinear(layout, hidden_dim))
 
 
 class ShardedDecoder(nn.Module):
@@ -204,12 +188,13 @@ class ShardedRecVAE(nn.Module):
             raise ValueError(f"hidden_dim and latent_dim must be positive, got {hidden_dim}, {latent_dim}")
         self.layout = layout
         self.hidden_dim, self.latent_dim, self.input_dim = hidden_dim, latent_dim, layout.n_items
-        self.encoder = ShardedEncoder(layout, hidden_dim, latent_dim)
-        self.prior = ShardedPrior(layout, hidden_dim, latent_dim)
+        self.encoder = sharded_encoder(layout, hidden_dim, latent_dim)
+        self.prior = CompositePrior(hidden_dim, latent_dim, 0,
+                                    encoder_old=sharded_encoder(layout, hidden_dim, latent_dim))
         self.decoder = ShardedDecoder(layout, latent_dim)
         self.reset_item_parameters(seed)
 
-    reparameterize = reference.VAE.reparameterize
+    reparameterize = RecVAE.reparameterize
 
     def shard_tensors(self) -> dict[str, torch.Tensor]:
         """The sharded parameters by their authors' name, as this rank's rows (row dimension first)."""
