@@ -61,7 +61,9 @@ class FoldInScorer(nn.Module):
         self.register_buffer("fc1_weight_t", state_dict["encoder.fc1.weight"].t().contiguous())
         self.register_buffer("fc1_bias", state_dict["encoder.fc1.bias"].clone())
         # The authors' residual stack after fc1 and its heads (scoring uses z = mu).
-        self.layers = reference.Encoder(hidden_dim, latent_dim, 1)
+        dtype = state_dict["decoder.weight"].dtype
+        # In the model's dtype before loading (loading into float32 layers would round float64 weights).
+        self.layers = reference.Encoder(hidden_dim, latent_dim, 1).to(dtype)
         del self.layers.fc1
         self.layers.load_state_dict({
             name[len("encoder."):]: value for name, value in state_dict.items()
@@ -70,7 +72,6 @@ class FoldInScorer(nn.Module):
         self.layers.requires_grad_(False)
         self.register_buffer("decoder_weight", state_dict["decoder.weight"].clone())
         self.register_buffer("decoder_bias", state_dict["decoder.bias"].clone())
-        self.to(state_dict["decoder.weight"].dtype)
 
     def forward(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
         n_users = indptr.shape[0] - 1
