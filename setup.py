@@ -44,7 +44,8 @@ setup(
     install_requires=["numpy>=2.0", "scipy>=1.10", "pyarrow>=14", "torch>=2.4", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        "report": ["matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},
     zip_safe=False,

@@ -46,7 +46,9 @@ class CSRBatch:
     def row_ids(self) -> torch.Tensor:
         """The user (row) of each nonzero, int64 [nnz]."""
         counts = self.indptr[1:] - self.indptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.device), counts)
+        # output_size: the length is known (nnz), so no device sync, and torch.compile sees a
+        # static shape instead of a data-dependent one (which broke the graph at every call).
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.device), counts, output_size=self.nnz)
 
     def row_sums(self) -> torch.Tensor:
         """n_u = Σ_i x_ui for each user, [B]."""
