@@ -131,8 +131,8 @@ def _given_hyperparameters(args) -> dict:
 def _resume_settings(out: Path, args) -> tuple[str, dict, dict, dict]:
     """(source, data options, hyperparameters, run.json) of the run in `out`, with the flags given
     now; refuses flags that differ from the run's (only --epochs may change)."""
-    if not (out / RUN_NAME).is_file() or not (out / CHECKPOINT_NAME).is_file():
-        raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME} or {CHECKPOINT_NAME})")
+    if not (out / RUN_NAME).is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
     saved = read_json(out / RUN_NAME)
     if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
         raise RunFolderError(f"{out / RUN_NAME} is not a run description of format {RUN_FORMAT}")
@@ -191,16 +191,20 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
             "split_sizes": {"valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
             "split_fingerprint": split_fp,
         }
-        if saved_run is None:
-            if (out / RUN_NAME).exists() or (out / CHECKPOINT_NAME).exists():
-                raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose another "
-                                 "--out (or delete that folder)")
+        if saved_run is None and ((out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists()):
+            raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose another "
+                             "--out (or delete that folder)")
+        # A run without a checkpoint has not finished an epoch: --resume or a new run starts it over,
+        # writing its split files again and run.json last (the files of a run that a kill cut short
+        # before its first epoch may disagree with run.json; rewriting them makes them agree).
+        resume_fit = saved_run is not None and (out / CHECKPOINT_NAME).is_file()
+        if not resume_fit:
             write_json(out / ITEMS_NAME, [_jsonable(i) for i in split.item_ids])
             stacked = sp.vstack([split.valid_in, split.valid_out, split.test_in, split.test_out]).tocsr()
             atomic_write(out / SPLIT_NAME, lambda f: sp.save_npz(f, stacked))
             write_json(out / RUN_NAME, run_description, indent=2)
         model, history = fit(
-            split.train, split.valid_in, split.valid_out, checkpoint_dir=out, resume=saved_run is not None,
+            split.train, split.valid_in, split.valid_out, checkpoint_dir=out, resume=resume_fit,
             log_path=out / LOG_NAME, patience=args.patience, progress=not args.no_progress, **asdict(cfg),
         )
         if saved_run is not None:  # the new n_epochs, once fit has accepted the checkpoint
