@@ -2,15 +2,46 @@
 
 Each bench times the fast path and the reference in the same process, alternating them
 round by round so that machine noise hits both alike, and fails when the speed-up (reference
-median / fast median) falls below its floor. The floors sit below the measured ratios in
-benches/RESULTS.md with room for noise: they guard against regressions, they are not the goal.
+median / fast median) falls below its floor. The floors guard against regressions, they are not
+the goal; each is half the lowest ratio recorded for it in benches/RESULTS.md, runs on a loaded
+machine included (the spread measured between runs on this shared 2-core CPU reached 2.5x; see
+RESULTS.md), so that noise alone does not fail them.
+
+Memory: by default `pytest benches/` keeps its host memory under 8 GiB (measured peak in
+RESULTS.md). Shapes that need more are marked `@pytest.mark.big_shape(gib=N)` (N: the host memory
+they need, from their tensor sizes) and skipped unless `--big-shapes` or RECVAE_FAST_BENCH_BIG=1 is
+given; the skip message says how much memory they need.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import pytest
+
+DEFAULT_MEMORY_LIMIT_GIB = 8
+
+
+def pytest_addoption(parser):
+    parser.addoption("--big-shapes", action="store_true", default=False,
+                     help="also run the bench shapes that need more than 8 GiB of host memory")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "big_shape(gib): needs more host memory than the default 8 GiB budget")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--big-shapes") or os.environ.get("RECVAE_FAST_BENCH_BIG") == "1":
+        return
+    for item in items:
+        marker = item.get_closest_marker("big_shape")
+        if marker is not None:
+            gib = marker.kwargs.get("gib", "?")
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs ~{gib} GiB of host memory (default budget {DEFAULT_MEMORY_LIMIT_GIB} GiB); "
+                       "run with --big-shapes or RECVAE_FAST_BENCH_BIG=1"))
 
 _RESULTS: list[tuple[str, float, float, float, float]] = []
 
