@@ -35,11 +35,11 @@ setup(
     version="0.1.0",
     description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
     python_requires=">=3.11",
-    packages=["recvae_fast", "recvae_fast.kernels"],
+    packages=["recvae_fast", "recvae_fast.data", "recvae_fast.kernels"],
     package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    install_requires=["numpy>=1.24", "scipy>=1.10", "torch>=2.4", "tqdm>=4.60"],
+    install_requires=["numpy>=2.0", "scipy>=1.10", "pyarrow>=14", "torch>=2.4", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],

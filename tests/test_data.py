@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from recvae_fast import data
+from recvae_fast.data.ids import STRING_IDS
 from recvae_fast.data import (
     DataError,
     Interactions,
@@ -90,7 +91,7 @@ def test_recbole_inter_with_string_ids(tmp_path):
                  "u2\tm9\t2\t891717742\n"
                  "u1\tm3\t5\t1\n")
     inter = load_interactions(path)
-    assert inter.user_ids.dtype.kind == "U"
+    assert inter.user_ids.dtype == STRING_IDS
     np.testing.assert_array_equal(inter.user_ids, ["u1", "u2"])
     np.testing.assert_array_equal(inter.item_ids, ["m3", "m9"])
     assert value(inter, "u1", "m3") == 5.0 and value(inter, "u2", "m9") == 2.0
@@ -144,7 +145,7 @@ def test_quoted_csv(tmp_path):
 def test_ids_are_ints_only_when_exact(tmp_path):
     inter = load_interactions(write(tmp_path, "z.csv", "user,item\n007,1\n7,1\n-3,2\n"))
     # '007' and '7' are different users: kept as strings
-    assert inter.user_ids.dtype.kind == "U" and set(inter.user_ids) == {"007", "7", "-3"}
+    assert inter.user_ids.dtype == STRING_IDS and set(inter.user_ids) == {"007", "7", "-3"}
     assert inter.item_ids.dtype == np.int64
 
 
@@ -168,7 +169,8 @@ def test_ids_are_ints_only_when_exact(tmp_path):
         ("a.csv", "userId,movieId,rating\n1,2,-1\n", {}, ["negative rating", "line 2"]),
         ("a.csv", "userId,movieId\n1,2\n", {"rating_threshold": 3.5}, ["no rating column"]),
         ("a.csv", "userId,movieId\n1,\n", {}, ["empty item id", "line 2"]),
-        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "parquet"}, ["unknown fmt"]),
+        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "xlsx"}, ["unknown fmt"]),
+        ("a.csv", "userId,movieId\n1,2\n", {"fmt": "parquet"}, ["a.csv", "not a readable Parquet file"]),
     ],
 )
 def test_bad_input_raises_one_clear_data_error(tmp_path, name, content, kwargs, words):
@@ -206,7 +208,7 @@ def test_id_lookups_and_persistence(tmp_path):
     users, items = load_id_maps(tmp_path / "ids.json")
     np.testing.assert_array_equal(users, inter.user_ids)
     np.testing.assert_array_equal(items, inter.item_ids)
-    assert users.dtype == np.int64 and items.dtype.kind == "U"
+    assert users.dtype == np.int64 and items.dtype == STRING_IDS
 
     inter.save(tmp_path / "inter.npz")
     back = Interactions.load(tmp_path / "inter.npz")
@@ -384,22 +386,33 @@ def test_popularity_scores():
     assert data.popularity_scores(sp.csr_matrix((2, 4))).shape == (4,)
 
 
-def test_big_files_are_read_in_blocks_with_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sep", [",", "::", "whitespace"])
+def test_big_files_are_read_in_blocks_with_the_same_result(tmp_path, monkeypatch, sep):
     rng = np.random.default_rng(0)
-    rows = [f"{rng.integers(1, 30)},{rng.integers(1, 50)},{rng.integers(1, 6)},{k}" for k in range(400)]
+    join = {"whitespace": " \t "}.get(sep, sep)
+    rows = [join.join(map(str, (rng.integers(1, 30), rng.integers(1, 50), rng.integers(1, 6), k))) for k in range(400)]
     rows[150] = ""  # a blank line
-    rows[390] = "x9,7,5,1"  # a string user id only in the last block: every id becomes a string
-    path = write(tmp_path, "ratings.csv", "\n\nuserId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    rows[390] = join.join(["x9", "7", "5", "1"])  # a string user id only in the last block: every id becomes a string
+    header = join.join(["userId", "movieId", "rating", "timestamp"])
+    path = write(tmp_path, "ratings.txt", "\n\n" + header + "\r\n" + "\n".join(rows) + "\n")
     whole = load_interactions(path, rating_threshold=2)
-    monkeypatch.setattr(data, "_BLOCK_CHARS", 37)
+    monkeypatch.setattr(data.readers, "_BLOCK_BYTES", 64)  # pyarrow blocks of a few lines
+    monkeypatch.setattr(data.readers, "_SCAN_CHUNK", 7)  # lines and separators cut across reads
     blocks = load_interactions(path, rating_threshold=2)
     assert (whole.matrix != blocks.matrix).nnz == 0
     np.testing.assert_array_equal(whole.user_ids, blocks.user_ids)
     np.testing.assert_array_equal(whole.item_ids, blocks.item_ids)
-    assert whole.user_ids.dtype.kind == "U" and "x9" in set(whole.user_ids)
+    assert whole.user_ids.dtype == STRING_IDS and "x9" in set(whole.user_ids.tolist())
     assert whole.item_ids.dtype == np.int64
+    assert whole.nnz == len({(r.split()[0] if sep == "whitespace" else r.split(sep)[0],
+                              r.split()[1] if sep == "whitespace" else r.split(sep)[1])
+                             for r in rows if r and int((r.split() if sep == "whitespace" else r.split(sep))[2]) > 2})
     # line numbers stay right across blocks and blank lines (header on line 3, rows[k] on line k + 4)
-    rows[300] = "1,2,oops,3"
-    path = write(tmp_path, "bad.csv", "\n\nuserId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
-    with pytest.raises(DataError, match="'oops' .* line 304 of bad.csv"):
+    rows[300] = join.join(["1", "2", "oops", "3"])
+    path = write(tmp_path, "bad.txt", "\n\n" + header + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="'oops' .* line 304 of bad.txt"):
+        load_interactions(path)
+    rows[300] = join.join(["1", "2", "1e39", "3"])
+    path = write(tmp_path, "huge.txt", "\n\n" + header + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="1e.39 .* line 304 of huge.txt is beyond the float32 range"):
         load_interactions(path)

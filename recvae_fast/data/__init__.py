@@ -1,0 +1,35 @@
+"""Data: interaction files, the paper's preprocessing and strong-generalisation split, the
+embedded synthetic dataset, and the split's storage in a run folder.
+
+Modules, top-down:
+- `ids`: original user/item ids and `IdMap`, the one map between ids and matrix positions;
+- `interactions`: `Interactions`, a CSR users × items matrix with its ids;
+- `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files;
+- `preprocess`: drop users (and items) with too few interactions;
+- `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` /
+  `Split.fingerprint` implemented in `storage`;
+- `synthetic`: `synthetic_dataset`.
+
+Every problem with the input raises `DataError` (a ValueError) with one line that names it.
+"""
+from .errors import DataError
+from .ids import MAX_ID_LENGTH, IdMap
+from .interactions import Interactions, load_id_maps, popularity_scores
+from .preprocess import preprocess
+from .readers import load_interactions
+from .split import Split, split_strong_generalization
+from .synthetic import synthetic_dataset
+
+__all__ = [
+    "DataError",
+    "IdMap",
+    "Interactions",
+    "MAX_ID_LENGTH",
+    "Split",
+    "load_id_maps",
+    "load_interactions",
+    "popularity_scores",
+    "preprocess",
+    "split_strong_generalization",
+    "synthetic_dataset",
+]
