@@ -31,8 +31,8 @@ from .atomic import atomic_write
 from .inference import evaluate, recommend
 from .metrics import popularity_baseline
 from .runfolder import (
-    CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME,
-    RunFolderBusy, RunFolderError, RunLock, fingerprint, read_json, save_tensors, write_json,
+    CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
+    RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
 )
 from .training import TrainConfig, check_fit_inputs, fit, load_model
 
@@ -104,15 +104,6 @@ def _make_split(source: str, options: dict, seed: int) -> data_mod.Split:
     return data_mod.split_strong_generalization(interactions, n_heldout_users=options["heldout_users"], seed=seed)
 
 
-def _split_fingerprint(split: data_mod.Split) -> str:
-    return fingerprint(split.train, split.valid_in, split.valid_out, split.test_in, split.test_out,
-                       [str(i) for i in split.item_ids])
-
-
-def _jsonable(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
 # ----------------------------------------------------------------------------- train
 
 
@@ -137,9 +128,13 @@ def _resume_settings(out: Path, args) -> tuple[str, dict, dict, dict]:
     if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
         raise RunFolderError(f"{out / RUN_NAME} is not a run description of format {RUN_FORMAT}")
     try:
-        source, options, config = saved["source"], dict(saved["data"]), dict(saved["config"])
+        source, options, config = str(saved["source"]), dict(saved["data"]), dict(saved["config"])
     except (KeyError, TypeError, ValueError):
         raise RunFolderError(f"{out / RUN_NAME} lacks source, data or config") from None
+    unknown = (set(options) - set(DATA_OPTIONS)) | (set(config) - set(TrainConfig.__dataclass_fields__))
+    if unknown or options.get("min_items") is None:
+        raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
+                             f"{', '.join(sorted(unknown)) or 'min_items'}")
     differ = []
     if args.data is not None and _source(args.data) != source:
         differ.append(f"data {args.data} (the run's: {source})")
@@ -165,6 +160,8 @@ def cmd_train(args) -> dict:
     if args.patience is not None and args.patience < 1:
         raise UsageError(f"--patience must be >= 1, got {args.patience}")
     if args.resume:
+        if not (out / RUN_NAME).is_file():  # checked before the lock, which would create the folder
+            raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
         with RunLock(out):  # read and check the run as it is now, not as another writer leaves it
             return _train(args, out, *_resume_settings(out, args), t0)
     options = {name: value for name, value in _data_options(args).items()}
@@ -179,7 +176,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
     cfg = TrainConfig(**config)
     cfg.validate()
     split = _make_split(source, options, cfg.seed)
-    split_fp = _split_fingerprint(split)
+    split_fp = split.fingerprint()
     if saved_run is not None and saved_run.get("split_fingerprint") != split_fp:
         raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
                          "(the file changed since the run started)")
@@ -188,7 +185,6 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         # 2. Describe a new run (refusing to overwrite another), then train, then the results.
         run_description = {
             "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
-            "split_sizes": {"valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
             "split_fingerprint": split_fp,
         }
         if saved_run is None and ((out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists()):
@@ -199,9 +195,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         # before its first epoch may disagree with run.json; rewriting them makes them agree).
         resume_fit = saved_run is not None and (out / CHECKPOINT_NAME).is_file()
         if not resume_fit:
-            write_json(out / ITEMS_NAME, [_jsonable(i) for i in split.item_ids])
-            stacked = sp.vstack([split.valid_in, split.valid_out, split.test_in, split.test_out]).tocsr()
-            atomic_write(out / SPLIT_NAME, lambda f: sp.save_npz(f, stacked))
+            split.save(out)
             write_json(out / RUN_NAME, run_description, indent=2)
         model, history = fit(
             split.train, split.valid_in, split.valid_out, checkpoint_dir=out, resume=resume_fit,
@@ -230,35 +224,27 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
 
 
 def _load_run(run_dir: str):
-    """(run folder, model, item ids, run.json) of a finished run; every file read safely."""
+    """(run folder, model, item id map, run.json) of a finished run; every file read safely."""
     run = Path(run_dir)
     for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME):
         if not (run / name).is_file():
             raise UsageError(f"{run_dir} is not a finished training run (no {name})")
     model = load_model(run / MODEL_NAME)
-    item_ids = read_json(run / ITEMS_NAME)
+    items = data_mod.IdMap.load_json(run / ITEMS_NAME, "item")
     description = read_json(run / RUN_NAME)
-    if not isinstance(item_ids, list) or len(item_ids) != model.input_dim:
-        raise RunFolderError(f"{run / ITEMS_NAME} does not list the model's {model.input_dim} item ids")
+    if len(items) != model.input_dim:
+        raise RunFolderError(f"{run / ITEMS_NAME} lists {len(items)} item ids, the model has {model.input_dim} items")
     if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
         raise RunFolderError(f"{run / RUN_NAME} is not a run description of format {RUN_FORMAT}")
-    return run, model, item_ids, description
+    return run, model, items, description
 
 
 def cmd_evaluate(args) -> dict:
     run, model, _, description = _load_run(args.run)
-    path = run / SPLIT_NAME
-    try:
-        v, t = description["split_sizes"]["valid"], description["split_sizes"]["test"]
-        stacked = sp.load_npz(path).tocsr()  # numpy arrays only (allow_pickle is off)
-        if stacked.shape != (2 * v + 2 * t, model.input_dim):
-            raise ValueError(f"shape {stacked.shape}, expected {(2 * v + 2 * t, model.input_dim)}")
-    except FileNotFoundError:
-        raise UsageError(f"{args.run} has no saved split ({SPLIT_NAME})") from None
-    except Exception as exc:  # an untrusted file: every way it fails to load is "corrupt"
-        raise RunFolderError(f"{path} is corrupt or does not match the run ({exc})") from None
-    parts = {"valid": (stacked[:v], stacked[v : 2 * v]), "test": (stacked[2 * v : 2 * v + t], stacked[2 * v + t :])}
-    fold_in, heldout = parts[args.split]
+    split = data_mod.Split.load(run)  # validated: array kinds, CSR structure, ids (DataError naming the file)
+    if split.n_items != model.input_dim:
+        raise RunFolderError(f"{run / SPLIT_NAME} has {split.n_items} items, {run / MODEL_NAME} {model.input_dim}")
+    fold_in, heldout = (split.test_in, split.test_out) if args.split == "test" else (split.valid_in, split.valid_out)
     return {args.split: evaluate(model, fold_in, heldout)}
 
 
@@ -296,23 +282,22 @@ def cmd_recommend(args) -> dict:
     """Seen items (never recommended unless --include-seen): every interaction of the user in the
     given file, whatever its rating. The model's input is the file read as in training (with the
     run's --rating-threshold)."""
-    run, model, item_ids, description = _load_run(args.run)
-    if args.k > len(item_ids):
-        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(item_ids)} items)")
+    run, model, items, description = _load_run(args.run)
+    if args.k > len(items):
+        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
     options = dict(description.get("data") or {})
     options.update({name: value for name, value in _data_options(args).items() if value is not None})
     _check_data_options(options)
     source = _source(args.data) if args.data is not None else description.get("source")
     output = Path(args.output)
-    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME, SPLIT_NAME, CHECKPOINT_NAME,
-                                                   LOG_NAME, SUMMARY_NAME)]
+    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
+                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]
                   + ([Path(source)] if source != "synthetic" else []))
     interactions = _load_data(source, options, rating_threshold=None)  # every interaction: what "seen" means
-    column_of = {str(item): col for col, item in enumerate(item_ids)}
-    source_cols = np.array([column_of.get(str(i), -1) for i in interactions.item_ids], dtype=np.int64)
+    source_cols = items.index(interactions.item_ids, strict=False)  # -1: an item the model does not know
     coo = interactions.matrix.tocoo()
     known = source_cols[coo.col] >= 0
-    shape = (interactions.matrix.shape[0], len(item_ids))
+    shape = (interactions.matrix.shape[0], len(items))
     seen = sp.csr_matrix((coo.data[known], (coo.row[known], source_cols[coo.col[known]])), shape=shape,
                          dtype=np.float32)
     threshold = options.get("rating_threshold")
@@ -326,11 +311,13 @@ def cmd_recommend(args) -> dict:
     else:
         scores, ids = _top_k_excluding(model, inputs, seen, args.k)
 
+    item_ids, user_ids = items.to_list(), interactions.user_ids.tolist()
+
     def write(f):
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         writer = csv.writer(text)
         writer.writerow(["user", "item", "rank", "score"])
-        for row, user in enumerate(interactions.user_ids):
+        for row, user in enumerate(user_ids):
             for rank in range(args.k):
                 if ids[row, rank] < 0:
                     break

@@ -21,12 +21,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
+from .data.ids import read_json  # noqa: F401  (JSON of a run folder: DataError naming the file)
+from .data.storage import ITEMS_NAME, SPLIT_NAME, USERS_NAME  # noqa: F401  (the split's files, Split.save)
 
 MODEL_NAME = "model.pt"  # the best model, a state_dict in the authors' format
 CHECKPOINT_NAME = "checkpoint.pt"  # everything `--resume` needs, with the epochs' history
-ITEMS_NAME = "items.json"  # column -> original item id
-SPLIT_NAME = "split.npz"  # validation and test matrices, stacked
-RUN_NAME = "run.json"  # data options, split sizes, fingerprints and hyperparameters of the run
+# Also the split's files, written and read by data.Split.save / Split.load: split.npz (the train,
+# validation and test matrices), items.json (column -> original item id), users.json (row -> user id).
+RUN_NAME = "run.json"  # data source and options, split fingerprint and hyperparameters of the run
 LOG_NAME = "metrics.jsonl"  # one line per epoch, regenerated from the checkpoint's history
 SUMMARY_NAME = "summary.json"  # test metrics of the finished run
 LOCK_NAME = ".lock"
@@ -115,16 +117,6 @@ def load_tensors(path: str | os.PathLike, map_location=None):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{path} is corrupt, truncated or not a safe tensor file "
                              f"(refused to load: {first_line[:200]})") from None
-
-
-def read_json(path: str | os.PathLike):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFolderError(f"{path} is not valid JSON ({exc})") from None
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:

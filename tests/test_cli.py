@@ -47,7 +47,8 @@ def trained_run(ratings_file, tmp_path_factory):
 
 
 def test_train_writes_a_complete_run(trained_run):
-    for name in ("model.pt", "checkpoint.pt", "items.json", "split.npz", "metrics.jsonl", "summary.json"):
+    for name in ("model.pt", "checkpoint.pt", "items.json", "users.json", "split.npz", "run.json", "metrics.jsonl",
+                 "summary.json"):
         assert (trained_run / name).exists(), name
     summary = json.loads((trained_run / "summary.json").read_text())
     assert set(summary["test"]) >= {"ndcg@100", "recall@20", "recall@50"}
@@ -274,13 +275,13 @@ def test_damaged_json_and_split_files_give_one_line_naming_them(run_copy, capsys
     assert "items.json is not valid JSON" in _error_line(capsys)
     shutil.copy(run_copy / "run.json", run_copy / "items.json")
     assert main(["evaluate", str(run_copy)]) == 2
-    assert "items.json does not list" in _error_line(capsys)
+    assert "items.json: expected a JSON list of item ids" in _error_line(capsys)
 
 
 def test_damaged_split_gives_one_line_naming_it(run_copy, capsys):
     (run_copy / "split.npz").write_bytes(b"PK\x03\x04 not really a zip")
     assert main(["evaluate", str(run_copy)]) == 2
-    assert "split.npz is corrupt" in _error_line(capsys)
+    assert "split.npz is not a readable .npz archive" in _error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- recommend's output, errors
@@ -313,3 +314,28 @@ def test_python_dash_m_runs_the_command_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"recvae-fast: error: {tmp_path} is not a finished training run (no model.pt)"
+
+
+def test_resume_of_a_folder_without_a_run_creates_nothing(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "holds no run to continue" in _error_line(capsys)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_tampered_run_description_is_refused_in_one_line(run_copy, capsys):
+    description = json.loads((run_copy / "run.json").read_text())
+    description["config"]["evil"] = 1
+    (run_copy / "run.json").write_text(json.dumps(description))
+    assert main(["train", "--out", str(run_copy), "--resume"]) == 2
+    assert "run.json has unknown or missing settings: evil" in _error_line(capsys)
+
+
+def test_ctrl_c_exits_130_with_one_line(trained_run, monkeypatch, capsys):
+    from recvae_fast import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate", interrupted)
+    assert main(["evaluate", str(trained_run)]) == 130
+    assert _error_line(capsys).startswith("recvae-fast: interrupted")

@@ -21,7 +21,7 @@ def test_sparse_fc1_training_equals_dense(monkeypatch, backend):
     batches = [random_ratings(7, n_items, seed=40 + k, max_items=6) for k in range(3)]
     dense_model, _ = model_pair(11, 4, n_items)
     sparse_model, _ = model_pair(11, 4, n_items)
-    cfg = TrainConfig(hidden_dim=11, latent_dim=4, dropout=0.0)
+    cfg = TrainConfig(hidden_dim=11, latent_dim=4, dropout_rate=0.0)
     dense_opts = make_optimizers(dense_model, cfg.lr)
     sparse_opts = make_optimizers(sparse_model, cfg.lr, sparse_fc1_grad=True)
     assert isinstance(sparse_opts[0], RowSparseAdam)

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
+from recvae_fast import data
 from recvae_fast.cli import main
 
-EPOCHS = 6
+EPOCHS = 8
 TRAIN = ["--rating-threshold", "3.5", "--epochs", str(EPOCHS), "--hidden-dim", "16", "--latent-dim", "8",
          "--batch-size", "128", "--n-enc-epochs", "1", "--heldout-users", "40", "--no-progress"]
 
@@ -37,11 +37,11 @@ def ratings_file(tmp_path_factory):
 def _assert_consistent(run) -> int:
     """Every file present parses; the log is the checkpoint's history or that less its last epoch.
     Returns the number of epochs the checkpoint holds."""
-    for name in ("run.json", "items.json", "summary.json"):
+    for name in ("run.json", "summary.json"):
         if (run / name).exists():
             json.loads((run / name).read_text())
-    if (run / "split.npz").exists():
-        sp.load_npz(run / "split.npz")
+    if (run / "run.json").exists():  # written after the split: the split is complete and consistent
+        data.Split.load(run)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
         if (run / "metrics.jsonl").exists() else []
     if not (run / "checkpoint.pt").exists():
@@ -59,13 +59,30 @@ def _start_train(args, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path, proc, timeout=120.0) -> bool:
+def _wait_until(condition, proc, timeout=120.0) -> bool:
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not condition():
         if proc.poll() is not None or time.monotonic() > end:
             return False
         time.sleep(0.01)
     return True
+
+
+def _new_checkpoint(run, proc):
+    """True once `proc` has replaced (or written) checkpoint.pt: a rename gives it a new inode."""
+    path = run / "checkpoint.pt"
+    before = path.stat().st_ino if path.exists() else None
+    return lambda: path.exists() and path.stat().st_ino != before
+
+
+def _holds_lock(run, proc):
+    """True once `proc` holds the run folder's writer lock (it writes its pid into .lock)."""
+    def check():
+        try:
+            return (run / ".lock").read_text().startswith(f"pid {proc.pid} ")
+        except FileNotFoundError:
+            return False
+    return check
 
 
 def test_kills_at_random_points_leave_a_resumable_run(ratings_file, tmp_path, capsys):
@@ -82,21 +99,24 @@ def test_kills_at_random_points_leave_a_resumable_run(ratings_file, tmp_path, ca
         args = ["--out", str(run), "--resume", "--no-progress"] if (run / "run.json").exists() \
             else [str(ratings_file), "--out", str(run), *TRAIN]
         proc = _start_train(args, env)
-        started = _wait_for(run / "run.json", proc)
+        started = _wait_until(_holds_lock(run, proc), proc)
         if attempt == 0 and started:
             # While it trains, a second writer is refused with the holder's pid.
             assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
             assert f"pid {proc.pid}" in capsys.readouterr().err, f"seed {seed}"
-        if sig == signal.SIGINT:  # interrupt once an epoch is done: exit 130, progress kept
-            _wait_for(run / "checkpoint.pt", proc)
-        time.sleep(rng.uniform(0.0, 1.0))
+        if sig == signal.SIGINT:  # Ctrl-C right after the first epoch: exit 130, progress kept
+            _wait_until(_new_checkpoint(run, proc), proc)
+        elif attempt == 1:  # once this process has written a checkpoint: in training and its writes
+            _wait_until(_new_checkpoint(run, proc), proc)
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # anywhere: data, split, setup, epochs, checkpoint and log writes
+            time.sleep(rng.uniform(0.0, 3.0))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-        if sig == signal.SIGINT and proc.returncode == 130:
+        if sig == signal.SIGINT:
             assert err.strip().splitlines()[-1].startswith("recvae-fast: interrupted"), err
         assert proc.returncode in (0, 130 if sig == signal.SIGINT else -signal.SIGKILL), (proc.returncode, err)
         epochs_seen.append(_assert_consistent(run))
-        print("KILL", sig, proc.returncode, epochs_seen, file=open("/tmp/kills.log", "a"))
     assert epochs_seen[-1] < EPOCHS or (run / "model.pt").exists(), f"seed {seed}"
 
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
