@@ -332,3 +332,34 @@ def test_the_lock_holder_removes_stale_temporaries(small_data, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     fit(small_data[0], n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
     assert not stale.exists()
+
+
+def test_load_model_on_random_bytes_and_mutations_gives_a_model_or_one_clean_error(tmp_path):
+    """Fuzz: random bytes, truncations and byte flips of a valid model.pt load as a RecVAE or raise
+    RunFolderError naming the file, never another exception."""
+    from recvae_fast.runfolder import RunFolderError
+
+    torch.manual_seed(0)
+    torch.save(recvae_fast.RecVAE(8, 3, 13).state_dict(), tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    rng = np.random.default_rng(7)
+    cases = [rng.bytes(int(n)) for n in rng.integers(0, 3000, 10)]
+    cases += [good[: int(n)] for n in rng.integers(0, len(good), 15)]
+    for _ in range(40):
+        mutated = bytearray(good)
+        for pos in rng.integers(0, len(good), int(rng.integers(1, 8))):
+            mutated[pos] = int(rng.integers(0, 256))
+        cases.append(bytes(mutated))
+    outcomes = {"model": 0, "error": 0}
+    for k, blob in enumerate(cases):
+        path = tmp_path / f"case{k}.pt"
+        path.write_bytes(blob)
+        try:
+            model = load_model(path)
+        except RunFolderError as exc:
+            assert f"case{k}.pt" in str(exc) and "\n" not in str(exc)
+            outcomes["error"] += 1
+        else:
+            assert isinstance(model, recvae_fast.RecVAE) and model.input_dim == 13
+            outcomes["model"] += 1
+    assert outcomes["error"] >= 25  # random bytes and truncations are refused
