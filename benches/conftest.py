@@ -85,6 +85,10 @@ def compare_speed(benchmark, request):
 
 
 def pytest_terminal_summary(terminalreporter):
+    import resource
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    terminalreporter.write_line(f"peak host memory of this run (ru_maxrss): {peak_gib:.2f} GiB")
     if not _RESULTS:
         return
     terminalreporter.section("speed-ups against the reference (median seconds)")
