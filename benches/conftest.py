@@ -5,7 +5,9 @@ round by round so that machine noise hits both alike, and fails when the speed-u
 median / fast median) falls below its floor. The floors guard against regressions, they are not
 the goal; each is half the lowest ratio recorded for it in benches/RESULTS.md, runs on a loaded
 machine included (the spread measured between runs on this shared 2-core CPU reached 2.5x; see
-RESULTS.md), so that noise alone does not fail them.
+RESULTS.md), so that noise alone does not fail them. On a loaded machine (1-minute load average
+above the core count) a ratio below its floor is reported as a skip, not judged, unless
+RECVAE_FAST_BENCH_STRICT=1: at load ~11 on 2 cores ratios fell to a third of their quiet values.
 
 Memory: by default `pytest benches/` keeps its host memory under 8 GiB (measured peak in
 RESULTS.md). Shapes that need more are marked `@pytest.mark.big_shape(gib=N)` (N: the host memory
@@ -62,6 +64,12 @@ def _median_times(fns, rounds: int, warmup: int, sync) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _machine_is_loaded() -> bool:
+    """More runnable processes than cores: other jobs take CPU time from both sides unevenly (on
+    the 2-core development machine at load ~11, ratios fell to a third of their quiet values)."""
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
 @pytest.fixture
 def compare_speed(benchmark, request):
     """compare_speed(fast, reference, floor, rounds=5, warmup=1, sync=None) -> speed-up.
@@ -78,6 +86,10 @@ def compare_speed(benchmark, request):
         # One extra timed call so that the pytest-benchmark table has the fast path's row.
         benchmark.pedantic(fast, rounds=1, iterations=1)
         _RESULTS.append((request.node.name, fast_s, ref_s, ratio, floor))
+        if ratio < floor and _machine_is_loaded() and os.environ.get("RECVAE_FAST_BENCH_STRICT") != "1":
+            pytest.skip(f"speed-up {ratio:.2f}x below its floor {floor}x, not judged: the machine is loaded "
+                        f"(1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+                        "RECVAE_FAST_BENCH_STRICT=1 judges anyway)")
         assert ratio >= floor, f"speed-up {ratio:.2f}x fell below its floor {floor}x"
         return ratio
 

@@ -100,7 +100,7 @@ def test_kills_at_random_points_leave_a_resumable_run(ratings_file, tmp_path, ca
             else [str(ratings_file), "--out", str(run), *TRAIN]
         proc = _start_train(args, env)
         started = _wait_until(_holds_lock(run, proc), proc)
-        if attempt == 0 and started:
+        if attempt == 0 and started and _wait_until((run / "run.json").exists, proc):
             # While it trains, a second writer is refused with the holder's pid.
             assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
             assert f"pid {proc.pid}" in capsys.readouterr().err, f"seed {seed}"
