@@ -16,7 +16,8 @@ from recvae_fast.reference import VAE
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 20_108, 500, 75, 600, 200
-FLOORS = {"encoder": 2.5, "decoder": 2.5, "encoder-sparse-fc1": 2.5}
+# Half the lowest ratio in RESULTS.md: encoder 3.94-4.48x, decoder 2.96-3.27x, row-sparse fc1 3.65x.
+FLOORS = {"encoder": 2.0, "decoder": 1.5, "encoder-sparse-fc1": 1.8}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_step_speedup(setup, case, compare_speed):
     ratings, fast, ref = setup
     phase = case.split("-")[0]
     cfg = TrainConfig(hidden_dim=HIDDEN, latent_dim=LATENT)
-    dropout = cfg.dropout if phase == "encoder" else 0.0
+    dropout = cfg.dropout_rate if phase == "encoder" else 0.0
     fast_opts = make_optimizers(fast, cfg.lr, sparse_fc1_grad=case == "encoder-sparse-fc1")
     fast_opt = fast_opts[0] if phase == "encoder" else fast_opts[1]
     ref_module = ref.encoder if phase == "encoder" else ref.decoder

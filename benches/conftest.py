@@ -2,15 +2,48 @@
 
 Each bench times the fast path and the reference in the same process, alternating them
 round by round so that machine noise hits both alike, and fails when the speed-up (reference
-median / fast median) falls below its floor. The floors sit below the measured ratios in
-benches/RESULTS.md with room for noise: they guard against regressions, they are not the goal.
+median / fast median) falls below its floor. The floors guard against regressions, they are not
+the goal; each is half the lowest ratio recorded for it in benches/RESULTS.md, runs on a loaded
+machine included (the spread measured between runs on this shared 2-core CPU reached 2.5x; see
+RESULTS.md), so that noise alone does not fail them. On a loaded machine (1-minute load average
+above the core count) a ratio below its floor is reported as a skip, not judged, unless
+RECVAE_FAST_BENCH_STRICT=1: at load ~11 on 2 cores ratios fell to a third of their quiet values.
+
+Memory: by default `pytest benches/` keeps its host memory under 8 GiB (measured peak in
+RESULTS.md). Shapes that need more are marked `@pytest.mark.big_shape(gib=N)` (N: the host memory
+they need, from their tensor sizes) and skipped unless `--big-shapes` or RECVAE_FAST_BENCH_BIG=1 is
+given; the skip message says how much memory they need.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import pytest
+
+DEFAULT_MEMORY_LIMIT_GIB = 8
+
+
+def pytest_addoption(parser):
+    parser.addoption("--big-shapes", action="store_true", default=False,
+                     help="also run the bench shapes that need more than 8 GiB of host memory")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "big_shape(gib): needs more host memory than the default 8 GiB budget")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--big-shapes") or os.environ.get("RECVAE_FAST_BENCH_BIG") == "1":
+        return
+    for item in items:
+        marker = item.get_closest_marker("big_shape")
+        if marker is not None:
+            gib = marker.kwargs.get("gib", "?")
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs ~{gib} GiB of host memory (default budget {DEFAULT_MEMORY_LIMIT_GIB} GiB); "
+                       "run with --big-shapes or RECVAE_FAST_BENCH_BIG=1"))
 
 _RESULTS: list[tuple[str, float, float, float, float]] = []
 
@@ -31,6 +64,12 @@ def _median_times(fns, rounds: int, warmup: int, sync) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _machine_is_loaded() -> bool:
+    """More runnable processes than cores: other jobs take CPU time from both sides unevenly (on
+    the 2-core development machine at load ~11, ratios fell to a third of their quiet values)."""
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
 @pytest.fixture
 def compare_speed(benchmark, request):
     """compare_speed(fast, reference, floor, rounds=5, warmup=1, sync=None) -> speed-up.
@@ -47,6 +86,10 @@ def compare_speed(benchmark, request):
         # One extra timed call so that the pytest-benchmark table has the fast path's row.
         benchmark.pedantic(fast, rounds=1, iterations=1)
         _RESULTS.append((request.node.name, fast_s, ref_s, ratio, floor))
+        if ratio < floor and _machine_is_loaded() and os.environ.get("RECVAE_FAST_BENCH_STRICT") != "1":
+            pytest.skip(f"speed-up {ratio:.2f}x below its floor {floor}x, not judged: the machine is loaded "
+                        f"(1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+                        "RECVAE_FAST_BENCH_STRICT=1 judges anyway)")
         assert ratio >= floor, f"speed-up {ratio:.2f}x fell below its floor {floor}x"
         return ratio
 
@@ -54,6 +97,10 @@ def compare_speed(benchmark, request):
 
 
 def pytest_terminal_summary(terminalreporter):
+    import resource
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    terminalreporter.write_line(f"peak host memory of this run (ru_maxrss): {peak_gib:.2f} GiB")
     if not _RESULTS:
         return
     terminalreporter.section("speed-ups against the reference (median seconds)")

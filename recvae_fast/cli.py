@@ -1,19 +1,23 @@
-"""`recvae-fast`: train, evaluate and recommend from the command line.
+"""`recvae-fast` (or `python -m recvae_fast`): train, evaluate and recommend from the command line.
 
     recvae-fast train [synthetic | PATH] --out DIR     # data -> split -> fit -> test metrics
+    recvae-fast train --out DIR --resume               # continue DIR with its own data and settings
     recvae-fast evaluate DIR                           # the saved model on the saved test split
-    recvae-fast recommend DIR [synthetic | PATH] --k 100 --output recs.csv
+    recvae-fast recommend DIR [PATH] --k 100 --output recs.csv   # default data: the run's own
 
-A run folder holds model.pt (the best model, in the authors' state_dict format), checkpoint.pt
-(for --resume), items.json (column -> original item id), split.npz (the validation and test
-matrices), metrics.jsonl (one line per epoch) and summary.json (config, test metrics, the
-popularity baseline, time). Bad input ends the program with one line on stderr and exit code 2.
+The run folder's files and guarantees are described in recvae_fast.runfolder. Every input (flags,
+data, the run folder when resuming) is validated before anything is written. Expected failures
+(bad input, I/O errors, corrupt or incompatible files, a device that is not there, a busy run
+folder) end with one line on stderr and exit code 2; Ctrl-C ends with exit code 130, keeping the
+last finished epoch. Anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -21,38 +25,313 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from . import data as data_mod
+from .atomic import atomic_write
 from .inference import evaluate, recommend
 from .metrics import popularity_baseline
-from .training import CHECKPOINT_NAME, TrainConfig, fit, load_model
-
-MODEL_NAME, ITEMS_NAME, SPLIT_NAME, LOG_NAME, SUMMARY_NAME = (
-    "model.pt", "items.json", "split.npz", "metrics.jsonl", "summary.json",
+from .runfolder import (
+    CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
+    RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
 )
+from .training import TrainConfig, check_fit_inputs, fit, load_model
 
+RUN_FORMAT = 1
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
+# Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
+DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
+                "heldout_users")
+# --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
+HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_size": "batch_size",
+               "epochs": "n_epochs", "n_enc_epochs": "n_enc_epochs", "n_dec_epochs": "n_dec_epochs", "lr": "lr",
+               "gamma": "gamma", "beta": "beta", "dropout_rate": "dropout_rate",
+               "not_alternating": "not_alternating", "fc1_grad": "sparse_fc1_grad", "seed": "seed",
+               "device": "device"}
 
 
 class UsageError(Exception):
     """Bad input from the command line: reported in one line, no traceback."""
 
 
-def _load_data(source: str, args) -> data_mod.Interactions:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_options(args) -> dict:
+    """The data flags given on the command line (None: not given)."""
+    return {name: getattr(args, name, None) for name in DATA_OPTIONS}
+
+
+def _check_data_options(options: dict) -> None:
+    for name in ("min_items", "heldout_users"):
+        value = options.get(name)
+        if value is not None and value < 1:
+            raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
+    if options.get("data_seed") is not None and options["data_seed"] < 0:
+        raise UsageError(f"--data-seed must be >= 0, got {options['data_seed']}")
+    threshold = options.get("rating_threshold")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--rating-threshold must be a finite number, got {threshold}")
+
+
+def _source(data: str) -> str:
+    """'synthetic' or the data file's absolute path (checked to exist)."""
+    if data == "synthetic":
+        return data
+    path = Path(data)
+    if not path.is_file():
+        raise UsageError(f"data file not found: {data}" if not path.exists() else f"data path is not a file: {data}")
+    return str(path.resolve())
+
+
+def _load_data(source: str, options: dict, *, rating_threshold="from options") -> data_mod.Interactions:
     if source == "synthetic":
-        return data_mod.synthetic_dataset(seed=args.data_seed)
-    path = Path(source)
-    if not path.exists():
-        raise UsageError(f"data file not found: {source}")
+        return data_mod.synthetic_dataset(seed=options.get("data_seed") or 0)
+    threshold = options.get("rating_threshold") if rating_threshold == "from options" else rating_threshold
     return data_mod.load_interactions(
-        path,
-        sep=args.sep,
-        user_col=args.user_col,
-        item_col=args.item_col,
-        rating_col=args.rating_col,
-        rating_threshold=args.rating_threshold,
+        source, sep=options.get("sep"), user_col=options.get("user_col"), item_col=options.get("item_col"),
+        rating_col=options.get("rating_col"), rating_threshold=threshold,
     )
+
+
+def _make_split(source: str, options: dict, seed: int) -> data_mod.Split:
+    interactions = data_mod.preprocess(_load_data(source, options), min_items_per_user=options["min_items"])
+    if options["heldout_users"] is None:
+        options["heldout_users"] = max(1, interactions.matrix.shape[0] // 10)
+    return data_mod.split_strong_generalization(interactions, n_heldout_users=options["heldout_users"], seed=seed)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _given_hyperparameters(args) -> dict:
+    """TrainConfig fields given on the command line."""
+    given = {}
+    for flag, name in HYPER_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            given[name] = _FC1_GRAD[value] if flag == "fc1_grad" else value
+    if "beta" in given and "gamma" not in given:
+        given["gamma"] = None  # --beta replaces the default gamma
+    return given
+
+
+def _resume_settings(out: Path, args) -> tuple[str, dict, dict, dict]:
+    """(source, data options, hyperparameters, run.json) of the run in `out`, with the flags given
+    now; refuses flags that differ from the run's (only --epochs may change)."""
+    if not (out / RUN_NAME).is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
+    saved = read_json(out / RUN_NAME)
+    if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{out / RUN_NAME} is not a run description of format {RUN_FORMAT}")
+    try:
+        source, options, config = str(saved["source"]), dict(saved["data"]), dict(saved["config"])
+    except (KeyError, TypeError, ValueError):
+        raise RunFolderError(f"{out / RUN_NAME} lacks source, data or config") from None
+    unknown = (set(options) - set(DATA_OPTIONS)) | (set(config) - set(TrainConfig.__dataclass_fields__))
+    if unknown or options.get("min_items") is None:
+        raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
+                             f"{', '.join(sorted(unknown)) or 'min_items'}")
+    differ = []
+    if args.data is not None and _source(args.data) != source:
+        differ.append(f"data {args.data} (the run's: {source})")
+    for name, value in _data_options(args).items():
+        if value is not None and value != options.get(name):
+            differ.append(f"{_flag(name)} {value} (the run's: {options.get(name)})")
+    given = _given_hyperparameters(args)
+    for flag, name in HYPER_FLAGS.items():
+        if name in given and name != "n_epochs" and given[name] != config.get(name):
+            differ.append(f"{_flag(flag)} {getattr(args, flag)} (the run's: {config.get(name)})")
+    if differ:
+        raise UsageError("--resume continues a run with its own data and settings; these differ: "
+                         + "; ".join(differ) + " (omit them, or train into another --out)")
+    config.update(given)
+    return source, options, config, saved
+
+
+def cmd_train(args) -> dict:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience must be >= 1, got {args.patience}")
+    if args.resume:
+        if not (out / RUN_NAME).is_file():  # checked before the lock, which would create the folder
+            raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
+        with RunLock(out):  # read and check the run as it is now, not as another writer leaves it
+            return _train(args, out, *_resume_settings(out, args), t0)
+    options = {name: value for name, value in _data_options(args).items()}
+    options["min_items"] = 5 if options["min_items"] is None else options["min_items"]
+    config = {**asdict(TrainConfig()), **_given_hyperparameters(args)}
+    return _train(args, out, _source(args.data or "synthetic"), options, config, None, t0)
+
+
+def _train(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None, t0: float) -> dict:
+    # 1. Validate everything: flags, data, split and the fit inputs; nothing is written yet.
+    _check_data_options(options)
+    cfg = TrainConfig(**config)
+    cfg.validate()
+    split = _make_split(source, options, cfg.seed)
+    split_fp = split.fingerprint()
+    if saved_run is not None and saved_run.get("split_fingerprint") != split_fp:
+        raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
+                         "(the file changed since the run started)")
+    check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, **asdict(cfg))
+    with RunLock(out):
+        # 2. Describe a new run (refusing to overwrite another), then train, then the results.
+        run_description = {
+            "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
+            "split_fingerprint": split_fp,
+        }
+        if saved_run is None and ((out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists()):
+            raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose another "
+                             "--out (or delete that folder)")
+        # A run without a checkpoint has not finished an epoch: --resume or a new run starts it over,
+        # writing its split files again and run.json last (the files of a run that a kill cut short
+        # before its first epoch may disagree with run.json; rewriting them makes them agree).
+        resume_fit = saved_run is not None and (out / CHECKPOINT_NAME).is_file()
+        if not resume_fit:
+            split.save(out)
+            write_json(out / RUN_NAME, run_description, indent=2)
+        model, history = fit(
+            split.train, split.valid_in, split.valid_out, checkpoint_dir=out, resume=resume_fit,
+            log_path=out / LOG_NAME, patience=args.patience, progress=not args.no_progress, **asdict(cfg),
+        )
+        if saved_run is not None:  # the new n_epochs, once fit has accepted the checkpoint
+            write_json(out / RUN_NAME, run_description, indent=2)
+        save_tensors(model.state_dict(), out / MODEL_NAME)
+        summary = {
+            "data": source,
+            "config": asdict(cfg),
+            "users": {"train": split.train.shape[0], "valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
+            "items": split.train.shape[1],
+            "epochs_trained": len(history),
+            "best_epoch": max(history, key=lambda r: r.get("valid_ndcg@100", -1))["epoch"] if history else None,
+            "test": evaluate(model, split.test_in, split.test_out),
+            "popularity_test": popularity_baseline(split.train, split.test_in, split.test_out),
+            "train_users_per_s": float(np.mean([r["users_per_s"] for r in history])) if history else None,
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        write_json(out / SUMMARY_NAME, summary, indent=2)
+    return summary
+
+
+# ----------------------------------------------------------------------------- evaluate, recommend
+
+
+def _load_run(run_dir: str):
+    """(run folder, model, item id map, run.json) of a finished run; every file read safely."""
+    run = Path(run_dir)
+    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME):
+        if not (run / name).is_file():
+            raise UsageError(f"{run_dir} is not a finished training run (no {name})")
+    model = load_model(run / MODEL_NAME)
+    items = data_mod.IdMap.load_json(run / ITEMS_NAME, "item")
+    description = read_json(run / RUN_NAME)
+    if len(items) != model.input_dim:
+        raise RunFolderError(f"{run / ITEMS_NAME} lists {len(items)} item ids, the model has {model.input_dim} items")
+    if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{run / RUN_NAME} is not a run description of format {RUN_FORMAT}")
+    return run, model, items, description
+
+
+def cmd_evaluate(args) -> dict:
+    run, model, _, description = _load_run(args.run)
+    split = data_mod.Split.load(run)  # validated: array kinds, CSR structure, ids (DataError naming the file)
+    if split.n_items != model.input_dim:
+        raise RunFolderError(f"{run / SPLIT_NAME} has {split.n_items} items, {run / MODEL_NAME} {model.input_dim}")
+    fold_in, heldout = (split.test_in, split.test_out) if args.split == "test" else (split.valid_in, split.valid_out)
+    return {args.split: evaluate(model, fold_in, heldout)}
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder")
+    for path in inputs:
+        if output.resolve() == path.resolve():
+            raise UsageError(f"--output {output} would overwrite an input ({path})")
+
+
+def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, chunk_users: int = 500):
+    """recommend() on `inputs` with every item of `seen` excluded (seen ⊇ inputs' items): each chunk
+    of users asks for k + its largest count of seen-but-not-input items, which are then dropped."""
+    n_users, n_items = inputs.shape
+    scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    items = np.full((n_users, k), -1, dtype=np.int64)
+    extra = seen - seen.multiply(inputs.astype(bool))  # seen items the model input does not hold
+    extra.eliminate_zeros()
+    extra_counts = np.diff(extra.indptr)
+    for start in range(0, n_users, chunk_users):
+        rows = slice(start, min(start + chunk_users, n_users))
+        fetch = min(n_items, k + int(extra_counts[rows].max(initial=0)))
+        top = recommend(model, inputs[rows], k=fetch, exclude_seen=True)
+        chunk_seen = seen[rows]
+        for r in range(top.items.shape[0]):
+            own = set(chunk_seen.indices[chunk_seen.indptr[r] : chunk_seen.indptr[r + 1]].tolist())
+            keep = [j for j in range(fetch) if top.items[r, j] >= 0 and top.items[r, j] not in own][:k]
+            scores[start + r, : len(keep)] = top.scores[r, keep]
+            items[start + r, : len(keep)] = top.items[r, keep]
+    return scores, items
+
+
+def cmd_recommend(args) -> dict:
+    """Seen items (never recommended unless --include-seen): every interaction of the user in the
+    given file, whatever its rating. The model's input is the file read as in training (with the
+    run's --rating-threshold)."""
+    run, model, items, description = _load_run(args.run)
+    if args.k > len(items):
+        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
+    options = dict(description.get("data") or {})
+    options.update({name: value for name, value in _data_options(args).items() if value is not None})
+    _check_data_options(options)
+    source = _source(args.data) if args.data is not None else description.get("source")
+    output = Path(args.output)
+    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
+                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]
+                  + ([Path(source)] if source != "synthetic" else []))
+    interactions = _load_data(source, options, rating_threshold=None)  # every interaction: what "seen" means
+    source_cols = items.index(interactions.item_ids, strict=False)  # -1: an item the model does not know
+    coo = interactions.matrix.tocoo()
+    known = source_cols[coo.col] >= 0
+    shape = (interactions.matrix.shape[0], len(items))
+    seen = sp.csr_matrix((coo.data[known], (coo.row[known], source_cols[coo.col[known]])), shape=shape,
+                         dtype=np.float32)
+    threshold = options.get("rating_threshold")
+    if threshold is None:
+        inputs = seen
+    else:  # as in training: ratings above the threshold, as 1
+        inputs = (seen > threshold).astype(np.float32).tocsr()
+        inputs.eliminate_zeros()
+    if args.include_seen:
+        scores, ids = recommend(model, inputs, k=args.k, exclude_seen=False)
+    else:
+        scores, ids = _top_k_excluding(model, inputs, seen, args.k)
+
+    item_ids, user_ids = items.to_list(), interactions.user_ids.tolist()
+
+    def write(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text)
+        writer.writerow(["user", "item", "rank", "score"])
+        for row, user in enumerate(user_ids):
+            for rank in range(args.k):
+                if ids[row, rank] < 0:
+                    break
+                writer.writerow([user, item_ids[ids[row, rank]], rank + 1, f"{scores[row, rank]:.6g}"])
+        text.flush()
+        text.detach()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(output, write)
+    return {"users": int(shape[0]), "k": args.k, "data": source, "unknown_items_dropped": int((~known).sum()),
+            "output": str(output)}
+
+
+# ----------------------------------------------------------------------------- parser, error boundary
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -62,135 +341,42 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rating-col", default=None, help="rating column name (default: detected)")
     p.add_argument("--rating-threshold", type=float, default=None,
                    help="keep ratings > this as 1 (the paper uses 3.5); default: keep values")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset")
-
-
-def cmd_train(args) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    interactions = _load_data(args.data, args)
-    interactions = data_mod.preprocess(interactions, min_items_per_user=args.min_items)
-    n_heldout = args.heldout_users or max(1, interactions.matrix.shape[0] // 10)
-    split = data_mod.split_strong_generalization(interactions, n_heldout_users=n_heldout, seed=args.seed)
-    cfg = TrainConfig(
-        hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, batch_size=args.batch_size,
-        n_epochs=args.epochs, n_enc_epochs=args.n_enc_epochs, n_dec_epochs=args.n_dec_epochs,
-        lr=args.lr, gamma=None if args.beta is not None else args.gamma, beta=args.beta,
-        dropout=args.dropout, not_alternating=args.not_alternating, sparse_fc1_grad=_FC1_GRAD[args.fc1_grad],
-        seed=args.seed, device=args.device,
-    )
-    (out / ITEMS_NAME).write_text(json.dumps([_jsonable(i) for i in split.item_ids]))
-    sp.save_npz(out / SPLIT_NAME, sp.vstack([split.valid_in, split.valid_out, split.test_in, split.test_out]).tocsr())
-    (out / "split_sizes.json").write_text(json.dumps(
-        {"valid": split.valid_in.shape[0], "test": split.test_in.shape[0]}))
-    if not args.resume:
-        (out / LOG_NAME).unlink(missing_ok=True)
-    model = fit(
-        split.train, split.valid_in, split.valid_out, checkpoint_dir=out, resume=args.resume,
-        log_path=out / LOG_NAME, progress=not args.no_progress, **asdict(cfg),
-    )
-    torch.save(model.state_dict(), out / MODEL_NAME)
-    test = evaluate(model, split.test_in, split.test_out)
-    baseline = popularity_baseline(split.train, split.test_in, split.test_out)
-    history = model.history
-    summary = {
-        "data": args.data,
-        "config": asdict(cfg),
-        "users": {"train": split.train.shape[0], "valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
-        "items": split.train.shape[1],
-        "best_epoch": max(history, key=lambda r: r.get("valid_ndcg@100", -1))["epoch"] if history else None,
-        "test": test,
-        "popularity_test": baseline,
-        "train_users_per_s": float(np.mean([r["users_per_s"] for r in history])) if history else None,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _jsonable(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _load_run(run_dir: str):
-    run = Path(run_dir)
-    for name in (MODEL_NAME, ITEMS_NAME):
-        if not (run / name).exists():
-            raise UsageError(f"{run_dir} is not a finished training run (no {name})")
-    model = load_model(run / MODEL_NAME)
-    item_ids = json.loads((run / ITEMS_NAME).read_text())
-    return run, model, item_ids
-
-
-def cmd_evaluate(args) -> dict:
-    run, model, _ = _load_run(args.run)
-    if not (run / SPLIT_NAME).exists():
-        raise UsageError(f"{args.run} has no saved split ({SPLIT_NAME})")
-    stacked = sp.load_npz(run / SPLIT_NAME).tocsr()
-    sizes = json.loads((run / "split_sizes.json").read_text())
-    v, t = sizes["valid"], sizes["test"]
-    parts = {"valid": (stacked[:v], stacked[v : 2 * v]), "test": (stacked[2 * v : 2 * v + t], stacked[2 * v + t :])}
-    fold_in, heldout = parts[args.split]
-    return {args.split: evaluate(model, fold_in, heldout)}
-
-
-def cmd_recommend(args) -> dict:
-    run, model, item_ids = _load_run(args.run)
-    interactions = _load_data(args.data, args)
-    if args.k > len(item_ids):
-        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(item_ids)} items)")
-    column_of = {str(item): col for col, item in enumerate(item_ids)}
-    source_cols = np.array([column_of.get(str(i), -1) for i in interactions.item_ids])
-    coo = interactions.matrix.tocoo()
-    known = source_cols[coo.col] >= 0
-    matrix = sp.csr_matrix(
-        (coo.data[known], (coo.row[known], source_cols[coo.col[known]])),
-        shape=(interactions.matrix.shape[0], len(item_ids)), dtype=np.float32,
-    )
-    scores, ids = recommend(model, matrix, k=args.k, exclude_seen=not args.include_seen)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["user", "item", "rank", "score"])
-        for row, user in enumerate(interactions.user_ids):
-            for rank in range(args.k):
-                if ids[row, rank] < 0:
-                    break
-                writer.writerow([user, item_ids[ids[row, rank]], rank + 1, f"{scores[row, rank]:.6g}"])
-    return {"users": int(matrix.shape[0]), "k": args.k, "unknown_items_dropped": int((~known).sum()),
-            "output": str(output)}
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the synthetic dataset (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recvae-fast", description="Train, evaluate and use RecVAE.")
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = TrainConfig()
+    d = TrainConfig()
 
     p = sub.add_parser("train", help="train on a dataset (default: the embedded synthetic one)")
-    p.add_argument("data", nargs="?", default="synthetic", help="'synthetic' or a ratings file (CSV/TSV/.inter)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="'synthetic' or a ratings file (CSV/TSV/.inter); default: synthetic, or with --resume "
+                        "the run's own")
     p.add_argument("--out", required=True, help="run folder for the model, id maps and logs")
     _add_data_options(p)
-    p.add_argument("--min-items", type=int, default=5, help="drop users with fewer items (default 5)")
+    p.add_argument("--min-items", type=int, default=None, help="drop users with fewer items (default 5)")
     p.add_argument("--heldout-users", type=int, default=None, help="validation and test users each (default: 10%%)")
-    p.add_argument("--hidden-dim", type=int, default=defaults.hidden_dim)
-    p.add_argument("--latent-dim", type=int, default=defaults.latent_dim)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--epochs", type=int, default=defaults.n_epochs)
-    p.add_argument("--n-enc-epochs", type=int, default=defaults.n_enc_epochs)
-    p.add_argument("--n-dec-epochs", type=int, default=defaults.n_dec_epochs)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--gamma", type=float, default=defaults.gamma, help="KL weight gamma * n_u")
+    # Hyperparameters default to None: "not given", so that --resume can tell them from the run's.
+    p.add_argument("--hidden-dim", type=int, default=None, help=f"default {d.hidden_dim}")
+    p.add_argument("--latent-dim", type=int, default=None, help=f"default {d.latent_dim}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.n_epochs}; with --resume: train up to this")
+    p.add_argument("--n-enc-epochs", type=int, default=None, help=f"default {d.n_enc_epochs}")
+    p.add_argument("--n-dec-epochs", type=int, default=None, help=f"default {d.n_dec_epochs}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
+    p.add_argument("--gamma", type=float, default=None, help=f"KL weight gamma * n_u (default {d.gamma})")
     p.add_argument("--beta", type=float, default=None, help="constant KL weight (replaces gamma)")
-    p.add_argument("--dropout", type=float, default=defaults.dropout)
-    p.add_argument("--not-alternating", action="store_true", help="step encoder and decoder together")
-    p.add_argument("--fc1-grad", choices=sorted(_FC1_GRAD), default="auto",
+    p.add_argument("--dropout-rate", type=float, default=None, help=f"default {d.dropout_rate}")
+    p.add_argument("--not-alternating", action="store_true", default=None, help="step encoder and decoder together")
+    p.add_argument("--fc1-grad", choices=sorted(_FC1_GRAD), default=None,
                    help="fc1 gradient layout: row-sparse (with an exact row-sparse Adam) or dense; auto picks "
                         "row-sparse on the CPU for large catalogues (default: auto)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default {d.seed})")
+    p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default {d.device})")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop when validation NDCG@100 has not improved for this many epochs (default: off)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (its data and settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run_command=cmd_train)
 
@@ -201,25 +387,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recommend", help="top-k items per user to CSV, with original ids")
     p.add_argument("run", help="run folder written by train")
-    p.add_argument("data", nargs="?", default="synthetic", help="the users' interactions ('synthetic' or a file)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="the users' interactions ('synthetic' or a file); default: the run's own data")
     _add_data_options(p)
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--output", required=True, help="CSV file to write (user,item,rank,score)")
-    p.add_argument("--include-seen", action="store_true", help="also recommend items the user already has")
+    p.add_argument("--output", required=True, help="CSV file to write (user,item,rank,score); not an input")
+    p.add_argument("--include-seen", action="store_true",
+                   help="also recommend items the user already has (seen: any rating in the data)")
     p.set_defaults(run_command=cmd_recommend)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.run_command
+    args = build_parser().parse_args(argv)
     try:
         if getattr(args, "k", 1) <= 0:
             raise UsageError(f"--k must be positive, got {args.k}")
-        result = command(args)
-    except (UsageError, data_mod.DataError, ValueError, TypeError, IndexError, FileNotFoundError) as exc:
-        print(f"recvae-fast: error: {exc}", file=sys.stderr)
+        result = args.run_command(args)
+    except KeyboardInterrupt:
+        print("recvae-fast: interrupted (a run folder keeps its last finished epoch; continue with --resume)",
+              file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, RunFolderBusy, OSError) as exc:  # ValueError covers DataError, RunFolderError
+        print(f"recvae-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

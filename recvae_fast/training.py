@@ -9,23 +9,26 @@ gradient is computed for it, and a decoder pass skips the KL, which does not tou
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write_text
 from .model import RecVAE
 from .optim import RowSparseAdam
+from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
 
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+# 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -39,7 +42,7 @@ class TrainConfig:
     lr: float = 5e-4
     gamma: float | None = 0.005
     beta: float | None = None
-    dropout: float = 0.5
+    dropout_rate: float = 0.5
     not_alternating: bool = False
     # fc1's gradient layout: True row-sparse + exact RowSparseAdam (recvae_fast.optim), False dense +
     # fused Adam, None chooses by measurement (see fc1_grad_is_row_sparse).
@@ -50,18 +53,42 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("hidden_dim", "latent_dim", "batch_size", "n_epochs", "n_enc_epochs", "n_dec_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "gamma", "beta", "dropout_rate"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not self.gamma and not self.beta:
-            raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight)")
+            raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight), one of them > 0")
         if (self.gamma is not None and self.gamma < 0) or (self.beta is not None and self.beta < 0):
             raise ValueError("gamma and beta must be >= 0")
         if self.sparse_fc1_grad not in (None, True, False):
             raise ValueError(f"sparse_fc1_grad must be True, False or None (automatic), got {self.sparse_fc1_grad!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_device(self.device)
+
+
+def check_device(device) -> torch.device:
+    """The torch.device for `device`, or a ValueError when it is not a name or not on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: recvae_fast trains on 'cpu' or 'cuda[:N]'")
+    return dev
 
 
 def fc1_grad_is_row_sparse(cfg: TrainConfig, train) -> bool:
@@ -113,11 +140,11 @@ def make_optimizers(model: RecVAE, lr: float, sparse_fc1_grad: bool = False):
 
 def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -> dict:
     """One optimisation step on a canonical batch. phase: "encoder", "decoder" or "both"."""
-    dropout = 0.0 if phase == "decoder" else cfg.dropout
+    dropout_rate = 0.0 if phase == "decoder" else cfg.dropout_rate
     _set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout, with_kl=phase != "decoder")
+    mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout_rate, with_kl=phase != "decoder")
     loss = -mll if kld is None else kld - mll
     loss.backward()
     for opt in optimizers:
@@ -145,13 +172,19 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, progr
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save through recvae_fast.atomic: a crash leaves the old checkpoint or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+class FitResult(NamedTuple):
+    """What `fit` returns: the best model (the last one without validation data, in eval mode)
+    and one record per epoch trained, resumed epochs included."""
+
+    model: RecVAE
+    history: list
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def _rng_states(rng: np.random.Generator) -> dict:
+    # A dict of ints and strings (numpy) and uint8 tensors (torch): loadable with weights_only.
     states = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -165,37 +198,35 @@ def _restore_rng(states: dict, rng: np.random.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizers, cfg, state, rng, best_state) -> None:
-    _atomic_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "config": asdict(cfg),
-            "model": model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers],
-            "rng": _rng_states(rng),
-            "state": asdict(state),
-            "best_model": best_state,
-        },
-        Path(path),
-    )
+def _state_dict_from(obj, path) -> dict:
+    if isinstance(obj, dict) and obj.get("format") in (1, CHECKPOINT_FORMAT) and isinstance(obj.get("model"), dict):
+        return obj["best_model"] or obj["model"]
+    if isinstance(obj, dict) and obj.get("format") is not None:
+        raise RunFolderError(f"{path} is a checkpoint of format {obj.get('format')!r}; this version reads "
+                             f"format {CHECKPOINT_FORMAT} (retrain, or load it with the version that wrote it)")
+    if isinstance(obj, dict) and "decoder.weight" in obj:
+        return obj
+    raise RunFolderError(f"{path} is neither a recvae_fast checkpoint nor a RecVAE state_dict")
 
 
 def load_model(path, device: str | torch.device = "cpu") -> RecVAE:
     """A RecVAE from a checkpoint written by fit (its best model), or from a bare state_dict
-    in the authors' format (input size and dims are read off the weights)."""
-    obj = torch.load(path, map_location=device, weights_only=False)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        state_dict = obj["best_model"] or obj["model"]
-    elif isinstance(obj, dict) and "decoder.weight" in obj:
-        state_dict = obj
-    else:
-        raise ValueError(f"{path} is neither a recvae_fast checkpoint nor a RecVAE state_dict")
-    n_items, latent_dim = state_dict["decoder.weight"].shape
-    hidden_dim = state_dict["encoder.fc1.weight"].shape[0]
-    model = RecVAE(hidden_dim, latent_dim, n_items).to(device)
-    model.load_state_dict(state_dict)
+    in the authors' format (input size and dims are read off the weights). The file is read
+    with torch.load(weights_only=True): it cannot run code."""
+    state_dict = _state_dict_from(load_tensors(path, map_location=device), path)
+    try:
+        n_items, latent_dim = state_dict["decoder.weight"].shape
+        hidden_dim = state_dict["encoder.fc1.weight"].shape[0]
+        model = RecVAE(hidden_dim, latent_dim, n_items).to(device)
+        model.load_state_dict(state_dict)
+    except (KeyError, AttributeError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFolderError(f"{path} does not hold RecVAE weights ({first_line[:200]})") from None
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------- inputs
 
 
 def _check_matrix(name: str, matrix, n_items: int | None) -> sp.csr_matrix:
@@ -209,29 +240,17 @@ def _check_matrix(name: str, matrix, n_items: int | None) -> sp.csr_matrix:
     return matrix
 
 
-def fit(
-    train,
-    valid_in=None,
-    valid_out=None,
-    *,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    log_path: str | os.PathLike | None = None,
-    progress: bool = True,
-    callback=None,
-    **hyperparameters,
-) -> RecVAE:
-    """Train RecVAE on a users × items scipy CSR matrix; return the best model.
+class FitInputs(NamedTuple):
+    cfg: TrainConfig
+    train: sp.csr_matrix
+    valid_in: sp.csr_matrix | None
+    valid_out: sp.csr_matrix | None
+    patience: int | None
 
-    Hyperparameters (TrainConfig): hidden_dim 600, latent_dim 200, batch_size 500, n_epochs 50,
-    n_enc_epochs 3, n_dec_epochs 1, lr 5e-4, gamma 0.005 (or beta), dropout 0.5,
-    not_alternating False, sparse_fc1_grad None (automatic: see fc1_grad_is_row_sparse), seed 0,
-    device "cpu".
-    With valid_in/valid_out (fold-in and held-out parts of validation users), the model of the
-    epoch with the best validation NDCG@100 is returned; without, the last.
-    checkpoint_dir: a checkpoint is written there atomically after every epoch; resume=True
-    continues from it (the hyperparameters must match). log_path: one JSON line per epoch.
-    """
+
+def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, **hyperparameters) -> FitInputs:
+    """Validate fit's data and hyperparameters without training or writing anything (the CLI
+    calls it before it writes a run folder); returns them in the form fit uses."""
     unknown = set(hyperparameters) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
@@ -248,82 +267,194 @@ def fit(
         valid_out = _check_matrix("valid_out", valid_out, n_items)
         if valid_in.shape[0] != valid_out.shape[0]:
             raise ValueError(f"valid_in has {valid_in.shape[0]} users, valid_out has {valid_out.shape[0]}")
+    if patience is not None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience <= 0:
+            raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+        if valid_in is None:
+            raise ValueError("patience (early stopping) needs validation data: give valid_in and valid_out")
+    return FitInputs(cfg, train, valid_in, valid_out, patience)
 
-    device = torch.device(cfg.device)
+
+# ----------------------------------------------------------------------------- fit in parts
+
+
+@dataclass
+class _Training:
+    """The state of one training run: what a checkpoint saves and a resume restores."""
+
+    cfg: TrainConfig
+    model: RecVAE
+    encoder_opt: torch.optim.Optimizer
+    decoder_opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    row_sparse_fc1: bool
+    data_fingerprint: str
+    state: TrainState = field(default_factory=TrainState)
+    best_state: dict | None = None
+
+
+def _start(inputs: FitInputs) -> _Training:
+    cfg, train = inputs.cfg, inputs.train
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, n_items).to(device)
+    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).to(check_device(cfg.device))
     row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
     encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, row_sparse_fc1)
-    state = TrainState()
-    best_state = None
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    data_fp = fingerprint(train, inputs.valid_in, inputs.valid_out)
+    return _Training(cfg, model, encoder_opt, decoder_opt, rng, row_sparse_fc1, data_fp)
 
-    if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise FileNotFoundError(f"resume asked for, but there is no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a recvae_fast training checkpoint")
-        saved_cfg = {k: v for k, v in ckpt["config"].items() if k != "n_epochs"}
-        now_cfg = {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}
-        if saved_cfg != now_cfg:
-            diff = sorted(k for k in now_cfg if saved_cfg.get(k) != now_cfg[k])
-            raise ValueError(f"the checkpoint was written with other hyperparameters: {', '.join(diff)}")
-        model.load_state_dict(ckpt["model"])
-        encoder_opt.load_state_dict(ckpt["optimizers"][0])
-        decoder_opt.load_state_dict(ckpt["optimizers"][1])
-        state = TrainState(**ckpt["state"])
-        best_state = ckpt["best_model"]
-        _restore_rng(ckpt["rng"], rng)
 
-    log_file = open(log_path, "a", encoding="utf-8") if log_path is not None else None
+def _checkpoint(run: _Training) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(run.cfg),
+        "data_fingerprint": run.data_fingerprint,
+        "model": run.model.state_dict(),
+        "optimizers": [run.encoder_opt.state_dict(), run.decoder_opt.state_dict()],
+        "rng": _rng_states(run.rng),
+        "state": asdict(run.state),
+        "best_model": run.best_state,
+    }
+
+
+def _resume(run: _Training, path: Path) -> None:
+    """Restore `run` from the checkpoint at `path` after checking that it was written for the same
+    data (fingerprint of train and validation) and hyperparameters (n_epochs may differ)."""
+    ckpt = load_tensors(path, map_location=run.model.decoder.weight.device)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunFolderError(f"{path} is not a recvae_fast training checkpoint of format {CHECKPOINT_FORMAT} "
+                             f"(found {found!r})")
+    saved_cfg = {k: v for k, v in ckpt["config"].items() if k != "n_epochs"}
+    now_cfg = {k: v for k, v in asdict(run.cfg).items() if k != "n_epochs"}
+    if saved_cfg != now_cfg:
+        diff = sorted(k for k in now_cfg.keys() | saved_cfg.keys() if saved_cfg.get(k) != now_cfg.get(k))
+        raise ValueError(f"{path} was written with other hyperparameters: "
+                         + ", ".join(f"{k} {saved_cfg.get(k)!r} (now {now_cfg.get(k)!r})" for k in diff))
+    if ckpt.get("data_fingerprint") != run.data_fingerprint:
+        raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
+                         "checkpoint's (another file, other ids, or another split)")
     try:
-        for epoch in range(state.epoch, cfg.n_epochs):
-            t0 = time.perf_counter()
-            record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense"}
-            desc = f"epoch {epoch + 1}"
-            if cfg.not_alternating:
-                record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, desc, progress))
-                users_seen = train.shape[0]
-            else:
-                record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng, desc,
-                                          progress))
-                model.update_prior()
-                record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng, desc,
-                                          progress))
-                users_seen = train.shape[0] * (cfg.n_enc_epochs + cfg.n_dec_epochs)
-            train_time = time.perf_counter() - t0
-            _set_phase(model, True, True)
-            record["train_time_s"] = train_time
-            record["users_per_s"] = users_seen / train_time
-            if valid_in is not None:
-                from .inference import evaluate  # scoring pulls in the top-k extension
+        run.model.load_state_dict(ckpt["model"])
+        run.encoder_opt.load_state_dict(ckpt["optimizers"][0])
+        run.decoder_opt.load_state_dict(ckpt["optimizers"][1])
+        run.state = TrainState(**ckpt["state"])
+        run.best_state = ckpt["best_model"]
+        _restore_rng(ckpt["rng"], run.rng)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
-                metrics = evaluate(model, valid_in, valid_out)
-                record.update({f"valid_{k}": v for k, v in metrics.items()})
-                if metrics["ndcg@100"] > state.best_ndcg:
-                    state.best_ndcg, state.best_epoch = metrics["ndcg@100"], epoch + 1
-                    best_state = deepcopy(model.state_dict())
-            record["time_s"] = time.perf_counter() - t0
-            state.epoch = epoch + 1
-            state.history.append(record)
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, model, (encoder_opt, decoder_opt), cfg, state, rng, best_state)
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if progress:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-                tqdm.write(json.dumps(shown))
-            if callback is not None:
-                callback(record)
-    finally:
-        if log_file is not None:
-            log_file.close()
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    model.history = state.history
-    return model
+def _train_epoch(run: _Training, train: sp.csr_matrix, epoch: int, progress: bool) -> dict:
+    """One epoch of the schedule (see the module docstring); returns its record without metrics."""
+    cfg, model = run.cfg, run.model
+    t0 = time.perf_counter()
+    record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if run.row_sparse_fc1 else "dense"}
+    desc = f"epoch {epoch + 1}"
+    if cfg.not_alternating:
+        both = [run.encoder_opt, run.decoder_opt]
+        record.update(_run_passes(model, train, both, cfg, "both", 1, run.rng, desc, progress))
+        users_seen = train.shape[0]
+    else:
+        record.update(_run_passes(model, train, [run.encoder_opt], cfg, "encoder", cfg.n_enc_epochs, run.rng, desc,
+                                  progress))
+        model.update_prior()
+        record.update(_run_passes(model, train, [run.decoder_opt], cfg, "decoder", cfg.n_dec_epochs, run.rng, desc,
+                                  progress))
+        users_seen = train.shape[0] * (cfg.n_enc_epochs + cfg.n_dec_epochs)
+    _set_phase(model, True, True)
+    record["train_time_s"] = time.perf_counter() - t0
+    record["users_per_s"] = users_seen / record["train_time_s"]
+    return record
+
+
+def _validate_epoch(run: _Training, valid_in, valid_out, record: dict) -> None:
+    """Add the validation metrics to `record`; keep the weights when NDCG@100 is the best so far."""
+    from .inference import evaluate  # scoring pulls in the top-k extension
+
+    metrics = evaluate(run.model, valid_in, valid_out)
+    record.update({f"valid_{k}": v for k, v in metrics.items()})
+    if metrics["ndcg@100"] > run.state.best_ndcg:
+        run.state.best_ndcg, run.state.best_epoch = metrics["ndcg@100"], record["epoch"]
+        run.best_state = deepcopy(run.model.state_dict())
+
+
+def _write_log(path: Path, history: list) -> None:
+    """The whole log, regenerated from the history atomically: after a kill it is the checkpoint's
+    history or that history less its last epoch (then restored by the next write)."""
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def _stopped_early(state: TrainState, patience: int | None) -> bool:
+    """No validation improvement in the last `patience` epochs."""
+    return patience is not None and state.epoch - state.best_epoch >= patience
+
+
+def fit(
+    train,
+    valid_in=None,
+    valid_out=None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_path: str | os.PathLike | None = None,
+    patience: int | None = None,
+    progress: bool = True,
+    callback=None,
+    **hyperparameters,
+) -> FitResult:
+    """Train RecVAE on a users × items scipy CSR matrix; return FitResult(model, history).
+
+    Hyperparameters (TrainConfig): hidden_dim 600, latent_dim 200, batch_size 500, n_epochs 50,
+    n_enc_epochs 3, n_dec_epochs 1, lr 5e-4, gamma 0.005 (or beta), dropout_rate 0.5,
+    not_alternating False, sparse_fc1_grad None (automatic: see fc1_grad_is_row_sparse), seed 0,
+    device "cpu".
+    With valid_in/valid_out (fold-in and held-out parts of validation users), the model of the
+    epoch with the best validation NDCG@100 is returned; without, the last. patience=N stops
+    when validation NDCG@100 has not improved for N epochs (needs validation data).
+    checkpoint_dir: created if needed and locked against other writers; a checkpoint (with the
+    history) is written there atomically after every epoch; resume=True continues from it, after
+    checking the data fingerprint and the hyperparameters (n_epochs and patience may change).
+    log_path: one JSON line per epoch, rewritten atomically from the history.
+    Everything is validated before anything is written.
+    """
+    inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume and (ckpt_path is None or not ckpt_path.is_file()):
+        raise FileNotFoundError(f"resume asked for, but there is no checkpoint at {ckpt_path}")
+    if ckpt_path is None:
+        return _fit(inputs, None, resume, log_path, progress, callback)
+    with RunLock(checkpoint_dir):
+        return _fit(inputs, ckpt_path, resume, log_path, progress, callback)
+
+
+def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, progress: bool, callback) -> FitResult:
+    run = _start(inputs)
+    if resume:
+        _resume(run, ckpt_path)
+    log_path = Path(log_path) if log_path is not None else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_log(log_path, run.state.history)  # a fresh log, or the checkpoint's (repairs a kill)
+    for epoch in range(run.state.epoch, inputs.cfg.n_epochs):
+        if _stopped_early(run.state, inputs.patience):
+            break
+        t0 = time.perf_counter()
+        record = _train_epoch(run, inputs.train, epoch, progress)
+        if inputs.valid_in is not None:
+            _validate_epoch(run, inputs.valid_in, inputs.valid_out, record)
+        record["time_s"] = time.perf_counter() - t0
+        run.state.epoch = epoch + 1
+        run.state.history.append(record)
+        if ckpt_path is not None:  # the checkpoint first: the log follows it, never leads it
+            save_tensors(_checkpoint(run), ckpt_path)
+        if log_path is not None:
+            _write_log(log_path, run.state.history)
+        if progress:
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+        if callback is not None:
+            callback(record)
+    if run.best_state is not None:
+        run.model.load_state_dict(run.best_state)
+    run.model.eval()
+    return FitResult(run.model, run.state.history)

@@ -37,9 +37,9 @@ def _weights(model):
 
 def test_seeded_runs_are_reproducible_and_seeds_matter(small_data):
     train, _, _ = small_data
-    a = _weights(fit(train, n_epochs=2, seed=3, **SMALL))
-    b = _weights(fit(train, n_epochs=2, seed=3, **SMALL))
-    c = _weights(fit(train, n_epochs=2, seed=4, **SMALL))
+    a = _weights(fit(train, n_epochs=2, seed=3, **SMALL).model)
+    b = _weights(fit(train, n_epochs=2, seed=3, **SMALL).model)
+    c = _weights(fit(train, n_epochs=2, seed=4, **SMALL).model)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert any(not torch.equal(a[key], c[key]) for key in a)
@@ -48,7 +48,7 @@ def test_seeded_runs_are_reproducible_and_seeds_matter(small_data):
 def test_schedule_updates_the_prior_and_both_parts(small_data):
     train, _, _ = small_data
     torch.manual_seed(0)
-    model = fit(train, n_epochs=1, seed=0, **SMALL)
+    model, history = fit(train, n_epochs=1, seed=0, **SMALL)
     for old, new in zip(model.prior.encoder_old.parameters(), model.encoder.parameters()):
         torch.testing.assert_close(old, new, rtol=0, atol=0)  # update_prior ran after the encoder passes
     untrained = recvae_fast.RecVAE(16, 6, train.shape[1])
@@ -56,37 +56,38 @@ def test_schedule_updates_the_prior_and_both_parts(small_data):
     untrained = recvae_fast.RecVAE(16, 6, train.shape[1])
     assert not torch.equal(model.decoder.weight, untrained.decoder.weight)
     assert not torch.equal(model.encoder.fc1.weight_t, untrained.encoder.fc1.weight_t)
-    for key, value in model.history[0].items():
+    for key, value in history[0].items():
         if isinstance(value, float):
             assert np.isfinite(value), key
-    assert {"encoder_loss", "encoder_kld", "decoder_mll", "users_per_s"} <= set(model.history[0])
+    assert {"encoder_loss", "encoder_kld", "decoder_mll", "users_per_s"} <= set(history[0])
 
 
 def test_not_alternating_mode_runs(small_data):
     train, _, _ = small_data
-    model = fit(train, n_epochs=1, not_alternating=True, beta=0.2, gamma=None, **SMALL)
-    assert "both_loss" in model.history[0]
+    history = fit(train, n_epochs=1, not_alternating=True, beta=0.2, gamma=None, **SMALL).history
+    assert "both_loss" in history[0]
 
 
 def test_returns_the_best_validation_epoch(small_data, tmp_path):
     train, valid_in, valid_out = small_data
     log = tmp_path / "log.jsonl"
-    model = fit(train, valid_in, valid_out, n_epochs=3, log_path=log, **SMALL)
+    model, history = fit(train, valid_in, valid_out, n_epochs=3, log_path=log, **SMALL)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records == json.loads(json.dumps(history))
     best = max(records, key=lambda r: r["valid_ndcg@100"])
     assert recvae_fast.evaluate(model, valid_in, valid_out)["ndcg@100"] == pytest.approx(best["valid_ndcg@100"])
 
 
 def test_resume_ends_with_the_same_weights(small_data, tmp_path):
     train, valid_in, valid_out = small_data
-    full = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "full", **SMALL)
+    full = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "full", **SMALL).model
     fit(train, valid_in, valid_out, n_epochs=1, checkpoint_dir=tmp_path / "cut", **SMALL)  # "crash" after epoch 1
-    resumed = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "cut", resume=True, **SMALL)
+    resumed = fit(train, valid_in, valid_out, n_epochs=3, checkpoint_dir=tmp_path / "cut", resume=True, **SMALL).model
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    ckpt_full = torch.load(tmp_path / "full" / training.CHECKPOINT_NAME, weights_only=False)
-    ckpt_cut = torch.load(tmp_path / "cut" / training.CHECKPOINT_NAME, weights_only=False)
+    ckpt_full = torch.load(tmp_path / "full" / training.CHECKPOINT_NAME, weights_only=True)
+    ckpt_cut = torch.load(tmp_path / "cut" / training.CHECKPOINT_NAME, weights_only=True)
     for key, value in ckpt_full["model"].items():  # the last epoch's weights too, not only the best
         torch.testing.assert_close(ckpt_cut["model"][key], value, rtol=0, atol=0, msg=key)
     assert ckpt_cut["state"]["epoch"] == 3
@@ -117,14 +118,15 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(small_data, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         fit(train, n_epochs=2, checkpoint_dir=tmp_path, resume=True, **SMALL)
     assert path.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == [training.CHECKPOINT_NAME]  # no temporary left behind
+    # no temporary left behind (.lock is the writers' lock file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", training.CHECKPOINT_NAME]
     monkeypatch.setattr(training.torch, "save", real_save)
-    assert torch.load(path, weights_only=False)["state"]["epoch"] == 1
+    assert torch.load(path, weights_only=True)["state"]["epoch"] == 1
 
 
 def test_load_model_reads_checkpoints_and_authors_state_dicts(small_data, tmp_path):
     train, valid_in, valid_out = small_data
-    model = fit(train, valid_in, valid_out, n_epochs=2, checkpoint_dir=tmp_path, **SMALL)
+    model = fit(train, valid_in, valid_out, n_epochs=2, checkpoint_dir=tmp_path, **SMALL).model
     from_ckpt = load_model(tmp_path / training.CHECKPOINT_NAME)
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     from_plain = load_model(tmp_path / "plain.pt")
@@ -142,8 +144,8 @@ def test_bad_arguments(small_data):
         fit(train, n_epoch=3)
     with pytest.raises(ValueError, match="batch_size"):
         fit(train, batch_size=0)
-    with pytest.raises(ValueError, match="dropout"):
-        fit(train, dropout=1.0)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        fit(train, dropout_rate=1.0)
     with pytest.raises(ValueError, match="gamma"):
         fit(train, gamma=None, beta=None)
     with pytest.raises(ValueError, match="both"):
@@ -176,5 +178,183 @@ def test_row_sparse_fc1_fit_equals_dense_fit():
     auto = fit(train, n_epochs=1, **SMALL)
     dense = fit(train, n_epochs=1, sparse_fc1_grad=False, **SMALL)
     assert auto.history[0]["fc1_grad"] == "row-sparse" and dense.history[0]["fc1_grad"] == "dense"
-    for key, value in dense.state_dict().items():
-        torch.testing.assert_close(auto.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for key, value in dense.model.state_dict().items():
+        torch.testing.assert_close(auto.model.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr=float("inf")), "lr must be a finite"),
+    (dict(gamma=float("nan")), "gamma must be a finite"),
+    (dict(beta=float("inf"), gamma=None), "beta must be a finite"),
+    (dict(dropout_rate=float("nan")), "dropout_rate must be a finite"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(device="foo"), "not a device name"),
+    (dict(device="cuda:99" if torch.cuda.is_available() else "cuda"), "CUDA"),
+    (dict(n_epochs=0), "n_epochs must be a positive"),
+])
+def test_rejects_non_finite_and_impossible_settings_before_writing(small_data, tmp_path, bad, message):
+    train, _, _ = small_data
+    with pytest.raises(ValueError, match=message):
+        fit(train, checkpoint_dir=tmp_path / "run", log_path=tmp_path / "run" / "log.jsonl", **{**SMALL, **bad})
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_resume_refuses_other_data_of_the_same_shape(small_data, tmp_path):
+    train, valid_in, valid_out = small_data
+    fit(train, valid_in, valid_out, n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
+    before = (tmp_path / training.CHECKPOINT_NAME).read_bytes()
+    permuted = train[:, np.random.default_rng(0).permutation(train.shape[1])]  # other ids, same item count
+    with pytest.raises(ValueError, match="other data"):
+        fit(permuted, valid_in, valid_out, n_epochs=2, checkpoint_dir=tmp_path, resume=True, **SMALL)
+    with pytest.raises(ValueError, match="other data"):  # another split: the validation users differ
+        fit(train, valid_in[1:], valid_out[1:], n_epochs=2, checkpoint_dir=tmp_path, resume=True, **SMALL)
+    assert (tmp_path / training.CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_the_readme_call_creates_the_run_folder_for_its_log(small_data, tmp_path):
+    """fit(checkpoint_dir=X, log_path=X/metrics.jsonl) on a folder that does not exist yet."""
+    train, valid_in, valid_out = small_data
+    run = tmp_path / "runs" / "ml20m"
+    result = fit(train, valid_in, valid_out, n_epochs=1, checkpoint_dir=run, log_path=run / "metrics.jsonl", **SMALL)
+    assert isinstance(result, training.FitResult) and isinstance(result.model, recvae_fast.RecVAE)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_rewrites_a_log_that_lags_its_checkpoint(small_data, tmp_path):
+    """A kill between the checkpoint and the log: the next writer restores the log from the
+    checkpoint's history."""
+    train, _, _ = small_data
+    log = tmp_path / "metrics.jsonl"
+    history = fit(train, n_epochs=2, checkpoint_dir=tmp_path, log_path=log, **SMALL).history
+    log.write_text(log.read_text().splitlines()[0] + "\n")  # the last epoch's line lost
+    again = fit(train, n_epochs=2, checkpoint_dir=tmp_path, log_path=log, resume=True, **SMALL).history
+    assert again == history
+    assert [json.loads(line) for line in log.read_text().splitlines()] == json.loads(json.dumps(history))
+
+
+def _scripted_validation(monkeypatch, ndcgs):
+    """Validation NDCG@100 per epoch taken from `ndcgs` (the real metric is not what is tested)."""
+    from recvae_fast import inference
+
+    calls = iter(ndcgs)
+    monkeypatch.setattr(inference, "evaluate", lambda model, a, b: {"ndcg@100": next(calls)})
+
+
+def test_early_stopping_stops_at_the_right_epoch_and_resumes(small_data, tmp_path, monkeypatch):
+    train, valid_in, valid_out = small_data
+    ndcgs = [0.1, 0.3, 0.2, 0.25, 0.29, 0.5, 0.6, 0.7]  # best at epoch 2, then 3 epochs without improvement
+    _scripted_validation(monkeypatch, ndcgs)
+    stopped = fit(train, valid_in, valid_out, n_epochs=8, patience=3, checkpoint_dir=tmp_path / "cut", **SMALL)
+    assert [r["epoch"] for r in stopped.history] == [1, 2, 3, 4, 5]
+    best_weights = _weights(stopped.model)
+    # Resumed with the same patience: nothing more to train, the same best model (epoch 2).
+    _scripted_validation(monkeypatch, [])
+    again = fit(train, valid_in, valid_out, n_epochs=8, patience=3, checkpoint_dir=tmp_path / "cut", resume=True,
+                **SMALL)
+    assert len(again.history) == 5
+    for key, value in best_weights.items():
+        torch.testing.assert_close(again.model.state_dict()[key], value, rtol=0, atol=0)
+    # Resumed without patience: it trains on, and ends exactly where an uninterrupted run ends.
+    _scripted_validation(monkeypatch, ndcgs[5:])
+    resumed = fit(train, valid_in, valid_out, n_epochs=8, checkpoint_dir=tmp_path / "cut", resume=True, **SMALL)
+    _scripted_validation(monkeypatch, ndcgs)
+    full = fit(train, valid_in, valid_out, n_epochs=8, checkpoint_dir=tmp_path / "full", **SMALL)
+    assert [r["epoch"] for r in resumed.history] == list(range(1, 9))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="validation data"):
+        fit(train, patience=2, **SMALL)
+    with pytest.raises(ValueError, match="patience"):
+        fit(train, valid_in, valid_out, patience=0, **SMALL)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_model_never_unpickles_and_names_corrupt_files(small_data, tmp_path):
+    import pickle
+
+    from recvae_fast.runfolder import RunFolderError
+
+    marker = tmp_path / "pwned"
+    torch.save({"decoder.weight": _Payload(marker)}, tmp_path / "evil.pt")
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "live")))  # the payload works when unpickled...
+    assert (tmp_path / "live").exists()
+    with pytest.raises(RunFolderError, match="evil.pt"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()  # ...and load_model never unpickles it
+    model = fit(small_data[0], n_epochs=1, **SMALL).model
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunFolderError, match="cut.pt is corrupt, truncated"):
+        load_model(tmp_path / "cut.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(RunFolderError, match="empty.pt"):
+        load_model(tmp_path / "empty.pt")
+    torch.save({"decoder.weight": torch.zeros(3, 2)}, tmp_path / "partial.pt")
+    with pytest.raises(RunFolderError, match="partial.pt does not hold RecVAE weights"):
+        load_model(tmp_path / "partial.pt")
+
+
+def test_a_second_writer_is_refused_naming_the_holder(small_data, tmp_path):
+    import fcntl
+    import os
+
+    from recvae_fast.runfolder import LOCK_NAME, RunFolderBusy
+
+    (tmp_path / LOCK_NAME).write_text("pid 4242 on host elsewhere\n")
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR)  # another open file: flock conflicts as between processes
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RunFolderBusy, match="pid 4242 on host elsewhere"):
+            fit(small_data[0], n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
+    finally:
+        os.close(fd)
+    assert not (tmp_path / training.CHECKPOINT_NAME).exists()
+    fit(small_data[0], n_epochs=1, checkpoint_dir=tmp_path, **SMALL)  # free again
+
+
+def test_the_lock_holder_removes_stale_temporaries(small_data, tmp_path):
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    fit(small_data[0], n_epochs=1, checkpoint_dir=tmp_path, **SMALL)
+    assert not stale.exists()
+
+
+def test_load_model_on_random_bytes_and_mutations_gives_a_model_or_one_clean_error(tmp_path):
+    """Fuzz: random bytes, truncations and byte flips of a valid model.pt load as a RecVAE or raise
+    RunFolderError naming the file, never another exception."""
+    from recvae_fast.runfolder import RunFolderError
+
+    torch.manual_seed(0)
+    torch.save(recvae_fast.RecVAE(8, 3, 13).state_dict(), tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    rng = np.random.default_rng(7)
+    cases = [rng.bytes(int(n)) for n in rng.integers(0, 3000, 10)]
+    cases += [good[: int(n)] for n in rng.integers(0, len(good), 15)]
+    for _ in range(40):
+        mutated = bytearray(good)
+        for pos in rng.integers(0, len(good), int(rng.integers(1, 8))):
+            mutated[pos] = int(rng.integers(0, 256))
+        cases.append(bytes(mutated))
+    outcomes = {"model": 0, "error": 0}
+    for k, blob in enumerate(cases):
+        path = tmp_path / f"case{k}.pt"
+        path.write_bytes(blob)
+        try:
+            model = load_model(path)
+        except RunFolderError as exc:
+            assert f"case{k}.pt" in str(exc) and "\n" not in str(exc)
+            outcomes["error"] += 1
+        else:
+            assert isinstance(model, recvae_fast.RecVAE) and model.input_dim == 13
+            outcomes["model"] += 1
+    assert outcomes["error"] >= 25  # random bytes and truncations are refused

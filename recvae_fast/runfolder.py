@@ -1,0 +1,145 @@
+"""Run folders: their layout, the writers' lock, loading without unpickling, and fingerprints.
+
+A run folder (written by `recvae-fast train` or `fit(checkpoint_dir=...)`) guarantees:
+- every file is written atomically (recvae_fast.atomic): a kill leaves its old or its new version;
+- one writer at a time: writers hold an exclusive lock (fcntl.flock on `.lock`, which records the
+  holder's pid and host); a second writer is refused with an error naming the holder; the holder
+  removes the temporaries an interrupted writer left;
+- reading never unpickles arbitrary objects: .pt files are read with torch.load(weights_only=True),
+  which builds only tensors and plain containers; anything else is refused as a corrupt file.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
+from .data.ids import read_json  # noqa: F401  (JSON of a run folder: DataError naming the file)
+from .data.storage import ITEMS_NAME, SPLIT_NAME, USERS_NAME  # noqa: F401  (the split's files, Split.save)
+
+MODEL_NAME = "model.pt"  # the best model, a state_dict in the authors' format
+CHECKPOINT_NAME = "checkpoint.pt"  # everything `--resume` needs, with the epochs' history
+# Also the split's files, written and read by data.Split.save / Split.load: split.npz (the train,
+# validation and test matrices), items.json (column -> original item id), users.json (row -> user id).
+RUN_NAME = "run.json"  # data source and options, split fingerprint and hyperparameters of the run
+LOG_NAME = "metrics.jsonl"  # one line per epoch, regenerated from the checkpoint's history
+SUMMARY_NAME = "summary.json"  # test metrics of the finished run
+LOCK_NAME = ".lock"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used: a missing, corrupt or incompatible file."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's writer lock."""
+
+
+# Locks this process holds: folder -> [fd, depth]. flock conflicts between two open() of the same
+# file even within one process, so a nested writer (the CLI calling fit) reuses the held lock.
+_HELD: dict[Path, list] = {}
+
+
+class RunLock:
+    """`with RunLock(folder):` exclusive writer access to `folder` (created if missing).
+
+    Non-blocking: raises RunFolderBusy naming the holder's pid and host. The first acquisition
+    in this process removes stale temporaries left by an interrupted writer.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def __enter__(self) -> "RunLock":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunFolderError(f"{self.folder} is not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = self.folder.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return self
+        path = self.folder / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunFolderBusy(f"{self.folder} is being written by another process ({holder}); "
+                                "wait for it to finish or use another folder") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # Holder information only (the lock is the flock, not this content).
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        remove_stale_temporaries(self.folder)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = self.folder.resolve()
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            fd = _HELD.pop(key)[0]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def save_tensors(obj, path: str | os.PathLike) -> None:
+    """torch.save through recvae_fast.atomic: a kill leaves the old file or the new one. `obj` must
+    hold only tensors and plain containers, so that load_tensors can read it back."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_tensors(path: str | os.PathLike, map_location=None):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects.
+    A missing file raises FileNotFoundError; any other failure (a pickle payload, a truncated or
+    foreign file) raises RunFolderError naming the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # the file is untrusted: every way it can fail to load is "corrupt"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFolderError(f"{path} is corrupt, truncated or not a safe tensor file "
+                             f"(refused to load: {first_line[:200]})") from None
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=True))
+
+
+def fingerprint(*arrays) -> str:
+    """sha256 over the given matrices and arrays (sparse: shape, indptr, indices, data; numpy:
+    dtype, shape, bytes; anything else: its JSON). Equal fingerprints mean the same data."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            digest.update(b"none|")
+        elif sp.issparse(a):
+            m = sp.csr_matrix(a)
+            m.sort_indices()
+            digest.update(f"csr{m.shape}|".encode())
+            for part in (m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(np.float32)):
+                digest.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(a, np.ndarray) and a.dtype != object:
+            digest.update(f"{a.dtype.str}{a.shape}|".encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        else:
+            digest.update(json.dumps(np.asarray(a).tolist() if isinstance(a, np.ndarray) else a).encode())
+        digest.update(b"#")
+    return digest.hexdigest()
