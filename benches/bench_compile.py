@@ -27,7 +27,7 @@ def torch_backend(monkeypatch):
 
 def phase_loss(model, batch, phase, cfg, keep_mask=None, eps=None):
     """The loss train_step minimises in `phase` ("encoder": −ELBO with dropout; "decoder": −mll)."""
-    dropout = cfg.dropout if phase == "encoder" else 0.0
+    dropout = cfg.dropout_rate if phase == "encoder" else 0.0
     mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout, with_kl=phase == "encoder",
                                 keep_mask=keep_mask, eps=eps)
     return -mll if kld is None else kld - mll
@@ -49,7 +49,7 @@ def test_compiled_step_speed(phase, compare_speed):
     compiled_loss = torch.compile(phase_loss, fullgraph=True)
 
     # Same loss and gradients as eager, randomness pinned.
-    keep_mask = torch.rand(batch.nnz) >= cfg.dropout
+    keep_mask = torch.rand(batch.nnz) >= cfg.dropout_rate
     eps = torch.randn(N_USERS, LATENT)
     want = phase_loss(eager_model, batch, phase, cfg, keep_mask, eps)
     got = compiled_loss(compiled_model, batch, phase, cfg, keep_mask, eps)

@@ -116,7 +116,7 @@ def model_step(n_items: int, phase: str, with_authors: bool = True):
     ref.load_state_dict(fast.state_dict())
     ref_opt = torch.optim.Adam((ref.encoder if phase == "encoder" else ref.decoder).parameters(), lr=cfg.lr)
     dense = torch.tensor(ratings.toarray())
-    dropout = cfg.dropout if phase == "encoder" else 0.0
+    dropout = cfg.dropout_rate if phase == "encoder" else 0.0
     ref.train()
 
     def authors():

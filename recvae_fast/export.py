@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from .model import Encoder
 from .atomic import atomic_write
 from .topk import TopK
 
@@ -44,6 +44,13 @@ class _ScorerMetadata(NamedTuple):
     k: int
     n_items: int
     dtype: str
+
+
+class _GivenInputLayer(nn.Module):
+    """Stands in for the encoder's fc1: the scorer computes fc1's output itself (below)."""
+
+    def forward(self, h1_pre, dropout_rate, keep_mask=None, impl=None):
+        return h1_pre
 
 
 class FoldInScorer(nn.Module):
@@ -63,8 +70,7 @@ class FoldInScorer(nn.Module):
         # The authors' residual stack after fc1 and its heads (scoring uses z = mu).
         dtype = state_dict["decoder.weight"].dtype
         # In the model's dtype before loading (loading into float32 layers would round float64 weights).
-        self.layers = reference.Encoder(hidden_dim, latent_dim, 1).to(dtype)
-        del self.layers.fc1
+        self.layers = Encoder(hidden_dim, latent_dim, 0, fc1=_GivenInputLayer()).to(dtype)
         self.layers.load_state_dict({
             name[len("encoder."):]: value for name, value in state_dict.items()
             if name.startswith("encoder.") and not name.startswith("encoder.fc1.")
@@ -89,7 +95,7 @@ class FoldInScorer(nn.Module):
         coef = values / norm[row_of]
         h1_pre = F.embedding_bag(indices, self.fc1_weight_t, indptr, mode="sum", per_sample_weights=coef,
                                  include_last_offset=True) + self.fc1_bias
-        mu, _ = self.layers.from_first_layer(h1_pre)
+        mu, _ = self.layers(h1_pre, 0.0)
         scores = torch.addmm(self.decoder_bias, mu, self.decoder_weight.t()).float()
         ineligible = (copies > 0) | torch.isnan(scores)
         return masked_topk(scores, ineligible, self.k)

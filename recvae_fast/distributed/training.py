@@ -92,7 +92,7 @@ def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig,
     """One optimisation step on a global batch (`rows`: the batch's users × items scipy matrix, the
     same on every rank). phase: "encoder", "decoder" or "both"."""
     layout = model.layout
-    dropout = 0.0 if phase == "decoder" else cfg.dropout
+    dropout = 0.0 if phase == "decoder" else cfg.dropout_rate
     _set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
