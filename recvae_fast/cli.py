@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from . import __version__
 from . import data as data_mod
 from .atomic import atomic_write
 from .inference import evaluate, recommend
@@ -334,6 +335,34 @@ def cmd_recommend(args) -> dict:
 # ----------------------------------------------------------------------------- parser, error boundary
 
 
+# ----------------------------------------------------------------------------- report, export
+
+
+def cmd_report(args) -> dict:
+    try:
+        from .report import write_report
+    except ImportError as exc:  # matplotlib is an optional extra
+        raise UsageError(f"report needs matplotlib: pip install 'recvae_fast[report]' ({exc})") from exc
+    return {name: str(path) for name, path in write_report(args.run).items()}
+
+
+def cmd_export(args) -> dict:
+    from .export import export_scorer
+
+    run, model, items, _ = _load_run(args.run)
+    if args.k > len(items):
+        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
+    output = Path(args.output)
+    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
+                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)])
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {output.parent} does not exist")
+    export_scorer(model, output, k=args.k)
+    return {"output": str(output), "k": args.k, "items": len(items),
+            "note": "columns are the run's items.json positions; load with recvae_fast.export.load_scorer "
+                    "or torch.export.load"}
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sep", default=None, help="field separator (default: detected)")
     p.add_argument("--user-col", default=None, help="user column name (default: detected)")
@@ -346,6 +375,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recvae-fast", description="Train, evaluate and use RecVAE.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = TrainConfig()
 
@@ -395,6 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-seen", action="store_true",
                    help="also recommend items the user already has (seen: any rating in the data)")
     p.set_defaults(run_command=cmd_recommend)
+
+    p = sub.add_parser("report", help="report.png (validation metrics and losses per epoch) and report.md in RUN")
+    p.add_argument("run", help="run folder written by train")
+    p.set_defaults(run_command=cmd_report)
+
+    p = sub.add_parser("export", help="the scoring path (fold-in items -> masked top-k) as a torch.export .pt2")
+    p.add_argument("run", help="run folder written by train")
+    p.add_argument("--output", required=True, help="the .pt2 file to write (its folder must exist)")
+    p.add_argument("--k", type=int, default=100, help="items returned per user (default 100)")
+    p.set_defaults(run_command=cmd_export)
     return parser
 
 

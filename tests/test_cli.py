@@ -333,3 +333,37 @@ def test_ctrl_c_exits_130_with_one_line(trained_run, monkeypatch, capsys):
     monkeypatch.setattr(cli, "evaluate", interrupted)
     assert main(["evaluate", str(trained_run)]) == 130
     assert _error_line(capsys).startswith("recvae-fast: interrupted")
+
+
+def test_report_and_export_commands_on_a_trained_run(trained_run, tmp_path, capsys):
+    """`report` writes report.png / report.md into the run; `export` writes a .pt2 whose scores equal
+    `recommend` on the run's test fold-in users; a missing output folder is one line, exit 2."""
+    import numpy as np
+    import recvae_fast
+    from recvae_fast.export import load_scorer
+    from recvae_fast.training import load_model
+    from recvae_fast import data as data_mod
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best epoch" in (run / "report.md").read_text().lower()
+    out = tmp_path / "scorer.pt2"
+    assert main(["export", str(run), "--output", str(out), "--k", "7"]) == 0
+    split = data_mod.Split.load(run)
+    model = load_model(run / "model.pt")
+    want = recvae_fast.recommend(model, split.test_in, k=7)
+    got = load_scorer(out)(split.test_in)
+    np.testing.assert_array_equal(got.items, want.items)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main(["export", str(run), "--output", str(tmp_path / "no" / "x.pt2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("recvae-fast ")
