@@ -67,16 +67,27 @@ def _sparse_input_layer_setup(ctx, inputs, output):
 def _sparse_input_layer_backward(ctx, grad):
     indptr, indices, coef, weight_t = ctx.saved_tensors
     need_coef, need_weight, need_bias = ctx.needs_input_grad[2:5]
-    grad_rows = grad[_row_ids(indptr, indices.numel())]  # nnz × H: the upstream row of each nonzero
+    rows = _row_ids(indptr, indices.numel())
     grad_coef = grad_weight = grad_bias = None
     if need_coef:
-        grad_coef = (grad_rows * weight_t[indices]).sum(dim=1)
+        grad_coef = (grad[rows] * weight_t[indices]).sum(dim=1)
     if need_weight:
-        contrib = grad_rows * coef[:, None]
-        if ctx.sparse_grad:  # the batch's rows only (repeated rows are summed by whoever reads it)
-            grad_weight = torch.sparse_coo_tensor(indices[None], contrib, weight_t.shape, check_invariants=False)
+        # dW[i] = Σ_{n: item i} coef_n·grad[row_n]: the same bag, transposed (nonzeros grouped by
+        # item), so each row of dW is one weighted sum of grad rows, with no nnz × H temporary.
+        order = torch.argsort(indices, stable=True)
+        items_sorted = indices[order]
+        if ctx.sparse_grad:  # the batch's items only, one row each (a coalesced COO tensor)
+            items, counts = torch.unique_consecutive(items_sorted, return_counts=True)
         else:
-            grad_weight = torch.zeros_like(weight_t).index_add_(0, indices, contrib)
+            items, counts = None, torch.bincount(items_sorted, minlength=weight_t.shape[0])
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        sums = F.embedding_bag(rows[order], grad, offsets, mode="sum", per_sample_weights=coef[order],
+                               include_last_offset=True)
+        if ctx.sparse_grad:
+            grad_weight = torch.sparse_coo_tensor(items[None], sums, weight_t.shape, is_coalesced=True,
+                                                  check_invariants=False)
+        else:
+            grad_weight = sums
     if need_bias:
         grad_bias = grad.sum(dim=0)
     return None, None, grad_coef, grad_weight, grad_bias, None

@@ -136,14 +136,16 @@ def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, k
     block_starts = torch.arange(0, n_items + block, block, device=z.device).clamp_(max=n_items)
     bounds = torch.searchsorted(items_sorted, block_starts).tolist()
     scale = grad_nll * batch.row_sums()
+    g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
     for k, start in enumerate(range(0, n_items, block)):
         width = min(block, n_items - start)
+        g_block = g_buffer[: n_users * width].view(n_users, width)
         if kept.numel():
             probs = kept[n_users * start : n_users * (start + width)].view(n_users, width)
-            g_block = probs * (scale * torch.exp(kept_max[k] - lse))[:, None]
+            torch.mul(probs, (scale * torch.exp(kept_max[k] - lse))[:, None], out=g_block)
         else:
-            logits = torch.addmm(bias[start : start + block], z, weight[start : start + block].t())
-            g_block = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
+            torch.addmm(bias[start : start + block], z, weight[start : start + block].t(), out=g_block)
+            g_block.sub_(lse[:, None]).exp_().mul_(scale[:, None])
         lo, hi = bounds[k], bounds[k + 1]
         flat = rows_sorted[lo:hi] * width + (items_sorted[lo:hi] - start)
         g_block.view(-1).index_add_(0, flat, gx_sorted[lo:hi], alpha=-1)

@@ -58,10 +58,27 @@ def test_sparse_input_layer_matches_dense(dtype, sparse_grad):
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     assert torch.equal(out[0], bias.detach())  # the empty user: h1_pre = b1
     assert grads[1].is_sparse == sparse_grad
+    if sparse_grad:  # one row per distinct item of the batch, summed over its users
+        assert grads[1].is_coalesced() and grads[1]._nnz() == indices.unique().numel()
     for got, want in zip(grads, ref_grads):
         got = got.to_dense() if got.is_sparse else got
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense_grad", "sparse_grad"])
+def test_sparse_input_layer_with_no_nonzeros(sparse_grad):
+    """Every user empty: h1_pre = b1, and the weight gradient is zero (no rows at all when sparse)."""
+    weight_t, bias = leaf(N_ITEMS, HIDDEN, seed=1), leaf(HIDDEN, seed=2)
+    coef = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    indptr, indices = torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    out = torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad)
+    assert torch.equal(out, bias.detach().expand(3, HIDDEN))
+    grad_coef, grad_weight, grad_bias = torch.autograd.grad(out.sum(), (coef, weight_t, bias))
+    assert grad_coef.shape == (0,) and torch.equal(grad_bias, torch.full((HIDDEN,), 3.0, dtype=torch.float64))
+    if sparse_grad:
+        assert grad_weight.is_sparse and grad_weight._nnz() == 0
+    assert torch.equal(grad_weight.to_dense(), torch.zeros_like(weight_t))
 
 
 # ----------------------------------------------------------------------------- multinomial NLL
