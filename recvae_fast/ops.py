@@ -20,6 +20,9 @@ silent fallback: "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before tr
 
 The two model ops' entry points live here; `recvae_fast.topk.topk_masked` and
 `recvae_fast.optim.adam_step_row_sparse_` are the other two, resolved by the same `resolve_impl`.
+The "torch" and "cpp" implementations run as ops registered with PyTorch under `recvae_fast::`
+(recvae_fast.custom_ops: profiler names, torch.library.opcheck, torch.compile with
+fullgraph=True); the Triton kernels run through their own autograd Functions.
 """
 from __future__ import annotations
 

@@ -82,15 +82,14 @@ def adam_step_row_sparse_(
 
 
 def _cpp_step_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps) -> None:
-    from . import _row_sparse_adam  # loaded on first use, not when the package is imported
+    from . import custom_ops  # noqa: F401 - registers recvae_fast::row_sparse_adam_step
 
     if param.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"impl 'cpp' of the row-sparse Adam step takes float32 or float64, got {param.dtype}; "
                         "use impl 'torch'")
-    _row_sparse_adam.adam_step_row_sparse(
-        param.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
-        grad._indices()[0].numpy(), grad._values().contiguous().numpy(),  # uncoalesced: the C++ sums repeats
-        lr, beta1, beta2, eps, step, max(1, torch.get_num_threads()),
+    torch.ops.recvae_fast.row_sparse_adam_step(
+        param, exp_avg, exp_avg_sq, grad._indices()[0], grad._values(),  # uncoalesced: the C++ sums repeats
+        step, lr, beta1, beta2, eps, max(1, torch.get_num_threads()),
     )
 
 

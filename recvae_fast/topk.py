@@ -241,9 +241,21 @@ def topk_masked(scores, seen, k: int, *, impl: str | None = None, num_threads: i
         vals, idx = _topk_torch(data, indptr, torch.from_numpy(indices).to(data.device), k, 0)
         return _as_output(vals, idx, form)
     nt = _check_threads(num_threads)
-    state = _ext().State(n_rows, k, min(k, n_items))
-    state.push(*data, 0, indptr, indices, nt)
-    return _as_output(*state.result(nt), form)
+    if form[0] == "torch":  # tensors go through the registered op (recvae_fast.custom_ops)
+        from . import custom_ops  # noqa: F401 - registers recvae_fast::topk_masked
+
+        return TopK(*torch.ops.recvae_fast.topk_masked(
+            scores.detach(), torch.from_numpy(indptr), torch.from_numpy(indices), k, nt
+        ))
+    return topk_masked_cpp(scores, indptr, indices, k, nt)
+
+
+def topk_masked_cpp(scores, indptr: np.ndarray, indices: np.ndarray, k: int, num_threads: int) -> TopK:
+    """The C++ masked top-k on validated inputs (seen as int64 CSR arrays, indices in range)."""
+    buf, name, kind, dtype = _score_buffer(scores)
+    state = _ext().State(buf.shape[0], k, min(k, buf.shape[1]))
+    state.push(buf, name, 0, indptr, indices, num_threads)
+    return _as_output(*state.result(num_threads), (kind, torch.device("cpu"), dtype))
 
 
 def _topk_torch(scores: torch.Tensor, indptr: np.ndarray, indices: torch.Tensor, k: int, item_offset: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache_blocks import item_block_size
+from .cache_blocks import _MIN_BLOCK, item_block_size
 from .sparse import CSRBatch
 
 def input_coefficients(batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,100 +46,112 @@ def sparse_input_layer(
     if keep_mask is not None and keep_mask.shape != (batch.nnz,):
         raise ValueError(f"keep_mask must have one entry per nonzero ({batch.nnz}), got {tuple(keep_mask.shape)}")
     coef = input_coefficients(batch, dropout_rate, keep_mask)
-    # embedding_bag's weight gradient is an index_add over the nonzeros (a scatter into the batch's rows).
-    h = F.embedding_bag(
-        batch.indices, weight_t, batch.indptr, mode="sum", per_sample_weights=coef, include_last_offset=True,
-        sparse=sparse_grad,
-    )
-    return h + bias
+    return torch.ops.recvae_fast.sparse_input_layer(batch.indptr, batch.indices, coef, weight_t, bias, sparse_grad)
 
 
-class _BlockedMultinomialNLL(torch.autograd.Function):
-    """Streams cache-sized item blocks once in forward (online LSE); every step on a block's
-    B × block logits (product, max, exp, sum, probs·Wd) runs while the block is in cache.
+def _batch_of(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> CSRBatch:
+    """The CSRBatch of tensors that already form one (the registered ops take tensors, not batches)."""
+    return CSRBatch(indptr, indices, values, n_cols)
 
-    Only the gradients the call needs are prepared:
-    - z needs a gradient (encoder phase): the same pass accumulates E_softmax[Wd]_u = Σ_i
-      softmax_ui·Wd[i]; dz_u = g_u·(n_u·E[Wd]_u − Σ_i x_ui·Wd[i]) is linear in the upstream g_u,
-      so backward is one multiply.
-    - Wd or bd needs a gradient (decoder phase): with keep_probs, each block's exp(logits − m)
-      (m: the running max at that block) is kept, and backward turns it into G = g·n·softmax − g·x
-      with one per-user scale, exp(m − LSE); without it (over the memory budget), backward
-      recomputes each block's logits from the saved LSE. Then dWd = Gᵀz and dbd = Σ_u G per block.
+
+MACHINE_ITEM_BLOCK = 0  # an item_block of 0: the machine's rule (cache_blocks), applied when the op runs
+
+
+def kept_max_rows(n_items: int, item_block: int) -> int:
+    """Rows of the forward's kept_max: one per item block, for the smallest block the op may use
+    (the machine's rule never picks fewer than _MIN_BLOCK items), so the shape is known before it runs."""
+    return -(-n_items // (item_block or _MIN_BLOCK))
+
+
+def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_grad_z: bool, keep_probs: bool):
+    """The blocked NLL's forward: (nll [B], lse [B], dz_per_g, kept, kept_max, block_used).
+
+    item_block items per block (MACHINE_ITEM_BLOCK: the machine's rule, decided here, so a
+    compiled graph follows the thread count at run time); block_used [1] says which was used.
+    Streams cache-sized item blocks once (online LSE); every step on a block's B × block logits
+    (product, max, exp, sum, probs·Wd) runs while the block is in cache.
+    - want_grad_z (encoder phase): the same pass accumulates E_softmax[Wd]_u = Σ_i softmax_ui·Wd[i];
+      dz_u = g_u·(n_u·E[Wd]_u − Σ_i x_ui·Wd[i]) is linear in the upstream g_u, so dz_per_g [B, K]
+      makes backward one multiply. Else dz_per_g is empty.
+    - keep_probs (decoder phase): each block's exp(logits − m) (m: the running max at that block)
+      is kept for backward: `kept` holds the blocks one after another, block k as a contiguous
+      B × width matrix (B × I values in all), kept_max [kept_max_rows, B] the m of each (rows past
+      the last block unused). Else both empty.
     """
-
-    @staticmethod
-    def forward(ctx, z, weight, bias, batch: CSRBatch, block: int, want_grad_z: bool, keep_probs: bool):
-        n_users = z.shape[0]
-        run_max = torch.full((n_users,), float("-inf"), dtype=z.dtype, device=z.device)
-        run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
-        expected_w = torch.zeros_like(z) if want_grad_z else None
-        kept = []  # (exp(logits − m), m) per block, with keep_probs
-        for start in range(0, weight.shape[0], block):
-            w_block = weight[start : start + block]
+    batch = _batch_of(indptr, indices, values, weight.shape[0])
+    n_users, n_items = z.shape[0], weight.shape[0]
+    block = item_block or item_block_size(n_users, z.element_size())
+    run_max = torch.full((n_users,), float("-inf"), dtype=z.dtype, device=z.device)
+    run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
+    expected_w = torch.zeros_like(z) if want_grad_z else z.new_empty(0)
+    kept = z.new_empty(n_users * n_items if keep_probs else 0)
+    kept_max = z.new_zeros((kept_max_rows(n_items, item_block), n_users) if keep_probs else 0)
+    for k, start in enumerate(range(0, n_items, block)):
+        w_block = weight[start : start + block]
+        width = w_block.shape[0]
+        if keep_probs:  # the block's logits (then probabilities) are written where they are kept
+            logits = kept[n_users * start : n_users * (start + width)].view(n_users, width)
+            torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
+        else:
             logits = torch.addmm(bias[start : start + block], z, w_block.t())
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
-            rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first block
-            probs = logits.sub_(new_max[:, None]).exp_()
-            run_sum.mul_(rescale).add_(probs.sum(dim=1))
-            if want_grad_z:
-                expected_w.mul_(rescale[:, None]).addmm_(probs, w_block)
-            if keep_probs:
-                kept.append((probs, new_max))
-            run_max = new_max
-        lse = run_max + torch.log(run_sum)
-        # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]: one bag over the nonzeros.
-        x_weight = F.embedding_bag(
-            batch.indices, weight, batch.indptr, mode="sum", per_sample_weights=batch.values,
-            include_last_offset=True,
-        )
-        x_bias = torch.zeros_like(lse).index_add_(0, batch.row_ids(), batch.values * bias[batch.indices])
-        n = batch.row_sums()
-        nll = n * lse - (z * x_weight).sum(dim=1) - x_bias
+        new_max = torch.maximum(run_max, logits.amax(dim=1))
+        rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first block
+        probs = logits.sub_(new_max[:, None]).exp_()
+        run_sum.mul_(rescale).add_(probs.sum(dim=1))
         if want_grad_z:
-            # dz/g_u: n_u·E[Wd]_u − Σ_i x_ui·Wd[i]
-            expected_w.div_(run_sum[:, None]).mul_(n[:, None]).sub_(x_weight)
-        ctx.save_for_backward(z, weight, bias, lse, n, expected_w)
-        ctx.batch, ctx.block, ctx.kept = batch, block, kept
-        return nll
+            expected_w.mul_(rescale[:, None]).addmm_(probs, w_block)
+        if keep_probs:
+            kept_max[k] = new_max
+        run_max = new_max
+    lse = run_max + torch.log(run_sum)
+    # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]: one bag over the nonzeros.
+    x_weight = F.embedding_bag(
+        indices, weight, indptr, mode="sum", per_sample_weights=values, include_last_offset=True,
+    )
+    x_bias = torch.zeros_like(lse).index_add_(0, batch.row_ids(), values * bias[indices])
+    n = batch.row_sums()
+    nll = n * lse - (z * x_weight).sum(dim=1) - x_bias
+    if want_grad_z:
+        # dz/g_u: n_u·E[Wd]_u − Σ_i x_ui·Wd[i]
+        expected_w.div_(run_sum[:, None]).mul_(n[:, None]).sub_(x_weight)
+    return nll, lse, expected_w, kept, kept_max, torch.tensor([block])
 
-    @staticmethod
-    def backward(ctx, grad_nll):
-        z, weight, bias, lse, n, dz_per_g = ctx.saved_tensors
-        batch, block, kept = ctx.batch, ctx.block, ctx.kept
-        ctx.kept = None
-        need_z, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_z = grad_nll[:, None] * dz_per_g if need_z else None
-        if not (need_w or need_b):
-            return grad_z, None, None, None, None, None, None
-        grad_w = torch.empty_like(weight) if need_w else None
-        grad_b = torch.empty_like(bias) if need_b else None
-        # The sparse −g·x part goes into each block's G before its product, so dWd and dbd take one
-        # product and one sum per block; nonzeros sorted by item give each block a contiguous slice.
-        row_ids = batch.row_ids()
-        order = torch.argsort(batch.indices, stable=True)
-        items_sorted = batch.indices[order]
-        rows_sorted = row_ids[order]
-        gx_sorted = (grad_nll[row_ids] * batch.values)[order]
-        n_items = weight.shape[0]
-        block_starts = torch.arange(0, n_items + block, block, device=z.device).clamp_(max=n_items)
-        bounds = torch.searchsorted(items_sorted, block_starts).tolist()
-        scale = grad_nll * n
-        for k, start in enumerate(range(0, n_items, block)):
-            if kept:
-                probs, block_max = kept[k]
-                g_block = probs.mul_((scale * torch.exp(block_max - lse))[:, None])
-            else:
-                logits = torch.addmm(bias[start : start + block], z, weight[start : start + block].t())
-                g_block = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
-            lo, hi = bounds[k], bounds[k + 1]
-            flat = rows_sorted[lo:hi] * g_block.shape[1] + (items_sorted[lo:hi] - start)
-            g_block.view(-1).index_add_(0, flat, gx_sorted[lo:hi], alpha=-1)
-            if need_w:
-                torch.mm(g_block.t(), z, out=grad_w[start : start + block])
-            if need_b:
-                torch.sum(g_block, dim=0, out=grad_b[start : start + block])
-        return grad_z, grad_w, grad_b, None, None, None, None
+
+def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used):
+    """(dWd, dbd) of the blocked NLL from the forward's lse (and kept probabilities if any, else
+    each block's logits are recomputed): G = g·n·softmax − g·x per block, dWd = Gᵀz, dbd = Σ_u G.
+    Reads its inputs only."""
+    batch = _batch_of(indptr, indices, values, weight.shape[0])
+    n_users, n_items = z.shape[0], weight.shape[0]
+    block = int(block_used)
+    grad_w = torch.empty_like(weight)
+    grad_b = torch.empty_like(bias)
+    # The sparse −g·x part goes into each block's G before its product, so dWd and dbd take one
+    # product and one sum per block; nonzeros sorted by item give each block a contiguous slice.
+    row_ids = batch.row_ids()
+    order = torch.argsort(indices, stable=True)
+    items_sorted = indices[order]
+    rows_sorted = row_ids[order]
+    gx_sorted = (grad_nll[row_ids] * values)[order]
+    block_starts = torch.arange(0, n_items + block, block, device=z.device).clamp_(max=n_items)
+    bounds = torch.searchsorted(items_sorted, block_starts).tolist()
+    scale = grad_nll * batch.row_sums()
+    g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
+    for k, start in enumerate(range(0, n_items, block)):
+        width = min(block, n_items - start)
+        g_block = g_buffer[: n_users * width].view(n_users, width)
+        if kept.numel():
+            probs = kept[n_users * start : n_users * (start + width)].view(n_users, width)
+            torch.mul(probs, (scale * torch.exp(kept_max[k] - lse))[:, None], out=g_block)
+        else:
+            torch.addmm(bias[start : start + block], z, weight[start : start + block].t(), out=g_block)
+            g_block.sub_(lse[:, None]).exp_().mul_(scale[:, None])
+        lo, hi = bounds[k], bounds[k + 1]
+        flat = rows_sorted[lo:hi] * width + (items_sorted[lo:hi] - start)
+        g_block.view(-1).index_add_(0, flat, gx_sorted[lo:hi], alpha=-1)
+        torch.mm(g_block.t(), z, out=grad_w[start : start + block])
+        torch.sum(g_block, dim=0, out=grad_b[start : start + block])
+    return grad_w, grad_b
 
 
 # Decoder-phase probabilities kept from forward to backward at most (B × I values): above it,
@@ -159,16 +171,26 @@ def multinomial_nll_blocked(
     decoder-phase probabilities (else recomputing them), None decides by KEPT_PROBS_BYTES."""
     if item_block < 1:
         raise ValueError(f"item_block must be >= 1, got {item_block}")
+    return _registered_nll(z, weight, bias, batch, item_block, keep_probs)
+
+
+def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: CSRBatch) -> torch.Tensor:
+    """−mll per user, [B]; differentiable in z, weight and bias (only those that need it)."""
+    return _registered_nll(z, weight, bias, batch, MACHINE_ITEM_BLOCK, None)
+
+
+def _registered_nll(z, weight, bias, batch: CSRBatch, item_block: int, keep_probs: bool | None) -> torch.Tensor:
+    """recvae_fast::multinomial_nll, asked for the gradients the call needs (only those)."""
     grad_on = torch.is_grad_enabled()
     want_grad_z = grad_on and z.requires_grad
     want_grad_decoder = grad_on and (weight.requires_grad or bias.requires_grad)
     if keep_probs is None:
         keep_probs = z.shape[0] * weight.shape[0] * z.element_size() <= KEPT_PROBS_BYTES
-    return _BlockedMultinomialNLL.apply(
-        z, weight, bias, batch, item_block, want_grad_z, bool(keep_probs) and want_grad_decoder
+    nll, *_ = torch.ops.recvae_fast.multinomial_nll(
+        z, weight, bias, batch.indptr, batch.indices, batch.values, item_block, want_grad_z,
+        bool(keep_probs) and want_grad_decoder,
     )
+    return nll
 
 
-def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: CSRBatch) -> torch.Tensor:
-    """−mll per user, [B]; differentiable in z, weight and bias (only those that need it)."""
-    return multinomial_nll_blocked(z, weight, bias, batch, item_block_size(z.shape[0], z.element_size()))
+from . import custom_ops as _custom_ops  # noqa: E402,F401 - registers the recvae_fast:: ops, built from the functions above

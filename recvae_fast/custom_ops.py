@@ -1,0 +1,199 @@
+"""The fused ops registered with PyTorch (torch.library) under the namespace ``recvae_fast::``.
+
+Registered ops are visible by name to the profiler, checked by `torch.library.opcheck`, and
+opaque to torch.compile (Dynamo and Inductor call them; their fake implementations give the
+output shapes), so the loss traces with fullgraph=True. They take tensors, never a CSRBatch:
+a batch is passed as (indptr, indices, values).
+
+    recvae_fast::sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad) -> h1_pre
+        bias + Σ_{i∈nz(u)} coef_ui·weight_t[i]; differentiable in coef, weight_t and bias
+        (sparse_grad=True: weight_t's gradient is a sparse COO tensor of the batch's rows).
+    recvae_fast::multinomial_nll(z, weight, bias, indptr, indices, values, item_block,
+                                 want_grad_z, keep_probs) -> (nll, lse, dz_per_g, kept, kept_max, block_used)
+        −mll per user over cache-sized item blocks (recvae_fast.torch_ops.nll_forward; item_block 0:
+        the machine's rule, decided when the op runs); only nll is differentiable (in z, weight,
+        bias), the rest is what its backward needs.
+    recvae_fast::multinomial_nll_decoder_backward(...) -> (grad_weight, grad_bias)
+        that backward's decoder part, one op so that its block loop stays out of traced graphs.
+    recvae_fast::topk_masked(scores, indptr, indices, k, num_threads) -> (scores, items)
+        the C++ masked top-k (recvae_fast.topk); no autograd.
+    recvae_fast::row_sparse_adam_step(param!, exp_avg!, exp_avg_sq!, rows, grad_values, step, lr,
+                                      beta1, beta2, eps, num_threads) -> ()
+        the C++ row-sparse Adam step (recvae_fast.optim), in place; no autograd.
+
+These are the "torch" and "cpp" implementations (recvae_fast.ops); the Triton kernels keep their
+own autograd Functions (not registered here).
+
+torch.compile: RecVAE's training loss compiles with fullgraph=True (Inductor, CPU) and gives the
+eager loss and gradients (tests/test_custom_ops.py) with the dense fc1 gradient. With the
+row-sparse one (sparse_grad=True) Inductor's backward fails ("Cannot access storage of
+SparseTensorImpl", torch 2.13: Inductor does not take sparse tensors); that path runs eager.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .torch_ops import kept_max_rows, nll_decoder_grads, nll_forward
+
+# ----------------------------------------------------------------------------- sparse input layer
+
+
+def _row_ids(indptr: Tensor, nnz: int) -> Tensor:
+    rows = torch.arange(indptr.numel() - 1, device=indptr.device)
+    return torch.repeat_interleave(rows, indptr[1:] - indptr[:-1], output_size=nnz)
+
+
+@torch.library.custom_op("recvae_fast::sparse_input_layer", mutates_args=())
+def sparse_input_layer(
+    indptr: Tensor, indices: Tensor, coef: Tensor, weight_t: Tensor, bias: Tensor, sparse_grad: bool
+) -> Tensor:
+    h = F.embedding_bag(indices, weight_t, indptr, mode="sum", per_sample_weights=coef, include_last_offset=True)
+    return h + bias
+
+
+@sparse_input_layer.register_fake
+def _(indptr, indices, coef, weight_t, bias, sparse_grad):
+    return weight_t.new_empty(indptr.shape[0] - 1, weight_t.shape[1])
+
+
+def _sparse_input_layer_setup(ctx, inputs, output):
+    indptr, indices, coef, weight_t, _, sparse_grad = inputs
+    ctx.save_for_backward(indptr, indices, coef, weight_t)
+    ctx.sparse_grad = sparse_grad
+
+
+def _sparse_input_layer_backward(ctx, grad):
+    indptr, indices, coef, weight_t = ctx.saved_tensors
+    need_coef, need_weight, need_bias = ctx.needs_input_grad[2:5]
+    rows = _row_ids(indptr, indices.numel())
+    grad_coef = grad_weight = grad_bias = None
+    if need_coef:
+        grad_coef = (grad[rows] * weight_t[indices]).sum(dim=1)
+    if need_weight:
+        # dW[i] = Σ_{n: item i} coef_n·grad[row_n]: the same bag, transposed (nonzeros grouped by
+        # item), so each row of dW is one weighted sum of grad rows, with no nnz × H temporary.
+        order = torch.argsort(indices, stable=True)
+        items_sorted = indices[order]
+        if ctx.sparse_grad:  # the batch's items only, one row each (a coalesced COO tensor)
+            items, counts = torch.unique_consecutive(items_sorted, return_counts=True)
+        else:
+            items, counts = None, torch.bincount(items_sorted, minlength=weight_t.shape[0])
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        sums = F.embedding_bag(rows[order], grad, offsets, mode="sum", per_sample_weights=coef[order],
+                               include_last_offset=True)
+        if ctx.sparse_grad:
+            grad_weight = torch.sparse_coo_tensor(items[None], sums, weight_t.shape, is_coalesced=True,
+                                                  check_invariants=False)
+        else:
+            grad_weight = sums
+    if need_bias:
+        grad_bias = grad.sum(dim=0)
+    return None, None, grad_coef, grad_weight, grad_bias, None
+
+
+sparse_input_layer.register_autograd(_sparse_input_layer_backward, setup_context=_sparse_input_layer_setup)
+
+# ----------------------------------------------------------------------------- multinomial NLL
+
+
+@torch.library.custom_op("recvae_fast::multinomial_nll", mutates_args=())
+def multinomial_nll(
+    z: Tensor, weight: Tensor, bias: Tensor, indptr: Tensor, indices: Tensor, values: Tensor,
+    item_block: int, want_grad_z: bool, keep_probs: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return nll_forward(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs)
+
+
+@multinomial_nll.register_fake
+def _(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs):
+    n_users, n_items = z.shape[0], weight.shape[0]
+    return (
+        z.new_empty(n_users),
+        z.new_empty(n_users),
+        z.new_empty(z.shape if want_grad_z else (0,)),
+        z.new_empty(n_users * n_items if keep_probs else 0),
+        z.new_empty((kept_max_rows(n_items, item_block), n_users) if keep_probs else (0,)),
+        torch.empty(1, dtype=torch.int64, device="cpu"),
+    )
+
+
+@torch.library.custom_op("recvae_fast::multinomial_nll_decoder_backward", mutates_args=())
+def multinomial_nll_decoder_backward(
+    grad_nll: Tensor, z: Tensor, weight: Tensor, bias: Tensor, indptr: Tensor, indices: Tensor, values: Tensor,
+    lse: Tensor, kept: Tensor, kept_max: Tensor, block_used: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used)
+
+
+@multinomial_nll_decoder_backward.register_fake
+def _(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used):
+    return torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _multinomial_nll_setup(ctx, inputs, output):
+    z, weight, bias, indptr, indices, values = inputs[:6]
+    _, lse, dz_per_g, kept, kept_max, block_used = output
+    ctx.mark_non_differentiable(lse, dz_per_g, kept, kept_max, block_used)
+    ctx.save_for_backward(z, weight, bias, indptr, indices, values, lse, dz_per_g, kept, kept_max, block_used)
+
+
+def _multinomial_nll_backward(ctx, grad_nll, *_unused):
+    z, weight, bias, indptr, indices, values, lse, dz_per_g, kept, kept_max, block_used = ctx.saved_tensors
+    need_z, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_z = grad_weight = grad_bias = None
+    if need_z:
+        if dz_per_g.numel() != z.numel():
+            raise RuntimeError("recvae_fast::multinomial_nll: z needs a gradient but ran with want_grad_z=False")
+        grad_z = grad_nll[:, None] * dz_per_g
+    if need_weight or need_bias:
+        grad_weight, grad_bias = multinomial_nll_decoder_backward(
+            grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used
+        )
+    return (
+        grad_z, grad_weight if need_weight else None, grad_bias if need_bias else None,
+        None, None, None, None, None, None,
+    )
+
+
+multinomial_nll.register_autograd(_multinomial_nll_backward, setup_context=_multinomial_nll_setup)
+
+# ----------------------------------------------------------------------------- C++ ops
+
+
+@torch.library.custom_op("recvae_fast::topk_masked", mutates_args=(), device_types="cpu")
+def topk_masked(scores: Tensor, indptr: Tensor, indices: Tensor, k: int, num_threads: int) -> tuple[Tensor, Tensor]:
+    from .topk import topk_masked_cpp
+
+    return tuple(topk_masked_cpp(scores, indptr.numpy(), indices.numpy(), k, num_threads))
+
+
+@topk_masked.register_fake
+def _(scores, indptr, indices, k, num_threads):
+    n_rows = scores.shape[0]
+    return scores.new_empty(n_rows, k), scores.new_empty(n_rows, k, dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    "recvae_fast::row_sparse_adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"), device_types="cpu"
+)
+def row_sparse_adam_step(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_values: Tensor,
+    step: int, lr: float, beta1: float, beta2: float, eps: float, num_threads: int,
+) -> None:
+    from . import _row_sparse_adam  # loaded on first use, not when the package is imported
+
+    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"recvae_fast::row_sparse_adam_step: {name} must be contiguous")
+    _row_sparse_adam.adam_step_row_sparse(
+        param.detach().numpy(), exp_avg.detach().numpy(), exp_avg_sq.detach().numpy(),
+        rows.numpy(), grad_values.detach().contiguous().numpy(),  # repeated rows: the C++ sums them
+        lr, beta1, beta2, eps, step, num_threads,
+    )
+
+
+@row_sparse_adam_step.register_fake
+def _(param, exp_avg, exp_avg_sq, rows, grad_values, step, lr, beta1, beta2, eps, num_threads):
+    return None
