@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +33,7 @@ from torch import nn
 
 from .model import Encoder
 from .atomic import atomic_write
-from .topk import TopK
+from .topk import TopK, check_k
 
 SCORER_FORMAT = "recvae_fast.scorer/1"
 METADATA_FILE = "recvae_fast_scorer.json"  # stored in the .pt2 archive's extra files
@@ -126,10 +125,8 @@ def masked_topk(scores: torch.Tensor, ineligible: torch.Tensor, k: int):
 
 
 def _check_k(k, n_items: int) -> int:
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise TypeError(f"k must be an integer, got {k!r}")
-    k = operator.index(k)
-    if not 1 <= k <= n_items:
+    k = check_k(k)
+    if k > n_items:
         raise ValueError(f"k must be in [1, {n_items}] (the catalogue), got {k}")
     return k
 
