@@ -1,6 +1,8 @@
 """Shared test fixtures: random user × item data with the awkward cases every op must handle."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -64,3 +66,17 @@ def grads_by_authors_name(model) -> dict:
         else:
             out[name] = p.grad
     return out
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_problem() -> str | None:
+    """Why the Triton implementations cannot run here, or None."""
+    if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)"
+    try:
+        from recvae_fast.kernels._common import interpreter_numpy_problem
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc})"
+    return interpreter_numpy_problem() if DEVICE.type == "cpu" else None

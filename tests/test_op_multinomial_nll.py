@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import pytest
 import torch
@@ -20,19 +19,7 @@ import torch
 from recvae_fast import ops
 from recvae_fast.sparse import CSRBatch, as_csr_batch
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def triton_problem() -> str | None:
-    """Why the Triton implementation cannot run here, or None."""
-    if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA and TRITON_INTERPRET was not set before triton was imported (tests/conftest.py sets it)"
-    try:
-        from recvae_fast.kernels._common import interpreter_numpy_problem
-    except ImportError as exc:
-        return f"triton cannot be imported ({exc})"
-    return interpreter_numpy_problem() if DEVICE.type == "cpu" else None
-
+from helpers import DEVICE, triton_problem
 
 TRITON_PROBLEM = triton_problem()
 mnll = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.multinomial_nll")
