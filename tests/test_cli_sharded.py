@@ -1,5 +1,6 @@
 """`train --item-shards S` under torchrun: a real two-process run (about 15 s on the 2-core development
-machine), then `evaluate` and the model file without torchrun; the flag's errors exit 2 in one line."""
+machine), `evaluate` and the model file without torchrun, and `--resume` under torchrun (15 s more);
+the flag's errors exit 2 in one line."""
 from __future__ import annotations
 
 import json
@@ -41,15 +42,20 @@ def test_item_shards_must_divide_the_number_of_processes(tmp_path, monkeypatch, 
     assert not out.exists()
 
 
-def test_torchrun_train_then_evaluate_without_torchrun(tmp_path, capsys):
-    out = tmp_path / "run"
+def _torchrun_train(args: list[str]) -> dict:
+    """`torchrun --nproc-per-node 2 -m recvae_fast train ARGS`: the JSON summary it prints."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([*torchrun, "-m", "recvae_fast", "train", "synthetic", "--out", str(out),
-                           "--item-shards", "2", *TRAIN], env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*torchrun, "-m", "recvae_fast", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads(done.stdout)  # one JSON document: only rank 0 prints
+    return json.loads(done.stdout)  # one JSON document: only rank 0 prints
+
+
+def test_torchrun_train_evaluate_without_torchrun_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _torchrun_train(["synthetic", "--out", str(out), "--item-shards", "2", *TRAIN])
     assert summary["item_shards"] == 2 and summary["processes"] == 2 and summary["epochs_trained"] == 2
     assert summary == json.loads((out / "summary.json").read_text())
     assert json.loads((out / "run.json").read_text())["item_shards"] == 2
@@ -74,3 +80,11 @@ def test_torchrun_train_then_evaluate_without_torchrun(tmp_path, capsys):
     assert "trained with --item-shards 2 under torchrun" in _one_error_line(capsys)
     assert main(["train", "synthetic", "--out", str(out), *TRAIN]) == 2  # nor is it overwritten by a new run
     assert "already holds a run" in _one_error_line(capsys)
+
+    # --resume under torchrun continues from the last DCP checkpoint: one more epoch, appended to the log.
+    resumed = _torchrun_train(["--out", str(out), "--resume", "--item-shards", "2", "--epochs", "3", "--no-progress"])
+    assert resumed["epochs_trained"] == 3 and resumed["config"]["n_epochs"] == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert json.loads((out / "run.json").read_text())["config"]["n_epochs"] == 3
+    assert (out / "sharded" / "LATEST").read_text().strip() == "step-000003"
