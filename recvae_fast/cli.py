@@ -2,6 +2,7 @@
 
     recvae-fast train [synthetic | PATH] --out DIR     # data -> split -> fit -> test metrics
     recvae-fast train --out DIR --resume               # continue DIR with its own data and settings
+    torchrun --nproc-per-node N -m recvae_fast train DATA --out DIR --item-shards S  # model split by items
     recvae-fast evaluate DIR                           # the saved model on the saved test split
     recvae-fast recommend DIR [PATH] --k 100 --output recs.csv   # default data: the run's own
 
@@ -14,13 +15,16 @@ last finished epoch. Anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,7 @@ import scipy.sparse as sp
 
 from . import __version__
 from . import data as data_mod
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
 from .inference import evaluate, recommend
 from .metrics import popularity_baseline
 from .runfolder import (
@@ -38,6 +42,7 @@ from .runfolder import (
 from .training import TrainConfig, check_fit_inputs, fit, load_model
 
 RUN_FORMAT = 1
+SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
 DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
@@ -120,9 +125,10 @@ def _given_hyperparameters(args) -> dict:
     return given
 
 
-def _resume_settings(out: Path, args) -> tuple[str, dict, dict, dict]:
+def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[str, dict, dict, dict]:
     """(source, data options, hyperparameters, run.json) of the run in `out`, with the flags given
-    now; refuses flags that differ from the run's (only --epochs may change)."""
+    now; refuses flags that differ from the run's (only --epochs may change) and another number of
+    item shards (None: a single-process run)."""
     if not (out / RUN_NAME).is_file():
         raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
     saved = read_json(out / RUN_NAME)
@@ -136,6 +142,10 @@ def _resume_settings(out: Path, args) -> tuple[str, dict, dict, dict]:
     if unknown or options.get("min_items") is None:
         raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
                              f"{', '.join(sorted(unknown)) or 'min_items'}")
+    if saved.get("item_shards") != item_shards:
+        trained, now = (f"--item-shards {n} under torchrun" if n else "one process, without --item-shards"
+                        for n in (saved.get("item_shards"), item_shards))
+        raise UsageError(f"--resume: {out} was trained with {trained}, not {now}; resume it the same way")
     differ = []
     if args.data is not None and _source(args.data) != source:
         differ.append(f"data {args.data} (the run's: {source})")
@@ -160,15 +170,37 @@ def cmd_train(args) -> dict:
         raise UsageError(f"--out {out} exists and is not a folder")
     if args.patience is not None and args.patience < 1:
         raise UsageError(f"--patience must be >= 1, got {args.patience}")
+    if args.item_shards is not None and _item_shards(args) is not None:
+        return _train_sharded(args, out, args.item_shards, t0)
     if args.resume:
         if not (out / RUN_NAME).is_file():  # checked before the lock, which would create the folder
             raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
         with RunLock(out):  # read and check the run as it is now, not as another writer leaves it
             return _train(args, out, *_resume_settings(out, args), t0)
+    options, config = _new_run_settings(args)
+    return _train(args, out, _source(args.data or "synthetic"), options, config, None, t0)
+
+
+def _new_run_settings(args) -> tuple[dict, dict]:
+    """(data options, hyperparameters) of a new run: the flags given, with the defaults."""
     options = {name: value for name, value in _data_options(args).items()}
     options["min_items"] = 5 if options["min_items"] is None else options["min_items"]
-    config = {**asdict(TrainConfig()), **_given_hyperparameters(args)}
-    return _train(args, out, _source(args.data or "synthetic"), options, config, None, t0)
+    return options, {**asdict(TrainConfig()), **_given_hyperparameters(args)}
+
+
+def _summary(source: str, cfg: TrainConfig, split: data_mod.Split, history: list, test: dict, t0: float) -> dict:
+    return {
+        "data": source,
+        "config": asdict(cfg),
+        "users": {"train": split.train.shape[0], "valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
+        "items": split.train.shape[1],
+        "epochs_trained": len(history),
+        "best_epoch": max(history, key=lambda r: r.get("valid_ndcg@100", -1))["epoch"] if history else None,
+        "test": test,
+        "popularity_test": popularity_baseline(split.train, split.test_in, split.test_out),
+        "train_users_per_s": float(np.mean([r["users_per_s"] for r in history])) if history else None,
+        "wall_time_s": time.perf_counter() - t0,
+    }
 
 
 def _train(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None, t0: float) -> dict:
@@ -188,7 +220,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
             "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
             "split_fingerprint": split_fp,
         }
-        if saved_run is None and ((out / CHECKPOINT_NAME).exists() or (out / MODEL_NAME).exists()):
+        if saved_run is None and any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
             raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose another "
                              "--out (or delete that folder)")
         # A run without a checkpoint has not finished an epoch: --resume or a new run starts it over,
@@ -205,20 +237,129 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         if saved_run is not None:  # the new n_epochs, once fit has accepted the checkpoint
             write_json(out / RUN_NAME, run_description, indent=2)
         save_tensors(model.state_dict(), out / MODEL_NAME)
-        summary = {
-            "data": source,
-            "config": asdict(cfg),
-            "users": {"train": split.train.shape[0], "valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
-            "items": split.train.shape[1],
-            "epochs_trained": len(history),
-            "best_epoch": max(history, key=lambda r: r.get("valid_ndcg@100", -1))["epoch"] if history else None,
-            "test": evaluate(model, split.test_in, split.test_out),
-            "popularity_test": popularity_baseline(split.train, split.test_in, split.test_out),
-            "train_users_per_s": float(np.mean([r["users_per_s"] for r in history])) if history else None,
-            "wall_time_s": time.perf_counter() - t0,
-        }
+        summary = _summary(source, cfg, split, history, evaluate(model, split.test_in, split.test_out), t0)
         write_json(out / SUMMARY_NAME, summary, indent=2)
     return summary
+
+
+# ----------------------------------------------------------------------------- train --item-shards (torchrun)
+
+
+def _item_shards(args) -> int | None:
+    """The number of item shards to train with, checked against torchrun's world size (None: one
+    shard without torchrun, which is the ordinary single-process run)."""
+    shards = args.item_shards
+    if shards < 1:
+        raise UsageError(f"--item-shards must be >= 1, got {shards}")
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        if shards > 1:
+            raise UsageError(f"--item-shards {shards} needs one process per shard: launch with "
+                             f"torchrun --nproc-per-node N -m recvae_fast train ... (N a multiple of {shards})")
+        return None
+    if int(world) % shards != 0:
+        raise UsageError(f"--item-shards {shards} must divide the number of torchrun processes ({world}); "
+                         "processes / item shards is the data-parallel size")
+    return shards
+
+
+def _agree(error: BaseException | None) -> None:
+    """Every rank stops if any rank failed its checks: the failing ranks with their own error, the
+    others with one naming them (as a UsageError: exit 2 on every rank)."""
+    from .distributed.training import agree
+
+    try:
+        agree(error)
+    except RuntimeError as exc:
+        if exc is error:
+            raise
+        raise UsageError(str(exc)) from None
+
+
+def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
+    """train under torchrun: every rank reads the data, makes the same split and checks it; rank 0
+    alone holds the run folder's lock and writes its files. Returns the summary on rank 0, None on
+    the others."""
+    import torch.distributed as dist
+
+    from .distributed import evaluate_sharded, fit_sharded, gather_full_state_dict, init_distributed
+    from .distributed.checkpoint import latest_checkpoint
+
+    device = args.device
+    if device is None and args.resume:  # the run's own device (its run.json is checked later, on every rank)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            device = read_json(out / RUN_NAME)["config"]["device"]
+    # gloo for CPU tensors even where CUDA exists; NCCL for a GPU run.
+    init_distributed("gloo" if str(device or TrainConfig().device).startswith("cpu") else "nccl",
+                     timeout=timedelta(minutes=10))
+    try:
+        is_writer = dist.get_rank() == 0
+        sharded_dir = out / SHARDED_NAME
+        with contextlib.ExitStack() as lock:
+            error = None
+            try:
+                if args.patience is not None:
+                    raise UsageError("--patience is not supported with --item-shards")
+                if args.resume:
+                    if is_writer:
+                        lock.enter_context(RunLock(out))
+                    source, options, config, saved_run = _resume_settings(out, args, item_shards)
+                else:
+                    options, config = _new_run_settings(args)
+                    source, saved_run = _source(args.data or "synthetic"), None
+                _check_data_options(options)
+                cfg = TrainConfig(**config)
+                cfg.validate()
+                if cfg.sparse_fc1_grad:
+                    raise UsageError("--fc1-grad row-sparse is not supported with --item-shards (dense only)")
+                split = _make_split(source, options, cfg.seed)
+                split_fp = split.fingerprint()
+                if saved_run is not None and saved_run.get("split_fingerprint") != split_fp:
+                    raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
+                                     "(the file changed since the run started)")
+                check_fit_inputs(split.train, split.valid_in, split.valid_out, **asdict(cfg))
+                if is_writer and saved_run is None:
+                    lock.enter_context(RunLock(out))
+                    if any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
+                        raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose "
+                                         "another --out (or delete that folder)")
+            except (UsageError, ValueError, RunFolderBusy, OSError) as exc:
+                error = exc
+            _agree(error)
+
+            run_description = {
+                "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
+                "split_fingerprint": split_fp, "item_shards": item_shards,
+            }
+            # As _train: before a first complete checkpoint, the run starts over with fresh files.
+            resume_fit = saved_run is not None and latest_checkpoint(sharded_dir) is not None
+            if is_writer and not resume_fit:
+                split.save(out)
+                write_json(out / RUN_NAME, run_description, indent=2)
+                atomic_write_text(out / LOG_NAME, "")
+            model = fit_sharded(split.train, split.valid_in, split.valid_out, item_shards=item_shards,
+                                checkpoint_dir=sharded_dir, resume=resume_fit, log_path=out / LOG_NAME, **asdict(cfg))
+            test = evaluate_sharded(model, split.test_in, split.test_out, batch_size=cfg.batch_size)
+            full_state = gather_full_state_dict(model)
+            summary = None
+            if is_writer:
+                if saved_run is not None:  # the new n_epochs, once fit_sharded has accepted the checkpoint
+                    write_json(out / RUN_NAME, run_description, indent=2)
+                save_tensors(full_state, out / MODEL_NAME)
+                history = [{**r, "users_per_s": _users_per_epoch(cfg, split) / r["train_time_s"]}
+                           for r in model.history]
+                summary = {**_summary(source, cfg, split, history, test, t0), "item_shards": item_shards,
+                           "processes": dist.get_world_size()}
+                write_json(out / SUMMARY_NAME, summary, indent=2)
+            dist.barrier()  # the others finish once rank 0's files are written
+        return summary
+    finally:
+        dist.destroy_process_group()
+
+
+def _users_per_epoch(cfg: TrainConfig, split: data_mod.Split) -> int:
+    passes = 1 if cfg.not_alternating else cfg.n_enc_epochs + cfg.n_dec_epochs
+    return split.train.shape[0] * passes
 
 
 # ----------------------------------------------------------------------------- evaluate, recommend
@@ -408,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when validation NDCG@100 has not improved for this many epochs (default: off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (its data and settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--item-shards", type=int, default=None,
+                   help="split the model by items over this many processes; launch with torchrun --nproc-per-node "
+                        "N -m recvae_fast train ... (S must divide N; N / S is the data-parallel size). "
+                        "Default: one process, not sharded")
     p.set_defaults(run_command=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on its saved split")
@@ -455,7 +600,8 @@ def main(argv=None) -> int:
     except (UsageError, ValueError, RunFolderBusy, OSError) as exc:  # ValueError covers DataError, RunFolderError
         print(f"recvae-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if result is not None:  # None: a rank other than 0 of a torchrun job
+        print(json.dumps(result, indent=2))
     return 0
 
 
