@@ -130,7 +130,7 @@ def nll_variants(arch, k_values, dtypes, wide_only):
             for wide in ((True,) if wide_only else (True, False)):
                 for kind, stationary, streamed in (("fwd", "BLOCK_B", "BLOCK_I"), ("bwd", "BLOCK_I", "BLOCK_B")):
                     kept = mnll.fitting_configs(mnll.GPU_CONFIGS[kind, fma], block_k, esize, wide, stationary,
-                                                streamed, SMEM_LIMIT[arch])
+                                                streamed, SMEM_LIMIT[arch], arch, fma)
                     if not kept:
                         out.append(("no-config", f"nll_{kind} {dtype} sm_{arch} K={k} wide={wide}"))
                         continue

@@ -21,6 +21,9 @@ Nothing of size B × I is ever written to memory. The pieces:
   G = g·n·softmax, dWd_tile = Gᵀ·z, dbd_tile = Σ_u G; then it adds the sparse part
   −g_u·x_ui at the tile's nonzeros, read from a CSC copy of the batch (sorted in torch, O(nnz)),
   as a small one-hot product so that it stays in the tile's registers.
+The forward and the backward are ops registered with torch.library.triton_op
+(`recvae_fast::triton_multinomial_nll`, `recvae_fast::triton_multinomial_nll_backward`), with the
+autograd formula registered on the forward; torch.compile sees the kernels through wrap_triton.
 Gradients are computed only when needed: no A unless z requires grad (and grad mode is on), no
 backward kernel unless Wd or bd needs a gradient, and inside it only dWd and/or dbd.
 
@@ -48,6 +51,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from ._common import INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device, size_bucket
 from ._common import config as _common_config
@@ -59,9 +64,26 @@ MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.f
 _SPLIT_ALIGN = 256
 # The CSC pointer of the backward sparse part is kept every _CSC_GRAN items (<= every BLOCK_I).
 _CSC_GRAN = 16
-# Per-thread registers the [rows, K] accumulator may take (an fp64 value takes two): more spills.
-# fp64 gets half, its FMA logits tiles are fp64 too (measured: 64 registers of fp64 accumulator spill).
-_ACC_REGS = {4: 64, 8: 32}
+# Per-thread registers the [rows, K] accumulator may take before the kernel spills (an fp64 value
+# takes two). Set from the compile sweep of every kept config with triton 3.6 (benches/RESULTS.md):
+# - tensor cores on sm_90: 64 (wgmma reads its operands from shared memory);
+# - tensor cores on sm_80: 56 (mma.sync holds both operands in registers as well: at 64, the 32×64
+#   whole-K forward spilled 136/132 B tf32 and the 16×32 K-chunked one 76/44 B bf16);
+# - the FMA path (fp32 "ieee"): 48 (its logits tile is built from per-thread products: at 64, the
+#   64-row forward spilled 76–84 B and the 16-item dW backward 136 B on sm_90);
+# - fp64: 32 (its FMA logits tiles are fp64 too: at 64 it spilled).
+_ACC_REGS_TC = {90: 64, 80: 56}
+_ACC_REGS_FMA_FP32 = 48
+_ACC_REGS_FP64 = 32
+
+
+def acc_reg_budget(elem_size: int, fma: bool, arch: int) -> int:
+    """Registers per thread the accumulator may take for a dtype, path and arch (e.g. 90, 80)."""
+    if elem_size == 8:
+        return _ACC_REGS_FP64
+    if fma:
+        return _ACC_REGS_FMA_FP32
+    return _ACC_REGS_TC[90] if arch >= 90 else _ACC_REGS_TC[80]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,9 +107,10 @@ GPU_CONFIGS = {
         _cfg(32, 64, 8, 2),
         _cfg(32, 32, 4, 2),
         _cfg(128, 64, 8, 2),
-        # large K: K chunks, 16-row accumulators
+        # large K: K chunks, 16-row accumulators (16 warps: what fits sm_80's budget at K 1024)
         _cfg(16, 32, 8, 2, kc=32),
         _cfg(16, 16, 8, 2, kc=32),
+        _cfg(16, 16, 16, 1, kc=32),
     ],
     ("fwd", True): [
         _cfg(64, 32, 8, 2, kc=16),
@@ -106,6 +129,7 @@ GPU_CONFIGS = {
         # (64, 64) and (32, 128) were dropped: they spill on triton 3.6 at K 200 (80 and 120 B)
         _cfg(32, 16, 8, 2, kc=32, BLOCK_NZ=16),
         _cfg(16, 16, 8, 2, kc=32, BLOCK_NZ=16),
+        _cfg(16, 16, 16, 1, kc=32, BLOCK_NZ=16),
     ],
     ("bwd", True): [
         _cfg(16, 16, 8, 2, kc=16, BLOCK_NZ=16),
@@ -124,20 +148,23 @@ _INTERPRETER_CONFIGS = {
 _CONFIGS = _INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 
 
-def _max_smem() -> int:
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(shared memory per block in bytes, arch as 10·major + minor) of the GPU that runs the launch."""
     try:
-        dev = torch.cuda.current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
-    except Exception:  # noqa: BLE001 - best effort: the smallest limit of the GPUs we target (sm_80)
-        return 163 * 1024
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        major, minor = torch.cuda.get_device_capability(device)
+        return props["max_shared_mem"], 10 * major + minor
+    except Exception:  # noqa: BLE001 - best effort: the smallest limits of the GPUs we target (sm_80)
+        return 163 * 1024, 80
 
 
 def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stationary: str, streamed: str,
-                    smem_limit: int):
+                    smem_limit: int, arch: int, fma: bool):
     """The configs whose tiles fit: shared memory for the resident and pipelined tiles, and at most
-    _ACC_REGS registers per thread for the [stationary rows, K] accumulator when there is one
-    (rules set from sm_90 compiles with triton 3.6 and 3.9, benches/compile_check.py).
+    acc_reg_budget(...) registers per thread for the [stationary rows, K] accumulator when there is
+    one (rules set from sm_90 and sm_80 compiles with triton 3.6 and 3.9, benches/compile_check.py).
     Whole-K configs (KC = 0) are kept only up to K = 256: beyond, the whole-K tiles spill."""
+    reg_budget = acc_reg_budget(elem_size, fma, arch)
     kept = []
     for c in configs:
         kc = c.kwargs["KC"]
@@ -158,14 +185,15 @@ def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stati
             # (triton 3.6, sm_90, K 200: a 64-row tile spilled 428/760 B tf32, 312/568 B bf16).
             acc_regs *= 2
         # + 1 KB: triton reserves a little more than the tiles (measured: 512 B for reductions)
-        if smem + 1024 <= smem_limit and acc_regs <= _ACC_REGS[max(elem_size, 4)]:
+        if smem + 1024 <= smem_limit and acc_regs <= reg_budget:
             kept.append(c)
     return kept
 
 
 def _prune(configs, named_args, kwargs, stationary, streamed, wide_acc):
+    smem_limit, arch = _device_limits(named_args["W"].device)
     kept = fitting_configs(configs, kwargs["BLOCK_K"], named_args["W"].element_size(), wide_acc,
-                           stationary, streamed, _max_smem())
+                           stationary, streamed, smem_limit, arch, fma=kwargs["DOT_PREC"] == "ieee")
     if not kept:  # _validate bounds K, so this means a config list that does not cover MAX_K
         dtype = named_args["W"].dtype
         raise ValueError(f"multinomial_nll: no tile config fits K = {named_args['K']} (BLOCK_K {kwargs['BLOCK_K']}) "
@@ -422,7 +450,7 @@ def _n_sms(device: torch.device) -> int:
     return 2  # interpreter: a few splits, so that the tests exercise the merge
 
 
-def _forward(z, weight, bias, batch, want_a, prec):
+def _forward(z, weight, bias, indptr, indices, values, want_a, prec):
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
@@ -440,7 +468,7 @@ def _forward(z, weight, bias, batch, want_a, prec):
     s_part = torch.empty_like(m_part)
     a_part = torch.empty(n_splits, n_users, k, dtype=acc_t, device=z.device) if want_a else None
     grid = lambda meta: (triton.cdiv(n_users, meta["BLOCK_B"]), n_splits)  # noqa: E731
-    _FWD[prec == "ieee"][grid](
+    wrap_triton(_FWD[prec == "ieee"])[grid](
         z, weight, bias, m_part, s_part, a_part,
         n_users, n_items, k, items_per_split, z.stride(0), weight.stride(0), size_bucket(n_users),
         HAS_BIAS=has_bias, COMPUTE_A=want_a, DOT_PREC=prec, ACC=acc_tl, BLOCK_K=block_k,
@@ -449,8 +477,8 @@ def _forward(z, weight, bias, batch, want_a, prec):
     xdot = torch.empty(n_users, dtype=acc_t, device=z.device)
     n = torch.empty_like(xdot)
     xw = torch.empty(n_users, k, dtype=acc_t, device=z.device) if want_a else None
-    _gather_kernel[(n_users,)](
-        z, weight, bias, batch.indptr, batch.indices, batch.values, xdot, n, xw,
+    wrap_triton(_gather_kernel)[(n_users,)](
+        z, weight, bias, indptr, indices, values, xdot, n, xw,
         k, z.stride(0), weight.stride(0),
         HAS_BIAS=has_bias, STORE_XW=want_a, ACC=acc_tl, BLOCK_K=block_k, BLOCK_NZ=_gather_block_nz(block_k),
         num_warps=4,
@@ -470,7 +498,7 @@ def _forward(z, weight, bias, batch, want_a, prec):
     return nll, lse, n, dz_per_g
 
 
-def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
+def _backward_w(z, weight, bias, indptr, indices, values, lse, n, g, need_w, need_b, prec):
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
@@ -478,10 +506,11 @@ def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
     gn = (g * n).contiguous()
 
     # CSC copy of the batch (O(nnz)): the nonzeros of an item tile become one contiguous range.
-    row_ids = batch.row_ids()
-    csc_item, perm = torch.sort(batch.indices, stable=True)
+    row_ids = torch.repeat_interleave(torch.arange(n_users, device=z.device), indptr[1:] - indptr[:-1],
+                                      output_size=indices.numel())
+    csc_item, perm = torch.sort(indices, stable=True)
     csc_user = row_ids[perm].contiguous()
-    csc_coef = (-(g[row_ids] * batch.values.to(acc_t)))[perm].contiguous()
+    csc_coef = (-(g[row_ids] * values.to(acc_t)))[perm].contiguous()
     n_gran = triton.cdiv(n_items, _CSC_GRAN)
     bounds = torch.arange(n_gran + 1, device=z.device, dtype=torch.int64) * _CSC_GRAN
     csc_ptr = torch.searchsorted(csc_item, bounds).to(torch.int64)
@@ -489,7 +518,7 @@ def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
     db = torch.empty(n_items, dtype=bias.dtype, device=z.device) if need_b else None
     grid = lambda meta: (triton.cdiv(n_items, meta["BLOCK_I"]),)  # noqa: E731
-    _BWD[prec == "ieee"][grid](
+    wrap_triton(_BWD[prec == "ieee"])[grid](
         z, weight, bias, lse, gn, dw, db,
         csc_ptr, csc_user, csc_item, csc_coef,
         n_users, n_items, k, n_gran, z.stride(0), weight.stride(0), size_bucket(n_users),
@@ -499,30 +528,78 @@ def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
     return dw, db
 
 
-class _MultinomialNLL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, weight, bias, batch, want_dz: bool):
-        prec = _dot_precision(z.dtype)
-        with on_device(z):
-            nll, lse, n, dz_per_g = _forward(z, weight, bias, batch, want_dz, prec)
-        # Saved: LSE and n (B floats each) and, only when z needs a gradient, dz/g (B × K).
-        ctx.save_for_backward(z, weight, bias, lse, n, dz_per_g)
-        ctx.batch, ctx.prec = batch, prec
-        return nll.to(z.dtype)
+# ----------------------------------------------------------------------------------------------
+# Registered ops (torch.library.triton_op): visible by name to the profiler, checked by opcheck,
+# and traceable by torch.compile, which sees the kernels through wrap_triton. The batch is passed
+# as its three CSR tensors. Autograd is registered on the forward op; its backward calls the
+# backward op only when weight or bias need a gradient.
+# ----------------------------------------------------------------------------------------------
+@triton_op("recvae_fast::triton_multinomial_nll", mutates_args=())
+def multinomial_nll_op(
+    z: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, values: Tensor,
+    want_dz: bool, prec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(nll [B] in z's dtype; LSE [B], n [B] and dz/g [B, K] ([0, K] unless want_dz) in the
+    accumulation dtype). Only nll is differentiable."""
+    with on_device(z):
+        nll, lse, n, dz_per_g = _forward(z, weight, bias, indptr, indices, values, want_dz, prec)
+    if dz_per_g is None:
+        dz_per_g = lse.new_empty(0, z.shape[1])
+    return nll.to(z.dtype), lse, n, dz_per_g
 
-    @staticmethod
-    def backward(ctx, grad_nll):
-        z, weight, bias, lse, n, dz_per_g = ctx.saved_tensors
-        need_z, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_z = grad_w = grad_b = None
-        if need_z:
-            if dz_per_g is None:  # cannot happen through multinomial_nll(); guard anyway
-                raise RuntimeError("multinomial_nll: z needs a gradient but the forward ran without grad mode")
-            grad_z = (grad_nll.to(dz_per_g.dtype)[:, None] * dz_per_g).to(z.dtype)
-        if need_w or need_b:
-            with on_device(z):
-                grad_w, grad_b = _backward_w(z, weight, bias, ctx.batch, lse, n, grad_nll, need_w, need_b, ctx.prec)
-        return grad_z, grad_w, grad_b, None, None
+
+@triton_op("recvae_fast::triton_multinomial_nll_backward", mutates_args=())
+def multinomial_nll_backward_op(
+    grad_nll: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor,
+    values: Tensor, lse: Tensor, n: Tensor, need_w: bool, need_b: bool, prec: str,
+) -> tuple[Tensor, Tensor]:
+    """(dWd, dbd) of the op above; an empty tensor for a gradient that is not needed."""
+    with on_device(z):
+        dw, db = _backward_w(z, weight, bias, indptr, indices, values, lse, n, grad_nll, need_w, need_b, prec)
+    return (dw if dw is not None else weight.new_empty(0),
+            db if db is not None else weight.new_empty(0))
+
+
+# Shapes for FakeTensor tracing. triton_op derives them by tracing the body, except under the
+# interpreter, where wrap_triton hands back the interpreted kernel, which would run on fake tensors.
+@multinomial_nll_op.register_fake
+def _(z, weight, bias, indptr, indices, values, want_dz, prec):
+    acc_t = acc_dtypes(z.dtype)[0]
+    n_users, k = z.shape
+    return (z.new_empty(n_users), z.new_empty(n_users, dtype=acc_t), z.new_empty(n_users, dtype=acc_t),
+            z.new_empty((n_users if want_dz else 0, k), dtype=acc_t))
+
+
+@multinomial_nll_backward_op.register_fake
+def _(grad_nll, z, weight, bias, indptr, indices, values, lse, n, need_w, need_b, prec):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    z, weight, bias, indptr, indices, values, _, prec = inputs
+    _, lse, n, dz_per_g = output
+    ctx.mark_non_differentiable(lse, n, dz_per_g)
+    # Saved: LSE and n (B floats each) and, only when z needs a gradient, dz/g (B × K).
+    ctx.save_for_backward(z, weight, bias, indptr, indices, values, lse, n, dz_per_g)
+    ctx.prec = prec
+
+
+def _backward(ctx, grad_nll, *_unused):
+    z, weight, bias, indptr, indices, values, lse, n, dz_per_g = ctx.saved_tensors
+    need_z, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_z = grad_w = grad_b = None
+    if need_z:
+        if dz_per_g.numel() != z.numel():  # cannot happen through multinomial_nll(); guard anyway
+            raise RuntimeError("multinomial_nll: z needs a gradient but the forward ran without grad mode")
+        grad_z = (grad_nll.to(dz_per_g.dtype)[:, None] * dz_per_g).to(z.dtype)
+    if need_w or need_b:
+        grad_w, grad_b = multinomial_nll_backward_op(
+            grad_nll, z, weight, bias, indptr, indices, values, lse, n, need_w, need_b, ctx.prec)
+    return (grad_z, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 5
+
+
+multinomial_nll_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,6 +643,7 @@ def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if z.shape[0] == 0:
         return (z.sum(dim=1) + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0))[:0]
     want_dz = torch.is_grad_enabled() and z.requires_grad
-    return _MultinomialNLL.apply(
-        z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None, batch, want_dz
-    )
+    return multinomial_nll_op(
+        z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+        batch.indptr, batch.indices, batch.values, want_dz, _dot_precision(z.dtype),
+    )[0]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from ._common import acc_dtypes, on_device
 
@@ -115,18 +117,34 @@ def adam_step_row_sparse_(
     rows, values = grad.indices()[0], grad.values()
     if values.dim() != 2:
         raise ValueError("grad must be sparse in its first dimension only (hybrid COO with dense rows)")
-    values = values.contiguous()
     n_rows, hidden = param.shape
     if not (n_rows and hidden):
         return
-    device = param.device
-    hyper = adam_hyperparameters(lr, betas, eps, weight_decay, step, acc_dtypes(param.dtype)[0], device)
-    grow = torch.full((n_rows,), -1, dtype=torch.int32, device=device)
-    grow[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=device)
+    hyper = adam_hyperparameters(lr, betas, eps, weight_decay, step, acc_dtypes(param.dtype)[0], param.device)
+    row_sparse_adam_step_op(param, exp_avg, exp_avg_sq, rows, values.contiguous(), hyper)
+
+
+# Registered op (torch.library.triton_op, in place): visible by name to the profiler, checked by
+# opcheck, traceable by torch.compile through wrap_triton.
+@triton_op("recvae_fast::triton_row_sparse_adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def row_sparse_adam_step_op(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad_values: Tensor, hyper: Tensor,
+) -> None:
+    """The step on param's rows `rows` (unique) with gradient rows `grad_values` [len(rows), H]; every
+    other row steps with a zero gradient. `hyper`: adam_hyperparameters(...)."""
+    n_rows, hidden = param.shape
+    grow = torch.full((n_rows,), -1, dtype=torch.int32, device=param.device)
+    grow[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=param.device)
     grid = (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(hidden, _BLOCK_H))
     with on_device(param):
-        _adam_kernel[grid](
-            param, exp_avg, exp_avg_sq, values, grow, hyper, n_rows, hidden,
-            param.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), values.stride(0) if values.numel() else hidden,
+        wrap_triton(_adam_kernel)[grid](
+            param, exp_avg, exp_avg_sq, grad_values, grow, hyper, n_rows, hidden,
+            param.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
+            grad_values.stride(0) if grad_values.numel() else hidden,
             BLOCK_R=_BLOCK_R, BLOCK_H=_BLOCK_H, num_warps=_NUM_WARPS,
         )
+
+
+@row_sparse_adam_step_op.register_fake  # see kernels/multinomial_nll.py: the interpreter needs it
+def _(param, exp_avg, exp_avg_sq, rows, grad_values, hyper):
+    return None

@@ -33,6 +33,8 @@ is a gather of whole rows of W1, one per nonzero: nothing of size B × I exists.
     popular items (power-law data) get up to B nonzeros, which atomics serialise on one address,
     and the result is deterministic.
 - db1 = dh1_pre.sum(0) in torch (B × H, one small reduction).
+- Forward and dW1 are ops registered with torch.library.triton_op (`recvae_fast::triton_sparse_input_layer`,
+  `recvae_fast::triton_sparse_input_layer_backward`), the autograd formula registered on the forward.
 
 Gradient layouts (`sparse_grad`): False gives the dense I × H dW1. True gives a coalesced torch
 sparse COO tensor of shape I × H whose rows are the items of the batch (indices sorted): at 1M
@@ -59,6 +61,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from ._common import INT32_MAX, INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device
 from ._common import config as _cfg
@@ -91,7 +95,9 @@ GPU_CONFIGS = {
         _cfg(4, 2, BLOCK_R=32, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(8, 2, BLOCK_R=64, BLOCK_H=128, BLOCK_NZ=16),
         _cfg(4, 2, BLOCK_R=16, BLOCK_H=256, BLOCK_NZ=16),
-        _cfg(2, 2, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=32),
+        # 4 warps, not 2: with 2 the row-sparse gather hit 255 registers and spilled 84–100 B
+        # (bf16 / fp16, triton 3.6, sm_90 and sm_80)
+        _cfg(4, 2, BLOCK_R=16, BLOCK_H=64, BLOCK_NZ=32),
     ],
     # Atomic scatter: one program per (user, H tile), like the forward.
     "bwd_atomic": [
@@ -313,9 +319,9 @@ def _validate(batch, weight_t, bias, keep_mask):
     check_runs_here(device, "sparse_input_layer", "recvae_fast.torch_ops.sparse_input_layer")
 
 
-def _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux):
-    n_users, hidden = batch.n_rows, weight_t.shape[1]
-    nnz = batch.nnz
+def _forward(indptr, indices, values, weight_t, bias, p, keep_mask, seed, write_aux):
+    n_users, hidden = indptr.numel() - 1, weight_t.shape[1]
+    nnz = indices.numel()
     device = weight_t.device
     acc_torch, acc_tl = acc_dtypes(weight_t.dtype)
     out = torch.empty(n_users, hidden, dtype=weight_t.dtype, device=device)
@@ -332,8 +338,8 @@ def _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux):
     if n_users and hidden:
         grid = lambda meta: (n_users, triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
         with on_device(weight_t):
-            _fwd[grid](
-                out, weight_t, bias, batch.indptr, batch.indices, batch.values, keep, scale, coef, rows,
+            wrap_triton(_fwd)[grid](
+                out, weight_t, bias, indptr, indices, values, keep, scale, coef, rows,
                 hidden, weight_t.stride(0), weight_t.stride(1), out.stride(0), seed, p,
                 size_bucket(n_users), size_bucket(nnz // n_users),
                 HAS_BIAS=bias is not None, DROPOUT=mode, WRITE_AUX=write_aux, ACC=acc_tl,
@@ -354,7 +360,7 @@ def _launch_bwd(out, grad_out, perm, seg, coef, rows, segptr, n_out_rows, acc_tl
         return out
     grid = lambda meta: (triton.cdiv(n_out_rows, meta["BLOCK_R"]), triton.cdiv(hidden, meta["BLOCK_H"]))  # noqa: E731
     with on_device(out):
-        _bwd[grid](
+        wrap_triton(_bwd)[grid](
             out, grad_out, perm, seg, coef, rows, segptr,
             n_out_rows, hidden, out.stride(0), grad_out.stride(0),
             size_bucket(n_out_rows), size_bucket(perm.numel() // n_out_rows),
@@ -380,13 +386,15 @@ def _grad_weight_row_sparse(grad_out, indices, coef, rows, n_items, dtype):
     torch.cumsum(counts, 0, out=segptr[1:])
     values = torch.empty(uniq.numel(), grad_out.shape[1], dtype=dtype, device=grad_out.device)
     _launch_bwd(values, grad_out, perm, seg, coef, rows, segptr, uniq.numel(), acc_dtypes(dtype)[1])
-    return _sparse_rows(uniq.to(torch.int64), values, n_items)
+    return uniq.to(torch.int64), values
 
 
 def _launch_bwd_atomic(out, grad_out, indptr, out_rows, coef):
     """Adds the scatter into the zero-filled `out`. When this launch autotunes (a new key, several
     configs), every trial adds into `out` and only the kernel is timed (no zero fill per trial);
-    `out` is then zeroed once and the chosen config launched again on it."""
+    `out` is then zeroed once and the chosen config launched again on it. That check of the
+    autotuner's cache needs the kernel itself, so this launch is not wrapped with wrap_triton:
+    grad_method="atomic" (a measured alternative, see above) runs eager only, not under torch.compile."""
     n_users, hidden = grad_out.shape
     if n_users == 0 or hidden == 0 or out.shape[0] == 0:
         return out
@@ -420,7 +428,7 @@ def _grad_weight_row_sparse_atomic(grad_out, indptr, indices, coef, n_items, dty
     acc_torch = acc_dtypes(dtype)[0]
     values = torch.zeros(uniq.numel(), grad_out.shape[1], dtype=acc_torch, device=grad_out.device)
     _launch_bwd_atomic(values, grad_out, indptr, inverse, coef)
-    return _sparse_rows(uniq.to(torch.int64), values.to(dtype), n_items)
+    return uniq.to(torch.int64), values.to(dtype)
 
 
 def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -431,34 +439,79 @@ def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, n_items: int) -> torc
         return torch.sparse_coo_tensor(rows[None, :], values, size)._coalesced_(True)
 
 
-class _SparseInputLayer(torch.autograd.Function):
-    """Differentiable w.r.t. weight_t (dense or row-sparse gradient) and bias; the batch is data."""
+# ----------------------------------------------------------------------------------------------
+# Registered ops (torch.library.triton_op): visible by name to the profiler, checked by opcheck,
+# traceable by torch.compile (the segment kernels through wrap_triton). The batch is passed as its
+# three CSR tensors. The row-sparse gradient leaves the backward op as (rows, values) and becomes a
+# sparse COO tensor in the autograd formula (registered ops return strided tensors).
+# ----------------------------------------------------------------------------------------------
+@triton_op("recvae_fast::triton_sparse_input_layer", mutates_args=())
+def sparse_input_layer_op(
+    weight_t: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, values: Tensor, p: float,
+    keep_mask: Tensor | None, seed: int, write_aux: bool, sparse_grad: bool, grad_method: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h1_pre [B, H]; c_ui [nnz] and the user of each nonzero [nnz] when write_aux, else empty).
+    sparse_grad and grad_method only shape the backward."""
+    out, coef, rows = _forward(indptr, indices, values, weight_t, bias, p, keep_mask, seed, write_aux)
+    if coef is None:
+        acc_t = acc_dtypes(weight_t.dtype)[0]
+        coef, rows = weight_t.new_empty(0, dtype=acc_t), weight_t.new_empty(0, dtype=torch.int32)
+    return out, coef, rows
 
-    @staticmethod
-    def forward(ctx, weight_t, bias, batch, p, keep_mask, seed, need_w, sparse_grad, grad_method):
-        out, coef, rows = _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux=need_w)
-        # The atomic scatter walks the nonzeros per user, so it needs the batch's indptr.
-        ctx.save_for_backward(batch.indices, coef, rows, batch.indptr if grad_method == "atomic" else None)
-        ctx.n_items, ctx.dtype, ctx.sparse_grad = batch.n_cols, weight_t.dtype, sparse_grad
-        ctx.grad_method = grad_method
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        indices, coef, rows, indptr = ctx.saved_tensors
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            g = grad_out.contiguous()
-            if ctx.grad_method == "atomic":
-                make = _grad_weight_row_sparse_atomic if ctx.sparse_grad else _grad_weight_dense_atomic
-                grad_w = make(g, indptr, indices, coef, ctx.n_items, ctx.dtype)
-            else:
-                make = _grad_weight_row_sparse if ctx.sparse_grad else _grad_weight_dense
-                grad_w = make(g, indices, coef, rows, ctx.n_items, ctx.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = grad_out.sum(0)
-        return grad_w, grad_b, None, None, None, None, None, None, None
+@sparse_input_layer_op.register_fake
+def _(weight_t, bias, indptr, indices, values, p, keep_mask, seed, write_aux, sparse_grad, grad_method):
+    nnz = indices.numel() if write_aux else 0
+    return (weight_t.new_empty(indptr.numel() - 1, weight_t.shape[1]),
+            weight_t.new_empty(nnz, dtype=acc_dtypes(weight_t.dtype)[0]), weight_t.new_empty(nnz, dtype=torch.int32))
+
+
+@triton_op("recvae_fast::triton_sparse_input_layer_backward", mutates_args=())
+def sparse_input_layer_backward_op(
+    grad_out: Tensor, indptr: Tensor, indices: Tensor, coef: Tensor, rows: Tensor, n_items: int,
+    dtype: torch.dtype, sparse_grad: bool, grad_method: str,
+) -> tuple[Tensor, Tensor]:
+    """dW1 as (item rows int64 [U], values [U, H]) when sparse_grad, else (empty, dense [I, H])."""
+    g = grad_out.contiguous()
+    if grad_method == "atomic":
+        if sparse_grad:
+            return _grad_weight_row_sparse_atomic(g, indptr, indices, coef, n_items, dtype)
+        return indices.new_empty(0), _grad_weight_dense_atomic(g, indptr, indices, coef, n_items, dtype)
+    if sparse_grad:
+        return _grad_weight_row_sparse(g, indices, coef, rows, n_items, dtype)
+    return indices.new_empty(0), _grad_weight_dense(g, indices, coef, rows, n_items, dtype)
+
+
+@sparse_input_layer_backward_op.register_fake
+def _(grad_out, indptr, indices, coef, rows, n_items, dtype, sparse_grad, grad_method):
+    hidden = grad_out.shape[1]
+    if sparse_grad:  # U, the number of unique items, is known only when the op runs
+        n_unique = torch.library.get_ctx().new_dynamic_size()
+        return indices.new_empty(n_unique), grad_out.new_empty(n_unique, hidden, dtype=dtype)
+    return indices.new_empty(0), grad_out.new_empty(n_items, hidden, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    weight_t, _, indptr, indices, _, _, _, _, _, sparse_grad, grad_method = inputs
+    _, coef, rows = output
+    ctx.mark_non_differentiable(coef, rows)
+    ctx.save_for_backward(indptr, indices, coef, rows)
+    ctx.n_items, ctx.dtype, ctx.sparse_grad, ctx.grad_method = weight_t.shape[0], weight_t.dtype, sparse_grad, grad_method
+
+
+def _backward(ctx, grad_out, *_unused):
+    indptr, indices, coef, rows = ctx.saved_tensors
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        item_rows, values = sparse_input_layer_backward_op(
+            grad_out, indptr, indices, coef, rows, ctx.n_items, ctx.dtype, ctx.sparse_grad, ctx.grad_method)
+        grad_w = _sparse_rows(item_rows, values, ctx.n_items) if ctx.sparse_grad else values
+    if ctx.needs_input_grad[1]:
+        grad_b = grad_out.sum(0)
+    return (grad_w, grad_b) + (None,) * 9
+
+
+sparse_input_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sparse_input_layer(
@@ -493,8 +546,8 @@ def sparse_input_layer(
         seed = int(torch.randint(0, INT32_MAX, (1,)).item()) if seed is None else _check_seed(seed)
     else:
         seed = 0 if seed is None else _check_seed(seed)
-    need_w = torch.is_grad_enabled() and weight_t.requires_grad
-    need_b = torch.is_grad_enabled() and bias is not None and bias.requires_grad
-    if not (need_w or need_b):
-        return _forward(batch, weight_t, bias, p, keep_mask, seed, write_aux=False)[0]
-    return _SparseInputLayer.apply(weight_t, bias, batch, p, keep_mask, seed, need_w, bool(sparse_grad), grad_method)
+    need_w = torch.is_grad_enabled() and weight_t.requires_grad  # c_ui is kept for dW1 only
+    return sparse_input_layer_op(
+        weight_t, bias, batch.indptr, batch.indices, batch.values, p, keep_mask, seed, need_w, bool(sparse_grad),
+        grad_method,
+    )[0]

@@ -21,8 +21,8 @@ a batch is passed as (indptr, indices, values).
                                       beta1, beta2, eps, num_threads) -> ()
         the C++ row-sparse Adam step (recvae_fast.optim), in place; no autograd.
 
-These are the "torch" and "cpp" implementations (recvae_fast.ops); the Triton kernels keep their
-own autograd Functions (not registered here).
+These are the "torch" and "cpp" implementations (recvae_fast.ops). The Triton implementations are
+registered with torch.library.triton_op in their own files in kernels/ (recvae_fast::triton_*).
 
 torch.compile: RecVAE's training loss compiles with fullgraph=True (Inductor, CPU) and gives the
 eager loss and gradients (tests/test_custom_ops.py) with the dense fc1 gradient. With the

@@ -20,9 +20,12 @@ silent fallback: "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before tr
 
 The two model ops' entry points live here; `recvae_fast.topk.topk_masked` and
 `recvae_fast.optim.adam_step_row_sparse_` are the other two, resolved by the same `resolve_impl`.
-The "torch" and "cpp" implementations run as ops registered with PyTorch under `recvae_fast::`
-(recvae_fast.custom_ops: profiler names, torch.library.opcheck, torch.compile with
-fullgraph=True); the Triton kernels run through their own autograd Functions.
+Every implementation runs as an op registered with PyTorch under `recvae_fast::` (profiler
+names, torch.library.opcheck, torch.compile): the "torch" and "cpp" ones with
+torch.library.custom_op in recvae_fast.custom_ops, the Triton ones with torch.library.triton_op
+next to their kernels (`recvae_fast::triton_multinomial_nll`, `..._backward`,
+`triton_sparse_input_layer`, `..._backward`, `triton_row_sparse_adam_step`), so that
+torch.compile sees into the kernels through wrap_triton.
 """
 from __future__ import annotations
 

@@ -66,10 +66,10 @@ def test_every_checked_shape_has_a_fitting_config(compile_report):
     assert not compile_report["no_config"], "\n".join(compile_report["no_config"])
 
 
-@pytest.mark.parametrize("smem_limit", [163 * 1024, 227 * 1024])
+@pytest.mark.parametrize("smem_limit,arch", [(163 * 1024, 80), (227 * 1024, 90)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
-def test_prune_keeps_a_config_for_every_supported_k(kind, dtype, smem_limit):
+def test_prune_keeps_a_config_for_every_supported_k(kind, dtype, smem_limit, arch):
     """Every K up to MAX_K, both precisions of fp32, with and without the accumulator."""
     stationary, streamed = ("BLOCK_B", "BLOCK_I") if kind == "fwd" else ("BLOCK_I", "BLOCK_B")
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -80,8 +80,8 @@ def test_prune_keeps_a_config_for_every_supported_k(kind, dtype, smem_limit):
                 continue
             for wide in (True, False):
                 kept = mnll.fitting_configs(mnll.GPU_CONFIGS[kind, fma], mnll._block_k(k), esize, wide, stationary,
-                                            streamed, smem_limit)
-                assert kept, f"{kind} {dtype} fma={fma} K={k} wide={wide}: no config fits {smem_limit} B"
+                                            streamed, smem_limit, arch, fma)
+                assert kept, f"{kind} {dtype} fma={fma} K={k} wide={wide}: no config fits sm_{arch}"
 
 
 def test_k_beyond_the_limit_is_a_clear_error():

@@ -79,6 +79,7 @@ def test_kernel_receives_hyperparameters_in_accumulation_dtype(dtype, monkeypatc
             return lambda *args, **kwargs: launches.append(args)
 
     monkeypatch.setattr(rsa, "_adam_kernel", Capture())
+    monkeypatch.setattr(rsa, "wrap_triton", lambda kernel: kernel)  # it accepts only real kernels
     param = torch.zeros(4, 3, dtype=dtype, device=DEVICE)
     grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 3, dtype=dtype), (4, 3), check_invariants=True).to(DEVICE)
     rsa.adam_step_row_sparse_(param, grad, torch.zeros_like(param), torch.zeros_like(param), 3, **HYPER)

@@ -240,11 +240,11 @@ def test_each_gradient_alone_prepares_only_what_is_needed(flags, monkeypatch):
     real_forward, real_backward = mnll._forward, mnll._backward_w
 
     def spy_forward(*args):
-        calls["forward_dz"].append(args[4])
+        calls["forward_dz"].append(args[6])
         return real_forward(*args)
 
     def spy_backward(*args):
-        calls["backward_w"].append(args[7:9])
+        calls["backward_w"].append(args[9:11])
         return real_backward(*args)
 
     monkeypatch.setattr(mnll, "_forward", spy_forward)
@@ -268,7 +268,7 @@ def test_no_grad_mode_skips_dz(monkeypatch):
     real_forward = mnll._forward
 
     def spy_forward(*args):
-        prepared.append(args[4])
+        prepared.append(args[6])
         return real_forward(*args)
 
     monkeypatch.setattr(mnll, "_forward", spy_forward)
