@@ -15,11 +15,16 @@
    step at the ML-20M shape (20,108 items, B 500, 75 items per user), recvae_fast.training.train_step
    against the authors' loop on the reference, after checking the Triton backend's loss against the
    reference's in float64.
-Exits 1 when any correctness check of the three parts failed (a summary line says which).
+4. torch.compile (CUDA only): RecVAE's loss in both phases with the Triton ops (registered with
+   torch.library.triton_op, so Inductor sees the kernels through wrap_triton) compiled with
+   fullgraph=True equals eager for the loss and every gradient (float64 and float32), and the
+   compiled encoder and decoder steps are timed against eager.
+Exits 1 when any correctness check failed (a summary line says which).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -198,6 +203,70 @@ def model_steps(tiny: bool) -> list[tuple]:
     return out
 
 
+def compile_check(tiny: bool) -> list[tuple]:
+    """Part 4: compiled (fullgraph) vs eager loss and gradients with impl "triton", then step times."""
+    from batches import user_item_batch
+
+    from recvae_fast import RecVAE
+
+    if not torch.cuda.is_available():
+        print("skipped: Inductor runs Triton kernels on CUDA only")
+        return [("compile: skipped (no CUDA)", True)]
+    device, sync = torch.device("cuda"), torch.cuda.synchronize
+    n_items, n_users, per_user, hidden, latent = (20_108, 500, 75, 600, 200) if not tiny else (97, 9, 5, 16, 8)
+    ratings = user_item_batch(n_users, n_items, per_user)
+
+    def phase_loss(model, batch, phase, keep_mask, eps):
+        mll, kld = model.loss_terms(batch, None, 0.005, 0.5 if phase == "encoder" else 0.0,
+                                    with_kl=phase == "encoder", keep_mask=keep_mask, eps=eps)
+        return -mll if kld is None else kld - mll
+
+    def loss_and_grads(fn, model, batch, phase, keep_mask, eps):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, batch, phase, keep_mask, eps)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, all_ok = [], True
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-3)):
+        with _highest_fp32_precision():
+            for phase in ("encoder", "decoder"):
+                torch.manual_seed(0)
+                model = RecVAE(hidden, latent, n_items, impl="triton").to(dtype).to(device).train()
+                model.encoder.requires_grad_(phase == "encoder")
+                model.decoder.requires_grad_(phase == "decoder")
+                batch = model.as_batch(ratings)
+                keep = torch.rand(batch.nnz, device=device) >= 0.5
+                eps = torch.randn(n_users, latent, dtype=dtype, device=device)
+                want_loss, want = loss_and_grads(phase_loss, model, batch, phase, keep, eps)
+                torch._dynamo.reset()
+                compiled = torch.compile(phase_loss, fullgraph=True)
+                got_loss, got = loss_and_grads(compiled, model, batch, phase, keep, eps)
+                err = max([_rel_err(got_loss, want_loss)] + [_rel_err(got[n], w) for n, w in want.items()])
+                ok = got.keys() == want.keys() and err <= tol
+                all_ok &= ok
+                row = [f"compile {phase} {str(dtype)[6:]}: loss and {len(want)} grads vs eager", ok, f"rel err {err:.1e}"]
+                if dtype == torch.float32:
+                    reps = 3 if tiny else 20
+                    c_ms = _median_ms(lambda: compiled(model, batch, phase, keep, eps).backward(), reps, sync)
+                    e_ms = _median_ms(lambda: phase_loss(model, batch, phase, keep, eps).backward(), reps, sync)
+                    row += [f"compiled {c_ms:.2f} ms", f"eager {e_ms:.2f} ms", f"{e_ms / c_ms:.2f}x"]
+                out.append(tuple(row))
+                print(" | ".join(str(c) for c in row))
+    return [("compile", all_ok)] + out
+
+
+@contextlib.contextmanager
+def _highest_fp32_precision():
+    """fp32 products in full precision for the comparison (tf32 rounding would differ between paths)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def main(tiny: bool = False) -> int:
     import gpu_check_multinomial_nll
     import gpu_check_sparse_input_layer
@@ -212,7 +281,10 @@ def main(tiny: bool = False) -> int:
     sil_ok = gpu_check_sparse_input_layer.main(tiny=tiny)[0][1]
     print("\n== RecVAE training steps ==")
     model_ok = model_steps(tiny)[0][1]
-    verdicts = {"precisions": precision_ok, "multinomial NLL": nll_ok, "sparse input layer": sil_ok, "RecVAE loss": model_ok}
+    print("\n== torch.compile with the Triton ops ==")
+    compile_ok = compile_check(tiny)[0][1]
+    verdicts = {"precisions": precision_ok, "multinomial NLL": nll_ok, "sparse input layer": sil_ok,
+                "RecVAE loss": model_ok, "compile": compile_ok}
     print("\ncorrectness: " + ", ".join(f"{k} {'OK' if v else 'FAILED'}" for k, v in verdicts.items()))
     return 0 if all(verdicts.values()) else 1
 

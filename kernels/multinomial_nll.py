@@ -64,26 +64,24 @@ MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.f
 _SPLIT_ALIGN = 256
 # The CSC pointer of the backward sparse part is kept every _CSC_GRAN items (<= every BLOCK_I).
 _CSC_GRAN = 16
-# Per-thread registers the [rows, K] accumulator may take before the kernel spills (an fp64 value
-# takes two). Set from the compile sweep of every kept config with triton 3.6 (benches/RESULTS.md):
-# - tensor cores on sm_90: 64 (wgmma reads its operands from shared memory);
-# - tensor cores on sm_80: 56 (mma.sync holds both operands in registers as well: at 64, the 32×64
-#   whole-K forward spilled 136/132 B tf32 and the 16×32 K-chunked one 76/44 B bf16);
-# - the FMA path (fp32 "ieee"): 48 (its logits tile is built from per-thread products: at 64, the
-#   64-row forward spilled 76–84 B and the 16-item dW backward 136 B on sm_90);
-# - fp64: 32 (its FMA logits tiles are fp64 too: at 64 it spilled).
-_ACC_REGS_TC = {90: 64, 80: 56}
-_ACC_REGS_FMA_FP32 = 48
-_ACC_REGS_FP64 = 32
-
-
-def acc_reg_budget(elem_size: int, fma: bool, arch: int) -> int:
-    """Registers per thread the accumulator may take for a dtype, path and arch (e.g. 90, 80)."""
+# Register rule of the prune: per-thread registers of the [rows, K] accumulator (an fp64 value
+# takes two) and of the [BLOCK_B, BLOCK_I] logits tile. Fit on the compile sweep of every config
+# with triton 3.6 (benches/RESULTS.md): it keeps no config that spilled past the budget there.
+# - fp64: accumulator ≤ 32 (its FMA logits tiles are fp64 too: at 64 it spilled);
+# - fp32 "ieee" (FMA): accumulator ≤ 48 (at 64 the 64-row forward spilled 76–84 B and the
+#   16-item dW backward 136 B on sm_90);
+# - tensor cores on sm_90: accumulator ≤ 64 (wgmma reads its operands from shared memory);
+# - tensor cores before sm_90: accumulator + 8 × logits tile ≤ 72 (mma.sync holds the tile's
+#   operand fragments in registers too: the 32×64 whole-K forward at K 200 spilled 136/132 B tf32
+#   and the 16×32 K-chunked one at K 600 76/44 B bf16, the 16×16 one did not).
+def registers_fit(acc_regs: float, logits_regs: float, elem_size: int, fma: bool, arch: int) -> bool:
     if elem_size == 8:
-        return _ACC_REGS_FP64
+        return acc_regs <= 32
     if fma:
-        return _ACC_REGS_FMA_FP32
-    return _ACC_REGS_TC[90] if arch >= 90 else _ACC_REGS_TC[80]
+        return acc_regs <= 48
+    if arch >= 90:
+        return acc_regs <= 64
+    return acc_regs + 8 * logits_regs <= 72
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,10 +105,9 @@ GPU_CONFIGS = {
         _cfg(32, 64, 8, 2),
         _cfg(32, 32, 4, 2),
         _cfg(128, 64, 8, 2),
-        # large K: K chunks, 16-row accumulators (16 warps: what fits sm_80's budget at K 1024)
+        # large K: K chunks, 16-row accumulators (16 warps on a 16×16 tile spilled: not listed)
         _cfg(16, 32, 8, 2, kc=32),
         _cfg(16, 16, 8, 2, kc=32),
-        _cfg(16, 16, 16, 1, kc=32),
     ],
     ("fwd", True): [
         _cfg(64, 32, 8, 2, kc=16),
@@ -129,7 +126,6 @@ GPU_CONFIGS = {
         # (64, 64) and (32, 128) were dropped: they spill on triton 3.6 at K 200 (80 and 120 B)
         _cfg(32, 16, 8, 2, kc=32, BLOCK_NZ=16),
         _cfg(16, 16, 8, 2, kc=32, BLOCK_NZ=16),
-        _cfg(16, 16, 16, 1, kc=32, BLOCK_NZ=16),
     ],
     ("bwd", True): [
         _cfg(16, 16, 8, 2, kc=16, BLOCK_NZ=16),
@@ -161,10 +157,9 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stationary: str, streamed: str,
                     smem_limit: int, arch: int, fma: bool):
     """The configs whose tiles fit: shared memory for the resident and pipelined tiles, and at most
-    acc_reg_budget(...) registers per thread for the [stationary rows, K] accumulator when there is
-    one (rules set from sm_90 and sm_80 compiles with triton 3.6 and 3.9, benches/compile_check.py).
+    registers that pass `registers_fit` when there is a [stationary rows, K] accumulator (rules set
+    from sm_90 and sm_80 compiles with triton 3.6 and 3.9, benches/compile_check.py).
     Whole-K configs (KC = 0) are kept only up to K = 256: beyond, the whole-K tiles spill."""
-    reg_budget = acc_reg_budget(elem_size, fma, arch)
     kept = []
     for c in configs:
         kc = c.kwargs["KC"]
@@ -179,13 +174,15 @@ def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stati
                 continue
             # chunks of both operands, pipelined, plus the whole-K operand of the accumulator's dot
             smem = (stages * (res + stream) * kc + (stream * block_k if wide_acc else 0)) * elem_size
-        acc_regs = res * block_k * max(elem_size, 4) // 4 // (32 * c.num_warps) if wide_acc else 0
+        threads = 32 * c.num_warps
+        acc_regs = res * block_k * max(elem_size, 4) // 4 // threads
         if kc == 0 and stationary == "BLOCK_B":
             # The forward's whole-K z tile stays in registers next to the accumulator: count it too
             # (triton 3.6, sm_90, K 200: a 64-row tile spilled 428/760 B tf32, 312/568 B bf16).
             acc_regs *= 2
+        fits = not wide_acc or registers_fit(acc_regs, res * stream / threads, elem_size, fma, arch)
         # + 1 KB: triton reserves a little more than the tiles (measured: 512 B for reductions)
-        if smem + 1024 <= smem_limit and acc_regs <= reg_budget:
+        if smem + 1024 <= smem_limit and fits:
             kept.append(c)
     return kept
 
