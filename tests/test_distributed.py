@@ -16,8 +16,8 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
 
-from recvae_fast import RecVAE, evaluate, recommend
-from recvae_fast.distributed import ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
+from recvae_fast import RecVAE, evaluate, fit, recommend
+from recvae_fast.distributed import ItemLayout, ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
 from recvae_fast.distributed.model import SHARDED_KEYS
 from recvae_fast.distributed.checkpoint import (
     gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
@@ -118,73 +118,148 @@ def test_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_sh
 
 FIT = dict(hidden_dim=H, latent_dim=K, batch_size=7, n_epochs=2, n_enc_epochs=2, n_dec_epochs=1, gamma=0.005,
            seed=3)
+# Stops early: validation NDCG@100 is best at epoch 2 of 8, patience 2 ends the run after epoch 4.
+EARLY = dict(hidden_dim=H, latent_dim=K, batch_size=7, n_epochs=8, n_enc_epochs=1, n_dec_epochs=1, gamma=0.005,
+             lr=1e-2, seed=3, sparse_fc1_grad=True, patience=2)
+TIMES = ("train_time_s", "users_per_s", "time_s")
 
 
-def _one_device_training(train, initial_state, **hyperparameters) -> RecVAE:
-    """fit's schedule on one device with recvae_fast.training's own step, from given weights."""
-    cfg = TrainConfig(**hyperparameters)
-    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).double()
-    model.load_state_dict(initial_state)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, sparse_fc1_grad=False)
-    for _ in range(cfg.n_epochs):
-        model.train()
-        for phase, opt, n_passes in (("encoder", encoder_opt, cfg.n_enc_epochs), ("decoder", decoder_opt, cfg.n_dec_epochs)):
-            for _ in range(n_passes):
-                users = rng.permutation(train.shape[0])
-                for start in range(0, len(users), cfg.batch_size):
-                    rows = np.sort(users[start : start + cfg.batch_size])
-                    train_step(model, model.as_batch(train[rows]), [opt], cfg, phase)
-            if phase == "encoder":
-                model.update_prior()
-    return model.eval()
-
-
-def _training_worker(rank, n_items, out_dir):
-    from recvae_fast.distributed.checkpoint import gather_full_state_dict
-    from recvae_fast.distributed.inference import evaluate_sharded, recommend_sharded
-    from recvae_fast.distributed.training import fit_sharded
-
-    out_dir = Path(out_dir)
+def _data(n_items: int):
+    """(train, valid_in, valid_out, test_in, test_out): awkward users on both shards, float32 as read."""
     train = awkward_ratings(30, n_items, 2, seed=5).astype(np.float32)
-    torch.manual_seed(0)
-    initial = RecVAE(H, K, n_items).double().state_dict()
-    expected = _one_device_training(train, initial, **FIT)
+    return (train, awkward_ratings(10, n_items, 2, seed=6), random_ratings(10, n_items, seed=7),
+            awkward_ratings(11, n_items, 2, seed=8), random_ratings(11, n_items, seed=9))
 
-    model = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
-                        checkpoint_dir=out_dir / "run", **FIT)
+
+def _one_device_fit(out_dir: Path, name: str, n_items: int, **kwargs) -> None:
+    """Single-device recvae_fast.fit in float64 (torch's default dtype while it runs), in this process,
+    without a group; saves its weights, history, test metrics and top-k under out_dir/name.*."""
+    train, valid_in, valid_out, test_in, test_out = _data(n_items)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        validation = (valid_in, valid_out) if "patience" in kwargs else (None, None)
+        model, history = fit(train, *validation, progress=False, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    top = recommend(model, test_in, k=9, batch_size=4)
+    torch.save({"state": model.state_dict(), "history": [{k: v for k, v in r.items() if k not in TIMES} for r in history],
+                "metrics": evaluate(model, test_in, test_out, batch_size=4), "items": torch.from_numpy(top.items),
+                "scores": torch.from_numpy(top.scores)}, out_dir / f"{name}.pt")
+
+
+def _check_equal_to_one_device(model, history, out_dir: Path, name: str, n_items: int) -> dict:
+    """The sharded fit's gathered weights (float64 tight), history (losses tight, the rest equal), and
+    the plain-name evaluate / recommend (metrics and items equal) against _one_device_fit's; every rank
+    checks. Returns the gathered state_dict."""
+    expected = torch.load(out_dir / f"{name}.pt", weights_only=True)
     full = gather_full_state_dict(model)
-    if rank == 0:
-        for key, value in expected.state_dict().items():
+    if dist.get_rank() == 0:
+        for key, value in expected["state"].items():
             torch.testing.assert_close(full[key], value, rtol=1e-9, atol=1e-11, msg=key)
-        torch.save(full, out_dir / "after_2_shards.pt")
-    dist.barrier()
-    full = torch.load(out_dir / "after_2_shards.pt", weights_only=True)
+    assert len(history) == len(expected["history"])
+    for ours, theirs in zip(history, expected["history"]):
+        ours = {k: v for k, v in ours.items() if k not in TIMES + ("item_shards", "data_parallel")}
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (ours["epoch"], key)
+            else:
+                assert ours[key] == value, (ours["epoch"], key)
+    *_, test_in, test_out = _data(n_items)
+    assert evaluate(model, test_in, test_out, batch_size=4) == expected["metrics"]
+    top = recommend(model, test_in, k=9, batch_size=4)
+    np.testing.assert_array_equal(top.items, expected["items"].numpy())
+    np.testing.assert_allclose(top.scores, expected["scores"].numpy(), rtol=1e-6)
+    return full
 
-    # the same run stopped after one epoch and resumed ends at the same weights
-    fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64, checkpoint_dir=out_dir / "cut",
-                **{**FIT, "n_epochs": 1})
-    resumed = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
-                          checkpoint_dir=out_dir / "cut", resume=True, **FIT)
+
+def _plain_fit_worker(rank, n_items, out_dir):
+    """recvae_fast.fit, evaluate and recommend, unchanged, inside the group: row-sparse fc1 gradient,
+    validation, early stopping, DCP checkpoints, then a resume after the early stop."""
+    out_dir = Path(out_dir)
+    torch.set_default_dtype(torch.float64)
+    train, valid_in, valid_out, *_ = _data(n_items)
+    with pytest.raises(ValueError, match=r"item_shards=3 must be a positive divisor of the number of processes \(2\)"):
+        fit(train, item_shards=3, progress=False, **FIT)
+    model, history = fit(train, valid_in, valid_out, checkpoint_dir=out_dir / "early", progress=False, **EARLY)
+    assert isinstance(model, ShardedRecVAE) and model.layout.n_shards == 2 and not model.training
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # stopped early, as one device did
+    assert all(r["fc1_grad"] == "row-sparse" for r in history)
+    full = _check_equal_to_one_device(model, history, out_dir, "early", n_items)
+
+    # resumed after the early stop, with more epochs allowed: still stopped, the same best weights
+    resumed, resumed_history = fit(train, valid_in, valid_out, checkpoint_dir=out_dir / "early", resume=True,
+                                   progress=False, **{**EARLY, "n_epochs": 10})
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in TIMES} for r in records]  # noqa: E731
+    assert untimed(resumed_history) == untimed(history)  # (the times are rank 0's, saved in the checkpoint)
     resumed_full = gather_full_state_dict(resumed)
     if rank == 0:
         for key, value in full.items():
             torch.testing.assert_close(resumed_full[key], value, rtol=0, atol=0, msg=f"resumed {key}")
 
-    # scoring: the one-device model with exactly the sharded weights gives the same top-k and metrics
-    one = RecVAE(H, K, n_items).double()
-    one.load_state_dict(full)
-    fold_in = awkward_ratings(11, n_items, 2, seed=8)
-    heldout = random_ratings(11, n_items, seed=9)
-    ours = recommend_sharded(model, fold_in, k=9, batch_size=4)
-    theirs = recommend(one, fold_in, k=9, batch_size=4)
-    np.testing.assert_array_equal(ours.items, theirs.items)
-    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-6)
-    assert evaluate_sharded(model, fold_in, heldout, batch_size=4) == evaluate(one, fold_in, heldout, batch_size=4)
+
+def test_plain_fit_evaluate_recommend_in_a_group_equal_one_device(tmp_path):
+    _one_device_fit(tmp_path, "early", 23, **EARLY)
+    spawn(_plain_fit_worker, 2, tmp_path, 23, str(tmp_path))
+
+
+def test_item_shards_without_a_group_is_refused():
+    with pytest.raises(ValueError, match="item_shards=2 needs an initialised torch.distributed group"):
+        fit(random_ratings(9, 13), item_shards=2, progress=False, **FIT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_device_init_draws_recvaes_weights_on_any_layout(monkeypatch, dtype):
+    """init "one-device": each shard holds its rows of the weights RecVAE(H, K, I) draws after the same
+    seed, in torch's default dtype, and leaves torch's generator where RecVAE's constructor leaves it;
+    blocks of the stream cut across rows and shards."""
+    monkeypatch.setattr("recvae_fast.distributed.model.STREAM_BLOCK_NUMBERS", 50)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(5)
+        one = RecVAE(H, K, 23).state_dict()
+        after = torch.get_rng_state()
+        for n_shards in (1, 2, 3):
+            for shard in range(n_shards):
+                torch.manual_seed(5)
+                model = ShardedRecVAE(ItemLayout(23, n_shards, shard, 1, 0), H, K, init="one-device")
+                assert torch.equal(torch.get_rng_state(), after)
+                lo, hi = model.layout.lo, model.layout.hi
+                for key, rows in model.shard_tensors().items():
+                    full = one[key].t() if SHARDED_KEYS[key] == 1 else one[key]
+                    assert rows.dtype == dtype and torch.equal(rows, full[lo:hi]), (n_shards, shard, key)
+                for key, value in model.replicated_tensors().items():
+                    assert torch.equal(value, one[key]), key
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _training_worker(rank, n_items, out_dir):
+    out_dir = Path(out_dir)
+    torch.set_default_dtype(torch.float64)  # as _one_device_fit: the initial draws are float64 ones
+    train = _data(n_items)[0]
+    model = fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "run",
+                        sparse_fc1_grad=False, **FIT)
+    full = _check_equal_to_one_device(model, model.history, out_dir, "dense", n_items)
+    if rank == 0:
+        torch.save(full, out_dir / "after_2_shards.pt")
+    dist.barrier()
+    full = torch.load(out_dir / "after_2_shards.pt", weights_only=True)
+
+    # the same run stopped after one epoch and resumed ends at the same weights
+    fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "cut", sparse_fc1_grad=False, **{**FIT, "n_epochs": 1})
+    resumed = fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "cut", resume=True,
+                          sparse_fc1_grad=False, **FIT)
+    resumed_full = gather_full_state_dict(resumed)
+    if rank == 0:
+        for key, value in full.items():
+            torch.testing.assert_close(resumed_full[key], value, rtol=0, atol=0, msg=f"resumed {key}")
 
 
 def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
+    _one_device_fit(tmp_path, "dense", 23, sparse_fc1_grad=False, **FIT)
     spawn(_training_worker, 2, tmp_path, 23, str(tmp_path))
 
 
@@ -274,11 +349,14 @@ def test_incomplete_checkpoint_is_never_used(tmp_path):
 
 
 def _mesh_2x2_fit_worker(rank, n_items, out_dir):
-    train = awkward_ratings(26, n_items, 2, seed=2).astype(np.float32)
-    valid_in, valid_out = awkward_ratings(8, n_items, 2, seed=3), random_ratings(8, n_items, seed=4)
-    model = fit_sharded(train, valid_in, valid_out, item_shards=2, **{**FIT, "n_epochs": 2})
+    """fit(item_shards=2) on 4 processes: 2 item shards × 2 data-parallel ranks, row-sparse fc1 gradient
+    summed over the data group, validation and early stopping: one device's run, and replicas in step."""
+    torch.set_default_dtype(torch.float64)
+    train, valid_in, valid_out, *_ = _data(n_items)
+    model, history = fit(train, valid_in, valid_out, item_shards=2, progress=False, **EARLY)
     assert model.layout.data_size == 2 and model.layout.n_shards == 2
-    assert [r["epoch"] for r in model.history] == [1, 2] and all("valid_ndcg@100" in r for r in model.history)
+    assert all(r["data_parallel"] == 2 and r["fc1_grad"] == "row-sparse" for r in history)
+    _check_equal_to_one_device(model, history, Path(out_dir), "mesh", n_items)
     # every rank of a shard ends with the same rows; every rank with the same replicated weights
     for name, param in model.named_parameters():
         copies = [torch.empty_like(param) for _ in range(4)]  # even shards: one shape on every rank
@@ -287,25 +365,14 @@ def _mesh_2x2_fit_worker(rank, n_items, out_dir):
         torch.testing.assert_close(copies[rank], copies[same_rows_as[rank]], rtol=0, atol=0, msg=name)
 
 
-    # data-parallel scoring: batches dealt over the data ranks, the same top-k as one device
-    full = gather_full_state_dict(model)
-    if rank == 0:
-        torch.save(full, Path(out_dir) / "mesh_2x2.pt")
-    dist.barrier()
-    one = RecVAE(H, K, n_items)
-    one.load_state_dict(torch.load(Path(out_dir) / "mesh_2x2.pt", weights_only=True))
-    ours, theirs = recommend_sharded(model, valid_in, k=6, batch_size=3), recommend(one, valid_in, k=6, batch_size=3)
-    np.testing.assert_array_equal(ours.items, theirs.items)
-    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-5)  # float32: fc1's sum order differs
-
-
 def _sharded_param_names(model):
     ids = {id(t) for t in model.shard_tensors().values()}
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def test_2x2_mesh_fit_keeps_replicas_in_step(tmp_path):
-    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 20, str(tmp_path))
+def test_2x2_mesh_fit_equals_one_device_and_keeps_replicas_in_step(tmp_path):
+    _one_device_fit(tmp_path, "mesh", 22, **EARLY)
+    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 22, str(tmp_path))
 
 
 # --- the top-k merge: exact, ties included -----------------------------------------------------
