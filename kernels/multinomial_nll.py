@@ -52,7 +52,7 @@ import triton.language as tl
 from ._common import INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device, size_bucket
 from ._common import config as _common_config
 
-__all__ = ["multinomial_nll", "MAX_K"]
+__all__ = ["multinomial_nll", "multinomial_nll_parts", "MAX_K"]
 
 MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.float64: 512}
 # Item splits are this many items apart at most tile-aligned (a multiple of every BLOCK_I).
@@ -422,7 +422,9 @@ def _n_sms(device: torch.device) -> int:
     return 2  # interpreter: a few splits, so that the tests exercise the merge
 
 
-def _forward(z, weight, bias, batch, want_a, prec):
+def _forward_parts(z, weight, bias, batch, want_a, prec):
+    """(lse, total, a, xdot, n, xw) per user: LSE_u, Σ_i e^{logit_ui − M_u} (M_u = LSE_u − log total_u),
+    a_u = Σ_i e^{logit_ui − M_u}·Wd[i] (want_a, else None), Σ x·logit, n_u and Σ x·Wd[i] (want_a)."""
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
@@ -461,27 +463,39 @@ def _forward(z, weight, bias, batch, want_a, prec):
     scale = torch.exp(m_part - big_m)
     total = (scale * s_part).sum(dim=0)
     lse = big_m + torch.log(total)
+    a = torch.einsum("sb,sbk->bk", scale, a_part) if want_a else None
+    return lse, total, a, xdot, n, xw
+
+
+def _forward(z, weight, bias, batch, want_a, prec):
+    lse, total, a, xdot, n, xw = _forward_parts(z, weight, bias, batch, want_a, prec)
     nll = n * lse - xdot
     dz_per_g = None
     if want_a:
         # dz_u / g_u = n_u·Σ_i softmax_ui·Wd[i] − Σ_i x_ui·Wd[i]
-        a = torch.einsum("sb,sbk->bk", scale, a_part)
         dz_per_g = a.mul_((n / total)[:, None]).sub_(xw)
     return nll, lse, n, dz_per_g
 
 
 def _backward_w(z, weight, bias, batch, lse, n, g, need_w, need_b, prec):
+    acc_t = acc_dtypes(z.dtype)[0]
+    g = g.to(acc_t)
+    return _backward_w_weighted(z, weight, bias, batch, lse, g * n, -g, need_w, need_b, prec)
+
+
+def _backward_w_weighted(z, weight, bias, batch, lse, g_softmax, g_x, need_w, need_b, prec):
+    """dWd, dbd for the logits' gradient G_ui = g_softmax_u·e^{logit_ui − lse_u} + g_x_u·x_ui
+    (the NLL's: g_softmax = g·n, g_x = −g), both in the accumulation dtype."""
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
-    g = g.to(acc_t)
-    gn = (g * n).contiguous()
+    gn = g_softmax.contiguous()
 
     # CSC copy of the batch (O(nnz)): the nonzeros of an item tile become one contiguous range.
     row_ids = batch.row_ids()
     csc_item, perm = torch.sort(batch.indices, stable=True)
     csc_user = row_ids[perm].contiguous()
-    csc_coef = (-(g[row_ids] * batch.values.to(acc_t)))[perm].contiguous()
+    csc_coef = (g_x[row_ids] * batch.values.to(acc_t))[perm].contiguous()
     n_gran = triton.cdiv(n_items, _CSC_GRAN)
     bounds = torch.arange(n_gran + 1, device=z.device, dtype=torch.int64) * _CSC_GRAN
     csc_ptr = torch.searchsorted(csc_item, bounds).to(torch.int64)
@@ -522,6 +536,40 @@ class _MultinomialNLL(torch.autograd.Function):
         if need_w or need_b:
             with on_device(z):
                 grad_w, grad_b = _backward_w(z, weight, bias, ctx.batch, lse, n, grad_nll, need_w, need_b, ctx.prec)
+        return grad_z, grad_w, grad_b, None, None
+
+
+class _MultinomialNLLParts(torch.autograd.Function):
+    """(LSE_u, Σ_i x_ui·logit_ui): the two parts of the NLL, for a caller that combines them over
+    item shards (recvae_fast.distributed)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, batch, want_dz: bool):
+        prec = _dot_precision(z.dtype)
+        with on_device(z):
+            lse, total, a, xdot, _, xw = _forward_parts(z, weight, bias, batch, want_dz, prec)
+        # dLSE_u/dz_u = Σ_i softmax_ui·Wd[i] = a_u / total_u; d(Σ x·logit)_u/dz_u = Σ_i x_ui·Wd[i]
+        expected_w = a.div_(total[:, None]) if want_dz else None
+        ctx.save_for_backward(z, weight, bias, lse, expected_w, xw)
+        ctx.batch, ctx.prec = batch, prec
+        return lse.to(z.dtype), xdot.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_x_logit):
+        z, weight, bias, lse, expected_w, xw = ctx.saved_tensors
+        need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        acc_t = lse.dtype
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(acc_t)
+        grad_x_logit = torch.zeros_like(lse) if grad_x_logit is None else grad_x_logit.to(acc_t)
+        grad_z = grad_w = grad_b = None
+        if need_z:
+            if expected_w is None:  # cannot happen through multinomial_nll_parts(); guard anyway
+                raise RuntimeError("multinomial_nll_parts: z needs a gradient but the forward ran without grad mode")
+            grad_z = (grad_lse[:, None] * expected_w + grad_x_logit[:, None] * xw).to(z.dtype)
+        if need_w or need_b:
+            with on_device(z):
+                grad_w, grad_b = _backward_w_weighted(z, weight, bias, ctx.batch, lse, grad_lse, grad_x_logit,
+                                                      need_w, need_b, ctx.prec)
         return grad_z, grad_w, grad_b, None, None
 
 
@@ -567,5 +615,21 @@ def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return (z.sum(dim=1) + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0))[:0]
     want_dz = torch.is_grad_enabled() and z.requires_grad
     return _MultinomialNLL.apply(
+        z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None, batch, want_dz
+    )
+
+
+def multinomial_nll_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch):
+    """(LSE_u = log Σ_i exp(logit_ui), Σ_{i∈nz(u)} x_ui·logit_ui), both [B] in z's dtype, so that
+    multinomial_nll = n_u·LSE_u − Σ x·logit. The same kernels as multinomial_nll, for item shards
+    that combine their parts (the LSEs by a log-sum-exp, the sums by a sum); differentiable in z,
+    weight and bias (dlogit_ui = g_lse_u·softmax_ui + g_x_u·x_ui). A user with no items has LSE over
+    all items and a sum of 0; with no items at all (I = 0) the op refuses, as multinomial_nll does."""
+    _validate(z, weight, bias, batch)
+    if z.shape[0] == 0:
+        empty = (z.sum(dim=1) + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0))[:0]
+        return empty, empty.clone()
+    want_dz = torch.is_grad_enabled() and z.requires_grad
+    return _MultinomialNLLParts.apply(
         z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None, batch, want_dz
     )

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
+from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings, triton_problem
 
 from recvae_fast import RecVAE, evaluate, fit, recommend
 from recvae_fast.distributed import ItemLayout, ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
@@ -29,6 +29,9 @@ from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 H, K = 12, 5
+TRITON_PROBLEM = triton_problem()
+# The Triton implementation's tests run under the interpreter (tests/conftest.py), or are skipped with the reason.
+TRITON_MARKS = [pytest.mark.interpreter, pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))]
 
 
 def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> None:
@@ -65,9 +68,12 @@ def awkward_ratings(n_users: int, n_items: int, n_shards: int, seed: int = 0) ->
 # --- loss terms and every gradient ------------------------------------------------------------
 
 
-def _gradient_worker(rank, n_items, item_shards, n_users):
+def _gradient_worker(rank, n_items, item_shards, n_users, impl=None):
+    from recvae_fast import ops
     from recvae_fast.distributed.training import reduce_gradients, sharded_backward
 
+    kernels_used, import_kernel = [], ops.import_kernel
+    ops.import_kernel = lambda module, name: kernels_used.append(name) or import_kernel(module, name)  # this process only
     single, _ = model_pair(H, K, n_items)
     ratings = awkward_ratings(n_users, n_items, item_shards)
     dense_mask, keep, eps = pinned_noise(single, ratings, K, torch.float64)
@@ -77,7 +83,7 @@ def _gradient_worker(rank, n_items, item_shards, n_users):
     expected = grads_by_authors_name(single)
 
     layout = item_layout(make_item_mesh(item_shards), n_items)
-    model = ShardedRecVAE(layout, H, K).double()
+    model = ShardedRecVAE(layout, H, K, impl=impl).double()
     model.load_full_state_dict(single.state_dict())
     model.train()
     # this data rank's users: a contiguous part of the batch, with their mask entries and ε
@@ -106,12 +112,71 @@ def _gradient_worker(rank, n_items, item_shards, n_users):
     assert model.decoder.weight.grad is None
     torch.testing.assert_close(model.encoder.fc1.weight_t.grad, expected["encoder.fc1.weight"].t()[lo:hi], **TIGHT)
     torch.testing.assert_close(model.encoder.fc_mu.weight.grad, expected["encoder.fc_mu.weight"], **TIGHT)
+    if impl == "triton":  # the shard's ops did go to the kernels
+        assert {"multinomial_nll_parts", "sparse_input_layer"} <= set(kernels_used)
 
 
 @pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (3, 3, 31), (4, 2, 19)],
                          ids=["2 shards", "3 uneven shards", "2x2 mesh"])
 def test_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_shards, n_items):
     spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9)
+
+
+@pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (4, 2, 19)], ids=["2 shards", "2x2 mesh"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=TRITON_MARKS)])
+def test_triton_impl_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_shards, n_items, impl):
+    """impl "triton" on each shard (fc1's kernel on the shard's slice, the NLL kernels' per-shard parts)
+    against the one-device torch model: loss terms and every gradient, float64."""
+    spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9, impl, timeout_s=120)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=TRITON_MARKS)])
+def test_shard_parts_equal_dense_parts(impl):
+    """The per-shard parts of the likelihood and fc1's per-shard gather, each implementation, against
+    dense float64 autograd: values and the gradients of z, Wd, bd (likelihood; encoder-phase path with
+    only z needing one too) and of W1 (dense and row-sparse). A shard of 37 items with users that have
+    no item in it, one item, weights and duplicates across users."""
+    from recvae_fast.distributed.model import ShardView, shard_input_gather, shard_likelihood_parts
+    from recvae_fast import ops
+
+    gen = torch.Generator().manual_seed(4)
+    n_users, n_items, lo, hi, hidden = 11, 83, 20, 57, 9
+    ratings = awkward_ratings(n_users, n_items, 3, seed=2)
+    view = ShardView(RecVAE(hidden, K, n_items).double().as_batch(ratings), lo, hi)
+    local = view.local
+    x = torch.zeros(n_users, hi - lo, dtype=torch.float64)
+    x[local.row_ids(), local.indices] = local.values
+    parts = (ops.import_kernel("multinomial_nll", "multinomial_nll_parts") if impl == "triton"
+             else shard_likelihood_parts)
+    g_lse, g_x = torch.randn(n_users, generator=gen, dtype=torch.float64), torch.randn(n_users, generator=gen, dtype=torch.float64)
+    for decoder_grad in (True, False):
+        z = torch.randn(n_users, K, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(hi - lo, K, generator=gen, dtype=torch.float64, requires_grad=decoder_grad)
+        b = torch.randn(hi - lo, generator=gen, dtype=torch.float64, requires_grad=decoder_grad)
+        lse, x_logit = parts(z, w, b, local)
+        logits = z @ w.t() + b
+        want_lse, want_x = torch.logsumexp(logits, dim=1), (x * logits).sum(dim=1)
+        torch.testing.assert_close(lse, want_lse, **TIGHT)
+        torch.testing.assert_close(x_logit, want_x, **TIGHT)
+        inputs = (z, w, b) if decoder_grad else (z,)
+        ours = torch.autograd.grad((lse * g_lse).sum() + (x_logit * g_x).sum(), inputs)
+        dense = torch.autograd.grad((want_lse * g_lse).sum() + (want_x * g_x).sum(), inputs)
+        for name, a, d in zip("zwb", ours, dense):
+            torch.testing.assert_close(a, d, **TIGHT, msg=f"d{name}")
+
+    coef = torch.rand(local.nnz, generator=gen, dtype=torch.float64) + 0.5
+    coef[::3] = 0.0  # dropped nonzeros: a user may keep none on the shard
+    dense_c = torch.zeros(n_users, hi - lo, dtype=torch.float64)
+    dense_c[local.row_ids(), local.indices] = coef
+    g_out = torch.randn(n_users, hidden, generator=gen, dtype=torch.float64)
+    for sparse_grad in (False, True):
+        w1 = torch.randn(hi - lo, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+        h = shard_input_gather(local, coef, w1, sparse_grad, impl)
+        torch.testing.assert_close(h, dense_c @ w1, **TIGHT)
+        (h * g_out).sum().backward()
+        grad = w1.grad.to_dense() if sparse_grad else w1.grad
+        assert w1.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(grad, dense_c.t() @ g_out, **TIGHT)
 
 
 # --- training, scoring and checkpoints ----------------------------------------------------------

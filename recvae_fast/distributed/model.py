@@ -8,6 +8,9 @@ replicated. Every rank sees the whole CSR batch:
 - likelihood: each rank's log-sum-exp over its items and its Σ x·logit (`shard_likelihood_parts`,
   streamed in item chunks); an all-gather of the B-sized LSEs gives the global one, an all-reduce the sum.
   dz is all-reduced (B × K) in backward; decoder and fc1 gradients stay on their rank.
+Both per-shard ops follow recvae_fast.ops' rule (`impl`): "torch" runs the registered fc1 op and
+`shard_likelihood_parts` below, "triton" the kernels (fc1's on the shard's slice, and the NLL
+kernels' `multinomial_nll_parts`).
 """
 from __future__ import annotations
 
@@ -75,8 +78,8 @@ class _ShardLikelihoodParts(torch.autograd.Function):
     (so dWd and dbd take one product and one sum per chunk, and no dense I × K gradient of the sparse
     part is ever built). When only z needs a gradient (an encoder step), forward also accumulates
     E_softmax[Wd]_u = Σ_i softmax_ui·Wd[i], and backward is dz = g_lse·E[Wd] + g_x·Σ_i x_ui·Wd[i] with
-    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; a
-    fused kernel can replace it.)"""
+    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; impl
+    "triton" runs the kernels' multinomial_nll_parts instead.)"""
 
     @staticmethod
     def forward(ctx, z, weight, bias, local: CSRBatch, chunk: int, only_grad_z: bool):
