@@ -427,7 +427,9 @@ def fit(
     `recommend` take it, on every rank), and checkpoint_dir holds torch.distributed.checkpoint
     checkpoints. Without a group, or in a group of one, item_shards must be None or 1.
     """
-    world_size = _process_group_size()
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world_size > 1:
         from .distributed.training import fit_sharded
 
@@ -446,13 +448,6 @@ def fit(
         return _fit(inputs, None, resume, log_path, progress, callback)
     with RunLock(checkpoint_dir):
         return _fit(inputs, ckpt_path, resume, log_path, progress, callback)
-
-
-def _process_group_size() -> int:
-    """The world size of the initialised default torch.distributed group; 1 without one."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, progress: bool, callback) -> FitResult:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -517,6 +519,33 @@ def test_a_vanished_rank_stops_the_others_in_bounded_time(tmp_path):
     spawn(_vanishing_rank_worker, 2, tmp_path, 23, str(tmp_path), timeout_s=10)
     seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert outcome != "finished" and float(seconds) < 30
+
+
+def _busy_folder_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    _record_outcome(folder, rank, lambda: fit(train, checkpoint_dir=Path(folder) / "run", progress=False, **FIT))
+
+
+def test_a_checkpoint_folder_in_use_stops_every_rank(tmp_path):
+    """Another process writes the folder (holds its lock): rank 0 cannot lock it, and every rank stops
+    before training, with an error naming the holder or the failed rank."""
+    from recvae_fast.runfolder import LOCK_NAME
+
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "os.write(fd, b'pid of the holder'); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / "run" / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        spawn(_busy_folder_worker, 2, tmp_path, 23, str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    for rank, message in ((0, "is being written by another process (pid of the holder)"), (1, "rank(s) [0] failed")):
+        seconds, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert message in outcome and float(seconds) < 30
+    assert not (tmp_path / "run" / "LATEST").exists()
 
 
 class _RunsCode:

@@ -14,6 +14,7 @@ then trains exactly as one device with the same seed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,8 +27,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..optim import RowSparseAdam
-from ..runfolder import fingerprint
-from ..training import TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs, fc1_grad_is_row_sparse
+from ..runfolder import RunFolderBusy, RunLock, fingerprint
+from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
+                        fc1_grad_is_row_sparse)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
@@ -204,22 +206,32 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     initial_state: an authors'-format state_dict of a whole model to start from instead. dtype: of the
     parameters (None: torch's default dtype, as RecVAE gets).
 
-    checkpoint_dir: a DCP checkpoint after every epoch (recvae_fast.distributed.checkpoint); resume
-    continues from the newest complete one (after checking hyperparameters, n_epochs aside, and the data
-    fingerprint), on the same data-parallel size; a run that stopped early stays stopped. Returns the
-    model at its best validation epoch (the last one without validation data), in eval mode, with
-    .history (one record per epoch, as recvae_fast.fit's, plus item_shards and data_parallel).
+    checkpoint_dir: locked by rank 0 against other runs (as recvae_fast.fit locks it); a DCP checkpoint
+    after every epoch (recvae_fast.distributed.checkpoint). resume continues from the newest complete
+    one after checking the hyperparameters (n_epochs aside) and the data fingerprint; the same mesh
+    continues with exactly the numbers of an uninterrupted run. A run that stopped early stays stopped.
+    Returns the model at its best validation epoch (the last one without validation data), in eval
+    mode, with .history (one record per epoch, as recvae_fast.fit's, plus item_shards and data_parallel).
     """
-    error = None
-    try:
-        inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
-            raise FileNotFoundError(f"resume asked for, but there is no complete checkpoint in {checkpoint_dir}")
-    except (TypeError, ValueError, OSError) as exc:
-        error = exc
-    agree(error)
+    with contextlib.ExitStack() as lock:
+        error = None
+        try:
+            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+            if init not in INITS:
+                raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+            if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
+                raise FileNotFoundError(f"resume asked for, but there is no complete checkpoint in {checkpoint_dir}")
+            if checkpoint_dir is not None and dist.is_initialized() and dist.get_rank() == 0:
+                lock.enter_context(RunLock(checkpoint_dir))  # one run per folder, as recvae_fast.fit
+        except (TypeError, ValueError, OSError, RunFolderBusy) as exc:
+            error = exc
+        agree(error)
+        return _fit_sharded(inputs, item_shards, checkpoint_dir, resume, log_path, progress, callback, initial_state,
+                            init, dtype)
+
+
+def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bool, log_path, progress: bool,
+                 callback, initial_state: dict | None, init: str, dtype: torch.dtype | None) -> ShardedRecVAE:
     cfg, train, valid_in, valid_out = inputs.cfg, inputs.train, inputs.valid_in, inputs.valid_out
 
     device = torch.device(cfg.device)
