@@ -143,3 +143,37 @@ def test_weak_scaling(tmp_path, n_shards):
         assert r["bytes_all_steps_equal"], "the traffic of a step must not vary"
         assert r["bytes"] == expected, f"{phase}: counted {r['bytes']} bytes, the formula says {expected}"
     print("\n" + "\n".join(lines))
+
+
+INIT_ITEMS, INIT_SHARDS, INIT_ROUNDS = 100_000, 4, 3
+
+
+def test_initialisation_cost():
+    """What ShardedRecVAE's two initialisations cost one rank (one shard of INIT_SHARDS over INIT_ITEMS
+    items, H 600, K 200, float32, no process group needed to build one), timed alternately beside the
+    one-device RecVAE(H, K, INIT_ITEMS) construction: "one-device" draws all I × (2H + K + 1) numbers as
+    RecVAE does (so about its time, whatever the number of shards); "blocked" draws only the shard's rows."""
+    from recvae_fast.distributed import ItemLayout
+
+    torch.set_num_threads(1)
+    layout = ItemLayout(INIT_ITEMS, INIT_SHARDS, 1, 1, 0)
+    builders = {
+        "one-device RecVAE": lambda: RecVAE(HIDDEN, LATENT, INIT_ITEMS),
+        "ShardedRecVAE init one-device": lambda: ShardedRecVAE(layout, HIDDEN, LATENT, init="one-device"),
+        "ShardedRecVAE init blocked": lambda: ShardedRecVAE(layout, HIDDEN, LATENT, init="blocked"),
+    }
+    times = {name: [] for name in builders}
+    for _ in range(INIT_ROUNDS):
+        for name, build in builders.items():
+            t0 = time.perf_counter()
+            build()
+            times[name].append(time.perf_counter() - t0)
+    numbers = INIT_ITEMS * (2 * HIDDEN + LATENT + 1)
+    base = statistics.median(times["one-device RecVAE"])
+    lines = [f"initialisation, {INIT_ITEMS:,} items, shard 2 of {INIT_SHARDS}, H {HIDDEN}, K {LATENT}, float32, "
+             f"1 thread, median of {INIT_ROUNDS}:"]
+    for name, t in times.items():
+        median = statistics.median(t)
+        lines.append(f"  {name}: {median:.3f} s ({median / numbers * 1e9:.1f} ns per item-row number of the whole "
+                     f"model; {median / base:.2f}x the one-device construction)")
+    print("\n" + "\n".join(lines))

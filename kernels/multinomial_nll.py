@@ -57,7 +57,7 @@ from torch.library import triton_op, wrap_triton
 from ._common import INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device, size_bucket
 from ._common import config as _common_config
 
-__all__ = ["multinomial_nll", "MAX_K"]
+__all__ = ["multinomial_nll", "multinomial_nll_parts", "MAX_K"]
 
 MAX_K = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 1024, torch.float64: 512}
 # Item splits are this many items apart at most tile-aligned (a multiple of every BLOCK_I).
@@ -448,6 +448,9 @@ def _n_sms(device: torch.device) -> int:
 
 
 def _forward(z, weight, bias, indptr, indices, values, want_a, prec):
+    """(lse, total, a, xdot, n, xw) per user, in the accumulation dtype: LSE_u; Σ_i e^{logit_ui − M_u}
+    (M_u = LSE_u − log total_u); a_u = Σ_i e^{logit_ui − M_u}·Wd[i] (want_a, else None); Σ x·logit;
+    n_u = Σ_i x_ui; Σ_i x_ui·Wd[i] (want_a, else None)."""
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
@@ -486,28 +489,24 @@ def _forward(z, weight, bias, indptr, indices, values, want_a, prec):
     scale = torch.exp(m_part - big_m)
     total = (scale * s_part).sum(dim=0)
     lse = big_m + torch.log(total)
-    nll = n * lse - xdot
-    dz_per_g = None
-    if want_a:
-        # dz_u / g_u = n_u·Σ_i softmax_ui·Wd[i] − Σ_i x_ui·Wd[i]
-        a = torch.einsum("sb,sbk->bk", scale, a_part)
-        dz_per_g = a.mul_((n / total)[:, None]).sub_(xw)
-    return nll, lse, n, dz_per_g
+    a = torch.einsum("sb,sbk->bk", scale, a_part) if want_a else None
+    return lse, total, a, xdot, n, xw
 
 
-def _backward_w(z, weight, bias, indptr, indices, values, lse, n, g, need_w, need_b, prec):
+def _backward_w(z, weight, bias, indptr, indices, values, lse, g_softmax, g_x, need_w, need_b, prec):
+    """dWd, dbd for the logits' gradient G_ui = g_softmax_u·softmax_ui + g_x_u·x_ui (the NLL's:
+    g_softmax = g·n, g_x = −g), g_softmax and g_x [B] in the accumulation dtype."""
     n_users, k = z.shape
     n_items = weight.shape[0]
     acc_t, acc_tl = acc_dtypes(z.dtype)
-    g = g.to(acc_t)
-    gn = (g * n).contiguous()
+    gn = g_softmax.contiguous()
 
     # CSC copy of the batch (O(nnz)): the nonzeros of an item tile become one contiguous range.
     row_ids = torch.repeat_interleave(torch.arange(n_users, device=z.device), indptr[1:] - indptr[:-1],
                                       output_size=indices.numel())
     csc_item, perm = torch.sort(indices, stable=True)
     csc_user = row_ids[perm].contiguous()
-    csc_coef = (-(g[row_ids] * values.to(acc_t)))[perm].contiguous()
+    csc_coef = (g_x[row_ids] * values.to(acc_t))[perm].contiguous()
     n_gran = triton.cdiv(n_items, _CSC_GRAN)
     bounds = torch.arange(n_gran + 1, device=z.device, dtype=torch.int64) * _CSC_GRAN
     csc_ptr = torch.searchsorted(csc_item, bounds).to(torch.int64)
@@ -539,20 +538,38 @@ def multinomial_nll_op(
     """(nll [B] in z's dtype; LSE [B], n [B] and dz/g [B, K] ([0, K] unless want_dz) in the
     accumulation dtype). Only nll is differentiable."""
     with on_device(z):
-        nll, lse, n, dz_per_g = _forward(z, weight, bias, indptr, indices, values, want_dz, prec)
-    if dz_per_g is None:
+        lse, total, a, xdot, n, xw = _forward(z, weight, bias, indptr, indices, values, want_dz, prec)
+    if want_dz:
+        # dz_u / g_u = n_u·Σ_i softmax_ui·Wd[i] − Σ_i x_ui·Wd[i]
+        dz_per_g = a.mul_((n / total)[:, None]).sub_(xw)
+    else:
         dz_per_g = lse.new_empty(0, z.shape[1])
-    return nll.to(z.dtype), lse, n, dz_per_g
+    return (n * lse - xdot).to(z.dtype), lse, n, dz_per_g
+
+
+@triton_op("recvae_fast::triton_multinomial_nll_parts", mutates_args=())
+def multinomial_nll_parts_op(
+    z: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, values: Tensor,
+    want_dz: bool, prec: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(LSE [B], Σ x·logit [B], Σ_i softmax_ui·Wd[i] [B, K], Σ_i x_ui·Wd[i] [B, K]; the last two [0, K]
+    unless want_dz), all in the accumulation dtype. The first two are differentiable."""
+    with on_device(z):
+        lse, total, a, xdot, _, xw = _forward(z, weight, bias, indptr, indices, values, want_dz, prec)
+    if want_dz:
+        return lse, xdot, a.div_(total[:, None]), xw
+    return lse, xdot, lse.new_empty(0, z.shape[1]), lse.new_empty(0, z.shape[1])
 
 
 @triton_op("recvae_fast::triton_multinomial_nll_backward", mutates_args=())
 def multinomial_nll_backward_op(
-    grad_nll: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor,
-    values: Tensor, lse: Tensor, n: Tensor, need_w: bool, need_b: bool, prec: str,
+    z: Tensor, weight: Tensor, bias: Tensor | None, indptr: Tensor, indices: Tensor, values: Tensor,
+    lse: Tensor, g_softmax: Tensor, g_x: Tensor, need_w: bool, need_b: bool, prec: str,
 ) -> tuple[Tensor, Tensor]:
-    """(dWd, dbd) of the op above; an empty tensor for a gradient that is not needed."""
+    """(dWd, dbd) for the logits' gradient g_softmax_u·softmax_ui + g_x_u·x_ui (both ops above);
+    an empty tensor for a gradient that is not needed."""
     with on_device(z):
-        dw, db = _backward_w(z, weight, bias, indptr, indices, values, lse, n, grad_nll, need_w, need_b, prec)
+        dw, db = _backward_w(z, weight, bias, indptr, indices, values, lse, g_softmax, g_x, need_w, need_b, prec)
     return (dw if dw is not None else weight.new_empty(0),
             db if db is not None else weight.new_empty(0))
 
@@ -567,13 +584,31 @@ def _(z, weight, bias, indptr, indices, values, want_dz, prec):
             z.new_empty((n_users if want_dz else 0, k), dtype=acc_t))
 
 
+@multinomial_nll_parts_op.register_fake
+def _(z, weight, bias, indptr, indices, values, want_dz, prec):
+    acc_t = acc_dtypes(z.dtype)[0]
+    n_users, k = z.shape
+    rows = n_users if want_dz else 0
+    return (z.new_empty(n_users, dtype=acc_t), z.new_empty(n_users, dtype=acc_t),
+            z.new_empty((rows, k), dtype=acc_t), z.new_empty((rows, k), dtype=acc_t))
+
+
 @multinomial_nll_backward_op.register_fake
-def _(grad_nll, z, weight, bias, indptr, indices, values, lse, n, need_w, need_b, prec):
+def _(z, weight, bias, indptr, indices, values, lse, g_softmax, g_x, need_w, need_b, prec):
     return (torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0),
             weight.new_empty(weight.shape[0]) if need_b else weight.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
+def _decoder_grads(ctx, z, weight, bias, indptr, indices, values, lse, g_softmax, g_x):
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    if not (need_w or need_b):
+        return None, None
+    grad_w, grad_b = multinomial_nll_backward_op(
+        z, weight, bias, indptr, indices, values, lse, g_softmax, g_x, need_w, need_b, ctx.prec)
+    return grad_w if need_w else None, grad_b if need_b else None
+
+
+def _nll_setup_context(ctx, inputs, output):
     z, weight, bias, indptr, indices, values, _, prec = inputs
     _, lse, n, dz_per_g = output
     ctx.mark_non_differentiable(lse, n, dz_per_g)
@@ -582,21 +617,42 @@ def _setup_context(ctx, inputs, output):
     ctx.prec = prec
 
 
-def _backward(ctx, grad_nll, *_unused):
+def _nll_backward(ctx, grad_nll, *_unused):
     z, weight, bias, indptr, indices, values, lse, n, dz_per_g = ctx.saved_tensors
-    need_z, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_z = grad_w = grad_b = None
-    if need_z:
+    grad_z = None
+    if ctx.needs_input_grad[0]:
         if dz_per_g.numel() != z.numel():  # cannot happen through multinomial_nll(); guard anyway
             raise RuntimeError("multinomial_nll: z needs a gradient but the forward ran without grad mode")
         grad_z = (grad_nll.to(dz_per_g.dtype)[:, None] * dz_per_g).to(z.dtype)
-    if need_w or need_b:
-        grad_w, grad_b = multinomial_nll_backward_op(
-            grad_nll, z, weight, bias, indptr, indices, values, lse, n, need_w, need_b, ctx.prec)
-    return (grad_z, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 5
+    g = grad_nll.to(lse.dtype)
+    grad_w, grad_b = _decoder_grads(ctx, z, weight, bias, indptr, indices, values, lse, g * n, -g)
+    return (grad_z, grad_w, grad_b) + (None,) * 5
 
 
-multinomial_nll_op.register_autograd(_backward, setup_context=_setup_context)
+def _parts_setup_context(ctx, inputs, output):
+    z, weight, bias, indptr, indices, values, _, prec = inputs
+    lse, _, expected_w, xw = output
+    ctx.mark_non_differentiable(expected_w, xw)
+    ctx.save_for_backward(z, weight, bias, indptr, indices, values, lse, expected_w, xw)
+    ctx.prec = prec
+
+
+def _parts_backward(ctx, grad_lse, grad_x_logit, *_unused):
+    z, weight, bias, indptr, indices, values, lse, expected_w, xw = ctx.saved_tensors
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
+    grad_x_logit = torch.zeros_like(lse) if grad_x_logit is None else grad_x_logit.to(lse.dtype)
+    grad_z = None
+    if ctx.needs_input_grad[0]:
+        if expected_w.numel() != z.numel():  # cannot happen through multinomial_nll_parts(); guard anyway
+            raise RuntimeError("multinomial_nll_parts: z needs a gradient but the forward ran without grad mode")
+        # dLSE_u/dz_u = Σ_i softmax_ui·Wd[i]; d(Σ x·logit)_u/dz_u = Σ_i x_ui·Wd[i]
+        grad_z = (grad_lse[:, None] * expected_w + grad_x_logit[:, None] * xw).to(z.dtype)
+    grad_w, grad_b = _decoder_grads(ctx, z, weight, bias, indptr, indices, values, lse, grad_lse, grad_x_logit)
+    return (grad_z, grad_w, grad_b) + (None,) * 5
+
+
+multinomial_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup_context)
+multinomial_nll_parts_op.register_autograd(_parts_backward, setup_context=_parts_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,3 +700,21 @@ def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
         batch.indptr, batch.indices, batch.values, want_dz, _dot_precision(z.dtype),
     )[0]
+
+
+def multinomial_nll_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch):
+    """(LSE_u = log Σ_i exp(logit_ui), Σ_{i∈nz(u)} x_ui·logit_ui), both [B] in z's dtype, so that
+    multinomial_nll = n_u·LSE_u − Σ x·logit. The same kernels as multinomial_nll, for item shards
+    that combine their parts (the LSEs by a log-sum-exp, the sums by a sum); differentiable in z,
+    weight and bias (dlogit_ui = g_lse_u·softmax_ui + g_x_u·x_ui). A user with no items has LSE over
+    all items and a sum of 0; with no items at all (I = 0) the op refuses, as multinomial_nll does."""
+    _validate(z, weight, bias, batch)
+    if z.shape[0] == 0:
+        empty = (z.sum(dim=1) + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0))[:0]
+        return empty, empty.clone()
+    want_dz = torch.is_grad_enabled() and z.requires_grad
+    lse, x_logit, _, _ = multinomial_nll_parts_op(
+        z.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+        batch.indptr, batch.indices, batch.values, want_dz, _dot_precision(z.dtype),
+    )
+    return lse.to(z.dtype), x_logit.to(z.dtype)

@@ -298,8 +298,6 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
         with contextlib.ExitStack() as lock:
             error = None
             try:
-                if args.patience is not None:
-                    raise UsageError("--patience is not supported with --item-shards")
                 if args.resume:
                     if is_writer:
                         lock.enter_context(RunLock(out))
@@ -310,14 +308,12 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 _check_data_options(options)
                 cfg = TrainConfig(**config)
                 cfg.validate()
-                if cfg.sparse_fc1_grad:
-                    raise UsageError("--fc1-grad row-sparse is not supported with --item-shards (dense only)")
                 split = _make_split(source, options, cfg.seed)
                 split_fp = split.fingerprint()
                 if saved_run is not None and saved_run.get("split_fingerprint") != split_fp:
                     raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
                                      "(the file changed since the run started)")
-                check_fit_inputs(split.train, split.valid_in, split.valid_out, **asdict(cfg))
+                check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, **asdict(cfg))
                 if is_writer and saved_run is None:
                     lock.enter_context(RunLock(out))
                     if any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
@@ -338,7 +334,8 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 write_json(out / RUN_NAME, run_description, indent=2)
                 atomic_write_text(out / LOG_NAME, "")
             model = fit_sharded(split.train, split.valid_in, split.valid_out, item_shards=item_shards,
-                                checkpoint_dir=sharded_dir, resume=resume_fit, log_path=out / LOG_NAME, **asdict(cfg))
+                                checkpoint_dir=sharded_dir, resume=resume_fit, log_path=out / LOG_NAME,
+                                patience=args.patience, progress=not args.no_progress, **asdict(cfg))
             test = evaluate_sharded(model, split.test_in, split.test_out, batch_size=cfg.batch_size)
             full_state = gather_full_state_dict(model)
             summary = None

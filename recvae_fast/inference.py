@@ -19,6 +19,12 @@ from .topk import TopK, TopKAccumulator, check_k, topk_masked
 SCORES_PER_BLOCK = 1 << 25  # 128 MiB of float32 scores at most per block
 
 
+def _is_sharded(model) -> bool:
+    from .distributed import ShardedRecVAE  # torch.distributed is imported only for such a model
+
+    return isinstance(model, ShardedRecVAE)
+
+
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -38,7 +44,13 @@ def recommend(
     Returns TopK(scores float32 U × k, items int64 U × k), numpy arrays in torch.topk's order (as
     topk_masked), best first, ties to the lower item index. With exclude_seen, a user's own items
     are never returned; a user with fewer than k eligible items gets −inf / −1 padding.
+    A ShardedRecVAE (from fit in a process group) is scored on every rank of its group, which all
+    pass the same users and all get the whole result (recvae_fast.distributed.recommend_sharded).
     """
+    if not isinstance(model, RecVAE) and _is_sharded(model):
+        from .distributed import recommend_sharded
+
+        return recommend_sharded(model, interactions, k, exclude_seen, batch_size)
     n_items = model.input_dim
     k = check_k(k)
     if k > n_items:
@@ -90,8 +102,13 @@ def evaluate(
     """Strong-generalisation metrics: {"ndcg@100", "recall@20", "recall@50", "n_users"}.
 
     Users are scored from their fold-in items, which are excluded from the ranking; users with
-    no held-out items are skipped (and not counted in n_users).
+    no held-out items are skipped (and not counted in n_users). A ShardedRecVAE is evaluated on
+    every rank of its group, each getting the metrics (recvae_fast.distributed.evaluate_sharded).
     """
+    if not isinstance(model, RecVAE) and _is_sharded(model):
+        from .distributed import evaluate_sharded
+
+        return evaluate_sharded(model, fold_in, heldout, batch_size)
     n_items = model.input_dim
     batch_size = _check_batch_size(batch_size)
     fold_in = as_user_matrix("fold_in", fold_in, n_items)

@@ -23,7 +23,7 @@ The two model ops' entry points live here; `recvae_fast.topk.topk_masked` and
 Every implementation runs as an op registered with PyTorch under `recvae_fast::` (profiler
 names, torch.library.opcheck, torch.compile): the "torch" and "cpp" ones with
 torch.library.custom_op in recvae_fast.custom_ops, the Triton ones with torch.library.triton_op
-next to their kernels (`recvae_fast::triton_multinomial_nll`, `..._backward`,
+next to their kernels (`recvae_fast::triton_multinomial_nll`, `..._parts`, `..._backward`,
 `triton_sparse_input_layer`, `..._backward`, `triton_row_sparse_adam_step`), so that
 torch.compile sees into the kernels through wrap_triton.
 """

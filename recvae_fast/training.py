@@ -401,6 +401,7 @@ def fit(
     patience: int | None = None,
     progress: bool = True,
     callback=None,
+    item_shards: int | None = None,
     **hyperparameters,
 ) -> FitResult:
     """Train RecVAE on a users × items scipy CSR matrix; return FitResult(model, history).
@@ -417,7 +418,28 @@ def fit(
     checking the data fingerprint and the hyperparameters (n_epochs and patience may change).
     log_path: one JSON line per epoch, rewritten atomically from the history.
     Everything is validated before anything is written.
+
+    Called on every rank of an initialised torch.distributed group of more than one process (e.g.
+    under torchrun), with the same arguments, fit trains the item-sharded model instead
+    (recvae_fast.distributed.fit_sharded): item_shards (None: the world size) ranks split the items,
+    world size / item_shards is the data-parallel size; the same seed gives the weights and history
+    of one device. The returned model is then a ShardedRecVAE (this rank's rows; `evaluate` and
+    `recommend` take it, on every rank), and checkpoint_dir holds torch.distributed.checkpoint
+    checkpoints. Without a group, or in a group of one, item_shards must be None or 1.
     """
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size > 1:
+        from .distributed.training import fit_sharded
+
+        model = fit_sharded(train, valid_in, valid_out, item_shards=world_size if item_shards is None else item_shards,
+                            checkpoint_dir=checkpoint_dir, resume=resume, log_path=log_path, patience=patience,
+                            progress=progress, callback=callback, **hyperparameters)
+        return FitResult(model, model.history)
+    if item_shards not in (None, 1):
+        raise ValueError(f"item_shards={item_shards!r} needs an initialised torch.distributed group of a multiple of "
+                         "that many processes (e.g. torchrun --nproc-per-node N); without one, leave it None")
     inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if resume and (ckpt_path is None or not ckpt_path.is_file()):

@@ -55,12 +55,15 @@ def _torchrun_train(args: list[str]) -> dict:
 
 def test_torchrun_train_evaluate_without_torchrun_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    summary = _torchrun_train(["synthetic", "--out", str(out), "--item-shards", "2", *TRAIN])
+    # --patience and --fc1-grad row-sparse work with item shards (patience 5 does not stop 2 epochs)
+    summary = _torchrun_train(["synthetic", "--out", str(out), "--item-shards", "2", "--patience", "5",
+                               "--fc1-grad", "row-sparse", *TRAIN])
     assert summary["item_shards"] == 2 and summary["processes"] == 2 and summary["epochs_trained"] == 2
     assert summary == json.loads((out / "summary.json").read_text())
     assert json.loads((out / "run.json").read_text())["item_shards"] == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["item_shards"] == 2 for r in records)
+    assert all(r["fc1_grad"] == "row-sparse" for r in records)
 
     # model.pt is the authors' format of the whole model: the best epoch's parameters of the DCP checkpoint.
     model = load_model(out / "model.pt")

@@ -58,7 +58,15 @@ def test_opcheck_multinomial_nll_backward():
     grad = torch.randn(N_USERS, dtype=torch.float64, device=DEVICE)
     for need_w, need_b in ((True, True), (True, False), (False, True)):
         opcheck(torch.ops.recvae_fast.triton_multinomial_nll_backward.default,
-                (grad, z, w, b, batch.indptr, batch.indices, batch.values, lse, n, need_w, need_b, "ieee"))
+                (z, w, b, batch.indptr, batch.indices, batch.values, lse, grad * n, -grad, need_w, need_b, "ieee"))
+
+
+@pytest.mark.parametrize("want_dz", [True, False])
+def test_opcheck_multinomial_nll_parts(want_dz):
+    batch = batch_case()
+    z, w, b = leaf(N_USERS, LATENT, seed=1), leaf(N_ITEMS, LATENT, seed=2), leaf(N_ITEMS, seed=3)
+    opcheck(torch.ops.recvae_fast.triton_multinomial_nll_parts.default,
+            (z, w, b, batch.indptr, batch.indices, batch.values, want_dz, "ieee"))
 
 
 @pytest.mark.parametrize("dropout", ["none", "seed", "mask"])
@@ -133,13 +141,14 @@ def test_public_entry_points_route_through_the_registered_ops_and_the_profiler_s
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         h = sil.sparse_input_layer(batch, weight_t, None, 0.3, seed=5, sparse_grad=True)
         nll = mnll.multinomial_nll(z, w, b, batch)
-        (nll.sum() + h.sum()).backward()
+        lse, x_logit = mnll.multinomial_nll_parts(z, w, b, batch)
+        (nll.sum() + h.sum() + lse.sum() - x_logit.sum()).backward()
         param = weight_t.detach().clone()
         rsa.adam_step_row_sparse_(param, weight_t.grad, torch.zeros_like(param), torch.zeros_like(param), 1)
     assert "triton_sparse_input_layer" in type(h.grad_fn).__name__
     assert "triton_multinomial_nll" in type(nll.grad_fn).__name__
     names = {event.key for event in prof.key_averages()}
     for op in ("triton_sparse_input_layer", "triton_sparse_input_layer_backward", "triton_multinomial_nll",
-               "triton_multinomial_nll_backward", "triton_row_sparse_adam_step"):
+               "triton_multinomial_nll_parts", "triton_multinomial_nll_backward", "triton_row_sparse_adam_step"):
         assert f"recvae_fast::{op}" in names, op
     assert weight_t.grad.is_sparse and z.grad is not None and w.grad is not None and b.grad is not None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
+from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings, triton_problem
 
-from recvae_fast import RecVAE, evaluate, recommend
-from recvae_fast.distributed import ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
+from recvae_fast import RecVAE, evaluate, fit, recommend
+from recvae_fast.distributed import ItemLayout, ShardedRecVAE, item_layout, make_item_mesh, shard_bounds
 from recvae_fast.distributed.model import SHARDED_KEYS
 from recvae_fast.distributed.checkpoint import (
     gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
@@ -29,6 +31,9 @@ from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 H, K = 12, 5
+TRITON_PROBLEM = triton_problem()
+# The Triton implementation's tests run under the interpreter (tests/conftest.py), or are skipped with the reason.
+TRITON_MARKS = [pytest.mark.interpreter, pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))]
 
 
 def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> None:
@@ -65,9 +70,12 @@ def awkward_ratings(n_users: int, n_items: int, n_shards: int, seed: int = 0) ->
 # --- loss terms and every gradient ------------------------------------------------------------
 
 
-def _gradient_worker(rank, n_items, item_shards, n_users):
+def _gradient_worker(rank, n_items, item_shards, n_users, impl=None):
+    from recvae_fast import ops
     from recvae_fast.distributed.training import reduce_gradients, sharded_backward
 
+    kernels_used, import_kernel = [], ops.import_kernel
+    ops.import_kernel = lambda module, name: kernels_used.append(name) or import_kernel(module, name)  # this process only
     single, _ = model_pair(H, K, n_items)
     ratings = awkward_ratings(n_users, n_items, item_shards)
     dense_mask, keep, eps = pinned_noise(single, ratings, K, torch.float64)
@@ -77,7 +85,7 @@ def _gradient_worker(rank, n_items, item_shards, n_users):
     expected = grads_by_authors_name(single)
 
     layout = item_layout(make_item_mesh(item_shards), n_items)
-    model = ShardedRecVAE(layout, H, K).double()
+    model = ShardedRecVAE(layout, H, K, impl=impl).double()
     model.load_full_state_dict(single.state_dict())
     model.train()
     # this data rank's users: a contiguous part of the batch, with their mask entries and ε
@@ -106,6 +114,8 @@ def _gradient_worker(rank, n_items, item_shards, n_users):
     assert model.decoder.weight.grad is None
     torch.testing.assert_close(model.encoder.fc1.weight_t.grad, expected["encoder.fc1.weight"].t()[lo:hi], **TIGHT)
     torch.testing.assert_close(model.encoder.fc_mu.weight.grad, expected["encoder.fc_mu.weight"], **TIGHT)
+    if impl == "triton":  # the shard's ops did go to the kernels
+        assert {"multinomial_nll_parts", "sparse_input_layer"} <= set(kernels_used)
 
 
 @pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (3, 3, 31), (4, 2, 19)],
@@ -114,77 +124,212 @@ def test_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_sh
     spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9)
 
 
+@pytest.mark.parametrize("world_size,item_shards,n_items", [(2, 2, 23), (4, 2, 19)], ids=["2 shards", "2x2 mesh"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=TRITON_MARKS)])
+def test_triton_impl_loss_terms_and_gradients_equal_one_device(tmp_path, world_size, item_shards, n_items, impl):
+    """impl "triton" on each shard (fc1's kernel on the shard's slice, the NLL kernels' per-shard parts)
+    against the one-device torch model: loss terms and every gradient, float64."""
+    spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9, impl, timeout_s=120)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=TRITON_MARKS)])
+def test_shard_parts_equal_dense_parts(impl):
+    """The per-shard parts of the likelihood and fc1's per-shard gather, each implementation, against
+    dense float64 autograd: values and the gradients of z, Wd, bd (likelihood; encoder-phase path with
+    only z needing one too) and of W1 (dense and row-sparse). A shard of 37 items with users that have
+    no item in it, one item, weights and duplicates across users."""
+    from recvae_fast.distributed.model import ShardView, shard_input_gather, shard_likelihood_parts
+    from recvae_fast import ops
+
+    gen = torch.Generator().manual_seed(4)
+    n_users, n_items, lo, hi, hidden = 11, 83, 20, 57, 9
+    ratings = awkward_ratings(n_users, n_items, 3, seed=2)
+    view = ShardView(RecVAE(hidden, K, n_items).double().as_batch(ratings), lo, hi)
+    local = view.local
+    x = torch.zeros(n_users, hi - lo, dtype=torch.float64)
+    x[local.row_ids(), local.indices] = local.values
+    parts = (ops.import_kernel("multinomial_nll", "multinomial_nll_parts") if impl == "triton"
+             else shard_likelihood_parts)
+    g_lse, g_x = torch.randn(n_users, generator=gen, dtype=torch.float64), torch.randn(n_users, generator=gen, dtype=torch.float64)
+    for decoder_grad in (True, False):
+        z = torch.randn(n_users, K, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(hi - lo, K, generator=gen, dtype=torch.float64, requires_grad=decoder_grad)
+        b = torch.randn(hi - lo, generator=gen, dtype=torch.float64, requires_grad=decoder_grad)
+        lse, x_logit = parts(z, w, b, local)
+        logits = z @ w.t() + b
+        want_lse, want_x = torch.logsumexp(logits, dim=1), (x * logits).sum(dim=1)
+        torch.testing.assert_close(lse, want_lse, **TIGHT)
+        torch.testing.assert_close(x_logit, want_x, **TIGHT)
+        inputs = (z, w, b) if decoder_grad else (z,)
+        ours = torch.autograd.grad((lse * g_lse).sum() + (x_logit * g_x).sum(), inputs)
+        dense = torch.autograd.grad((want_lse * g_lse).sum() + (want_x * g_x).sum(), inputs)
+        for name, a, d in zip("zwb", ours, dense):
+            torch.testing.assert_close(a, d, **TIGHT, msg=f"d{name}")
+
+    coef = torch.rand(local.nnz, generator=gen, dtype=torch.float64) + 0.5
+    coef[::3] = 0.0  # dropped nonzeros: a user may keep none on the shard
+    dense_c = torch.zeros(n_users, hi - lo, dtype=torch.float64)
+    dense_c[local.row_ids(), local.indices] = coef
+    g_out = torch.randn(n_users, hidden, generator=gen, dtype=torch.float64)
+    for sparse_grad in (False, True):
+        w1 = torch.randn(hi - lo, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+        h = shard_input_gather(local, coef, w1, sparse_grad, impl)
+        torch.testing.assert_close(h, dense_c @ w1, **TIGHT)
+        (h * g_out).sum().backward()
+        grad = w1.grad.to_dense() if sparse_grad else w1.grad
+        assert w1.grad.is_sparse == sparse_grad
+        torch.testing.assert_close(grad, dense_c.t() @ g_out, **TIGHT)
+
+
 # --- training, scoring and checkpoints ----------------------------------------------------------
 
 FIT = dict(hidden_dim=H, latent_dim=K, batch_size=7, n_epochs=2, n_enc_epochs=2, n_dec_epochs=1, gamma=0.005,
            seed=3)
+# Stops early: validation NDCG@100 is best at epoch 2 of 8, patience 2 ends the run after epoch 4.
+EARLY = dict(hidden_dim=H, latent_dim=K, batch_size=7, n_epochs=8, n_enc_epochs=1, n_dec_epochs=1, gamma=0.005,
+             lr=1e-2, seed=3, sparse_fc1_grad=True, patience=2)
+TIMES = ("train_time_s", "users_per_s", "time_s")
 
 
-def _one_device_training(train, initial_state, **hyperparameters) -> RecVAE:
-    """fit's schedule on one device with recvae_fast.training's own step, from given weights."""
-    cfg = TrainConfig(**hyperparameters)
-    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).double()
-    model.load_state_dict(initial_state)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, sparse_fc1_grad=False)
-    for _ in range(cfg.n_epochs):
-        model.train()
-        for phase, opt, n_passes in (("encoder", encoder_opt, cfg.n_enc_epochs), ("decoder", decoder_opt, cfg.n_dec_epochs)):
-            for _ in range(n_passes):
-                users = rng.permutation(train.shape[0])
-                for start in range(0, len(users), cfg.batch_size):
-                    rows = np.sort(users[start : start + cfg.batch_size])
-                    train_step(model, model.as_batch(train[rows]), [opt], cfg, phase)
-            if phase == "encoder":
-                model.update_prior()
-    return model.eval()
+def _data(n_items: int):
+    """(train, valid_in, valid_out, test_in, test_out): awkward users on both shards, float32 as read."""
+    train = awkward_ratings(30, n_items, 2, seed=5).astype(np.float32)
+    return (train, awkward_ratings(10, n_items, 2, seed=6), random_ratings(10, n_items, seed=7),
+            awkward_ratings(11, n_items, 2, seed=8), random_ratings(11, n_items, seed=9))
+
+
+def _one_device_fit(out_dir: Path, name: str, n_items: int, **kwargs) -> None:
+    """Single-device recvae_fast.fit in float64 (torch's default dtype while it runs), in this process,
+    without a group; saves its weights, history, test metrics and top-k under out_dir/name.*."""
+    train, valid_in, valid_out, test_in, test_out = _data(n_items)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        validation = (valid_in, valid_out) if "patience" in kwargs else (None, None)
+        model, history = fit(train, *validation, progress=False, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    top = recommend(model, test_in, k=9, batch_size=4)
+    torch.save({"state": model.state_dict(), "history": [{k: v for k, v in r.items() if k not in TIMES} for r in history],
+                "metrics": evaluate(model, test_in, test_out, batch_size=4), "items": torch.from_numpy(top.items),
+                "scores": torch.from_numpy(top.scores)}, out_dir / f"{name}.pt")
+
+
+def _check_equal_to_one_device(model, history, out_dir: Path, name: str, n_items: int) -> dict:
+    """The sharded fit's gathered weights (float64 tight), history (losses tight, the rest equal), and
+    the plain-name evaluate / recommend (metrics and items equal) against _one_device_fit's; every rank
+    checks. Returns the gathered state_dict."""
+    expected = torch.load(out_dir / f"{name}.pt", weights_only=True)
+    full = gather_full_state_dict(model)
+    if dist.get_rank() == 0:
+        for key, value in expected["state"].items():
+            torch.testing.assert_close(full[key], value, rtol=1e-9, atol=1e-11, msg=key)
+    assert len(history) == len(expected["history"])
+    for ours, theirs in zip(history, expected["history"]):
+        ours = {k: v for k, v in ours.items() if k not in TIMES + ("item_shards", "data_parallel")}
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (ours["epoch"], key)
+            else:
+                assert ours[key] == value, (ours["epoch"], key)
+    *_, test_in, test_out = _data(n_items)
+    assert evaluate(model, test_in, test_out, batch_size=4) == expected["metrics"]
+    top = recommend(model, test_in, k=9, batch_size=4)
+    np.testing.assert_array_equal(top.items, expected["items"].numpy())
+    np.testing.assert_allclose(top.scores, expected["scores"].numpy(), rtol=1e-6)
+    return full
+
+
+def _plain_fit_worker(rank, n_items, out_dir):
+    """recvae_fast.fit, evaluate and recommend, unchanged, inside the group: row-sparse fc1 gradient,
+    validation, early stopping, DCP checkpoints, then a resume after the early stop."""
+    out_dir = Path(out_dir)
+    torch.set_default_dtype(torch.float64)
+    train, valid_in, valid_out, *_ = _data(n_items)
+    with pytest.raises(ValueError, match=r"item_shards=3 must be a positive divisor of the number of processes \(2\)"):
+        fit(train, item_shards=3, progress=False, **FIT)
+    model, history = fit(train, valid_in, valid_out, checkpoint_dir=out_dir / "early", progress=False, **EARLY)
+    assert isinstance(model, ShardedRecVAE) and model.layout.n_shards == 2 and not model.training
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # stopped early, as one device did
+    assert all(r["fc1_grad"] == "row-sparse" for r in history)
+    full = _check_equal_to_one_device(model, history, out_dir, "early", n_items)
+
+    # cut after 2 epochs and resumed (RowSparseAdam's state through DCP): the same run, the same early stop;
+    # resumed again after the early stop, with more epochs allowed: still stopped, the same best weights
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in TIMES} for r in records]  # noqa: E731
+    fit(train, valid_in, valid_out, checkpoint_dir=out_dir / "cut", progress=False, **{**EARLY, "n_epochs": 2})
+    for n_epochs in (EARLY["n_epochs"], 10):
+        resumed, resumed_history = fit(train, valid_in, valid_out, checkpoint_dir=out_dir / "cut", resume=True,
+                                       progress=False, **{**EARLY, "n_epochs": n_epochs})
+        assert untimed(resumed_history) == untimed(history)
+        resumed_full = gather_full_state_dict(resumed)
+        if rank == 0:
+            for key, value in full.items():
+                torch.testing.assert_close(resumed_full[key], value, rtol=0, atol=0, msg=f"resumed {key}")
+
+
+def test_plain_fit_evaluate_recommend_in_a_group_equal_one_device(tmp_path):
+    _one_device_fit(tmp_path, "early", 23, **EARLY)
+    spawn(_plain_fit_worker, 2, tmp_path, 23, str(tmp_path))
+
+
+def test_item_shards_without_a_group_is_refused():
+    with pytest.raises(ValueError, match="item_shards=2 needs an initialised torch.distributed group"):
+        fit(random_ratings(9, 13), item_shards=2, progress=False, **FIT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_device_init_draws_recvaes_weights_on_any_layout(monkeypatch, dtype):
+    """init "one-device": each shard holds its rows of the weights RecVAE(H, K, I) draws after the same
+    seed, in torch's default dtype, and leaves torch's generator where RecVAE's constructor leaves it;
+    blocks of the stream cut across rows and shards."""
+    monkeypatch.setattr("recvae_fast.distributed.model.STREAM_BLOCK_NUMBERS", 50)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(5)
+        one = RecVAE(H, K, 23).state_dict()
+        after = torch.get_rng_state()
+        for n_shards in (1, 2, 3):
+            for shard in range(n_shards):
+                torch.manual_seed(5)
+                model = ShardedRecVAE(ItemLayout(23, n_shards, shard, 1, 0), H, K, init="one-device")
+                assert torch.equal(torch.get_rng_state(), after)
+                lo, hi = model.layout.lo, model.layout.hi
+                for key, rows in model.shard_tensors().items():
+                    full = one[key].t() if SHARDED_KEYS[key] == 1 else one[key]
+                    assert rows.dtype == dtype and torch.equal(rows, full[lo:hi]), (n_shards, shard, key)
+                for key, value in model.replicated_tensors().items():
+                    assert torch.equal(value, one[key]), key
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _training_worker(rank, n_items, out_dir):
-    from recvae_fast.distributed.checkpoint import gather_full_state_dict
-    from recvae_fast.distributed.inference import evaluate_sharded, recommend_sharded
-    from recvae_fast.distributed.training import fit_sharded
-
     out_dir = Path(out_dir)
-    train = awkward_ratings(30, n_items, 2, seed=5).astype(np.float32)
-    torch.manual_seed(0)
-    initial = RecVAE(H, K, n_items).double().state_dict()
-    expected = _one_device_training(train, initial, **FIT)
-
-    model = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
-                        checkpoint_dir=out_dir / "run", **FIT)
-    full = gather_full_state_dict(model)
+    torch.set_default_dtype(torch.float64)  # as _one_device_fit: the initial draws are float64 ones
+    train = _data(n_items)[0]
+    model = fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "run",
+                        sparse_fc1_grad=False, **FIT)
+    full = _check_equal_to_one_device(model, model.history, out_dir, "dense", n_items)
     if rank == 0:
-        for key, value in expected.state_dict().items():
-            torch.testing.assert_close(full[key], value, rtol=1e-9, atol=1e-11, msg=key)
         torch.save(full, out_dir / "after_2_shards.pt")
     dist.barrier()
     full = torch.load(out_dir / "after_2_shards.pt", weights_only=True)
 
     # the same run stopped after one epoch and resumed ends at the same weights
-    fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64, checkpoint_dir=out_dir / "cut",
-                **{**FIT, "n_epochs": 1})
-    resumed = fit_sharded(train, item_shards=2, initial_state=initial, dtype=torch.float64,
-                          checkpoint_dir=out_dir / "cut", resume=True, **FIT)
+    fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "cut", sparse_fc1_grad=False, **{**FIT, "n_epochs": 1})
+    resumed = fit_sharded(train, item_shards=2, checkpoint_dir=out_dir / "cut", resume=True,
+                          sparse_fc1_grad=False, **FIT)
     resumed_full = gather_full_state_dict(resumed)
     if rank == 0:
         for key, value in full.items():
             torch.testing.assert_close(resumed_full[key], value, rtol=0, atol=0, msg=f"resumed {key}")
 
-    # scoring: the one-device model with exactly the sharded weights gives the same top-k and metrics
-    one = RecVAE(H, K, n_items).double()
-    one.load_state_dict(full)
-    fold_in = awkward_ratings(11, n_items, 2, seed=8)
-    heldout = random_ratings(11, n_items, seed=9)
-    ours = recommend_sharded(model, fold_in, k=9, batch_size=4)
-    theirs = recommend(one, fold_in, k=9, batch_size=4)
-    np.testing.assert_array_equal(ours.items, theirs.items)
-    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-6)
-    assert evaluate_sharded(model, fold_in, heldout, batch_size=4) == evaluate(one, fold_in, heldout, batch_size=4)
-
 
 def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
+    _one_device_fit(tmp_path, "dense", 23, sparse_fc1_grad=False, **FIT)
     spawn(_training_worker, 2, tmp_path, 23, str(tmp_path))
 
 
@@ -274,11 +419,14 @@ def test_incomplete_checkpoint_is_never_used(tmp_path):
 
 
 def _mesh_2x2_fit_worker(rank, n_items, out_dir):
-    train = awkward_ratings(26, n_items, 2, seed=2).astype(np.float32)
-    valid_in, valid_out = awkward_ratings(8, n_items, 2, seed=3), random_ratings(8, n_items, seed=4)
-    model = fit_sharded(train, valid_in, valid_out, item_shards=2, **{**FIT, "n_epochs": 2})
+    """fit(item_shards=2) on 4 processes: 2 item shards × 2 data-parallel ranks, row-sparse fc1 gradient
+    summed over the data group, validation and early stopping: one device's run, and replicas in step."""
+    torch.set_default_dtype(torch.float64)
+    train, valid_in, valid_out, *_ = _data(n_items)
+    model, history = fit(train, valid_in, valid_out, item_shards=2, progress=False, **EARLY)
     assert model.layout.data_size == 2 and model.layout.n_shards == 2
-    assert [r["epoch"] for r in model.history] == [1, 2] and all("valid_ndcg@100" in r for r in model.history)
+    assert all(r["data_parallel"] == 2 and r["fc1_grad"] == "row-sparse" for r in history)
+    _check_equal_to_one_device(model, history, Path(out_dir), "mesh", n_items)
     # every rank of a shard ends with the same rows; every rank with the same replicated weights
     for name, param in model.named_parameters():
         copies = [torch.empty_like(param) for _ in range(4)]  # even shards: one shape on every rank
@@ -287,25 +435,14 @@ def _mesh_2x2_fit_worker(rank, n_items, out_dir):
         torch.testing.assert_close(copies[rank], copies[same_rows_as[rank]], rtol=0, atol=0, msg=name)
 
 
-    # data-parallel scoring: batches dealt over the data ranks, the same top-k as one device
-    full = gather_full_state_dict(model)
-    if rank == 0:
-        torch.save(full, Path(out_dir) / "mesh_2x2.pt")
-    dist.barrier()
-    one = RecVAE(H, K, n_items)
-    one.load_state_dict(torch.load(Path(out_dir) / "mesh_2x2.pt", weights_only=True))
-    ours, theirs = recommend_sharded(model, valid_in, k=6, batch_size=3), recommend(one, valid_in, k=6, batch_size=3)
-    np.testing.assert_array_equal(ours.items, theirs.items)
-    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-5)  # float32: fc1's sum order differs
-
-
 def _sharded_param_names(model):
     ids = {id(t) for t in model.shard_tensors().values()}
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def test_2x2_mesh_fit_keeps_replicas_in_step(tmp_path):
-    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 20, str(tmp_path))
+def test_2x2_mesh_fit_equals_one_device_and_keeps_replicas_in_step(tmp_path):
+    _one_device_fit(tmp_path, "mesh", 22, **EARLY)
+    spawn(_mesh_2x2_fit_worker, 4, tmp_path, 22, str(tmp_path))
 
 
 # --- the top-k merge: exact, ties included -----------------------------------------------------
@@ -385,6 +522,33 @@ def test_a_vanished_rank_stops_the_others_in_bounded_time(tmp_path):
     spawn(_vanishing_rank_worker, 2, tmp_path, 23, str(tmp_path), timeout_s=10)
     seconds, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert outcome != "finished" and float(seconds) < 30
+
+
+def _busy_folder_worker(rank, n_items, folder):
+    train = awkward_ratings(20, n_items, 2).astype(np.float32)
+    _record_outcome(folder, rank, lambda: fit(train, checkpoint_dir=Path(folder) / "run", progress=False, **FIT))
+
+
+def test_a_checkpoint_folder_in_use_stops_every_rank(tmp_path):
+    """Another process writes the folder (holds its lock): rank 0 cannot lock it, and every rank stops
+    before training, with an error naming the holder or the failed rank."""
+    from recvae_fast.runfolder import LOCK_NAME
+
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "os.write(fd, b'pid of the holder'); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+         str(tmp_path / "run" / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        spawn(_busy_folder_worker, 2, tmp_path, 23, str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    for rank, message in ((0, "is being written by another process (pid of the holder)"), (1, "rank(s) [0] failed")):
+        seconds, outcome = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert message in outcome and float(seconds) < 30
+    assert not (tmp_path / "run" / "LATEST").exists()
 
 
 class _RunsCode:

@@ -1,8 +1,9 @@
 """Item-sharded RecVAE on torch.distributed: fc1, the old encoder's fc1 and the decoder split by item
 rows over the "items" dimension of a ("data", "items") device mesh; everything else replicated.
 
-Inside an initialised process group (torchrun): `fit_sharded` trains, `recommend_sharded` and
-`evaluate_sharded` score, `save_checkpoint` / `load_checkpoint` go through torch.distributed.checkpoint,
+Inside an initialised process group of more than one process (torchrun), recvae_fast.fit trains a
+ShardedRecVAE and recvae_fast.evaluate / recommend score one; the explicit API: `fit_sharded` trains,
+`recommend_sharded` and `evaluate_sharded` score, `save_checkpoint` / `load_checkpoint` go through torch.distributed.checkpoint,
 `load_into_recvae` reads a checkpoint into a one-device RecVAE without a process group, and
 `gather_full_state_dict` gives the authors'-format state_dict on rank 0.
 """

@@ -34,6 +34,7 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 
 from ..atomic import atomic_write_text
 from ..model import RecVAE
+from ..optim import RowSparseAdam
 from .mesh import ItemLayout
 from .model import SHARDED_KEYS, ShardedRecVAE
 
@@ -103,22 +104,44 @@ def _model_entries(model: ShardedRecVAE) -> dict[str, tuple[torch.Tensor, bool]]
 
 
 def _add_optimizer_state(model: ShardedRecVAE, optimizers, saved_keys) -> None:
-    """Give each parameter whose Adam state the checkpoint holds a zero state, for DCP to load into."""
+    """Give each parameter whose Adam state the checkpoint holds a zero state, for DCP to load into
+    (RowSparseAdam counts its steps in an int, torch.optim.Adam in a tensor)."""
     names = {id(p): n for n, (p, _) in _model_entries(model).items()}
     for j, opt in enumerate(optimizers):
         fused = bool(opt.defaults.get("fused"))
         for group in opt.param_groups:
             for p in group["params"]:
                 if f"adam{j}.{names[id(p)]}.step" in saved_keys and not opt.state[p]:
+                    step = 0 if isinstance(opt, RowSparseAdam) else torch.zeros(
+                        (), dtype=torch.float32, device=p.device if fused else "cpu")
                     opt.state[p] = {
-                        "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
+                        "step": step,
                         **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in ADAM_MOMENTS},
                     }
 
 
+def _int_steps_back(optimizers, model: ShardedRecVAE, loaded: dict) -> None:
+    """After a load: the int step counts (RowSparseAdam's), which DCP loaded as tensors, back as ints."""
+    names = {id(p): n for n, (p, _) in _model_entries(model).items()}
+    for j, opt in enumerate(optimizers):
+        for p, state in opt.state.items():
+            if isinstance(state.get("step"), int):
+                state["step"] = int(loaded[f"adam{j}.{names[id(p)]}.step"])
+
+
+def _rng_states(model: ShardedRecVAE) -> dict[str, torch.Tensor]:
+    """torch's generators that training draws from: the CPU one, and the model's GPU's (its dropout
+    masks and ε are drawn there). Each is the same on every rank (see .training)."""
+    states = {"rng": torch.get_rng_state()}
+    device = model.decoder.weight.device
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def checkpoint_tensors(model: ShardedRecVAE, optimizers=(), best_state: dict | None = None,
-                       rng_state: torch.Tensor | None = None) -> dict:
-    """The flat DCP state_dict: model.<name>, adam<j>.<name>.<moment|step>, best.<name>, rng.data<d>."""
+                       rng_states: dict[str, torch.Tensor] | None = None) -> dict:
+    """The flat DCP state_dict: model.<name>, adam<j>.<name>.<moment|step>, best.<name>, rng[.cuda]."""
     layout = model.layout
     wrap = (lambda t, sharded: _sharded(t, layout) if sharded and layout.n_shards > 1 else t)
     out = {}
@@ -135,11 +158,11 @@ def checkpoint_tensors(model: ShardedRecVAE, optimizers=(), best_state: dict | N
                 if not state:
                     continue
                 name = names[id(p)]
-                out[f"adam{j}.{name}.step"] = state["step"]
+                step = state["step"]  # an int (RowSparseAdam) is saved as a tensor
+                out[f"adam{j}.{name}.step"] = torch.tensor(step) if isinstance(step, int) else step
                 for m in ADAM_MOMENTS:
                     out[f"adam{j}.{name}.{m}"] = wrap(state[m], entries[name][1])
-    if rng_state is not None:  # torch's generator: the same on an item group, one per data rank
-        out[f"rng.data{layout.data_rank}"] = rng_state
+    out.update(rng_states or {})
     return out
 
 
@@ -169,7 +192,7 @@ def save_checkpoint(folder, step: int, model: ShardedRecVAE, optimizers=(), trai
             shutil.rmtree(target)
         target.mkdir(parents=True)
     dist.barrier()
-    state = checkpoint_tensors(model, optimizers, best_state, torch.get_rng_state())
+    state = checkpoint_tensors(model, optimizers, best_state, _rng_states(model))
     dcp.save(state, checkpoint_id=target)
     if dist.get_rank() == 0:
         atomic_write_text(target / TRAIN_STATE_NAME, json.dumps(train_state or {}))
@@ -185,19 +208,22 @@ def save_checkpoint(folder, step: int, model: ShardedRecVAE, optimizers=(), trai
 def load_checkpoint(path, model: ShardedRecVAE, optimizers=(), with_best: bool = False,
                     with_rng: bool = False) -> tuple[dict, dict | None]:
     """Load a checkpoint folder (step-NNNNNN, e.g. latest_checkpoint(...)) into `model` (any number of
-    item shards) and `optimizers`; with_rng restores torch's generator (same data-parallel size
-    needed). Returns (the JSON training state, the best parameters by name, or None if asked for
-    without with_best or if the checkpoint has none)."""
+    item shards) and `optimizers`; with_rng restores torch's generators (the CPU one, and the GPU one
+    when both the checkpoint and the model are on CUDA). Returns (the JSON training state, the best
+    parameters by name, or None without with_best or when the checkpoint has none)."""
     path = Path(path)
     saved_keys = read_metadata(path).state_dict_metadata
     _add_optimizer_state(model, optimizers, saved_keys)
     with_best = with_best and "best.decoder.weight" in saved_keys  # a run without validation has none
     best = {name: torch.empty_like(p) for name, (p, _) in _model_entries(model).items()} if with_best else None
-    rng = torch.get_rng_state() if with_rng else None
-    state = checkpoint_tensors(model, optimizers, best, rng)
+    rng_states = {k: v for k, v in _rng_states(model).items() if k in saved_keys} if with_rng else None
+    state = checkpoint_tensors(model, optimizers, best, rng_states)
     dcp.load(state, checkpoint_id=path)  # fills every tensor, and every ShardedTensor's rows, in place
-    if with_rng:
-        torch.set_rng_state(state[f"rng.data{model.layout.data_rank}"])
+    _int_steps_back(optimizers, model, state)
+    if with_rng and "rng" in state:
+        torch.set_rng_state(state["rng"])
+        if "rng.cuda" in state:
+            torch.cuda.set_rng_state(state["rng.cuda"], model.decoder.weight.device)
     return json.loads((path / TRAIN_STATE_NAME).read_text(encoding="utf-8")), best
 
 

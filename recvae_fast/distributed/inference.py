@@ -12,9 +12,10 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from ..inference import SCORES_PER_BLOCK
+from ..inference import SCORES_PER_BLOCK, _check_batch_size
 from ..metrics import ranking_metrics
-from ..topk import TopK, TopKAccumulator
+from ..sparse import as_user_matrix
+from ..topk import TopK, TopKAccumulator, check_k
 from .mesh import collective_device
 from .model import ShardedRecVAE
 
@@ -48,16 +49,15 @@ def _local_topk(model: ShardedRecVAE, mu: torch.Tensor, seen: sp.csr_matrix, k: 
 @torch.no_grad()
 def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_seen: bool = True,
                       batch_size: int = 500) -> TopK:
-    """As recvae_fast.recommend: TopK(scores float32 U × k, items int64 U × k) as numpy arrays, the same
-    on every rank."""
+    """As recvae_fast.recommend (which calls this for a ShardedRecVAE): every rank passes the same users
+    and gets the same whole result, TopK(scores float32 U × k, items int64 U × k) as numpy arrays,
+    equal to one device's with the same weights."""
     layout = model.layout
-    if not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if k > layout.n_items:
         raise ValueError(f"k={k} is larger than the catalogue ({layout.n_items} items)")
-    if not sp.issparse(interactions) or interactions.shape[1] != layout.n_items:
-        raise ValueError(f"interactions must be a scipy.sparse users × {layout.n_items} matrix")
-    interactions = sp.csr_matrix(interactions)
+    batch_size = _check_batch_size(batch_size)
+    interactions = as_user_matrix("interactions", interactions, layout.n_items)
     n_users = interactions.shape[0]
     # Rows scored by other data ranks keep values below any result (−inf, and an item id below the −1
     # of padding); a max over the data group fills them in.
@@ -70,7 +70,7 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
             if number % layout.data_size != layout.data_rank:
                 continue
             rows = interactions[start : start + batch_size]
-            mu, _ = model.encoder(model.view(rows), 0.0)
+            mu, _ = model.encoder(model.view(rows), 0.0, impl=model.impl)
             seen = rows if exclude_seen else sp.csr_matrix(rows.shape, dtype=np.float32)
             local = _local_topk(model, mu, seen, k)
             scores, items = local.scores.to(mu.device), local.items.to(mu.device)
@@ -94,15 +94,15 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
 
 
 def evaluate_sharded(model: ShardedRecVAE, fold_in, heldout, batch_size: int = 500) -> dict:
-    """As recvae_fast.evaluate: {"ndcg@100", "recall@20", "recall@50", "n_users"}, on every rank."""
+    """As recvae_fast.evaluate (which calls this for a ShardedRecVAE): {"ndcg@100", "recall@20",
+    "recall@50", "n_users"}, the same on every rank."""
     n_items = model.layout.n_items
-    for name, matrix in (("fold_in", fold_in), ("heldout", heldout)):
-        if not sp.issparse(matrix) or matrix.shape[1] != n_items:
-            raise ValueError(f"{name} must be a scipy.sparse users × {n_items} matrix")
+    fold_in = as_user_matrix("fold_in", fold_in, n_items)
+    heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
     ranked = recommend_sharded(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items
-    metrics = ranking_metrics(ranked, sp.csr_matrix(heldout))
+    metrics = ranking_metrics(ranked, heldout)
     if metrics["n_users"] == 0:
         raise ValueError("no user has held-out items: nothing to evaluate")
     return metrics

@@ -77,10 +77,10 @@ def make_item_mesh(item_shards: int, device_type: str = "cpu") -> DeviceMesh:
     if not dist.is_initialized():
         raise RuntimeError("item sharding needs an initialised process group (torchrun, or dist.init_process_group)")
     world = dist.get_world_size()
-    if item_shards <= 0 or world % item_shards != 0:
+    if isinstance(item_shards, bool) or not isinstance(item_shards, int) or item_shards <= 0 or world % item_shards:
         raise ValueError(
-            f"--item-shards {item_shards} must divide the number of processes ({world}); "
-            f"world / item-shards is the data-parallel size"
+            f"item_shards={item_shards!r} must be a positive divisor of the number of processes ({world}); "
+            f"processes / item_shards is the data-parallel size"
         )
     return init_device_mesh(device_type, (world // item_shards, item_shards), mesh_dim_names=MESH_DIM_NAMES)
 

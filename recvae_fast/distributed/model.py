@@ -8,6 +8,9 @@ replicated. Every rank sees the whole CSR batch:
 - likelihood: each rank's log-sum-exp over its items and its Σ x·logit (`shard_likelihood_parts`,
   streamed in item chunks); an all-gather of the B-sized LSEs gives the global one, an all-reduce the sum.
   dz is all-reduced (B × K) in backward; decoder and fc1 gradients stay on their rank.
+Both per-shard ops follow recvae_fast.ops' rule (`impl`): "torch" runs the registered fc1 op and
+`shard_likelihood_parts` below, "triton" the kernels (fc1's on the shard's slice, and the NLL
+kernels' `multinomial_nll_parts`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..cache_blocks import item_block_size
 from ..model import CompositePrior, Encoder, RecVAE, log_norm_pdf
 from ..sparse import CSRBatch, as_csr_batch
@@ -25,6 +29,32 @@ from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_o
 
 # Rows per block of the layout-independent initialisation (see ShardedRecVAE.reset_item_parameters).
 INIT_BLOCK_ROWS = 4096
+# Numbers per block of the one-device initialisation's streamed draws (see draw_rows_like_one_device).
+STREAM_BLOCK_NUMBERS = 1 << 20
+# "one-device": the weights RecVAE(hidden, latent, n_items) takes from torch's generator, drawn the same
+# way (slow at huge catalogues: every rank draws all I × (2·H + K + 1) numbers); "blocked": drawn in blocks
+# of INIT_BLOCK_ROWS rows from generators seeded per block, the same for any layout but not RecVAE's.
+INITS = ("one-device", "blocked")
+
+
+@torch.no_grad()
+def draw_rows_like_one_device(rows: torch.Tensor, n_rows: int, lo: int, draw) -> None:
+    """Fill `rows`, rows [lo, lo + len(rows)) of an n_rows-row tensor, with what `draw` (an in-place
+    initialiser, e.g. nn.init.uniform_) gives when applied to the whole tensor from torch's generator.
+
+    torch's CPU generator fills a tensor element after element, so drawing the whole tensor in blocks of
+    rows, in order, gives its numbers block by block; each rank keeps its rows and drops the others,
+    and torch's generator ends where one draw over the whole tensor leaves it. Memory: one block."""
+    shape = tuple(rows.shape[1:])
+    width = math.prod(shape) or 1
+    block_rows = max(1, STREAM_BLOCK_NUMBERS // width)
+    hi = lo + rows.shape[0]
+    for start in range(0, n_rows, block_rows):
+        stop = min(start + block_rows, n_rows)
+        block = draw(torch.empty((stop - start,) + shape, dtype=rows.dtype))
+        keep_lo, keep_hi = max(start, lo), min(stop, hi)
+        if keep_lo < keep_hi:
+            rows[keep_lo - lo : keep_hi - lo] = block[keep_lo - start : keep_hi - start]
 
 
 class ShardView:
@@ -48,8 +78,8 @@ class _ShardLikelihoodParts(torch.autograd.Function):
     (so dWd and dbd take one product and one sum per chunk, and no dense I × K gradient of the sparse
     part is ever built). When only z needs a gradient (an encoder step), forward also accumulates
     E_softmax[Wd]_u = Σ_i softmax_ui·Wd[i], and backward is dz = g_lse·E[Wd] + g_x·Σ_i x_ui·Wd[i] with
-    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; a
-    fused kernel can replace it.)"""
+    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; impl
+    "triton" runs the kernels' multinomial_nll_parts instead.)"""
 
     @staticmethod
     def forward(ctx, z, weight, bias, local: CSRBatch, chunk: int, only_grad_z: bool):
@@ -123,48 +153,80 @@ def shard_likelihood_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _ShardLikelihoodParts.apply(z, weight, bias, local, chunk, only_grad_z)
 
 
-def sharded_multinomial_nll(z, weight, bias, view: ShardView, layout: ItemLayout) -> torch.Tensor:
-    """−mll per user, [B]: n_u·LSE_u − Σ_i x_ui·logit_ui, with this rank holding decoder rows [lo, hi)."""
+def sharded_multinomial_nll(z, weight, bias, view: ShardView, layout: ItemLayout, impl: str | None = None) -> torch.Tensor:
+    """−mll per user, [B]: n_u·LSE_u − Σ_i x_ui·logit_ui, with this rank holding decoder rows [lo, hi).
+    impl: the multinomial_nll implementation for the shard's parts (recvae_fast.ops' rule)."""
     z_here = grad_summed_over_shards(z, layout)  # dz = Σ over shards of each shard's part
-    shard_lse, shard_x_logit = shard_likelihood_parts(z_here, weight, bias, view.local)
+    if ops.resolve_impl("multinomial_nll", impl, z.device) == "triton":
+        parts = ops.import_kernel("multinomial_nll", "multinomial_nll_parts")
+    else:
+        parts = shard_likelihood_parts
+    shard_lse, shard_x_logit = parts(z_here, weight, bias, view.local)
     lse = torch.logsumexp(gather_over_shards(shard_lse, layout), dim=0)
     return view.full.row_sums() * lse - sum_over_shards(shard_x_logit, layout)
 
 
-class ShardedInputLinear(nn.Module):
-    """This rank's rows of fc1 (weight_t, n_local × H) and the replicated bias."""
+def shard_input_gather(local: CSRBatch, coef: torch.Tensor, weight_t: torch.Tensor, sparse_grad: bool,
+                       impl: str | None = None) -> torch.Tensor:
+    """Σ_{i in nz(u), in shard} coef_ui·weight_t[i] per user, [B, H], with fc1's implementations
+    (recvae_fast.ops' rule for sparse_input_layer): "torch" the registered op on the coefficients
+    (row-sparse gradient with sparse_grad); "triton" the kernel, which computes each row's
+    coefficients from its values (x / ‖x‖): given the coefficients as values, it divides them by
+    their shard-local norm r_u, which the result multiplies back (r_u = 0 only where every
+    coefficient is 0, and then the row is 0 anyway)."""
+    if ops.resolve_impl("sparse_input_layer", impl, weight_t.device) == "triton":
+        kernel = ops.import_kernel("sparse_input_layer", "sparse_input_layer")
+        as_values = CSRBatch(local.indptr, local.indices, coef, local.n_cols)
+        local_norm = torch.zeros(local.n_rows, dtype=coef.dtype, device=coef.device)
+        local_norm = local_norm.index_add(0, local.row_ids(), coef * coef).sqrt()
+        return kernel(as_values, weight_t, None, 0.0, sparse_grad=sparse_grad) * local_norm[:, None]
+    no_bias = weight_t.new_zeros(weight_t.shape[1])
+    return torch.ops.recvae_fast.sparse_input_layer(local.indptr, local.indices, coef, weight_t, no_bias, sparse_grad)
 
-    def __init__(self, layout: ItemLayout, out_features: int):
+
+class ShardedInputLinear(nn.Module):
+    """This rank's rows of fc1 (weight_t, n_local × H) and the replicated bias. like_one_device: drawn
+    as SparseInputLinear(n_items, H) draws them (see draw_rows_like_one_device); else left empty."""
+
+    def __init__(self, layout: ItemLayout, out_features: int, like_one_device: bool = False):
         super().__init__()
         self.layout = layout
         self.weight_t = nn.Parameter(torch.empty(layout.n_local, out_features))
+        # True: weight_t.grad is a sparse COO tensor of the batch's rows in the shard (recvae_fast.optim).
+        self.sparse_grad = False
         self.bias = nn.Parameter(torch.empty(out_features))
+        if like_one_device:  # recvae_fast.model.SparseInputLinear's initialisation, in its order
+            bound = 1 / math.sqrt(layout.n_items)
+            draw_rows_like_one_device(self.weight_t, layout.n_items, layout.lo, lambda t: nn.init.uniform_(t, -bound, bound))
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, view: ShardView, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
-        # impl: accepted for the Encoder's call; the shard's gather is plain torch (embedding_bag).
         if keep_mask is not None and keep_mask.shape != (view.full.nnz,):
             raise ValueError(f"keep_mask must have one entry per nonzero ({view.full.nnz}), got {tuple(keep_mask.shape)}")
         # From the full rows: the norm and the one dropout mask of the one-device model.
         coef = input_coefficients(view.full, dropout_rate, keep_mask)[view.selected]
-        partial = F.embedding_bag(
-            view.local.indices, self.weight_t, view.local.indptr, mode="sum", per_sample_weights=coef,
-            include_last_offset=True,
-        )
+        partial = shard_input_gather(view.local, coef, self.weight_t, self.sparse_grad, impl)
         return sum_over_shards(partial, self.layout) + self.bias
 
 
-def sharded_encoder(layout: ItemLayout, hidden_dim: int, latent_dim: int) -> Encoder:
+def sharded_encoder(layout: ItemLayout, hidden_dim: int, latent_dim: int, like_one_device: bool = False) -> Encoder:
     """The model's encoder with this rank's shard of fc1; it reads a ShardView instead of a batch."""
-    return Encoder(hidden_dim, latent_dim, 0, fc1=ShardedInputLinear(layout, hidden_dim))
+    return Encoder(hidden_dim, latent_dim, 0, fc1=ShardedInputLinear(layout, hidden_dim, like_one_device))
 
 
 class ShardedDecoder(nn.Module):
-    """This rank's rows of the decoder: weight (n_local × K) and bias (n_local)."""
+    """This rank's rows of the decoder: weight (n_local × K) and bias (n_local). like_one_device: drawn
+    as nn.Linear(K, n_items) draws them; else left empty."""
 
-    def __init__(self, layout: ItemLayout, latent_dim: int):
+    def __init__(self, layout: ItemLayout, latent_dim: int, like_one_device: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(layout.n_local, latent_dim))
         self.bias = nn.Parameter(torch.empty(layout.n_local))
+        if like_one_device:  # nn.Linear.reset_parameters, in its order
+            draw_rows_like_one_device(self.weight, layout.n_items, layout.lo,
+                                      lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+            bound = 1 / math.sqrt(latent_dim)
+            draw_rows_like_one_device(self.bias, layout.n_items, layout.lo, lambda t: nn.init.uniform_(t, -bound, bound))
 
 
 # Parameters split by item rows, by their name in the authors' state_dict; the value is the row
@@ -179,21 +241,36 @@ SHARDED_KEYS = {
 
 class ShardedRecVAE(nn.Module):
     """RecVAE on an item layout (see recvae_fast.distributed.mesh.item_layout). Its parameters are the
-    authors' ones, sharded by rows for SHARDED_KEYS; `seed` initialises fc1 and the decoder the same
-    way for any layout (see reset_item_parameters)."""
+    authors' ones, sharded by rows for SHARDED_KEYS.
 
-    def __init__(self, layout: ItemLayout, hidden_dim: int = 600, latent_dim: int = 200, seed: int = 0):
+    init "blocked" (default): `seed` initialises fc1 and the decoder the same way for any layout (see
+    reset_item_parameters). init "one-device": every parameter takes the value RecVAE(hidden_dim,
+    latent_dim, n_items) would take from torch's generator in its current state, and the generator is
+    left where that constructor leaves it (`seed` unused): after torch.manual_seed(s), the weights of
+    one-device training with seed s. It draws all I × (2·H + K + 1) numbers on every rank (about
+    12-19 ns a number on one CPU core), which one device's initialisation costs too.
+    `impl` picks the implementation of the two fused ops on the shard, as RecVAE's does (recvae_fast.ops)."""
+
+    def __init__(self, layout: ItemLayout, hidden_dim: int = 600, latent_dim: int = 200, seed: int = 0,
+                 impl: str | None = None, init: str = "blocked"):
         super().__init__()
         if hidden_dim <= 0 or latent_dim <= 0:
             raise ValueError(f"hidden_dim and latent_dim must be positive, got {hidden_dim}, {latent_dim}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         self.layout = layout
         self.hidden_dim, self.latent_dim, self.input_dim = hidden_dim, latent_dim, layout.n_items
-        self.encoder = sharded_encoder(layout, hidden_dim, latent_dim)
+        self.impl = impl
+        like_one_device = init == "one-device"
+        # RecVAE's construction order: encoder, prior (its old encoder), decoder.
+        self.encoder = sharded_encoder(layout, hidden_dim, latent_dim, like_one_device)
         self.prior = CompositePrior(hidden_dim, latent_dim, 0,
-                                    encoder_old=sharded_encoder(layout, hidden_dim, latent_dim))
-        self.decoder = ShardedDecoder(layout, latent_dim)
-        self.reset_item_parameters(seed)
+                                    encoder_old=sharded_encoder(layout, hidden_dim, latent_dim, like_one_device))
+        self.decoder = ShardedDecoder(layout, latent_dim, like_one_device)
+        if not like_one_device:
+            self.reset_item_parameters(seed)
 
+    impl = RecVAE.impl
     reparameterize = RecVAE.reparameterize
 
     def shard_tensors(self) -> dict[str, torch.Tensor]:
@@ -282,12 +359,12 @@ class ShardedRecVAE(nn.Module):
                 kl_weight = beta
             else:
                 raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight)")
-        mu, logvar = self.encoder(view, dropout_rate, keep_mask)
+        mu, logvar = self.encoder(view, dropout_rate, keep_mask, impl=self.impl)
         z = self.reparameterize(mu, logvar, eps)
-        nll = sharded_multinomial_nll(z, self.decoder.weight, self.decoder.bias, view, self.layout)
+        nll = sharded_multinomial_nll(z, self.decoder.weight, self.decoder.bias, view, self.layout, self.impl)
         if not with_kl:
             return nll, None
-        kl = (log_norm_pdf(z, mu, logvar) - self.prior(view, z)).sum(dim=-1).mul(kl_weight)
+        kl = (log_norm_pdf(z, mu, logvar) - self.prior(view, z, impl=self.impl)).sum(dim=-1).mul(kl_weight)
         return nll, kl
 
     def loss_terms(self, view: ShardView, beta=None, gamma=1, dropout_rate=0.5, *, with_kl=True,

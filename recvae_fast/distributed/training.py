@@ -5,25 +5,35 @@ Data parallelism: each global batch of users is cut into contiguous parts, one p
 the gradients over the data group gives the gradient of the global batch mean exactly, uneven parts
 included. Replicated parameters have the same gradient on every rank of an item group, so summing
 over the data group gives every rank the full gradient; a shard's rows are summed over its data
-group, the ranks that hold the same rows.
+group, the ranks that hold the same rows. A row-sparse fc1 gradient is summed by gathering each
+rank's rows and values.
+
+Random draws: every rank of every group draws the whole global batch's dropout mask and ε from one
+torch generator (seeded alike everywhere), in RecVAE's order, and keeps its users' part: any mesh
+then trains exactly as one device with the same seed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from ..training import TrainConfig
+from ..optim import RowSparseAdam
+from ..runfolder import RunFolderBusy, RunLock, fingerprint
+from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
+                        fc1_grad_is_row_sparse)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
-from .model import ShardView, ShardedRecVAE
+from .model import INITS, ShardView, ShardedRecVAE
 
 
 def sharded_backward(model: ShardedRecVAE, view: ShardView, n_batch_users: int, beta=None, gamma=1,
@@ -51,9 +61,37 @@ def reduce_gradients(model: ShardedRecVAE) -> None:
     for param in model.parameters():
         if not param.requires_grad:
             continue
+        if param is model.encoder.fc1.weight_t and model.encoder.fc1.sparse_grad:
+            param.grad = _summed_row_sparse(param.grad, param, layout)
+            continue
         if param.grad is None:  # a rank whose part of the batch is empty still joins the sum
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad, group=layout.data_group)
+
+
+def _summed_row_sparse(grad: torch.Tensor | None, param: torch.Tensor, layout) -> torch.Tensor:
+    """The sum over the data group of row-sparse gradients (sparse COO, rows of `param`), as one
+    uncoalesced COO tensor: each rank's rows and values, gathered (padded to the largest count)."""
+    if grad is None:
+        grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64, device=param.device),
+                                       param.new_zeros((0,) + tuple(param.shape[1:])), param.shape)
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(layout.data_size)]
+    dist.all_gather(counts, torch.tensor([rows.numel()], device=rows.device), group=layout.data_group)
+    width = int(max(c.item() for c in counts))
+    padded_rows = rows.new_zeros(width)
+    padded_rows[: rows.numel()] = rows
+    padded_values = values.new_zeros((width,) + tuple(values.shape[1:]))
+    padded_values[: rows.numel()] = values
+    all_rows = [torch.empty_like(padded_rows) for _ in counts]
+    all_values = [torch.empty_like(padded_values) for _ in counts]
+    dist.all_gather(all_rows, padded_rows, group=layout.data_group)
+    dist.all_gather(all_values, padded_values, group=layout.data_group)
+    n = [int(c.item()) for c in counts]
+    rows = torch.cat([r[:k] for r, k in zip(all_rows, n)])
+    values = torch.cat([v[:k] for v, k in zip(all_values, n)])
+    return torch.sparse_coo_tensor(rows[None], values, param.shape)
 
 
 def agree(error: BaseException | None) -> None:
@@ -74,11 +112,16 @@ def agree(error: BaseException | None) -> None:
         raise RuntimeError(f"rank(s) {ranks} failed (see their error); every rank stops")
 
 
-def make_sharded_optimizers(model: ShardedRecVAE, lr: float):
-    """One Adam for the encoder and one for the decoder (the authors' setup), fused where available,
-    as recvae_fast.training.make_optimizers with dense gradients."""
+def make_sharded_optimizers(model: ShardedRecVAE, lr: float, sparse_fc1_grad: bool = False):
+    """One Adam for the encoder and one for the decoder, as recvae_fast.training.make_optimizers: fused
+    Adam where available, or with sparse_fc1_grad the row-sparse fc1 gradient (this rank's rows of the
+    batch's items) and RowSparseAdam (exact) for the encoder."""
     fused = model.decoder.weight.device.type in ("cpu", "cuda")
-    encoder_opt = torch.optim.Adam(model.encoder.parameters(), lr=lr, fused=fused)
+    model.encoder.fc1.sparse_grad = sparse_fc1_grad
+    if sparse_fc1_grad:
+        encoder_opt = RowSparseAdam(model.encoder.parameters(), lr=lr)
+    else:
+        encoder_opt = torch.optim.Adam(model.encoder.parameters(), lr=lr, fused=fused)
     decoder_opt = torch.optim.Adam(model.decoder.parameters(), lr=lr, fused=fused)
     return encoder_opt, decoder_opt
 
@@ -86,6 +129,18 @@ def make_sharded_optimizers(model: ShardedRecVAE, lr: float):
 def _set_phase(model: ShardedRecVAE, train_encoder: bool, train_decoder: bool) -> None:
     model.encoder.requires_grad_(train_encoder)
     model.decoder.requires_grad_(train_decoder)
+
+
+def one_device_noise(model: ShardedRecVAE, full: ShardView, dropout_rate: float):
+    """The dropout keep mask (over the batch's nonzeros, when dropout_rate > 0) and ε (B × K) that
+    RecVAE.loss_terms draws for this batch, in its order, from torch's generator: every rank draws
+    those of the whole global batch and keeps its users' part, so that any mesh trains as one device."""
+    keep_mask = None
+    if dropout_rate > 0:
+        keep_mask = torch.rand(full.full.nnz, device=full.full.device) >= dropout_rate
+    param = model.decoder.weight
+    eps = torch.randn(full.full.n_rows, model.latent_dim, dtype=param.dtype, device=param.device)
+    return keep_mask, eps
 
 
 def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig, phase: str) -> dict:
@@ -96,9 +151,18 @@ def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig,
     _set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    part = np.array_split(np.arange(rows.shape[0]), layout.data_size)[layout.data_rank]
-    view = model.view(rows[part])
-    out = sharded_backward(model, view, rows.shape[0], cfg.beta, cfg.gamma, dropout, with_kl=phase != "decoder")
+    full = model.view(rows)
+    keep_mask, eps = one_device_noise(model, full, dropout)
+    if layout.data_size == 1:
+        view = full
+    else:  # this data rank's contiguous part of the users, with their mask entries and ε
+        part = np.array_split(np.arange(rows.shape[0]), layout.data_size)[layout.data_rank]
+        first, last = (int(full.full.indptr[i]) for i in (part[0], part[-1] + 1)) if len(part) else (0, 0)
+        view = model.view(rows[part])
+        keep_mask = keep_mask[first:last] if keep_mask is not None else None
+        eps = eps[part]
+    out = sharded_backward(model, view, rows.shape[0], cfg.beta, cfg.gamma, dropout, with_kl=phase != "decoder",
+                           keep_mask=keep_mask, eps=eps)
     reduce_gradients(model)
     for opt in optimizers:
         opt.step()
@@ -121,47 +185,54 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng) -> dict:
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
-def _check_inputs(train, valid_in, valid_out):
-    """The matrices as float32 CSR, with a clear error for what does not fit."""
-    if not sp.issparse(train):
-        raise TypeError(f"train must be a scipy.sparse matrix (users × items), got {type(train).__name__}")
-    train = sp.csr_matrix(train, dtype=np.float32)
-    if train.nnz and (not np.isfinite(train.data).all() or (train.data < 0).any()):
-        raise ValueError("train has non-finite or negative values; implicit feedback must be finite and >= 0")
-    if (valid_in is None) != (valid_out is None):
-        raise ValueError("give both valid_in and valid_out, or neither")
-    if valid_in is not None:
-        for name, matrix in (("valid_in", valid_in), ("valid_out", valid_out)):
-            if not sp.issparse(matrix) or matrix.shape[1] != train.shape[1]:
-                raise ValueError(f"{name} must be a scipy.sparse matrix with train's {train.shape[1]} item columns")
-        if valid_in.shape[0] != valid_out.shape[0]:
-            raise ValueError(f"valid_in has {valid_in.shape[0]} users, valid_out has {valid_out.shape[0]}")
-    return train
-
-
 def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, checkpoint_dir=None, resume: bool = False,
-                log_path=None, initial_state: dict | None = None, dtype: torch.dtype = torch.float32,
-                callback=None, **hyperparameters) -> ShardedRecVAE:
+                log_path=None, patience: int | None = None, progress: bool = False, callback=None,
+                initial_state: dict | None = None, init: str = "one-device", dtype: torch.dtype | None = None,
+                **hyperparameters) -> ShardedRecVAE:
     """recvae_fast.fit for an item-sharded model, inside an initialised process group (torchrun): every
     rank passes the same data; `item_shards` must divide the world size (the rest is data parallel).
+    recvae_fast.fit calls this when it runs in a group of more than one process.
 
-    hyperparameters: those of recvae_fast.training.TrainConfig (dense fc1 gradients only). The sharded
-    rows start from a layout-independent initialisation (ShardedRecVAE.reset_item_parameters), or from
-    `initial_state`, an authors'-format state_dict of a whole model. With checkpoint_dir, a DCP
-    checkpoint after every epoch (recvae_fast.distributed.checkpoint); resume continues from the
-    newest complete one, on the same mesh. Only rank 0 writes the JSON-lines log. Returns the model
-    at its best validation epoch (the last one without validation data), in eval mode, with .history.
+    hyperparameters: those of recvae_fast.training.TrainConfig, sparse_fc1_grad included (fc1's gradient
+    is then this rank's rows of the batch's items, stepped by RowSparseAdam; None chooses as one device
+    does, see fc1_grad_is_row_sparse). patience, progress, callback and log_path as recvae_fast.fit
+    (rank 0 alone prints and writes the log, rewritten atomically from the history every epoch).
+
+    The same seed gives the same training as one device, on any mesh: init "one-device" (default)
+    draws the weights RecVAE would (see ShardedRecVAE), and every step draws the whole global batch's
+    dropout mask and ε from the one torch generator, in RecVAE's order, each rank keeping its part.
+    init "blocked" draws fc1 and the decoder in parallel blocks instead (see
+    ShardedRecVAE.reset_item_parameters): faster at huge catalogues, not one device's weights.
+    initial_state: an authors'-format state_dict of a whole model to start from instead. dtype: of the
+    parameters (None: torch's default dtype, as RecVAE gets).
+
+    checkpoint_dir: locked by rank 0 against other runs (as recvae_fast.fit locks it); a DCP checkpoint
+    after every epoch (recvae_fast.distributed.checkpoint). resume continues from the newest complete
+    one after checking the hyperparameters (n_epochs aside) and the data fingerprint; the same mesh
+    continues with exactly the numbers of an uninterrupted run. A run that stopped early stays stopped.
+    Returns the model at its best validation epoch (the last one without validation data), in eval
+    mode, with .history (one record per epoch, as recvae_fast.fit's, plus item_shards and data_parallel).
     """
-    cfg = TrainConfig(**hyperparameters)
-    error = None
-    try:
-        cfg.validate()
-        if cfg.sparse_fc1_grad:
-            raise ValueError("sparse_fc1_grad is not supported with item shards; the fc1 gradient is dense")
-        train = _check_inputs(train, valid_in, valid_out)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    agree(error)
+    with contextlib.ExitStack() as lock:
+        error = None
+        try:
+            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+            if init not in INITS:
+                raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+            if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
+                raise FileNotFoundError(f"resume asked for, but there is no complete checkpoint in {checkpoint_dir}")
+            if checkpoint_dir is not None and dist.is_initialized() and dist.get_rank() == 0:
+                lock.enter_context(RunLock(checkpoint_dir))  # one run per folder, as recvae_fast.fit
+        except (TypeError, ValueError, OSError, RunFolderBusy) as exc:
+            error = exc
+        agree(error)
+        return _fit_sharded(inputs, item_shards, checkpoint_dir, resume, log_path, progress, callback, initial_state,
+                            init, dtype)
+
+
+def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bool, log_path, progress: bool,
+                 callback, initial_state: dict | None, init: str, dtype: torch.dtype | None) -> ShardedRecVAE:
+    cfg, train, valid_in, valid_out = inputs.cfg, inputs.train, inputs.valid_in, inputs.valid_out
 
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
@@ -169,69 +240,74 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
         torch.cuda.set_device(device)
     mesh = make_item_mesh(item_shards, device.type)
     layout = item_layout(mesh, train.shape[1])
+    # As recvae_fast.training: seed, the numpy generator, then the model's draws; training draws follow.
     torch.manual_seed(cfg.seed)
-    model = ShardedRecVAE(layout, cfg.hidden_dim, cfg.latent_dim, seed=cfg.seed).to(device=device, dtype=dtype)
+    rng = np.random.default_rng(cfg.seed)
+    model = ShardedRecVAE(layout, cfg.hidden_dim, cfg.latent_dim, seed=cfg.seed, init=init)
+    model = model.to(device=device, dtype=dtype or torch.get_default_dtype())
     if initial_state is not None:
         model.load_full_state_dict(initial_state)
-    # The training draws (dropout masks, ε): one stream per data rank, shared by its item group.
-    torch.manual_seed(cfg.seed + 7919 * layout.data_rank)
-    rng = np.random.default_rng(cfg.seed)
-    encoder_opt, decoder_opt = make_sharded_optimizers(model, cfg.lr)
-    state = {"epoch": 0, "best_ndcg": float("-inf"), "best_epoch": 0, "history": []}
-    best_state = None
+    row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
+    encoder_opt, decoder_opt = make_sharded_optimizers(model, cfg.lr, row_sparse_fc1)
+    config = {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}
+    data_fingerprint = fingerprint(train, valid_in, valid_out)
+    state, best_state = TrainState(), None
     if resume:
-        path = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        if path is None:
-            raise FileNotFoundError(f"resume asked for, but there is no complete checkpoint in {checkpoint_dir}")
-        saved, best = load_checkpoint(path, model, (encoder_opt, decoder_opt), with_best=True, with_rng=True)
-        if saved["config"] != {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}:
+        path = latest_checkpoint(checkpoint_dir)
+        saved, best_state = load_checkpoint(path, model, (encoder_opt, decoder_opt), with_best=True, with_rng=True)
+        if saved["config"] != config:
             raise ValueError(f"{path} was written with other hyperparameters")
-        state = saved["state"]
+        if saved.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
+        state = TrainState(**saved["state"])
         rng.bit_generator.state = saved["numpy_rng"]
-        best_state = best
 
-    log_file = open(log_path, "a", encoding="utf-8") if log_path is not None and dist.get_rank() == 0 else None
-    try:
-        for epoch in range(state["epoch"], cfg.n_epochs):
-            t0 = time.perf_counter()
-            record: dict = {"epoch": epoch + 1, "item_shards": layout.n_shards, "data_parallel": layout.data_size}
-            if cfg.not_alternating:
-                record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng))
-            else:
-                record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng))
-                model.update_prior()
-                record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng))
-            _set_phase(model, True, True)
-            record["train_time_s"] = time.perf_counter() - t0
-            if valid_in is not None:
-                metrics = evaluate_sharded(model, valid_in, valid_out, batch_size=cfg.batch_size)
-                record.update({f"valid_{k}": v for k, v in metrics.items()})
-                if metrics["ndcg@100"] > state["best_ndcg"]:
-                    state["best_ndcg"], state["best_epoch"] = metrics["ndcg@100"], epoch + 1
-                    best_state = {name: p.detach().clone() for name, p in model.named_parameters()}
-            record["time_s"] = time.perf_counter() - t0
-            state["epoch"] = epoch + 1
-            state["history"].append(record)
-            if checkpoint_dir is not None:
-                train_state = {
-                    "config": {k: v for k, v in asdict(cfg).items() if k != "n_epochs"},
-                    "state": state,
-                    "numpy_rng": rng.bit_generator.state,
-                }
-                save_checkpoint(checkpoint_dir, epoch + 1, model, (encoder_opt, decoder_opt), train_state, best_state)
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if callback is not None:
-                callback(record)
-    finally:
-        if log_file is not None:
-            log_file.close()
+    is_writer = dist.get_rank() == 0
+    log_path = Path(log_path) if log_path is not None and is_writer else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_log(log_path, state.history)  # a fresh log, or the checkpoint's
+    for epoch in range(state.epoch, cfg.n_epochs):
+        if _stopped_early(state, inputs.patience):
+            break
+        t0 = time.perf_counter()
+        record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
+                        "item_shards": layout.n_shards, "data_parallel": layout.data_size}
+        if cfg.not_alternating:
+            record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng))
+            passes = 1
+        else:
+            record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng))
+            model.update_prior()
+            record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng))
+            passes = cfg.n_enc_epochs + cfg.n_dec_epochs
+        _set_phase(model, True, True)
+        record["train_time_s"] = time.perf_counter() - t0
+        record["users_per_s"] = train.shape[0] * passes / record["train_time_s"]
+        if valid_in is not None:
+            metrics = evaluate_sharded(model, valid_in, valid_out)
+            record.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics["ndcg@100"] > state.best_ndcg:
+                state.best_ndcg, state.best_epoch = metrics["ndcg@100"], epoch + 1
+                best_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+        record["time_s"] = time.perf_counter() - t0
+        state.epoch = epoch + 1
+        state.history.append(record)
+        if checkpoint_dir is not None:  # the checkpoint first: the log follows it, never leads it
+            train_state = {"config": config, "data_fingerprint": data_fingerprint, "state": asdict(state),
+                           "numpy_rng": rng.bit_generator.state}
+            save_checkpoint(checkpoint_dir, epoch + 1, model, (encoder_opt, decoder_opt), train_state, best_state)
+        if log_path is not None:
+            _write_log(log_path, state.history)
+        if progress and is_writer:
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+        if callback is not None:
+            callback(record)
 
     if best_state is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(best_state[name])
     model.eval()
-    model.history = state["history"]
+    model.history = state.history
     return model
