@@ -35,12 +35,12 @@ from . import __version__
 from . import data as data_mod
 from .atomic import atomic_write, atomic_write_text
 from .inference import evaluate, recommend
-from .metrics import popularity_baseline
+from .metrics import metric_cutoffs, popularity_baseline
 from .runfolder import (
     CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
     RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
 )
-from .training import TrainConfig, check_fit_inputs, fit, load_model, timedelta_text
+from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, load_model, timedelta_text
 
 RUN_FORMAT = 1
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
@@ -52,8 +52,6 @@ DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold",
 # near epoch 9 of the authors' 50 (then slowly overfits), so 10 epochs keep the main job near a minute
 # on a 2-core CPU. Other data: the authors' schedule (TrainConfig).
 SYNTHETIC_EPOCHS = 10
-# Cut-off that validation NDCG@100, which picks the best epoch, needs among --topk.
-SELECTION_CUTOFF = 100
 EVAL_BATCH_SIZE = 500  # users scored at a time when --eval-batch-size is not given
 # --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
 HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_size": "batch_size",
@@ -217,8 +215,7 @@ def _summary(source: str, cfg: TrainConfig, split: data_mod.Split, history: list
         "epochs_trained": len(history),
         "best_epoch": max(history, key=lambda r: r.get("valid_ndcg@100", -1))["epoch"] if history else None,
         "test": test,
-        "popularity_test": popularity_baseline(split.train, split.test_in, split.test_out,
-                                               **({} if ks is None else {"ks": ks})),
+        "popularity_test": popularity_baseline(split.train, split.test_in, split.test_out, ks=metric_cutoffs(ks)),
         "train_users_per_s": float(np.mean([r["users_per_s"] for r in history])) if history else None,
         "wall_time_s": time.perf_counter() - t0,
     }
@@ -665,7 +662,7 @@ def _parse_topk(text: str) -> tuple[int, ...]:
         ks = []
     if not ks or min(ks) <= 0:
         raise UsageError(f"--topk must be positive integers separated by commas, e.g. 10,20,50,100; got {text!r}")
-    return tuple(sorted(set(ks) | {SELECTION_CUTOFF}))
+    return tuple(sorted(set(ks) | {SELECTION_K}))
 
 
 def _check_common_options(args) -> None:

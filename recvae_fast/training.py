@@ -31,6 +31,7 @@ from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, lo
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
 CHECKPOINT_FORMAT = 2
+SELECTION_K = 100  # validation NDCG@100 picks the best epoch (and drives early stopping)
 
 
 @dataclass
@@ -284,7 +285,7 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
         if valid_in is None:
             raise ValueError("patience (early stopping) needs validation data: give valid_in and valid_out")
     if metric_ks is not None:  # NDCG@100 picks the best epoch, so 100 is always among the cut-offs
-        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks)) | {100}))
+        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks)) | {SELECTION_K}))
     if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size <= 0:
         raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
     return FitInputs(cfg, train, valid_in, valid_out, patience, metric_ks, eval_batch_size)
