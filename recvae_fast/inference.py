@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .metrics import ndcg_at_k, recall_at_k
+from .metrics import metric_cutoffs, metrics_at
 from .model import RecVAE
 from .scoring import blocked_topk
 from .sparse import as_user_matrix
@@ -98,8 +98,10 @@ def evaluate(
     fold_in,
     heldout,
     batch_size: int = 500,
+    ks=None,
 ) -> dict:
-    """Strong-generalisation metrics: {"ndcg@100", "recall@20", "recall@50", "n_users"}.
+    """Strong-generalisation metrics: {"ndcg@100", "recall@20", "recall@50", "n_users"}, or with
+    `ks` (metric cut-offs) "ndcg@k" and "recall@k" for every k in ks, then "n_users".
 
     Users are scored from their fold-in items, which are excluded from the ranking; users with
     no held-out items are skipped (and not counted in n_users). A ShardedRecVAE is evaluated on
@@ -108,21 +110,16 @@ def evaluate(
     if not isinstance(model, RecVAE) and _is_sharded(model):
         from .distributed import evaluate_sharded
 
-        return evaluate_sharded(model, fold_in, heldout, batch_size)
+        return evaluate_sharded(model, fold_in, heldout, batch_size, ks)
     n_items = model.input_dim
     batch_size = _check_batch_size(batch_size)
+    deepest = max(metric_cutoffs(ks))  # checks ks
     fold_in = as_user_matrix("fold_in", fold_in, n_items)
     heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ranked = recommend(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items
-    ndcg = ndcg_at_k(ranked, heldout, 100)
-    has_heldout = ~np.isnan(ndcg)
-    if not has_heldout.any():
+    ranked = recommend(model, fold_in, k=min(deepest, n_items), exclude_seen=True, batch_size=batch_size).items
+    metrics = metrics_at(ranked, heldout, ks)
+    if metrics["n_users"] == 0:
         raise ValueError("no user has held-out items: nothing to evaluate")
-    return {
-        "ndcg@100": float(np.nanmean(ndcg)),
-        "recall@20": float(np.nanmean(recall_at_k(ranked, heldout, 20))),
-        "recall@50": float(np.nanmean(recall_at_k(ranked, heldout, 50))),
-        "n_users": int(has_heldout.sum()),
-    }
+    return metrics

@@ -27,6 +27,10 @@ __all__ = [
     "hits_matrix",
     "mean_over_users",
     "ranking_metrics",
+    "PAPER_METRICS",
+    "check_cutoffs",
+    "metric_cutoffs",
+    "metrics_at",
     "popularity_ranking",
     "popularity_baseline",
 ]
@@ -124,6 +128,33 @@ def ranking_metrics(ranked, heldout, ndcg_ks=(100,), recall_ks=(20, 50)) -> dict
     return out
 
 
+# The paper's metrics (and evaluate's default): NDCG@100, Recall@20, Recall@50.
+PAPER_METRICS = {"ndcg_ks": (100,), "recall_ks": (20, 50)}
+
+
+def check_cutoffs(ks) -> tuple[int, ...]:
+    """Metric cut-offs as a sorted tuple of distinct positive ints; ValueError when empty or any
+    is not a positive integer."""
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("give at least one metric cut-off k")
+    return tuple(sorted({check_k(k) for k in ks}))
+
+
+def metric_cutoffs(ks=None) -> tuple[int, ...]:
+    """Every cut-off that metrics_at(..., ks) uses, checked and sorted (None: the paper's 20, 50, 100)."""
+    return check_cutoffs(PAPER_METRICS["ndcg_ks"] + PAPER_METRICS["recall_ks"] if ks is None else ks)
+
+
+def metrics_at(ranked, heldout, ks=None) -> dict:
+    """ranking_metrics at the cut-offs `ks`: NDCG@k and Recall@k for every k (ascending), or with
+    ks None the paper's NDCG@100, Recall@20, Recall@50."""
+    if ks is None:
+        return ranking_metrics(ranked, heldout, **PAPER_METRICS)
+    ks = check_cutoffs(ks)
+    return ranking_metrics(ranked, heldout, ndcg_ks=ks, recall_ks=ks)
+
+
 def popularity_ranking(popularity, exclude, k: int, max_block: int = 1 << 24) -> np.ndarray:
     """Top-k items per row of `exclude` (B × I sparse: items a user already has) by
     `popularity` (length I; higher first, ties to the lower item index), skipping the row's
@@ -174,7 +205,7 @@ def popularity_baseline(train, fold_in, heldout, ks=(20, 50, 100)) -> dict:
     heldout = as_user_matrix("heldout", heldout, n_items, items_of="train")
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ks = sorted({check_k(k) for k in ks})
+    ks = check_cutoffs(ks)
     popularity = np.bincount(train.indices[train.data != 0], minlength=n_items).astype(np.float64)
     ranked = popularity_ranking(popularity, fold_in, max(ks))
-    return ranking_metrics(ranked, heldout, ndcg_ks=ks, recall_ks=ks)
+    return metrics_at(ranked, heldout, ks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -23,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
+from .metrics import check_cutoffs
 from .model import RecVAE
 from .optim import RowSparseAdam
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
 CHECKPOINT_FORMAT = 2
+SELECTION_K = 100  # validation NDCG@100 picks the best epoch (and drives early stopping)
 
 
 @dataclass
@@ -155,20 +158,26 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -
     return out
 
 
-def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, progress) -> dict:
-    """n_passes shuffled passes over the users; returns the phase's losses averaged over all batches."""
+def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, bars) -> dict:
+    """n_passes shuffled passes over the users; returns the phase's losses averaged over all batches.
+    bars: the run's overall progress bar (advanced per batch; each pass gets a bar beneath it), or
+    None for no bars."""
     sums: dict[str, float] = {}
     n_batches = 0
     model.train()
     for k in range(n_passes):
         users = rng.permutation(train.shape[0])
         starts = range(0, len(users), cfg.batch_size)
-        for start in tqdm(starts, desc=f"{desc} {phase} {k + 1}", leave=False, disable=not progress):
+        pass_bar = tqdm(starts, desc=f"{desc} {phase} {k + 1}/{n_passes}", leave=False, position=1,
+                        disable=bars is None, file=sys.stderr)
+        for start in pass_bar:
             rows = np.sort(users[start : start + cfg.batch_size])
             batch = model.as_batch(train[rows])
             for key, value in train_step(model, batch, optimizers, cfg, phase).items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
+            if bars is not None:
+                bars.update(1)
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
@@ -246,9 +255,12 @@ class FitInputs(NamedTuple):
     valid_in: sp.csr_matrix | None
     valid_out: sp.csr_matrix | None
     patience: int | None
+    metric_ks: tuple[int, ...] | None = None  # validation cut-offs, 100 among them; None: the paper's
+    eval_batch_size: int = 500
 
 
-def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, **hyperparameters) -> FitInputs:
+def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, metric_ks=None, eval_batch_size=500,
+                     **hyperparameters) -> FitInputs:
     """Validate fit's data and hyperparameters without training or writing anything (the CLI
     calls it before it writes a run folder); returns them in the form fit uses."""
     unknown = set(hyperparameters) - set(TrainConfig.__dataclass_fields__)
@@ -272,7 +284,11 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, **h
             raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
         if valid_in is None:
             raise ValueError("patience (early stopping) needs validation data: give valid_in and valid_out")
-    return FitInputs(cfg, train, valid_in, valid_out, patience)
+    if metric_ks is not None:  # NDCG@100 picks the best epoch, so 100 is always among the cut-offs
+        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks)) | {SELECTION_K}))
+    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size <= 0:
+        raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+    return FitInputs(cfg, train, valid_in, valid_out, patience, metric_ks, eval_batch_size)
 
 
 # ----------------------------------------------------------------------------- fit in parts
@@ -345,34 +361,39 @@ def _resume(run: _Training, path: Path) -> None:
         raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _train_epoch(run: _Training, train: sp.csr_matrix, epoch: int, progress: bool) -> dict:
-    """One epoch of the schedule (see the module docstring); returns its record without metrics."""
+def _passes_per_epoch(cfg: TrainConfig) -> int:
+    return 1 if cfg.not_alternating else cfg.n_enc_epochs + cfg.n_dec_epochs
+
+
+def _train_epoch(run: _Training, train: sp.csr_matrix, epoch: int, bars) -> dict:
+    """One epoch of the schedule (see the module docstring); returns its record without metrics.
+    bars: the overall progress bar, or None (see _run_passes)."""
     cfg, model = run.cfg, run.model
     t0 = time.perf_counter()
     record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if run.row_sparse_fc1 else "dense"}
     desc = f"epoch {epoch + 1}"
     if cfg.not_alternating:
         both = [run.encoder_opt, run.decoder_opt]
-        record.update(_run_passes(model, train, both, cfg, "both", 1, run.rng, desc, progress))
-        users_seen = train.shape[0]
+        record.update(_run_passes(model, train, both, cfg, "both", 1, run.rng, desc, bars))
     else:
         record.update(_run_passes(model, train, [run.encoder_opt], cfg, "encoder", cfg.n_enc_epochs, run.rng, desc,
-                                  progress))
+                                  bars))
         model.update_prior()
         record.update(_run_passes(model, train, [run.decoder_opt], cfg, "decoder", cfg.n_dec_epochs, run.rng, desc,
-                                  progress))
-        users_seen = train.shape[0] * (cfg.n_enc_epochs + cfg.n_dec_epochs)
+                                  bars))
+    users_seen = train.shape[0] * _passes_per_epoch(cfg)
     _set_phase(model, True, True)
     record["train_time_s"] = time.perf_counter() - t0
     record["users_per_s"] = users_seen / record["train_time_s"]
     return record
 
 
-def _validate_epoch(run: _Training, valid_in, valid_out, record: dict) -> None:
+def _validate_epoch(run: _Training, inputs: FitInputs, record: dict) -> None:
     """Add the validation metrics to `record`; keep the weights when NDCG@100 is the best so far."""
     from .inference import evaluate  # scoring pulls in the top-k extension
 
-    metrics = evaluate(run.model, valid_in, valid_out)
+    metrics = evaluate(run.model, inputs.valid_in, inputs.valid_out, batch_size=inputs.eval_batch_size,
+                       ks=inputs.metric_ks)
     record.update({f"valid_{k}": v for k, v in metrics.items()})
     if metrics["ndcg@100"] > run.state.best_ndcg:
         run.state.best_ndcg, run.state.best_epoch = metrics["ndcg@100"], record["epoch"]
@@ -399,8 +420,10 @@ def fit(
     resume: bool = False,
     log_path: str | os.PathLike | None = None,
     patience: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     callback=None,
+    metric_ks=None,
+    eval_batch_size: int = 500,
     item_shards: int | None = None,
     **hyperparameters,
 ) -> FitResult:
@@ -413,6 +436,12 @@ def fit(
     With valid_in/valid_out (fold-in and held-out parts of validation users), the model of the
     epoch with the best validation NDCG@100 is returned; without, the last. patience=N stops
     when validation NDCG@100 has not improved for N epochs (needs validation data).
+    Validation metrics: NDCG@100, Recall@20, Recall@50, or with metric_ks (cut-offs) NDCG@k and
+    Recall@k for every k in metric_ks and 100; scored eval_batch_size users at a time.
+    progress: True, an overall bar for the run (every batch of every epoch, with an ETA) with a bar
+    for each pass beneath it, and one line per epoch (losses, validation metrics, time); "epochs",
+    that line per epoch only; False, nothing. All of it goes to stderr; `callback(record)` gets each
+    epoch's record (the metrics.jsonl line) in any case.
     checkpoint_dir: created if needed and locked against other writers; a checkpoint (with the
     history) is written there atomically after every epoch; resume=True continues from it, after
     checking the data fingerprint and the hyperparameters (n_epochs and patience may change).
@@ -429,10 +458,15 @@ def fit(
     """
     import torch.distributed as dist
 
+    if progress not in (True, False, "epochs"):
+        raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world_size > 1:
         from .distributed.training import fit_sharded
 
+        if metric_ks is not None or eval_batch_size != 500:
+            raise ValueError("metric_ks and eval_batch_size are not supported by the item-sharded fit (inside a "
+                             "torch.distributed group): leave them at their defaults")
         model = fit_sharded(train, valid_in, valid_out, item_shards=world_size if item_shards is None else item_shards,
                             checkpoint_dir=checkpoint_dir, resume=resume, log_path=log_path, patience=patience,
                             progress=progress, callback=callback, **hyperparameters)
@@ -440,7 +474,8 @@ def fit(
     if item_shards not in (None, 1):
         raise ValueError(f"item_shards={item_shards!r} needs an initialised torch.distributed group of a multiple of "
                          "that many processes (e.g. torchrun --nproc-per-node N); without one, leave it None")
-    inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+    inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, metric_ks=metric_ks,
+                              eval_batch_size=eval_batch_size, **hyperparameters)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if resume and (ckpt_path is None or not ckpt_path.is_file()):
         raise FileNotFoundError(f"resume asked for, but there is no checkpoint at {ckpt_path}")
@@ -450,7 +485,28 @@ def fit(
         return _fit(inputs, ckpt_path, resume, log_path, progress, callback)
 
 
-def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, progress: bool, callback) -> FitResult:
+def epoch_line(record: dict, n_epochs: int, elapsed_s: float) -> str:
+    """One epoch's record as one line: losses, validation metrics, the epoch's time, time so far."""
+    parts = [f"epoch {record['epoch']}/{n_epochs}"]
+    parts += [f"{key.removesuffix('_loss')} loss {value:.4g}" for key, value in record.items() if key.endswith("_loss")]
+    valid = [f"{key.removeprefix('valid_')} {value:.4f}" for key, value in record.items()
+             if key.startswith("valid_") and key != "valid_n_users"]
+    if valid:
+        parts.append("valid " + " ".join(valid))
+    parts.append(f"{record['time_s']:.1f} s (elapsed {timedelta_text(elapsed_s)})")
+    return " | ".join(parts)
+
+
+def timedelta_text(seconds: float) -> str:
+    """12.3 s, 4:05 or 1:02:03 (h:mm:ss)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, progress, callback) -> FitResult:
     run = _start(inputs)
     if resume:
         _resume(run, ckpt_path)
@@ -458,24 +514,38 @@ def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, prog
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         _write_log(log_path, run.state.history)  # a fresh log, or the checkpoint's (repairs a kill)
-    for epoch in range(run.state.epoch, inputs.cfg.n_epochs):
-        if _stopped_early(run.state, inputs.patience):
-            break
-        t0 = time.perf_counter()
-        record = _train_epoch(run, inputs.train, epoch, progress)
-        if inputs.valid_in is not None:
-            _validate_epoch(run, inputs.valid_in, inputs.valid_out, record)
-        record["time_s"] = time.perf_counter() - t0
-        run.state.epoch = epoch + 1
-        run.state.history.append(record)
-        if ckpt_path is not None:  # the checkpoint first: the log follows it, never leads it
-            save_tensors(_checkpoint(run), ckpt_path)
-        if log_path is not None:
-            _write_log(log_path, run.state.history)
-        if progress:
-            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        if callback is not None:
-            callback(record)
+    cfg = inputs.cfg
+    batches_per_epoch = _passes_per_epoch(cfg) * math.ceil(inputs.train.shape[0] / cfg.batch_size)
+    # The overall bar counts every batch of the epochs left; early stopping closes it short of its total.
+    bars = tqdm(total=max(0, cfg.n_epochs - run.state.epoch) * batches_per_epoch, desc="training", unit="batch",
+                position=0, file=sys.stderr, dynamic_ncols=True) if progress is True else None
+    started = time.perf_counter()
+    try:
+        for epoch in range(run.state.epoch, cfg.n_epochs):
+            if _stopped_early(run.state, inputs.patience):
+                break
+            t0 = time.perf_counter()
+            record = _train_epoch(run, inputs.train, epoch, bars)
+            if inputs.valid_in is not None:
+                _validate_epoch(run, inputs, record)
+            record["time_s"] = time.perf_counter() - t0
+            run.state.epoch = epoch + 1
+            run.state.history.append(record)
+            if ckpt_path is not None:  # the checkpoint first: the log follows it, never leads it
+                save_tensors(_checkpoint(run), ckpt_path)
+            if log_path is not None:
+                _write_log(log_path, run.state.history)
+            if progress:
+                line = epoch_line(record, cfg.n_epochs, time.perf_counter() - started)
+                if _stopped_early(run.state, inputs.patience):
+                    line += (f" | early stop: no better validation NDCG@100 for {inputs.patience} epochs "
+                             f"(best epoch {run.state.best_epoch})")
+                tqdm.write(line, file=sys.stderr)
+            if callback is not None:
+                callback(record)
+    finally:
+        if bars is not None:
+            bars.close()
     if run.best_state is not None:
         run.model.load_state_dict(run.best_state)
     run.model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,14 @@ def _error_line(capsys) -> str:
     (["--rating-threshold", "nan"], "--rating-threshold must be a finite"),
     (["--device", "foo"], "not a device name"),
     (["--device", "cuda:99"], "cuda"),
+    (["--topk", "0,20"], "--topk must be positive integers separated by commas"),
+    (["--topk", "10,,20"], "--topk must be positive integers"),
+    (["--topk", "ten"], "--topk must be positive integers"),
+    (["--topk", "20,-5"], "--topk must be positive integers"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--min-users-per-item", "-1"], "--min-users-per-item must be >= 0"),
+    (["--min-users-per-item", "100000"], "empty"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(flags, message, ratings_file, tmp_path, capsys):
     out = tmp_path / "run"
@@ -367,3 +376,234 @@ def test_version_flag(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("recvae-fast ")
+
+
+# ----------------------------------------------------------------------------- the CLI as a new user meets it
+
+
+def _help_entries(parser) -> dict[str, str]:
+    """Each argument's whole entry in format_help() (its wrapped lines joined), by its first name."""
+    entries, current = {}, None
+    for line in parser.format_help().splitlines():
+        start = re.match(r"^  (\S+)", line)  # an entry starts at indent 2; its continuation is deeper
+        if start:
+            current = start.group(1).rstrip(",")
+            entries[current] = line.strip()
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def _subparsers(parser) -> dict:
+    import argparse
+
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_help_of_every_subcommand_names_every_default_and_what_each_flag_does(monkeypatch):
+    import argparse
+
+    from recvae_fast.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    commands = _subparsers(build_parser())
+    assert set(commands) == {"train", "evaluate", "recommend", "report", "export"}
+    for command, parser in commands.items():
+        entries = _help_entries(parser)
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            name = action.option_strings[0] if action.option_strings else action.dest
+            entry = entries[name]
+            where = f"{command} {name}: {entry}"
+            invocation_and_default = re.sub(r"\((default|required)[^)]*\)|default: .*$", "", entry).split()
+            assert len(invocation_and_default) >= 3, f"says nothing about what it does: {where}"
+            if action.required:
+                assert "(required)" in entry or not action.option_strings, where
+            else:
+                assert "default" in entry.lower(), f"no default shown: {where}"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert f"default: {action.default})" in entry, where
+            if action.default is False:
+                assert "(default: off)" in entry, where
+    train = _help_entries(commands["train"])
+    assert "(default 600)" in train["--hidden-dim"] and "(default 0.0005)" in train["--lr"]
+    assert "(default 50, the authors'; 10 on the synthetic dataset)" in train["--epochs"]
+    assert "(default: test)" in _help_entries(commands["evaluate"])["--split"]
+
+
+def test_synthetic_defaults_to_a_short_run_and_other_data_to_the_authors_schedule(ratings_file):
+    from recvae_fast.cli import SYNTHETIC_EPOCHS, _new_run_settings, build_parser
+
+    def epochs(*argv):
+        return _new_run_settings(build_parser().parse_args(["train", *argv, "--out", "x"]))[1]["n_epochs"]
+
+    assert SYNTHETIC_EPOCHS == 10
+    assert epochs() == epochs("synthetic") == SYNTHETIC_EPOCHS
+    assert epochs(str(ratings_file)) == 50
+    assert epochs("synthetic", "--epochs", "3") == 3
+
+
+def _train_tiny(ratings_file, out, *flags) -> int:
+    """Two epochs on the small ratings file, 10 batches of 25 users a pass."""
+    return main(["train", str(ratings_file), "--out", str(out), "--epochs", "2", "--hidden-dim", "16",
+                 "--latent-dim", "8", "--batch-size", "25", "--heldout-users", "25", *flags])
+
+
+EPOCH_LINE = re.compile(r"^epoch (\d)/2 \| encoder loss \S+ \| decoder loss \S+ \| valid ndcg@100 0\.\d{4} "
+                        r"recall@20 0\.\d{4} recall@50 0\.\d{4} \| \d+\.\d s \(elapsed \d+\.\d s\)$")
+
+
+def _table(stdout: str) -> dict[str, dict[str, float]]:
+    """train's table as {model: {column: value}}, checking its shape."""
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("test metrics (25 users; ") and lines[-1].startswith("all figures: "), stdout
+    header, *rows = (line.split() for line in lines[1:-1])
+    assert header[0] == "model" and [row[0] for row in rows] == ["RecVAE", "popularity"], stdout
+    return {row[0]: {column: float(value) for column, value in zip(header[1:], row[1:])} for row in rows}
+
+
+def test_no_progress_prints_one_line_per_epoch_on_stderr_and_the_table_on_stdout(ratings_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train_tiny(ratings_file, out, "--no-progress") == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and "\r" not in captured.err, captured.err  # no bars, nothing per batch
+    assert [int(EPOCH_LINE.match(line).group(1)) for line in lines] == [1, 2], lines
+    summary = json.loads((out / "summary.json").read_text())
+    table = _table(captured.out)
+    assert list(table["RecVAE"]) == ["NDCG@100", "Recall@20", "Recall@50"]
+    for model, metrics in (("RecVAE", summary["test"]), ("popularity", summary["popularity_test"])):
+        for column, key in (("NDCG@100", "ndcg@100"), ("Recall@20", "recall@20"), ("Recall@50", "recall@50")):
+            assert table[model][column] == pytest.approx(metrics[key], abs=5e-5), (model, column)
+    assert captured.out.strip().endswith(f"all figures: {out / 'summary.json'}")
+
+
+def test_progress_shows_an_overall_bar_with_an_eta_and_a_bar_per_pass(ratings_file, tmp_path, capsys):
+    assert _train_tiny(ratings_file, tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    # 250 training users in batches of 25: 10 batches a pass, 3 + 1 passes an epoch, 2 epochs.
+    overall = re.findall(r"training: +(\d+)%\|[^|]*\| (\d+)/(\d+) \[(\d\d:\d\d)<(\d\d:\d\d)", err)
+    assert overall and {total for _, _, total, _, _ in overall} == {"80"}, err[-2000:]
+    assert overall[-1][:3] == ("100", "80", "80")
+    for desc in ("epoch 1 encoder 1/3", "epoch 1 encoder 3/3", "epoch 2 decoder 1/1"):
+        assert re.search(re.escape(desc) + r": +\d+%\|[^|]*\| \d+/10 ", err), desc
+    epoch_lines = [line for line in re.split(r"[\r\n]", err) if EPOCH_LINE.match(line)]
+    assert [int(EPOCH_LINE.match(line).group(1)) for line in epoch_lines] == [1, 2]
+
+
+def test_topk_sets_the_cutoffs_of_validation_test_and_the_table(ratings_file, tmp_path, capsys):
+    from recvae_fast import data as data_mod
+    from recvae_fast.metrics import popularity_baseline
+
+    out = tmp_path / "run"
+    assert _train_tiny(ratings_file, out, "--no-progress", "--topk", "50,10,10") == 0
+    table = _table(capsys.readouterr().out)
+    columns = ["NDCG@10", "NDCG@50", "NDCG@100", "Recall@10", "Recall@50", "Recall@100"]
+    assert list(table["RecVAE"]) == list(table["popularity"]) == columns
+    keys = ["ndcg@10", "ndcg@50", "ndcg@100", "recall@10", "recall@50", "recall@100"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["test"]) == keys + ["n_users"]
+    split = data_mod.Split.load(out)
+    popularity = popularity_baseline(split.train, split.test_in, split.test_out, ks=(10, 50, 100))
+    assert summary["popularity_test"] == pytest.approx(popularity)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all([k for k in r if k.startswith("valid_")] == [f"valid_{k}" for k in keys + ["n_users"]] for r in records)
+    # evaluate at the same cut-offs reproduces the test metrics; at the default ones, the paper's three.
+    assert main(["evaluate", str(out), "--topk", "10,50"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == pytest.approx(summary["test"])
+    assert main(["evaluate", str(out)]) == 0
+    paper = json.loads(capsys.readouterr().out)["test"]
+    assert list(paper) == ["ndcg@100", "recall@20", "recall@50", "n_users"]
+    assert paper["ndcg@100"] == pytest.approx(summary["test"]["ndcg@100"])
+
+
+def test_json_prints_the_summary_instead_of_the_table(trained_run, ratings_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "summary.json").read_text())
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Replace recvae_fast.cli.<name> by a wrapper recording (threads, batch_size) at each call."""
+    import torch
+
+    from recvae_fast import cli
+
+    calls, real = [], getattr(cli, name)
+
+    def spy(*args, **kwargs):
+        calls.append((torch.get_num_threads(), kwargs.get("batch_size")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, name, spy)
+    return calls
+
+
+def test_threads_and_eval_batch_size_reach_scoring_and_threads_are_restored(trained_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    evaluations = _spy(monkeypatch, "evaluate")
+    assert main(["evaluate", str(trained_run)]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(trained_run), "--threads", "1", "--eval-batch-size", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == pytest.approx(default["test"])  # same figures
+    assert evaluations == [(before, 500), (1, 7)]
+    assert torch.get_num_threads() == before
+    recommendations = _spy(monkeypatch, "recommend")
+    assert main(["recommend", str(trained_run), "--k", "3", "--output", str(tmp_path / "r.csv"),
+                 "--eval-batch-size", "11", "--threads", "1"]) == 0
+    assert recommendations and all(call == (1, 11) for call in recommendations)
+    assert torch.get_num_threads() == before
+    assert main(["evaluate", str(trained_run), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in _error_line(capsys)
+
+
+def test_topk_and_eval_batch_size_are_refused_with_item_shards(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flags in (["--topk", "10"], ["--eval-batch-size", "100"]):
+        assert main(["train", "synthetic", "--out", str(tmp_path / "o"), "--item-shards", "2", *flags]) == 2
+        assert "not supported with --item-shards" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_under_torchrun_item_shards_defaults_to_the_number_of_processes(tmp_path, monkeypatch, capsys):
+    """As fit() inside a process group: without --item-shards, torchrun's N processes shard the
+    items N ways (here seen by the sharded path's own refusal, before any process group starts)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["train", "synthetic", "--out", str(tmp_path / "o"), "--topk", "10"]) == 2
+    assert "not supported with --item-shards" in _error_line(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the ordinary run, which takes --topk
+    assert main(["train", "synthetic", "--out", str(tmp_path / "o"), "--topk", "0"]) == 2
+    assert "not supported with --item-shards" not in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_min_users_per_item_filters_items_is_saved_and_reused_by_resume(ratings_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train_tiny(ratings_file, out, "--no-progress", "--min-users-per-item", "30") == 0
+    users_per_item: dict = {}
+    for r in csv.DictReader(open(ratings_file)):
+        users_per_item.setdefault(r["movieId"], set()).add(r["userId"])
+    items = json.loads((out / "items.json").read_text())
+    assert items and all(len(users_per_item[str(i)]) >= 30 for i in items)
+    assert any(len(users) < 30 for users in users_per_item.values())  # the filter removed some
+    assert json.loads((out / "run.json").read_text())["data"]["min_users_per_item"] == 30
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--min-users-per-item", "20"]) == 2
+    assert "--min-users-per-item 20 (the run's: 30)" in _error_line(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_run_from_before_min_users_per_item_resumes_keeping_every_item(run_copy, capsys):
+    description = json.loads((run_copy / "run.json").read_text())
+    del description["data"]["min_users_per_item"]
+    (run_copy / "run.json").write_text(json.dumps(description))
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert json.loads((run_copy / "run.json").read_text())["data"]["min_users_per_item"] == 0

@@ -47,8 +47,8 @@ def _torchrun_train(args: list[str]) -> dict:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([*torchrun, "-m", "recvae_fast", "train", *args], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run([*torchrun, "-m", "recvae_fast", "train", *args, "--json"], env=env, capture_output=True,
+                          text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)  # one JSON document: only rank 0 prints
 

@@ -230,3 +230,30 @@ def test_popularity_baseline_checks_shapes():
         popularity_baseline(train, csr([[0]], 4), csr([[1]], 4))
     with pytest.raises(ValueError, match="users"):
         popularity_baseline(train, csr([[0], [1]], 3), csr([[1]], 3))
+
+
+def test_metrics_at_cutoffs_and_their_checks():
+    from recvae_fast.metrics import check_cutoffs, metric_cutoffs, metrics_at
+
+    assert metrics_at(RANKED, HELDOUT) == ranking_metrics(RANKED, HELDOUT, ndcg_ks=(100,), recall_ks=(20, 50))
+    at = metrics_at(RANKED, HELDOUT, [3, 1, 3])
+    assert list(at) == ["ndcg@1", "ndcg@3", "recall@1", "recall@3", "n_users"]
+    assert at == ranking_metrics(RANKED, HELDOUT, ndcg_ks=(1, 3), recall_ks=(1, 3))
+    assert at["recall@1"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)  # by hand, test_recall_by_hand's top 1
+    assert check_cutoffs((50, 10, 50)) == (10, 50)
+    assert metric_cutoffs(None) == (20, 50, 100) and metric_cutoffs([7]) == (7,)
+    with pytest.raises(ValueError, match="at least one"):
+        check_cutoffs([])
+    with pytest.raises(ValueError, match="positive"):
+        metrics_at(RANKED, HELDOUT, [2, 0])
+    with pytest.raises(TypeError, match="positive integer"):
+        check_cutoffs([2.5])
+
+
+def test_popularity_baseline_at_cutoffs_matches_its_ranking():
+    train = csr([[0, 1], [0, 2], [0], [1, 3]], 5)  # popularity: item 0 (3 users), 1 (2), then 2, 3, 4
+    fold_in, heldout = csr([[0], [3]], 5), csr([[1, 2], [4]], 5)
+    ranked = popularity_ranking(np.array([3, 2, 1, 1, 0.0]), fold_in, 3)
+    np.testing.assert_array_equal(ranked, [[1, 2, 3], [0, 1, 2]])
+    assert popularity_baseline(train, fold_in, heldout, ks=(3, 1)) == ranking_metrics(
+        ranked, heldout, ndcg_ks=(1, 3), recall_ks=(1, 3))

@@ -237,7 +237,7 @@ def _scripted_validation(monkeypatch, ndcgs):
     from recvae_fast import inference
 
     calls = iter(ndcgs)
-    monkeypatch.setattr(inference, "evaluate", lambda model, a, b: {"ndcg@100": next(calls)})
+    monkeypatch.setattr(inference, "evaluate", lambda model, a, b, **options: {"ndcg@100": next(calls)})
 
 
 def test_early_stopping_stops_at_the_right_epoch_and_resumes(small_data, tmp_path, monkeypatch):
@@ -358,3 +358,66 @@ def test_load_model_on_random_bytes_and_mutations_gives_a_model_or_one_clean_err
             assert isinstance(model, recvae_fast.RecVAE) and model.input_dim == 13
             outcomes["model"] += 1
     assert outcomes["error"] >= 25  # random bytes and truncations are refused
+
+
+def test_progress_modes_of_fit(small_data, capsys):
+    """False prints nothing; "epochs" one line per epoch on stderr; True also the bars (stderr). The
+    training is the same in every mode."""
+    train, valid_in, valid_out = small_data
+    quiet = fit(train, valid_in, valid_out, n_epochs=2, **SMALL)
+    assert capsys.readouterr() == ("", "")
+    lines = fit(train, valid_in, valid_out, n_epochs=2, **{**SMALL, "progress": "epochs"})
+    out, err = capsys.readouterr()
+    assert out == "" and [line.split(" | ")[0] for line in err.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    assert "valid ndcg@100 " in err and "elapsed" in err and "\r" not in err
+    bars = fit(train, valid_in, valid_out, n_epochs=2, **{**SMALL, "progress": True})
+    out, err = capsys.readouterr()
+    assert out == "" and "training: 100%" in err and "epoch 2 decoder 1/1" in err and "epoch 2/2 | " in err
+    for run in (lines, bars):
+        assert [r["valid_ndcg@100"] for r in run.history] == [r["valid_ndcg@100"] for r in quiet.history]
+
+
+def test_progress_line_marks_an_early_stop(small_data, monkeypatch, capsys):
+    train, valid_in, valid_out = small_data
+    _scripted_validation(monkeypatch, [0.3, 0.2, 0.1])
+    fit(train, valid_in, valid_out, n_epochs=5, patience=2, **{**SMALL, "progress": "epochs"})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and "early stop" not in lines[1]
+    assert lines[2].endswith("| early stop: no better validation NDCG@100 for 2 epochs (best epoch 1)")
+
+
+def test_epoch_line_and_durations():
+    record = {"epoch": 3, "fc1_grad": "dense", "encoder_mll": -1.0, "encoder_loss": 512.345, "decoder_loss": 498.0,
+              "valid_ndcg@100": 0.33631, "valid_recall@20": 0.25, "valid_n_users": 40, "time_s": 4.25}
+    assert training.epoch_line(record, 10, 75.4) == ("epoch 3/10 | encoder loss 512.3 | decoder loss 498 | "
+                                                     "valid ndcg@100 0.3363 recall@20 0.2500 | 4.2 s (elapsed 1:15)")
+    assert [training.timedelta_text(s) for s in (0.04, 59.94, 60, 3725)] == ["0.0 s", "59.9 s", "1:00", "1:02:05"]
+
+
+def test_metric_cutoffs_and_eval_batch_size_of_validation(small_data):
+    """metric_ks adds NDCG@k / Recall@k, 100 always among them, without changing the training or the
+    NDCG@100 that picks the best epoch; the validation batch size changes no figure."""
+    train, valid_in, valid_out = small_data
+    paper = fit(train, valid_in, valid_out, n_epochs=2, **SMALL)
+    cut = fit(train, valid_in, valid_out, n_epochs=2, metric_ks=[5, 1, 5], eval_batch_size=3, **SMALL)
+    assert [k for k in cut.history[0] if k.startswith("valid_")] == [
+        "valid_ndcg@1", "valid_ndcg@5", "valid_ndcg@100", "valid_recall@1", "valid_recall@5", "valid_recall@100",
+        "valid_n_users"]
+    for a, b in zip(paper.history, cut.history):
+        assert a["valid_ndcg@100"] == pytest.approx(b["valid_ndcg@100"], abs=1e-12)
+    expected = recvae_fast.evaluate(cut.model, valid_in, valid_out, ks=(1, 5, 100))
+    assert expected == pytest.approx(recvae_fast.evaluate(cut.model, valid_in, valid_out, batch_size=1,
+                                                          ks=(100, 5, 1)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(progress="bars"), "progress must be True, False or 'epochs'"),
+    (dict(metric_ks=[10, 0]), "k must be a positive integer"),
+    (dict(metric_ks=[]), "at least one metric cut-off"),
+    (dict(eval_batch_size=0), "eval_batch_size must be a positive integer"),
+])
+def test_bad_progress_cutoffs_and_eval_batch_size_are_refused_before_writing(small_data, tmp_path, bad, message):
+    train, valid_in, valid_out = small_data
+    with pytest.raises(ValueError, match=message):
+        fit(train, valid_in, valid_out, checkpoint_dir=tmp_path / "run", **{**SMALL, **bad})
+    assert not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..inference import SCORES_PER_BLOCK, _check_batch_size
-from ..metrics import ranking_metrics
+from ..metrics import metric_cutoffs, metrics_at
 from ..sparse import as_user_matrix
 from ..topk import TopK, TopKAccumulator, check_k
 from .mesh import collective_device
@@ -93,16 +93,18 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
     return TopK(out_scores.numpy(), out_items.numpy())
 
 
-def evaluate_sharded(model: ShardedRecVAE, fold_in, heldout, batch_size: int = 500) -> dict:
+def evaluate_sharded(model: ShardedRecVAE, fold_in, heldout, batch_size: int = 500, ks=None) -> dict:
     """As recvae_fast.evaluate (which calls this for a ShardedRecVAE): {"ndcg@100", "recall@20",
-    "recall@50", "n_users"}, the same on every rank."""
+    "recall@50", "n_users"} or, with `ks`, NDCG@k and Recall@k for every k in ks; the same on every rank."""
     n_items = model.layout.n_items
+    deepest = max(metric_cutoffs(ks))  # checks ks
     fold_in = as_user_matrix("fold_in", fold_in, n_items)
     heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ranked = recommend_sharded(model, fold_in, k=min(100, n_items), exclude_seen=True, batch_size=batch_size).items
-    metrics = ranking_metrics(ranked, heldout)
+    ranked = recommend_sharded(model, fold_in, k=min(deepest, n_items), exclude_seen=True,
+                               batch_size=batch_size).items
+    metrics = metrics_at(ranked, heldout, ks)
     if metrics["n_users"] == 0:
         raise ValueError("no user has held-out items: nothing to evaluate")
     return metrics
