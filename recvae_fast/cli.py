@@ -548,7 +548,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rating-threshold", type=float, default=None,
                    help="keep ratings > this, as 1 (the paper uses 3.5) (default: keep every interaction, "
                         "with its value)")
-    p.add_argument("--data-seed", type=int, default=None, help="seed of the synthetic dataset (default 0)")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the synthetic dataset (default: 0)")
 
 
 def _add_evaluation_options(p: argparse.ArgumentParser, *, topk: bool = True) -> None:
@@ -558,7 +558,7 @@ def _add_evaluation_options(p: argparse.ArgumentParser, *, topk: bool = True) ->
                             "added, since validation NDCG@100 picks the best epoch (default: the paper's "
                             "NDCG@100, Recall@20, Recall@50)")
     p.add_argument("--eval-batch-size", type=int, default=None,
-                   help=f"users scored at a time (default {EVAL_BATCH_SIZE})")
+                   help=f"users scored at a time (default: {EVAL_BATCH_SIZE})")
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads for torch, torch.set_num_threads (default: torch's choice, "
                         f"{torch.get_num_threads()} on this machine)")
@@ -581,36 +581,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume the run's own)")
     p.add_argument("--out", required=True, help="run folder for the model, split, checkpoint and logs")
     _add_data_options(p)
-    p.add_argument("--min-items", type=int, default=None, help="drop users with fewer items than this (default 5)")
+    p.add_argument("--min-items", type=int, default=None, help="drop users with fewer items than this (default: 5)")
     p.add_argument("--min-users-per-item", type=int, default=None,
                    help="first drop items with fewer users than this, then users with fewer than --min-items "
-                        "items (default 0: keep every item)")
+                        "items (default: 0: keep every item)")
     p.add_argument("--heldout-users", type=int, default=None,
                    help="validation users, and as many test users (default: 10%% of the users)")
     # Hyperparameters default to None: "not given", so that --resume can tell them from the run's.
-    p.add_argument("--hidden-dim", type=int, default=None, help=f"encoder hidden layer width (default {d.hidden_dim})")
-    p.add_argument("--latent-dim", type=int, default=None, help=f"latent dimension (default {d.latent_dim})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"training users per step (default {d.batch_size})")
+    p.add_argument("--hidden-dim", type=int, default=None, help=f"encoder hidden layer width (default: {d.hidden_dim})")
+    p.add_argument("--latent-dim", type=int, default=None, help=f"latent dimension (default: {d.latent_dim})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"training users per step (default: {d.batch_size})")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs to train; with --resume: train up to this (default {d.n_epochs}, the authors'; "
+                   help=f"epochs to train; with --resume: train up to this (default: {d.n_epochs}, the authors'; "
                         f"{SYNTHETIC_EPOCHS} on the synthetic dataset)")
     p.add_argument("--n-enc-epochs", type=int, default=None,
-                   help=f"encoder passes over the users per epoch (default {d.n_enc_epochs})")
+                   help=f"encoder passes over the users per epoch (default: {d.n_enc_epochs})")
     p.add_argument("--n-dec-epochs", type=int, default=None,
-                   help=f"decoder passes over the users per epoch (default {d.n_dec_epochs})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--gamma", type=float, default=None, help=f"KL weight gamma * n_u (default {d.gamma})")
+                   help=f"decoder passes over the users per epoch (default: {d.n_dec_epochs})")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--gamma", type=float, default=None, help=f"KL weight gamma * n_u (default: {d.gamma})")
     p.add_argument("--beta", type=float, default=None,
                    help="constant KL weight, replacing gamma (default: none, gamma is used)")
     p.add_argument("--dropout-rate", type=float, default=None,
-                   help=f"input dropout of the encoder passes (default {d.dropout_rate})")
+                   help=f"input dropout of the encoder passes (default: {d.dropout_rate})")
     p.add_argument("--not-alternating", action="store_true", default=None,
                    help="step encoder and decoder together, one pass per epoch (default: off, they alternate)")
     p.add_argument("--fc1-grad", choices=sorted(_FC1_GRAD), default=None,
                    help="fc1 gradient layout: row-sparse (with an exact row-sparse Adam) or dense; auto picks "
                         "row-sparse on the CPU for large catalogues (default: auto)")
-    p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default {d.seed})")
-    p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default {d.device})")
+    p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default: {d.seed})")
+    p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default: {d.device})")
     p.add_argument("--patience", type=int, default=None,
                    help="stop when validation NDCG@100 has not improved for this many epochs (default: off)")
     _add_evaluation_options(p)

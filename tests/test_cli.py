@@ -429,8 +429,8 @@ def test_help_of_every_subcommand_names_every_default_and_what_each_flag_does(mo
             if action.default is False:
                 assert "(default: off)" in entry, where
     train = _help_entries(commands["train"])
-    assert "(default 600)" in train["--hidden-dim"] and "(default 0.0005)" in train["--lr"]
-    assert "(default 50, the authors'; 10 on the synthetic dataset)" in train["--epochs"]
+    assert "(default: 600)" in train["--hidden-dim"] and "(default: 0.0005)" in train["--lr"]
+    assert "(default: 50, the authors'; 10 on the synthetic dataset)" in train["--epochs"]
     assert "(default: test)" in _help_entries(commands["evaluate"])["--split"]
 
 
