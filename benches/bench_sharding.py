@@ -30,7 +30,7 @@ from batches import user_item_batch
 from recvae_fast import RecVAE
 from recvae_fast.distributed import ShardedRecVAE, item_layout, make_item_mesh
 from recvae_fast.distributed.checkpoint import gather_full_state_dict
-from recvae_fast.distributed.training import make_sharded_optimizers, sharded_train_step
+from recvae_fast.distributed.training import sharded_train_step
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 ITEMS_PER_SHARD, N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 20_000, 500, 75, 600, 200
@@ -82,7 +82,7 @@ def _worker(rank, world_size, init_file, out_file):
         layout = item_layout(make_item_mesh(world_size), n_items)
         torch.manual_seed(0)
         model = ShardedRecVAE(layout, HIDDEN, LATENT)
-        encoder_opt, decoder_opt = make_sharded_optimizers(model, 5e-4)
+        encoder_opt, decoder_opt = make_optimizers(model, 5e-4)
         cfg = TrainConfig(hidden_dim=HIDDEN, latent_dim=LATENT, batch_size=N_USERS)
         ratings = user_item_batch(N_USERS, n_items, ITEMS_PER_USER)
         model.train()

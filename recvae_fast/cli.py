@@ -225,8 +225,9 @@ def _summary(source: str, cfg: TrainConfig, split: data_mod.Split, history: list
     }
 
 
-def _train(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None, t0: float) -> dict:
-    # 1. Validate everything: flags, data, split and the fit inputs; nothing is written yet.
+def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None):
+    """(TrainConfig, split, its fingerprint) after checking the data options, the hyperparameters,
+    that a resumed run's data did not change, and fit's inputs; writes nothing."""
     _check_data_options(options)
     cfg = TrainConfig(**config)
     cfg.validate()
@@ -237,6 +238,12 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
                          "(the file changed since the run started)")
     check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, metric_ks=args.topk,
                      eval_batch_size=_eval_batch_size(args), **asdict(cfg))
+    return cfg, split, split_fp
+
+
+def _train(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None, t0: float) -> dict:
+    # 1. Validate everything: flags, data, split and the fit inputs; nothing is written yet.
+    cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
     with RunLock(out):
         # 2. Describe a new run (refusing to overwrite another), then train, then the results.
         run_description = {
@@ -329,15 +336,7 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 else:
                     options, config = _new_run_settings(args)
                     source, saved_run = _source(args.data or "synthetic"), None
-                _check_data_options(options)
-                cfg = TrainConfig(**config)
-                cfg.validate()
-                split = _make_split(source, options, cfg.seed)
-                split_fp = split.fingerprint()
-                if saved_run is not None and saved_run.get("split_fingerprint") != split_fp:
-                    raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
-                                     "(the file changed since the run started)")
-                check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, **asdict(cfg))
+                cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
                 if is_writer and saved_run is None:
                     lock.enter_context(RunLock(out))
                     if any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):

@@ -127,10 +127,11 @@ def _set_phase(model: RecVAE, train_encoder: bool, train_decoder: bool) -> None:
     model.decoder.requires_grad_(train_decoder)
 
 
-def make_optimizers(model: RecVAE, lr: float, sparse_fc1_grad: bool = False):
-    """One Adam for the encoder and one for the decoder (the authors' setup). The fused
-    implementation does the same arithmetic in one pass over each tensor. With sparse_fc1_grad,
-    fc1's gradient holds only the batch's rows and the encoder's Adam is RowSparseAdam (exact)."""
+def make_optimizers(model, lr: float, sparse_fc1_grad: bool = False):
+    """One Adam for the encoder and one for the decoder (the authors' setup), for a RecVAE or a
+    ShardedRecVAE (its fc1 and decoder hold this rank's item rows). The fused implementation does
+    the same arithmetic in one pass over each tensor. With sparse_fc1_grad, fc1's gradient holds
+    only the batch's rows and the encoder's Adam is RowSparseAdam (exact)."""
     fused = model.decoder.weight.device.type in ("cpu", "cuda")
     model.encoder.fc1.sparse_grad = sparse_fc1_grad
     if sparse_fc1_grad:

@@ -24,8 +24,8 @@ from recvae_fast.distributed.model import SHARDED_KEYS
 from recvae_fast.distributed.checkpoint import (
     gather_full_state_dict, latest_checkpoint, load_checkpoint, load_into_recvae, save_checkpoint,
 )
-from recvae_fast.distributed.inference import merge_candidates, recommend_sharded
-from recvae_fast.distributed.training import fit_sharded, make_sharded_optimizers, sharded_train_step
+from recvae_fast.distributed.inference import merge_candidates
+from recvae_fast.distributed.training import fit_sharded, sharded_train_step
 from recvae_fast.topk import topk_masked
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
@@ -348,7 +348,7 @@ def _write_checkpoint_worker(rank, n_items, folder):
     initial = RecVAE(H, K, n_items).double().state_dict()
     model = ShardedRecVAE(layout, H, K).double()
     model.load_full_state_dict(initial)
-    optimizers = make_sharded_optimizers(model, 1e-3)
+    optimizers = make_optimizers(model, 1e-3)
     _one_step(model, awkward_ratings(9, n_items, 2), optimizers[:1], TrainConfig(**FIT))
     save_checkpoint(folder, 1, model, optimizers, {"note": "2 shards"})
     full = gather_full_state_dict(model)
@@ -359,7 +359,7 @@ def _write_checkpoint_worker(rank, n_items, folder):
 def _reshard_checkpoint_worker(rank, n_items, folder):
     layout = item_layout(make_item_mesh(3), n_items)
     model = ShardedRecVAE(layout, H, K, seed=99).double()  # other weights, overwritten by the load
-    optimizers = make_sharded_optimizers(model, 1e-3)
+    optimizers = make_optimizers(model, 1e-3)
     train_state, _ = load_checkpoint(latest_checkpoint(folder), model, optimizers)
     assert train_state == {"note": "2 shards"}
     expected = torch.load(Path(folder) / "expected.pt", weights_only=True)

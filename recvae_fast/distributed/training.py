@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..optim import RowSparseAdam
 from ..runfolder import RunFolderBusy, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
-                        fc1_grad_is_row_sparse)
+                        fc1_grad_is_row_sparse, make_optimizers)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
@@ -110,20 +109,6 @@ def agree(error: BaseException | None) -> None:
     if failed.any():
         ranks = failed.nonzero().flatten().tolist()
         raise RuntimeError(f"rank(s) {ranks} failed (see their error); every rank stops")
-
-
-def make_sharded_optimizers(model: ShardedRecVAE, lr: float, sparse_fc1_grad: bool = False):
-    """One Adam for the encoder and one for the decoder, as recvae_fast.training.make_optimizers: fused
-    Adam where available, or with sparse_fc1_grad the row-sparse fc1 gradient (this rank's rows of the
-    batch's items) and RowSparseAdam (exact) for the encoder."""
-    fused = model.decoder.weight.device.type in ("cpu", "cuda")
-    model.encoder.fc1.sparse_grad = sparse_fc1_grad
-    if sparse_fc1_grad:
-        encoder_opt = RowSparseAdam(model.encoder.parameters(), lr=lr)
-    else:
-        encoder_opt = torch.optim.Adam(model.encoder.parameters(), lr=lr, fused=fused)
-    decoder_opt = torch.optim.Adam(model.decoder.parameters(), lr=lr, fused=fused)
-    return encoder_opt, decoder_opt
 
 
 def _set_phase(model: ShardedRecVAE, train_encoder: bool, train_decoder: bool) -> None:
@@ -248,7 +233,7 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
     if initial_state is not None:
         model.load_full_state_dict(initial_state)
     row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
-    encoder_opt, decoder_opt = make_sharded_optimizers(model, cfg.lr, row_sparse_fc1)
+    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, row_sparse_fc1)
     config = {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}
     data_fingerprint = fingerprint(train, valid_in, valid_out)
     state, best_state = TrainState(), None
