@@ -1,7 +1,7 @@
 """Build script for recvae_fast.
 
 `kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
-The C++ extensions in csrc/ (masked top-k, row-sparse Adam step) are compiled with pybind11 only;
+The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums) are compiled with pybind11 only;
 they take raw buffers, so the build never needs torch.
 """
 import os
@@ -26,6 +26,13 @@ ext_modules = [
         # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA
         # contraction, so the rounding stays that of torch's separate multiply and add.
         extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off"] + openmp,
+        extra_link_args=openmp,
+    ),
+    Pybind11Extension(
+        "recvae_fast._sparse_rows",
+        ["csrc/sparse_rows.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"] + openmp,
         extra_link_args=openmp,
     ),
 ]

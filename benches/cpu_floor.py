@@ -92,6 +92,61 @@ def nll_floor(z, weight, bias, phase: str, repeats: int, blocks=SWEEP) -> dict:
     return {"logits": logits, "second product": second, "exp": exp, "floor": logits + second + exp}
 
 
+def encoder_products(n_rows: int, hidden: int, latent: int, phase: str, dtype=torch.float32):
+    """The encoder MLP's dense products a training step of `phase` cannot avoid, timed as bare GEMMs
+    on random inputs of the same shapes: per encoder forward, fc2..fc5 (B × H · H × H) and the two
+    heads (B × H · H × K). Encoder phase: the encoder forward, its backward (dX and dW of each of
+    those layers) and the prior's old encoder forward. Decoder phase: the encoder forward only."""
+    x_h, x_k = torch.randn(n_rows, hidden, dtype=dtype), torch.randn(n_rows, latent, dtype=dtype)
+    w_hh, w_kh = torch.randn(hidden, hidden, dtype=dtype), torch.randn(latent, hidden, dtype=dtype)
+    out_bh, out_bk = torch.empty(n_rows, hidden, dtype=dtype), torch.empty(n_rows, latent, dtype=dtype)
+    out_hh, out_kh = torch.empty(hidden, hidden, dtype=dtype), torch.empty(latent, hidden, dtype=dtype)
+    forwards = 2 if phase == "encoder" else 1  # the encoder, and in the encoder phase the prior's copy
+
+    def run():
+        for _ in range(forwards):
+            for _ in range(4):
+                torch.mm(x_h, w_hh.t(), out=out_bh)
+            for _ in range(2):
+                torch.mm(x_h, w_kh.t(), out=out_bk)
+        if phase == "encoder":
+            for _ in range(4):
+                torch.mm(x_h, w_hh, out=out_bh)  # dX
+                torch.mm(x_h.t(), x_h, out=out_hh)  # dW
+            for _ in range(2):
+                torch.mm(x_k, w_kh, out=out_bh)
+                torch.mm(x_k.t(), x_h, out=out_kh)
+
+    return run
+
+
+def adam_step(shapes, dtype=torch.float32):
+    """One torch.optim.Adam(fused=True) step over parameters of these shapes, gradients given."""
+    params = [torch.zeros(shape, dtype=dtype, requires_grad=True) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=dtype)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    return opt.step
+
+
+def step_floor(z, weight, bias, hidden: int, phase: str, repeats: int, blocks=SWEEP) -> dict:
+    """The floor of a whole training step of `phase` (the encoder or decoder half): the NLL floor
+    (nll_floor), the encoder MLP's products (encoder_products) and one fused Adam step over the
+    phase's parameters, each timed alone; their sum under "step floor"."""
+    n_rows, latent = z.shape
+    n_items = weight.shape[0]
+    parts = nll_floor(z, weight, bias, phase, repeats, blocks)
+    parts["MLP products"] = best_time(encoder_products(n_rows, hidden, latent, phase, z.dtype), repeats)
+    if phase == "encoder":
+        shapes = [(n_items, hidden), (hidden,)] + [(hidden, hidden), (hidden,)] * 4 + [(latent, hidden), (latent,)] * 2
+        shapes += [(hidden,)] * 10  # the five LayerNorms
+    else:
+        shapes = [(n_items, latent), (n_items,)]
+    parts["Adam"] = best_time(adam_step(shapes, z.dtype), repeats)
+    parts["step floor"] = parts["floor"] + parts["MLP products"] + parts["Adam"]
+    return parts
+
+
 def apply_bench_threads() -> None:
     """RECVAE_BENCH_THREADS=n: run on n torch threads (default: torch's own). On an overloaded
     machine one thread gives steadier figures than OpenMP teams waiting on descheduled threads."""

@@ -15,6 +15,9 @@ a batch is passed as (indptr, indices, values).
         bias), the rest is what its backward needs.
     recvae_fast::multinomial_nll_decoder_backward(...) -> (grad_weight, grad_bias)
         that backward's decoder part, one op so that its block loop stays out of traced graphs.
+    recvae_fast::csr_row_sums(indptr, cols, weights, table, recycle_key, num_threads) -> out
+        out[r] = Σ weights·table[cols] over CSR row r (the C++ csrc/sparse_rows.cpp): fc1's weight
+        gradient on the CPU; no autograd.
     recvae_fast::topk_masked(scores, indptr, indices, k, num_threads) -> (scores, items)
         the C++ masked top-k (recvae_fast.topk); no autograd.
     recvae_fast::row_sparse_adam_step(param!, exp_avg!, exp_avg_sq!, rows, grad_values, step, lr,
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .torch_ops import kept_max_rows, nll_decoder_grads, nll_forward
+from .workspace import recycled_empty
 
 # ----------------------------------------------------------------------------- sparse input layer
 
@@ -81,8 +85,7 @@ def _sparse_input_layer_backward(ctx, grad):
         else:
             items, counts = None, torch.bincount(items_sorted, minlength=weight_t.shape[0])
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        sums = F.embedding_bag(rows[order], grad, offsets, mode="sum", per_sample_weights=coef[order],
-                               include_last_offset=True)
+        sums = _rows_of_weight_grad(offsets, rows[order], coef[order], grad, ctx.sparse_grad)
         if ctx.sparse_grad:
             grad_weight = torch.sparse_coo_tensor(items[None], sums, weight_t.shape, is_coalesced=True,
                                                   check_invariants=False)
@@ -91,6 +94,16 @@ def _sparse_input_layer_backward(ctx, grad):
     if need_bias:
         grad_bias = grad.sum(dim=0)
     return None, None, grad_coef, grad_weight, grad_bias, None
+
+
+def _rows_of_weight_grad(offsets: Tensor, users: Tensor, coef: Tensor, grad: Tensor, row_sparse: bool) -> Tensor:
+    """dW1's rows, one per bag (item): Σ coef·grad[user] over the bag's nonzeros. On the CPU the
+    C++ CSR row sums (recvae_fast::csr_row_sums: embedding_bag's per-bag cost dominates at ~2
+    nonzeros per bag), in recycled memory; elsewhere embedding_bag."""
+    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64):
+        return F.embedding_bag(users, grad, offsets, mode="sum", per_sample_weights=coef, include_last_offset=True)
+    key = "sparse_input_layer.grad_rows" if row_sparse else "sparse_input_layer.grad_weight"
+    return csr_row_sums(offsets, users, coef.detach(), grad.detach().contiguous(), key, max(1, torch.get_num_threads()))
 
 
 sparse_input_layer.register_autograd(_sparse_input_layer_backward, setup_context=_sparse_input_layer_setup)
@@ -136,6 +149,7 @@ def _multinomial_nll_setup(ctx, inputs, output):
     z, weight, bias, indptr, indices, values = inputs[:6]
     _, lse, dz_per_g, kept, kept_max, block_used = output
     ctx.mark_non_differentiable(lse, dz_per_g, kept, kept_max, block_used)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a B × I "gradient" for kept, never read
     ctx.save_for_backward(z, weight, bias, indptr, indices, values, lse, dz_per_g, kept, kept_max, block_used)
 
 
@@ -143,6 +157,8 @@ def _multinomial_nll_backward(ctx, grad_nll, *_unused):
     z, weight, bias, indptr, indices, values, lse, dz_per_g, kept, kept_max, block_used = ctx.saved_tensors
     need_z, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_z = grad_weight = grad_bias = None
+    if grad_nll is None:  # nll was not used in the loss (grads are not materialised)
+        return None, None, None, None, None, None, None, None, None
     if need_z:
         if dz_per_g.numel() != z.numel():
             raise RuntimeError("recvae_fast::multinomial_nll: z needs a gradient but ran with want_grad_z=False")
@@ -160,6 +176,24 @@ def _multinomial_nll_backward(ctx, grad_nll, *_unused):
 multinomial_nll.register_autograd(_multinomial_nll_backward, setup_context=_multinomial_nll_setup)
 
 # ----------------------------------------------------------------------------- C++ ops
+
+
+@torch.library.custom_op("recvae_fast::csr_row_sums", mutates_args=(), device_types="cpu")
+def csr_row_sums(indptr: Tensor, cols: Tensor, weights: Tensor, table: Tensor, recycle_key: str, num_threads: int) -> Tensor:
+    """out[r] = Σ_{n ∈ row r} weights[n]·table[cols[n]] (csrc/sparse_rows.cpp), float32/float64; the
+    output's memory is recycled under recycle_key (recvae_fast.workspace)."""
+    from . import _sparse_rows  # loaded on first use, not when the package is imported
+
+    out = recycled_empty(recycle_key, (indptr.numel() - 1, table.shape[1]), table.dtype)
+    _sparse_rows.weighted_row_sums(indptr.numpy(), cols.numpy(), weights.contiguous().numpy(),
+                                   table.contiguous().numpy(), out.numpy(), num_threads)
+    return out
+
+
+@csr_row_sums.register_fake
+def _(indptr, cols, weights, table, recycle_key, num_threads):
+    return table.new_empty(indptr.shape[0] - 1, table.shape[1])
+
 
 
 @torch.library.custom_op("recvae_fast::topk_masked", mutates_args=(), device_types="cpu")

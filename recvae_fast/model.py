@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -79,7 +80,8 @@ class SparseInputLinear(nn.Module):
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
+    """x·sigmoid(x), as torch's one fused op (silu) rather than a sigmoid and a multiply."""
+    return F.silu(x)
 
 
 def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -107,13 +109,13 @@ class Encoder(nn.Module):
 
     def forward(self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
         rate = dropout_rate if self.training else 0.0
-        outputs = [self.ln1(swish(self.fc1(batch, rate, keep_mask, impl=impl)))]
+        h = self.ln1(swish(self.fc1(batch, rate, keep_mask, impl=impl)))
+        earlier_sum = h  # h1 + ... + h(k-1), kept as a running sum: one add per block, not k - 1
         for k in range(2, self.N_LAYERS + 1):
-            pre = getattr(self, f"fc{k}")(outputs[-1])
-            for earlier in outputs:  # left to right, the authors' summation order
-                pre = pre + earlier
-            outputs.append(getattr(self, f"ln{k}")(swish(pre)))
-        return self.fc_mu(outputs[-1]), self.fc_logvar(outputs[-1])
+            h = getattr(self, f"ln{k}")(swish(getattr(self, f"fc{k}")(h) + earlier_sum))
+            if k < self.N_LAYERS:
+                earlier_sum = earlier_sum + h
+        return self.fc_mu(h), self.fc_logvar(h)
 
 
 class CompositePrior(nn.Module):

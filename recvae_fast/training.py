@@ -27,6 +27,7 @@ from .atomic import atomic_write_text
 from .metrics import check_cutoffs
 from .model import RecVAE
 from .optim import RowSparseAdam
+from . import workspace
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
@@ -179,6 +180,7 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, bars)
             n_batches += 1
             if bars is not None:
                 bars.update(1)
+    workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 

@@ -143,3 +143,15 @@ def test_block_rule_fills_half_of_l2(monkeypatch):
     assert cb.item_block_size(100_000, 8) == 64  # floored
     with pytest.raises(ValueError):
         cb.item_block_size(10, 0)
+
+
+def test_kept_probabilities_budget_is_an_eighth_of_memory(monkeypatch):
+    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", None)
+    monkeypatch.setattr(torch_ops, "_memory_bytes", lambda device: 24 << 30)
+    assert torch_ops.kept_probs_budget(torch.device("cpu")) == 3 << 30
+    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", 12345)
+    assert torch_ops.kept_probs_budget(torch.device("cpu")) == 12345
+
+
+def test_memory_bytes_reads_the_machine():
+    assert torch_ops._memory_bytes(torch.device("cpu")) >= 1 << 30

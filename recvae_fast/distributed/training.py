@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .. import workspace
 from ..runfolder import RunFolderBusy, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
                         fc1_grad_is_row_sparse, make_optimizers)
@@ -167,6 +168,7 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng) -> dict:
             for key, value in sharded_train_step(model, train[rows], optimizers, cfg, phase).items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
+    workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
