@@ -1,7 +1,8 @@
 """Build script for recvae_fast.
 
 `kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
-The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums) are compiled with pybind11 only;
+The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the
+NLL's per-block online softmax) are compiled with pybind11 only;
 they take raw buffers, so the build never needs torch.
 """
 import os
@@ -33,6 +34,15 @@ ext_modules = [
         ["csrc/sparse_rows.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"] + openmp,
+        extra_link_args=openmp,
+    ),
+    Pybind11Extension(
+        "recvae_fast._online_softmax",
+        ["csrc/online_softmax.cpp"],
+        cxx_std=17,
+        # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
+        # -fno-trapping-math: floor() vectorises (it changes no value, only FP exception flags).
+        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-trapping-math"] + openmp,
         extra_link_args=openmp,
     ),
 ]

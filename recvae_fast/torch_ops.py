@@ -4,8 +4,9 @@ Same contracts as the Triton ops in recvae_fast.kernels (same arguments, same re
 - sparse_input_layer: h1_pre[u] = b1 + Σ_{i∈nz(u)} c_ui·W1[i], c_ui = x_ui·m_ui / ((1−p)·‖x_u‖)
 - multinomial_nll:   −mll_u = n_u·LSE_u − Σ_{i∈nz(u)} x_ui·logit_ui, logits = z·Wdᵀ + bd
 The first gathers W1 rows with embedding_bag (no B × I input; its weight gradient comes from the
-C++ CSR row sums on the CPU); the second streams cache-sized item blocks (recvae_fast.cache_blocks)
-and saves the B log-sum-exps for backward. Only in the decoder phase, and within kept_probs_budget
+C++ CSR row sums on the CPU); the second streams cache-sized item blocks (recvae_fast.cache_blocks),
+each block's max / exp / sum in one C++ call on the CPU (csrc/online_softmax.cpp), and saves the B
+log-sum-exps for backward. Only in the decoder phase, and within kept_probs_budget
 (an eighth of memory), does it keep each block's probabilities (B × I in all) so that backward
 needs no second logits product. Large outputs live in recycled memory (recvae_fast.workspace).
 """
@@ -67,6 +68,19 @@ def kept_max_rows(n_items: int, item_block: int) -> int:
     return -(-n_items // (item_block or _MIN_BLOCK))
 
 
+# False: the NLL's forward takes the torch-ops route on the CPU too (tests compare both routes).
+USE_CPP_SOFTMAX = True
+
+
+def _online_softmax_extension(z: torch.Tensor):
+    """csrc/online_softmax.cpp's module where it applies (CPU, float32/float64), else None."""
+    if not USE_CPP_SOFTMAX or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+        return None
+    from . import _online_softmax  # loaded on first use, not when the package is imported
+
+    return _online_softmax
+
+
 def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_grad_z: bool, keep_probs: bool):
     """The blocked NLL's forward: (nll [B], lse [B], dz_per_g, kept, kept_max, block_used).
 
@@ -87,6 +101,9 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     block = item_block or item_block_size(n_users, z.element_size())
     run_max = torch.full((n_users,), float("-inf"), dtype=z.dtype, device=z.device)
     run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
+    rescale = torch.empty_like(run_sum)
+    fused = _online_softmax_extension(z)  # the per-block softmax step in C++ (CPU), else torch ops
+    threads = max(1, torch.get_num_threads())
     expected_w = torch.zeros_like(z) if want_grad_z else z.new_empty(0)
     if keep_probs:  # each block's logits (then probabilities) are written where they are kept
         kept = recycled_empty("multinomial_nll.kept", (n_users * n_items,), z.dtype, z.device)
@@ -101,15 +118,19 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
         else:
             logits = logits_buffer[: n_users * width].view(n_users, width)
         torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
-        new_max = torch.maximum(run_max, logits.amax(dim=1))
-        rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first block
-        probs = logits.sub_(new_max[:, None]).exp_()
-        run_sum.mul_(rescale).add_(probs.sum(dim=1))
+        probs = logits  # exponentiated in place: exp(logits − run_max) after the max's update
+        if fused is not None:
+            fused.online_softmax_block(logits.numpy(), run_max.numpy(), run_sum.numpy(), rescale.numpy(), threads)
+        else:
+            new_max = torch.maximum(run_max, logits.amax(dim=1))
+            torch.exp(run_max - new_max, out=rescale)  # exp(-inf) = 0 on the first block
+            logits.sub_(new_max[:, None]).exp_()
+            run_sum.mul_(rescale).add_(probs.sum(dim=1))
+            run_max = new_max
         if want_grad_z:
             expected_w.mul_(rescale[:, None]).addmm_(probs, w_block)
         if keep_probs:
-            kept_max[k] = new_max
-        run_max = new_max
+            kept_max[k] = run_max
     lse = run_max + torch.log(run_sum)
     # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]: one bag over the nonzeros.
     x_weight = F.embedding_bag(
@@ -135,29 +156,38 @@ def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, k
     grad_b = torch.empty_like(bias)
     # The sparse −g·x part goes into each block's G before its product, so dWd and dbd take one
     # product and one sum per block; nonzeros sorted by item give each block a contiguous slice.
+    # Per-block views and indices are made for all blocks at once: each small torch call costs
+    # ~10 µs, which at 20 blocks adds up to milliseconds.
     row_ids = batch.row_ids()
     order = torch.argsort(indices, stable=True)
     items_sorted = indices[order]
-    rows_sorted = row_ids[order]
     gx_sorted = (grad_nll[row_ids] * values)[order]
+    item_block_start = torch.div(items_sorted, block, rounding_mode="floor") * block
+    # each nonzero's position in its block's row-major B × width G
+    flat = row_ids[order] * (n_items - item_block_start).clamp_(max=block) + (items_sorted - item_block_start)
     block_starts = torch.arange(0, n_items + block, block, device=z.device).clamp_(max=n_items)
-    bounds = torch.searchsorted(items_sorted, block_starts).tolist()
+    bounds = torch.searchsorted(items_sorted, block_starts)[1:-1].tolist()
+    flat_blocks, gx_blocks = flat.tensor_split(bounds), gx_sorted.tensor_split(bounds)
+    widths = [min(block, n_items - start) for start in range(0, n_items, block)]
+    grad_w_blocks, grad_b_blocks = grad_w.split(block), grad_b.split(block)
     scale = grad_nll * batch.row_sums()
+    if kept.numel():
+        prob_blocks = kept.split([n_users * width for width in widths])
+        block_scales = (scale * torch.exp(kept_max[: len(widths)] - lse)).unsqueeze(-1)
+    else:
+        weight_blocks, bias_blocks = weight.split(block), bias.split(block)
+        scale = scale.unsqueeze(-1)
     g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
-    for k, start in enumerate(range(0, n_items, block)):
-        width = min(block, n_items - start)
+    for k, width in enumerate(widths):
         g_block = g_buffer[: n_users * width].view(n_users, width)
         if kept.numel():
-            probs = kept[n_users * start : n_users * (start + width)].view(n_users, width)
-            torch.mul(probs, (scale * torch.exp(kept_max[k] - lse))[:, None], out=g_block)
+            torch.mul(prob_blocks[k].view(n_users, width), block_scales[k], out=g_block)
         else:
-            torch.addmm(bias[start : start + block], z, weight[start : start + block].t(), out=g_block)
-            g_block.sub_(lse[:, None]).exp_().mul_(scale[:, None])
-        lo, hi = bounds[k], bounds[k + 1]
-        flat = rows_sorted[lo:hi] * width + (items_sorted[lo:hi] - start)
-        g_block.view(-1).index_add_(0, flat, gx_sorted[lo:hi], alpha=-1)
-        torch.mm(g_block.t(), z, out=grad_w[start : start + block])
-        torch.sum(g_block, dim=0, out=grad_b[start : start + block])
+            torch.addmm(bias_blocks[k], z, weight_blocks[k].t(), out=g_block)
+            g_block.sub_(lse[:, None]).exp_().mul_(scale)
+        g_block.view(-1).index_add_(0, flat_blocks[k], gx_blocks[k], alpha=-1)
+        torch.mm(g_block.t(), z, out=grad_w_blocks[k])
+        torch.sum(g_block, dim=0, out=grad_b_blocks[k])
     return grad_w, grad_b
 
 

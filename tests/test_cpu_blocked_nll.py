@@ -50,11 +50,17 @@ def assert_match(out, grads, ref, ref_grads, dtype):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
+@pytest.fixture(params=[True, False], ids=["cpp-softmax", "torch-softmax"])
+def softmax_route(request, monkeypatch):
+    """The forward's per-block softmax step: the C++ one (CPU default) or the torch ops (elsewhere)."""
+    monkeypatch.setattr(torch_ops, "USE_CPP_SOFTMAX", request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("block", [1, 6, N_ITEMS - 1, N_ITEMS, N_ITEMS + 5], ids=lambda b: f"block{b}")
 @pytest.mark.parametrize("phase", list(FLAGS))
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_probs):
+def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_probs, softmax_route):
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, dtype)
     assert batch.row_sums()[0] == 0 and batch.indptr[2] - batch.indptr[1] == 1  # an empty and a one-item user
 
@@ -65,7 +71,7 @@ def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_prob
 
 
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_large_logits_stay_finite_and_exact(keep_probs):
+def test_large_logits_stay_finite_and_exact(keep_probs, softmax_route):
     """Logits of ±hundreds: the running max and the per-block exp(m − LSE) scale must not overflow."""
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=3, z_scale=300.0)
 
