@@ -103,7 +103,8 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
     rescale = torch.empty_like(run_sum)
     fused = _online_softmax_extension(z)  # the per-block softmax step in C++ (CPU), else torch ops
-    threads = max(1, torch.get_num_threads())
+    if fused is not None:  # numpy views made once: a conversion per block costs microseconds each
+        row_state = (run_max.numpy(), run_sum.numpy(), rescale.numpy(), max(1, torch.get_num_threads()))
     expected_w = torch.zeros_like(z) if want_grad_z else z.new_empty(0)
     if keep_probs:  # each block's logits (then probabilities) are written where they are kept
         kept = recycled_empty("multinomial_nll.kept", (n_users * n_items,), z.dtype, z.device)
@@ -120,7 +121,7 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
         torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
         probs = logits  # exponentiated in place: exp(logits − run_max) after the max's update
         if fused is not None:
-            fused.online_softmax_block(logits.numpy(), run_max.numpy(), run_sum.numpy(), rescale.numpy(), threads)
+            fused.online_softmax_block(logits.numpy(), *row_state)
         else:
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             torch.exp(run_max - new_max, out=rescale)  # exp(-inf) = 0 on the first block
