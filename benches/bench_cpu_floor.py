@@ -174,7 +174,7 @@ def test_nll_vs_floor_1m_items(phase):
     batch, z, weight, bias = nll_inputs(n_items)
     blocks = (512, 1024, 2048)  # a shorter sweep: each pass here takes seconds
     floor = nll_floor(z, weight, bias, phase, repeats=2, blocks=blocks)
-    op_s = best_time(nll_step(batch, z, weight, bias, phase), 2)
+    op_s = best_time(nll_step(batch, z, weight, bias, phase), 3)
     report(
         f"{phase} NLL fwd+bwd, {n_items} items: {op_s * 1e3:.0f} ms, floor {floor['floor'] * 1e3:.0f} ms "
         f"(logits {floor['logits'] * 1e3:.0f}, second product {floor['second product'] * 1e3:.0f}, "

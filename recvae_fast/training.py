@@ -100,9 +100,9 @@ def fc1_grad_is_row_sparse(cfg: TrainConfig, train) -> bool:
     CPU when the catalogue has at least twice as many items as a batch has nonzeros on average.
 
     Measured on the CPU (benches/bench_fc1_optimizer.py, B 500, ~75 items per user): fc1 backward +
-    Adam step 3.6x faster row-sparse at 1M items, 0.6x (slower) at 20k items, where a batch touches
-    most rows and the row-sparse gradient (one row per nonzero) is larger than the dense one. On
-    CUDA the dense layout stays the default until a GPU run of benches/gpu_check.py measures both.
+    Adam step 1.6x faster row-sparse at 1M items, the same speed at 20k items, where a batch touches
+    most rows. On CUDA the dense layout stays the default until a GPU run of benches/gpu_check.py
+    measures both.
     """
     if cfg.sparse_fc1_grad is not None:
         return cfg.sparse_fc1_grad
