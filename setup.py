@@ -1,9 +1,8 @@
 """Build script for recvae_fast.
 
 `kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
-The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the
-NLL's per-block online softmax) are compiled with pybind11 only;
-they take raw buffers, so the build never needs torch.
+The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the NLL's per-block
+online softmax) are compiled with pybind11 only; they take raw buffers, so the build never needs torch.
 """
 import os
 

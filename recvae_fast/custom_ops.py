@@ -195,7 +195,6 @@ def _(indptr, cols, weights, table, recycle_key, num_threads):
     return table.new_empty(indptr.shape[0] - 1, table.shape[1])
 
 
-
 @torch.library.custom_op("recvae_fast::topk_masked", mutates_args=(), device_types="cpu")
 def topk_masked(scores: Tensor, indptr: Tensor, indices: Tensor, k: int, num_threads: int) -> tuple[Tensor, Tensor]:
     from .topk import topk_masked_cpp

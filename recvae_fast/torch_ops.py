@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .cache_blocks import _MIN_BLOCK, item_block_size
+from .cache_blocks import _MIN_BLOCK, nll_block_size
 from .sparse import CSRBatch
 from .workspace import recycled_empty
 
@@ -98,7 +98,7 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     """
     batch = _batch_of(indptr, indices, values, weight.shape[0])
     n_users, n_items = z.shape[0], weight.shape[0]
-    block = item_block or item_block_size(n_users, z.element_size())
+    block = item_block or nll_block_size(n_users, z.element_size(), keep_probs)
     run_max = torch.full((n_users,), float("-inf"), dtype=z.dtype, device=z.device)
     run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
     rescale = torch.empty_like(run_sum)

@@ -23,11 +23,11 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from . import workspace
 from .atomic import atomic_write_text
 from .metrics import check_cutoffs
 from .model import RecVAE
 from .optim import RowSparseAdam
-from . import workspace
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.

@@ -10,7 +10,7 @@ import torch
 from helpers import random_ratings
 
 from recvae_fast import torch_ops
-from recvae_fast.cache_blocks import item_block_size
+from recvae_fast.cache_blocks import nll_block_size
 from recvae_fast.sparse import as_csr_batch
 
 N_USERS, N_ITEMS, LATENT = 9, 37, 5
@@ -89,7 +89,7 @@ def test_default_block_rule_with_several_blocks(dtype, phase):
     """multinomial_nll itself (the machine's block size), on a batch wide enough for several
     blocks and a partial last one."""
     n_users = 700
-    block = item_block_size(n_users, torch.tensor([], dtype=dtype).element_size())
+    block = nll_block_size(n_users, torch.tensor([], dtype=dtype).element_size(), keep_probs=phase != "encoder")
     n_items = 2 * block + 3
     batch, x, z, w, b, g = make_case(n_users, n_items, dtype, seed=1)
     assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, torch_ops.multinomial_nll), dtype)
@@ -161,3 +161,13 @@ def test_kept_probabilities_budget_is_an_eighth_of_memory(monkeypatch):
 
 def test_memory_bytes_reads_the_machine():
     assert torch_ops._memory_bytes(torch.device("cpu")) >= 1 << 30
+
+
+def test_kept_blocks_are_twice_the_rule(monkeypatch):
+    import recvae_fast.cache_blocks as cb
+
+    monkeypatch.setattr(cb, "l2_bytes_per_core", lambda: 2 << 20)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cb.nll_block_size(500, 4, keep_probs=False) == 1024
+    assert cb.nll_block_size(500, 4, keep_probs=True) == 2048
+    assert cb.nll_block_size(1, 4, keep_probs=True) == 1 << 16  # still capped

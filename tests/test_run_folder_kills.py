@@ -17,7 +17,7 @@ import torch
 from recvae_fast import data
 from recvae_fast.cli import main
 
-EPOCHS = 8
+EPOCHS = 30  # enough epochs (~0.05 s each) that a signal sent after the first checkpoint lands in training
 TRAIN = ["--rating-threshold", "3.5", "--epochs", str(EPOCHS), "--hidden-dim", "16", "--latent-dim", "8",
          "--batch-size", "128", "--n-enc-epochs", "1", "--heldout-users", "40", "--no-progress"]
 
