@@ -17,7 +17,7 @@ import torch
 from recvae_fast import data
 from recvae_fast.cli import main
 
-EPOCHS = 30  # enough epochs (~0.05 s each) that a signal sent after the first checkpoint lands in training
+EPOCHS = 8
 TRAIN = ["--rating-threshold", "3.5", "--epochs", str(EPOCHS), "--hidden-dim", "16", "--latent-dim", "8",
          "--batch-size", "128", "--n-enc-epochs", "1", "--heldout-users", "40", "--no-progress"]
 
@@ -54,9 +54,16 @@ def _assert_consistent(run) -> int:
     return len(history)
 
 
+def _default_sigint():
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored, and so
+    # would the trainer: restore the default so that Python turns SIGINT into KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_train(args, env):
     return subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_until(condition, proc, timeout=120.0) -> bool:
