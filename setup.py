@@ -11,39 +11,22 @@ from setuptools import setup
 
 openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
 
+
+def cpp_extension(module: str, source: str, *flags: str) -> Pybind11Extension:
+    """recvae_fast.<module> from csrc/<source>: C++17, -O3, OpenMP unless RECVAE_FAST_NO_OPENMP."""
+    return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17,
+                             extra_compile_args=["-O3", *flags, *openmp], extra_link_args=openmp)
+
+
 ext_modules = [
-    Pybind11Extension(
-        "recvae_fast._topk",
-        ["csrc/topk_masked.cpp"],
-        cxx_std=17,
-        extra_compile_args=["-O3"] + openmp,
-        extra_link_args=openmp,
-    ),
-    Pybind11Extension(
-        "recvae_fast._row_sparse_adam",
-        ["csrc/row_sparse_adam.cpp"],
-        cxx_std=17,
-        # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA
-        # contraction, so the rounding stays that of torch's separate multiply and add.
-        extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off"] + openmp,
-        extra_link_args=openmp,
-    ),
-    Pybind11Extension(
-        "recvae_fast._sparse_rows",
-        ["csrc/sparse_rows.cpp"],
-        cxx_std=17,
-        extra_compile_args=["-O3"] + openmp,
-        extra_link_args=openmp,
-    ),
-    Pybind11Extension(
-        "recvae_fast._online_softmax",
-        ["csrc/online_softmax.cpp"],
-        cxx_std=17,
-        # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
-        # -fno-trapping-math: floor() vectorises (it changes no value, only FP exception flags).
-        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-trapping-math"] + openmp,
-        extra_link_args=openmp,
-    ),
+    cpp_extension("_topk", "topk_masked.cpp"),
+    # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA contraction,
+    # so the rounding stays that of torch's separate multiply and add.
+    cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off"),
+    cpp_extension("_sparse_rows", "sparse_rows.cpp"),
+    # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
+    # -fno-trapping-math: floor() vectorises (it changes no value, only FP exception flags).
+    cpp_extension("_online_softmax", "online_softmax.cpp", "-fopenmp-simd", "-fno-trapping-math"),
 ]
 
 setup(

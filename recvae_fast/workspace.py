@@ -39,7 +39,7 @@ def recycled_empty(key: str, shape, dtype: torch.dtype, device: torch.device | s
     numel = 1
     for n in shape:
         numel *= n
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_RECYCLED_BYTES or _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:  # the check and the new tensor's reference must not interleave with another thread's
