@@ -2,7 +2,8 @@
 
 `kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
 The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the NLL's per-block
-online softmax) are compiled with pybind11 only; they take raw buffers, so the build never needs torch.
+forward and decoder-backward steps, the encoder's swish + LayerNorm) are compiled with pybind11
+only; they take raw buffers, so the build never needs torch.
 """
 import os
 
@@ -12,12 +13,16 @@ from setuptools import setup
 openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
 
 
-def cpp_extension(module: str, source: str, *flags: str) -> Pybind11Extension:
-    """recvae_fast.<module> from csrc/<source>: C++17, -O3, OpenMP unless RECVAE_FAST_NO_OPENMP."""
+def cpp_extension(module: str, source: str, *flags: str, headers: tuple[str, ...] = ()) -> Pybind11Extension:
+    """recvae_fast.<module> from csrc/<source> (and the csrc/ headers it includes): C++17, -O3,
+    OpenMP unless RECVAE_FAST_NO_OPENMP."""
     return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17,
+                             depends=[f"csrc/{h}" for h in headers],
                              extra_compile_args=["-O3", *flags, *openmp], extra_link_args=openmp)
 
 
+simd_flags = ("-fopenmp-simd", "-fno-trapping-math")
+shared_headers = ("fast_exp.h", "column_sums.h")
 ext_modules = [
     cpp_extension("_topk", "topk_masked.cpp"),
     # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA contraction,
@@ -25,8 +30,9 @@ ext_modules = [
     cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off"),
     cpp_extension("_sparse_rows", "sparse_rows.cpp"),
     # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
-    # -fno-trapping-math: floor() vectorises (it changes no value, only FP exception flags).
-    cpp_extension("_online_softmax", "online_softmax.cpp", "-fopenmp-simd", "-fno-trapping-math"),
+    # -fno-trapping-math: fast_exp.h's floor() vectorises (it changes no value, only FP exception flags).
+    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=shared_headers),
+    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=shared_headers),
 ]
 
 setup(

@@ -23,6 +23,13 @@ a batch is passed as (indptr, indices, values).
     recvae_fast::row_sparse_adam_step(param!, exp_avg!, exp_avg_sq!, rows, grad_values, step, lr,
                                       beta1, beta2, eps, num_threads) -> ()
         the C++ row-sparse Adam step (recvae_fast.optim), in place; no autograd.
+    recvae_fast::swish_layer_norm(pre, linear_bias?, residual?, weight, bias, eps, keep_s)
+                                  -> (y, s, mean, rstd)
+        y = LayerNorm(swish(pre + linear_bias + residual)) in one pass per row (the C++
+        csrc/swish_layer_norm.cpp): the encoder's layer tail on the CPU; differentiable in pre,
+        linear_bias, residual, weight and bias when keep_s kept s (what backward needs).
+    recvae_fast::swish_layer_norm_backward(grad_y, s, mean, rstd, weight)
+        -> (grad_s, grad_weight, grad_bias, grad_linear_bias): its backward, one op.
 
 These are the "torch" and "cpp" implementations (recvae_fast.ops). The Triton implementations are
 registered with torch.library.triton_op in their own files in kernels/ (recvae_fast::triton_*).
@@ -230,3 +237,80 @@ def row_sparse_adam_step(
 @row_sparse_adam_step.register_fake
 def _(param, exp_avg, exp_avg_sq, rows, grad_values, step, lr, beta1, beta2, eps, num_threads):
     return None
+
+
+@torch.library.custom_op("recvae_fast::swish_layer_norm", mutates_args=(), device_types="cpu")
+def swish_layer_norm(
+    pre: Tensor, linear_bias: Tensor | None, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
+    keep_s: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from . import _swish_layer_norm  # loaded on first use, not when the package is imported
+
+    n_rows, width = pre.shape
+    y = pre.new_empty(n_rows, width)
+    s = pre.new_empty(n_rows, width) if keep_s else pre.new_empty(0)
+    mean, rstd = pre.new_empty(n_rows), pre.new_empty(n_rows)
+    _swish_layer_norm.forward(
+        pre.detach().contiguous().numpy(), _array_or_none(linear_bias), _array_or_none(residual),
+        weight.detach().contiguous().numpy(), bias.detach().contiguous().numpy(), eps,
+        y.numpy(), s.numpy() if keep_s else None, mean.numpy(), rstd.numpy(), torch.get_num_threads(),
+    )
+    return y, s, mean, rstd
+
+
+def _array_or_none(t: Tensor | None):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+@swish_layer_norm.register_fake
+def _(pre, linear_bias, residual, weight, bias, eps, keep_s):
+    n_rows, width = pre.shape
+    return (pre.new_empty(n_rows, width), pre.new_empty((n_rows, width) if keep_s else (0,)),
+            pre.new_empty(n_rows), pre.new_empty(n_rows))
+
+
+def _swish_layer_norm_setup(ctx, inputs, output):
+    _, s, mean, rstd = output
+    ctx.mark_non_differentiable(s, mean, rstd)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a B × H "gradient" for s, never read
+    ctx.save_for_backward(s, mean, rstd, inputs[3])
+    ctx.kept_s = inputs[6]
+
+
+@torch.library.custom_op("recvae_fast::swish_layer_norm_backward", mutates_args=(), device_types="cpu")
+def swish_layer_norm_backward(
+    grad_y: Tensor, s: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_s, grad_weight, grad_bias, grad_linear_bias): that backward, one op so that its C++ call
+    stays out of traced graphs."""
+    from . import _swish_layer_norm
+
+    grad_s = torch.empty_like(s)
+    grad_weight, grad_bias, grad_linear_bias = (torch.empty_like(weight) for _ in range(3))
+    _swish_layer_norm.backward(
+        grad_y.contiguous().numpy(), s.numpy(), mean.numpy(), rstd.numpy(), weight.detach().contiguous().numpy(),
+        grad_s.numpy(), grad_weight.numpy(), grad_bias.numpy(), grad_linear_bias.numpy(), torch.get_num_threads(),
+    )
+    return grad_s, grad_weight, grad_bias, grad_linear_bias
+
+
+@swish_layer_norm_backward.register_fake
+def _(grad_y, s, mean, rstd, weight):
+    return torch.empty_like(s), torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _swish_layer_norm_backward(ctx, grad_y, *_unused):
+    s, mean, rstd, weight = ctx.saved_tensors
+    if grad_y is None:  # y was not used in the loss
+        return None, None, None, None, None, None, None
+    if not ctx.kept_s:
+        raise RuntimeError("recvae_fast::swish_layer_norm: a gradient is needed but the op ran with keep_s=False")
+    grad_s, grad_weight, grad_bias, grad_linear_bias = swish_layer_norm_backward(grad_y, s, mean, rstd, weight)
+    need = ctx.needs_input_grad
+    return (
+        grad_s if need[0] else None, grad_linear_bias if need[1] else None, grad_s if need[2] else None,
+        grad_weight if need[3] else None, grad_bias if need[4] else None, None, None,
+    )
+
+
+swish_layer_norm.register_autograd(_swish_layer_norm_backward, setup_context=_swish_layer_norm_setup)

@@ -69,7 +69,8 @@ class FoldInScorer(nn.Module):
         # The authors' residual stack after fc1 and its heads (scoring uses z = mu).
         dtype = state_dict["decoder.weight"].dtype
         # In the model's dtype before loading (loading into float32 layers would round float64 weights).
-        self.layers = Encoder(hidden_dim, latent_dim, 0, fc1=_GivenInputLayer()).to(dtype)
+        # Its layer tails in torch ops: the program must not call recvae_fast's own ops.
+        self.layers = Encoder(hidden_dim, latent_dim, 0, fc1=_GivenInputLayer(), fused_tails=False).to(dtype)
         self.layers.load_state_dict({
             name[len("encoder."):]: value for name, value in state_dict.items()
             if name.startswith("encoder.") and not name.startswith("encoder.fc1.")

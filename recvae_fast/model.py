@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import custom_ops as _custom_ops  # noqa: F401 - registers recvae_fast::swish_layer_norm
 from . import ops
 from .sparse import CSRBatch, as_csr_batch
 
@@ -28,7 +29,7 @@ class SparseInputLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
-        # True: weight_t.grad is a sparse COO tensor of the batch's rows (see recvae_fast.optim).
+        # True: weight_t.grad is a sparse COO tensor of the rows the batch uses (see recvae_fast.optim).
         self.sparse_grad = False
         self.bias = nn.Parameter(torch.empty(out_features))
         # nn.Linear's default initialisation: both uniform in ±1/sqrt(fan_in).
@@ -84,6 +85,33 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+# False: the encoder's layer tails take torch ops on the CPU too (tests compare both routes).
+USE_CPP_SWISH_LAYER_NORM = True
+
+
+def _fused_tail(x: torch.Tensor) -> bool:
+    """Whether recvae_fast::swish_layer_norm (C++, CPU float32/float64) runs the layer tail for x."""
+    return USE_CPP_SWISH_LAYER_NORM and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def swish_layer_norm(pre: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear | None = None,
+                     residual: torch.Tensor | None = None, *, allow_fused: bool = True) -> torch.Tensor:
+    """norm(swish(linear(pre) + residual)), or norm(swish(pre)) without linear and residual. On the
+    CPU the tail after the linear layer's product is one C++ pass per row (unless allow_fused is
+    False: torch ops only); elsewhere torch ops."""
+    if not (allow_fused and _fused_tail(pre)):
+        out = pre if linear is None else linear(pre)
+        return norm(swish(out if residual is None else out + residual))
+    if linear is not None:  # the product alone: its bias is added in the fused pass, not copied in
+        pre, linear_bias = F.linear(pre, linear.weight), linear.bias
+    else:
+        linear_bias = None
+    keep_s = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (pre, linear_bias, residual, norm.weight, norm.bias))
+    y, *_ = torch.ops.recvae_fast.swish_layer_norm(pre, linear_bias, residual, norm.weight, norm.bias, norm.eps, keep_s)
+    return y
+
+
 def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(x | mu, exp(logvar)), elementwise."""
     return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
@@ -92,12 +120,15 @@ def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
 class Encoder(nn.Module):
     """q(z|x): fc1 on the CSR batch, then four residual blocks (block k adds every earlier block's
     output to its linear layer's), each swish then LayerNorm (eps 0.1), and the mu / logvar heads.
-    Modules are named fc1..fc5, ln1..ln5, fc_mu, fc_logvar, as in the authors' checkpoints."""
+    Modules are named fc1..fc5, ln1..ln5, fc_mu, fc_logvar, as in the authors' checkpoints.
+    fused_tails=False keeps the layer tails in torch ops (for a graph that must run with torch alone)."""
 
     N_LAYERS = 5
 
-    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1, *, fc1=None):
+    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1, *, fc1=None,
+                 fused_tails: bool = True):
         super().__init__()
+        self.fused_tails = fused_tails
         # fc1 may be given (the item-sharded model passes its shard of the input layer).
         self.fc1 = SparseInputLinear(input_dim, hidden_dim) if fc1 is None else fc1
         self.ln1 = nn.LayerNorm(hidden_dim, eps=eps)
@@ -109,10 +140,11 @@ class Encoder(nn.Module):
 
     def forward(self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
         rate = dropout_rate if self.training else 0.0
-        h = self.ln1(swish(self.fc1(batch, rate, keep_mask, impl=impl)))
+        fused = self.fused_tails
+        h = swish_layer_norm(self.fc1(batch, rate, keep_mask, impl=impl), self.ln1, allow_fused=fused)
         earlier_sum = h  # h1 + ... + h(k-1), kept as a running sum: one add per block, not k - 1
         for k in range(2, self.N_LAYERS + 1):
-            h = getattr(self, f"ln{k}")(swish(getattr(self, f"fc{k}")(h) + earlier_sum))
+            h = swish_layer_norm(h, getattr(self, f"ln{k}"), getattr(self, f"fc{k}"), earlier_sum, allow_fused=fused)
             if k < self.N_LAYERS:
                 earlier_sum = earlier_sum + h
         return self.fc_mu(h), self.fc_logvar(h)

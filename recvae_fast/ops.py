@@ -123,7 +123,9 @@ def sparse_input_layer(
 ) -> torch.Tensor:
     """fc1 over the nonzeros of `batch`: h1_pre [B, H] = bias + Σ_{i∈nz(u)} c_ui·weight_t[i], with
     c_ui = x_ui·m_ui / ((1 − dropout_rate)·‖x_u‖); weight_t is W1 stored I × H. sparse_grad=True makes
-    weight_t's gradient a sparse COO tensor of the batch's rows only."""
+    weight_t's gradient a sparse COO tensor of the rows the batch uses (the torch implementation
+    skips the nonzeros dropout drops, so their rows may be absent: RowSparseAdam steps an absent row
+    as a zero one)."""
     if resolve_impl("sparse_input_layer", impl, weight_t.device) == "triton":
         op = import_kernel("sparse_input_layer", "sparse_input_layer")
     else:

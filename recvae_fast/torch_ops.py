@@ -4,11 +4,11 @@ Same contracts as the Triton ops in recvae_fast.kernels (same arguments, same re
 - sparse_input_layer: h1_pre[u] = b1 + Σ_{i∈nz(u)} c_ui·W1[i], c_ui = x_ui·m_ui / ((1−p)·‖x_u‖)
 - multinomial_nll:   −mll_u = n_u·LSE_u − Σ_{i∈nz(u)} x_ui·logit_ui, logits = z·Wdᵀ + bd
 The first gathers W1 rows with embedding_bag (no B × I input; its weight gradient comes from the
-C++ CSR row sums on the CPU); the second streams cache-sized item blocks (recvae_fast.cache_blocks),
-each block's max / exp / sum in one C++ call on the CPU (csrc/online_softmax.cpp), and saves the B
-log-sum-exps for backward. Only in the decoder phase, and within kept_probs_budget
-(an eighth of memory), does it keep each block's probabilities (B × I in all) so that backward
-needs no second logits product. Large outputs live in recycled memory (recvae_fast.workspace).
+C++ CSR row sums on the CPU); the second streams cache-sized item blocks (recvae_fast.cache_blocks)
+and saves the B log-sum-exps for backward. On the CPU each block's bias, target logits, max, exp and
+sum are one C++ call (csrc/nll_blocks.cpp), and so are the decoder backward's G and dbd per block.
+Only in the decoder phase, and within kept_probs_budget (an eighth of memory), does it keep each
+block's probabilities (B × I in all) so that backward needs no second logits product. Large outputs live in recycled memory (recvae_fast.workspace).
 """
 from __future__ import annotations
 
@@ -45,13 +45,23 @@ def sparse_input_layer(
     sparse_grad: bool = False,
 ) -> torch.Tensor:
     """fc1 over the nonzeros only; weight_t is W1 stored I × H so the gather reads whole rows.
-    sparse_grad=True makes weight_t's gradient a sparse COO tensor of the batch's rows only."""
+    Nonzeros that dropout drops are left out of the gather and of its backward (half the rows at
+    rate 0.5). sparse_grad=True makes weight_t's gradient a sparse COO tensor of the rows the kept
+    nonzeros touch (an absent row and a zero row step alike in RowSparseAdam)."""
     if not 0 <= dropout_rate < 1:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     if keep_mask is not None and keep_mask.shape != (batch.nnz,):
         raise ValueError(f"keep_mask must have one entry per nonzero ({batch.nnz}), got {tuple(keep_mask.shape)}")
+    if dropout_rate > 0 and keep_mask is None:
+        keep_mask = torch.rand(batch.nnz, device=batch.device) >= dropout_rate
     coef = input_coefficients(batch, dropout_rate, keep_mask)
-    return torch.ops.recvae_fast.sparse_input_layer(batch.indptr, batch.indices, coef, weight_t, bias, sparse_grad)
+    indptr, indices = batch.indptr, batch.indices
+    if dropout_rate > 0:  # a dropped nonzero's coefficient is 0: it adds nothing, and is skipped
+        kept = keep_mask != 0
+        kept_per_row = torch.zeros_like(indptr[1:]).index_add_(0, batch.row_ids(), kept.to(indptr.dtype))
+        indptr = torch.cat([indptr[:1], kept_per_row.cumsum(0)])
+        indices, coef = indices[kept], coef[kept]
+    return torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad)
 
 
 def _batch_of(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> CSRBatch:
@@ -68,17 +78,34 @@ def kept_max_rows(n_items: int, item_block: int) -> int:
     return -(-n_items // (item_block or _MIN_BLOCK))
 
 
-# False: the NLL's forward takes the torch-ops route on the CPU too (tests compare both routes).
-USE_CPP_SOFTMAX = True
+# False: the NLL takes the torch-ops route on the CPU too (tests compare both routes).
+USE_CPP_BLOCKS = True
 
 
-def _online_softmax_extension(z: torch.Tensor):
-    """csrc/online_softmax.cpp's module where it applies (CPU, float32/float64), else None."""
-    if not USE_CPP_SOFTMAX or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+def _nll_blocks_extension(z: torch.Tensor):
+    """csrc/nll_blocks.cpp's module where it applies (CPU, float32/float64), else None."""
+    if not USE_CPP_BLOCKS or z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
         return None
-    from . import _online_softmax  # loaded on first use, not when the package is imported
+    from . import _nll_blocks  # loaded on first use, not when the package is imported
 
-    return _online_softmax
+    return _nll_blocks
+
+
+def _csr_cursor(extension, indptr, indices, values, dtype):
+    """The C++ walk over the batch's nonzeros block by block, and the tensors its arrays view
+    (which must stay alive as long as it does)."""
+    arrays = (indptr.contiguous(), indices.contiguous(), values.detach().to(dtype).contiguous())
+    return extension.CsrCursor(*(a.numpy() for a in arrays)), arrays
+
+
+def _unvisited(cursor, batch: CSRBatch, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, items, values in dtype) of the nonzeros the block walk did not visit (rows not sorted
+    by item, or items out of range: a batch that is not canonical), or None when it visited them all."""
+    if cursor.complete():
+        return None
+    row_ids = batch.row_ids()
+    left = torch.arange(batch.nnz, device=row_ids.device) >= torch.from_numpy(cursor.positions())[row_ids]
+    return row_ids[left], batch.indices[left], batch.values[left].to(dtype)
 
 
 def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_grad_z: bool, keep_probs: bool):
@@ -102,10 +129,13 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     run_max = torch.full((n_users,), float("-inf"), dtype=z.dtype, device=z.device)
     run_sum = torch.zeros(n_users, dtype=z.dtype, device=z.device)
     rescale = torch.empty_like(run_sum)
-    fused = _online_softmax_extension(z)  # the per-block softmax step in C++ (CPU), else torch ops
-    if fused is not None:  # numpy views made once: a conversion per block costs microseconds each
-        row_state = (run_max.numpy(), run_sum.numpy(), rescale.numpy(), max(1, torch.get_num_threads()))
     expected_w = torch.zeros_like(z) if want_grad_z else z.new_empty(0)
+    fused = _nll_blocks_extension(z)  # the per-block step in C++ (CPU), else torch ops
+    if fused is not None:  # numpy views made once: a conversion per block costs microseconds each
+        targets = torch.zeros_like(run_sum)  # Σ_i x_ui·logit_ui, gathered from each block's logits
+        cursor, _cursor_arrays = _csr_cursor(fused, indptr, indices, values, z.dtype)
+        bias_array, n_threads = bias.detach().numpy(), max(1, torch.get_num_threads())
+        row_state = (run_max.numpy(), run_sum.numpy(), rescale.numpy(), cursor)
     if keep_probs:  # each block's logits (then probabilities) are written where they are kept
         kept = recycled_empty("multinomial_nll.kept", (n_users * n_items,), z.dtype, z.device)
     else:  # one block's logits at a time, in one buffer that stays in cache
@@ -118,11 +148,13 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
             logits = kept[n_users * start : n_users * (start + width)].view(n_users, width)
         else:
             logits = logits_buffer[: n_users * width].view(n_users, width)
-        torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
         probs = logits  # exponentiated in place: exp(logits − run_max) after the max's update
-        if fused is not None:
-            fused.online_softmax_block(logits.numpy(), *row_state)
+        if fused is not None:  # the bias is added in the C++ step, not copied into the block first
+            torch.mm(z, w_block.t(), out=logits)
+            fused.online_softmax_block(logits.numpy(), bias_array[start : start + width], *row_state, start,
+                                       targets.numpy(), n_threads)
         else:
+            torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             torch.exp(run_max - new_max, out=rescale)  # exp(-inf) = 0 on the first block
             logits.sub_(new_max[:, None]).exp_()
@@ -133,13 +165,20 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
         if keep_probs:
             kept_max[k] = run_max
     lse = run_max + torch.log(run_sum)
-    # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]: one bag over the nonzeros.
-    x_weight = F.embedding_bag(
-        indices, weight, indptr, mode="sum", per_sample_weights=values, include_last_offset=True,
-    )
-    x_bias = torch.zeros_like(lse).index_add_(0, batch.row_ids(), values * bias[indices])
+    if want_grad_z or fused is None:  # Σ_i x_ui·Wd[i]: one bag over the nonzeros
+        x_weight = F.embedding_bag(
+            indices, weight, indptr, mode="sum", per_sample_weights=values, include_last_offset=True,
+        )
+    if fused is not None:
+        left = _unvisited(cursor, batch, z.dtype)
+        if left is not None:  # logit_ui of what the walk missed, from its Wd row
+            rows, items, x = left
+            targets.index_add_(0, rows, x * ((z[rows] * weight[items]).sum(dim=1) + bias[items]))
+    else:  # Σ_i x_ui·logit_ui = z_u·(Σ_i x_ui·Wd[i]) + Σ_i x_ui·bd[i]
+        x_bias = torch.zeros_like(lse).index_add_(0, batch.row_ids(), values * bias[indices])
+        targets = (z * x_weight).sum(dim=1) + x_bias
     n = batch.row_sums()
-    nll = n * lse - (z * x_weight).sum(dim=1) - x_bias
+    nll = n * lse - targets
     if want_grad_z:
         # dz/g_u: n_u·E[Wd]_u − Σ_i x_ui·Wd[i]
         expected_w.div_(run_sum[:, None]).mul_(n[:, None]).sub_(x_weight)
@@ -151,10 +190,61 @@ def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, k
     each block's logits are recomputed): G = g·n·softmax − g·x per block, dWd = Gᵀz, dbd = Σ_u G.
     Reads its inputs only."""
     batch = _batch_of(indptr, indices, values, weight.shape[0])
-    n_users, n_items = z.shape[0], weight.shape[0]
     block = int(block_used)
     grad_w = recycled_empty("multinomial_nll.grad_weight", weight.shape, weight.dtype, weight.device)
     grad_b = torch.empty_like(bias)
+    fused = _nll_blocks_extension(z)
+    if fused is not None:
+        _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b)
+    else:
+        _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b)
+    return grad_w, grad_b
+
+
+def _block_widths(n_items: int, block: int) -> list[int]:
+    return [min(block, n_items - start) for start in range(0, n_items, block)]
+
+
+def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b):
+    """nll_decoder_grads with each block's G, its sparse −g·x part and dbd in one C++ call
+    (csrc/nll_blocks.cpp), then dWd's block as one product."""
+    n_users, n_items = z.shape[0], weight.shape[0]
+    widths = _block_widths(n_items, block)
+    cursor, _cursor_arrays = _csr_cursor(fused, batch.indptr, batch.indices, batch.values, z.dtype)
+    grad_nll = grad_nll.detach().to(z.dtype).contiguous()
+    scale = grad_nll * batch.row_sums().to(z.dtype)
+    n_threads, row_grad, grad_b_array = max(1, torch.get_num_threads()), grad_nll.numpy(), grad_b.numpy()
+    g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
+    if kept.numel():
+        prob_blocks = kept.split([n_users * width for width in widths])
+        block_scales = (scale * torch.exp(kept_max[: len(widths)] - lse)).numpy()
+    else:
+        weight_blocks = weight.split(block)
+        bias_array, lse_array, scale_array = bias.detach().numpy(), lse.numpy(), scale.numpy()
+    for k, (start, width) in enumerate(zip(range(0, n_items, block), widths)):
+        g_block = g_buffer[: n_users * width].view(n_users, width)
+        if kept.numel():
+            fused.decoder_grad_block(prob_blocks[k].view(n_users, width).numpy(), g_block.numpy(), None, None,
+                                     block_scales[k], row_grad, cursor, start,
+                                     grad_b_array[start : start + width], n_threads)
+        else:  # recomputed into G's buffer: exp(z·Wdᵀ + bd − lse)·scale in place
+            torch.mm(z, weight_blocks[k].t(), out=g_block)
+            fused.decoder_grad_block(g_block.numpy(), g_block.numpy(), bias_array[start : start + width], lse_array,
+                                     scale_array, row_grad, cursor, start,
+                                     grad_b_array[start : start + width], n_threads)
+        torch.mm(g_block.t(), z, out=grad_w[start : start + width])
+    left = _unvisited(cursor, batch, z.dtype)
+    if left is not None:  # the −g·x part of what the walk missed, added to dWd and dbd directly
+        rows, items, x = left
+        gx = grad_nll[rows] * x
+        grad_w.index_add_(0, items, z[rows] * gx[:, None], alpha=-1)
+        grad_b.index_add_(0, items, gx, alpha=-1)
+
+
+def _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b):
+    """nll_decoder_grads in torch ops (GPU, other dtypes, or USE_CPP_BLOCKS off)."""
+    n_users, n_items = z.shape[0], weight.shape[0]
+    indices, values = batch.indices, batch.values
     # The sparse −g·x part goes into each block's G before its product, so dWd and dbd take one
     # product and one sum per block; nonzeros sorted by item give each block a contiguous slice.
     # Per-block views and indices are made for all blocks at once: each small torch call costs
@@ -169,7 +259,7 @@ def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, k
     block_starts = torch.arange(0, n_items + block, block, device=z.device).clamp_(max=n_items)
     bounds = torch.searchsorted(items_sorted, block_starts)[1:-1].tolist()
     flat_blocks, gx_blocks = flat.tensor_split(bounds), gx_sorted.tensor_split(bounds)
-    widths = [min(block, n_items - start) for start in range(0, n_items, block)]
+    widths = _block_widths(n_items, block)
     grad_w_blocks, grad_b_blocks = grad_w.split(block), grad_b.split(block)
     scale = grad_nll * batch.row_sums()
     if kept.numel():
@@ -189,7 +279,6 @@ def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, k
         g_block.view(-1).index_add_(0, flat_blocks[k], gx_blocks[k], alpha=-1)
         torch.mm(g_block.t(), z, out=grad_w_blocks[k])
         torch.sum(g_block, dim=0, out=grad_b_blocks[k])
-    return grad_w, grad_b
 
 
 def _host_memory_bytes() -> int:

@@ -11,7 +11,7 @@ from helpers import random_ratings
 
 from recvae_fast import torch_ops
 from recvae_fast.cache_blocks import nll_block_size
-from recvae_fast.sparse import as_csr_batch
+from recvae_fast.sparse import CSRBatch, as_csr_batch
 
 N_USERS, N_ITEMS, LATENT = 9, 37, 5
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
@@ -50,17 +50,17 @@ def assert_match(out, grads, ref, ref_grads, dtype):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
-@pytest.fixture(params=[True, False], ids=["cpp-softmax", "torch-softmax"])
-def softmax_route(request, monkeypatch):
-    """The forward's per-block softmax step: the C++ one (CPU default) or the torch ops (elsewhere)."""
-    monkeypatch.setattr(torch_ops, "USE_CPP_SOFTMAX", request.param)
+@pytest.fixture(params=[True, False], ids=["cpp-blocks", "torch-blocks"])
+def block_route(request, monkeypatch):
+    """The per-block steps of forward and decoder backward: C++ (CPU default) or torch ops (elsewhere)."""
+    monkeypatch.setattr(torch_ops, "USE_CPP_BLOCKS", request.param)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("block", [1, 6, N_ITEMS - 1, N_ITEMS, N_ITEMS + 5], ids=lambda b: f"block{b}")
 @pytest.mark.parametrize("phase", list(FLAGS))
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_probs, softmax_route):
+def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_probs, block_route):
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, dtype)
     assert batch.row_sums()[0] == 0 and batch.indptr[2] - batch.indptr[1] == 1  # an empty and a one-item user
 
@@ -71,7 +71,7 @@ def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_prob
 
 
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_large_logits_stay_finite_and_exact(keep_probs, softmax_route):
+def test_large_logits_stay_finite_and_exact(keep_probs, block_route):
     """Logits of ±hundreds: the running max and the per-block exp(m − LSE) scale must not overflow."""
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=3, z_scale=300.0)
 
@@ -130,6 +130,32 @@ def test_no_grad_and_all_users_empty():
     assert torch.equal(out, torch.zeros(4, dtype=torch.float64))
     gz, gw = torch.autograd.grad(out.sum(), (zz, ww))
     assert torch.equal(gz, torch.zeros_like(gz)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("phase", list(FLAGS))
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
+def test_rows_not_sorted_by_item(phase, keep_probs, block_route):
+    """The registered op called on CSR arrays that are not canonical (each row's items in reverse):
+    the C++ route's walk over the blocks stops at the first item out of order, and what it did not
+    visit is added afterwards; values and gradients still match the reference."""
+    batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=4)
+    rows = [batch.indices[s:e].flip(0) for s, e in zip(batch.indptr[:-1].tolist(), batch.indptr[1:].tolist())]
+    values = [batch.values[s:e].flip(0) for s, e in zip(batch.indptr[:-1].tolist(), batch.indptr[1:].tolist())]
+    reversed_rows = CSRBatch(batch.indptr, torch.cat(rows), torch.cat(values), N_ITEMS)
+    assert not torch.equal(reversed_rows.indices, batch.indices)
+
+    def nll(z, w, b, _batch):
+        return torch_ops.multinomial_nll_blocked(z, w, b, reversed_rows, 6, keep_probs=keep_probs)
+
+    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], torch.float64, nll), torch.float64)
+
+
+def test_items_out_of_range_raise(block_route):
+    batch, _, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
+    bad = CSRBatch(batch.indptr, torch.where(batch.indices == batch.indices.max(), N_ITEMS + 3, batch.indices),
+                   batch.values, N_ITEMS)
+    with pytest.raises((IndexError, RuntimeError), match="out of range|out of bounds|idx < num_embeddings"):
+        torch_ops.multinomial_nll_blocked(z, w, b, bad, 6)
 
 
 def test_bad_block_raises():

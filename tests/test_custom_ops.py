@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import model_pair, pinned_noise, random_ratings
 
-from recvae_fast import custom_ops, optim, torch_ops
+from recvae_fast import RecVAE, custom_ops, optim, torch_ops
 from recvae_fast.sparse import as_csr_batch
 from recvae_fast.topk import topk_masked
 
@@ -237,7 +237,8 @@ def test_profiler_sees_the_ops_by_name():
         phase_loss(model, batch, "decoder", keep_mask, eps).backward()
         topk_masked(torch.randn(3, 9), None, 2)
     names = {event.key for event in prof.key_averages()}
-    for op in ("sparse_input_layer", "multinomial_nll", "multinomial_nll_decoder_backward", "topk_masked"):
+    for op in ("sparse_input_layer", "multinomial_nll", "multinomial_nll_decoder_backward", "topk_masked",
+               "swish_layer_norm"):
         assert f"recvae_fast::{op}" in names, op
 
 
@@ -249,3 +250,18 @@ def test_the_model_ops_route_through_the_registered_ops():
     nll = torch_ops.multinomial_nll(leaf(N_USERS, LATENT), leaf(N_ITEMS, LATENT), leaf(N_ITEMS), batch)
     assert "recvae_fast_multinomial_nll" in type(nll.grad_fn).__name__
     assert custom_ops.multinomial_nll._qualname == "recvae_fast::multinomial_nll"
+    encoder = RecVAE(HIDDEN, LATENT, N_ITEMS).double().encoder
+    mu, _ = encoder(batch, 0.0)
+    tails = [node for node in _graph_nodes(mu.grad_fn) if "recvae_fast_swish_layer_norm" in type(node).__name__]
+    assert len(tails) == 5  # one per encoder layer
+
+
+def _graph_nodes(node, seen=None):
+    """Every autograd node reachable from node."""
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return seen
+    seen.add(node)
+    for child, _ in node.next_functions:
+        _graph_nodes(child, seen)
+    return seen

@@ -26,6 +26,13 @@ def impl(request):
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=["cpp-tail", "torch-tail"])
+def tail_route(request, monkeypatch):
+    """The encoder's layer tails (swish + LayerNorm after each linear layer): the C++ op (CPU
+    default) or torch ops (elsewhere)."""
+    monkeypatch.setattr(model, "USE_CPP_SWISH_LAYER_NORM", request.param)
+
+
 # --- the reference against values computed by hand -------------------------------------------
 
 
@@ -90,7 +97,7 @@ def test_reference_needs_gamma_or_beta():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kl", [dict(gamma=0.005), dict(beta=0.2, gamma=None)])
-def test_eval_mode_matches_reference(dtype, kl, impl):
+def test_eval_mode_matches_reference(dtype, kl, impl, tail_route):
     n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=3)
     fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
@@ -107,7 +114,7 @@ def test_eval_mode_matches_reference(dtype, kl, impl):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
-def test_training_mode_values_and_every_gradient(dtype, dropout, impl):
+def test_training_mode_values_and_every_gradient(dtype, dropout, impl, tail_route):
     n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=4)
     fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
