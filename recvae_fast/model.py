@@ -99,7 +99,7 @@ def swish_layer_norm(pre: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear | 
     """norm(swish(linear(pre) + residual)), or norm(swish(pre)) without linear and residual. On the
     CPU the tail after the linear layer's product is one C++ pass per row (unless allow_fused is
     False: torch ops only); elsewhere torch ops."""
-    if not (allow_fused and _fused_tail(pre)):
+    if not (allow_fused and _fused_tail(pre) and norm.weight is not None and norm.bias is not None):
         out = pre if linear is None else linear(pre)
         return norm(swish(out if residual is None else out + residual))
     if linear is not None:  # the product alone: its bias is added in the fused pass, not copied in
