@@ -7,8 +7,8 @@
 //   mean = Σ t / H;  rstd = 1 / sqrt(Σ (t − mean)² / H + eps)   (biased variance, as LayerNorm)
 //   y = (t − mean)·rstd·gamma + beta
 // In torch ops that is an add (plus addmm's bias copy), silu and layer_norm: three to four passes
-// over a B × H tensor, each a fresh allocation, and two more tensors kept for backward; here one
-// pass, keeping s, mean and rstd.
+// over a B × H tensor, each a fresh allocation, and two B × H tensors kept for backward; here one
+// call per row (its passes over the row in L1), keeping s, mean and rstd.
 //
 // Backward, from dy and the kept s, mean, rstd (t and t̂ = (t − mean)·rstd recomputed):
 //   dt̂ = dy·gamma;  dt = rstd·(dt̂ − mean(dt̂) − t̂·mean(dt̂·t̂))
@@ -16,8 +16,9 @@
 //   dgamma = Σ_rows dy·t̂;  dbeta = Σ_rows dy;  dlinear_bias = Σ_rows ds
 //
 // σ(s) = 1/(1 + e) for s ≥ 0 and e/(1 + e) for s < 0, with e = exp(−|s|) ≤ 1: no overflow, and the
-// exp is fast_exp.h's vectorised one (under one ulp). Sums are taken in T
-// across vector lanes (per thread, then the threads' column sums added in double). Rows are spread over OpenMP threads (torch's pool) with the GIL released.
+// exp is fast_exp.h's vectorised one (under one ulp). Sums are taken in T across vector lanes (the
+// column sums per thread, then the threads' added in double). Rows are spread over OpenMP threads
+// (torch's pool) with the GIL released.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
