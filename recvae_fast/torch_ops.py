@@ -134,7 +134,7 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     if fused is not None:  # numpy views made once: a conversion per block costs microseconds each
         targets = torch.zeros_like(run_sum)  # Σ_i x_ui·logit_ui, gathered from each block's logits
         cursor, _cursor_arrays = _csr_cursor(fused, indptr, indices, values, z.dtype)
-        bias_array, n_threads = bias.detach().numpy(), max(1, torch.get_num_threads())
+        bias_array, n_threads = bias.detach().contiguous().numpy(), max(1, torch.get_num_threads())
         row_state = (run_max.numpy(), run_sum.numpy(), rescale.numpy(), cursor)
     if keep_probs:  # each block's logits (then probabilities) are written where they are kept
         kept = recycled_empty("multinomial_nll.kept", (n_users * n_items,), z.dtype, z.device)
@@ -220,7 +220,7 @@ def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_
         block_scales = (scale * torch.exp(kept_max[: len(widths)] - lse)).numpy()
     else:
         weight_blocks = weight.split(block)
-        bias_array, lse_array, scale_array = bias.detach().numpy(), lse.numpy(), scale.numpy()
+        bias_array, lse_array, scale_array = bias.detach().contiguous().numpy(), lse.numpy(), scale.numpy()
     for k, (start, width) in enumerate(zip(range(0, n_items, block), widths)):
         g_block = g_buffer[: n_users * width].view(n_users, width)
         if kept.numel():

@@ -150,6 +150,24 @@ def test_rows_not_sorted_by_item(phase, keep_probs, block_route):
     assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], torch.float64, nll), torch.float64)
 
 
+@pytest.mark.parametrize("phase", list(FLAGS))
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
+def test_strided_inputs(phase, keep_probs, block_route):
+    """z, Wd and bd given as views with gaps between their elements (a slice of a wider tensor):
+    the C++ route reads them as the torch route does."""
+    batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=5)
+
+    def widened(t):  # the same values, every other element of a tensor twice as wide
+        return torch.stack([t, torch.full_like(t, 99.0)], dim=-1).flatten(-2)[..., ::2]
+
+    def nll(z, w, b, batch):
+        zs, ws, bs = widened(z), widened(w), widened(b)
+        assert not (zs.is_contiguous() or ws.is_contiguous() or bs.is_contiguous())
+        return torch_ops.multinomial_nll_blocked(zs, ws, bs, batch, 6, keep_probs=keep_probs)
+
+    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], torch.float64, nll), torch.float64)
+
+
 def test_items_out_of_range_raise(block_route):
     batch, _, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
     bad = CSRBatch(batch.indptr, torch.where(batch.indices == batch.indices.max(), N_ITEMS + 3, batch.indices),
