@@ -92,16 +92,17 @@ def nll_floor(z, weight, bias, phase: str, repeats: int, blocks=SWEEP) -> dict:
     return {"logits": logits, "second product": second, "exp": exp, "floor": logits + second + exp}
 
 
-def encoder_products(n_rows: int, hidden: int, latent: int, phase: str, dtype=torch.float32):
+def encoder_products(n_rows: int, hidden: int, latent: int, phase: str, dtype=torch.float32, prior_forward=True):
     """The encoder MLP's dense products a training step of `phase` cannot avoid, timed as bare GEMMs
     on random inputs of the same shapes: per encoder forward, fc2..fc5 (B × H · H × H) and the two
     heads (B × H · H × K). Encoder phase: the encoder forward, its backward (dX and dW of each of
-    those layers) and the prior's old encoder forward. Decoder phase: the encoder forward only."""
+    those layers) and, with prior_forward, the prior's old encoder forward (fit reads it from its
+    cache instead). Decoder phase: the encoder forward only."""
     x_h, x_k = torch.randn(n_rows, hidden, dtype=dtype), torch.randn(n_rows, latent, dtype=dtype)
     w_hh, w_kh = torch.randn(hidden, hidden, dtype=dtype), torch.randn(latent, hidden, dtype=dtype)
     out_bh, out_bk = torch.empty(n_rows, hidden, dtype=dtype), torch.empty(n_rows, latent, dtype=dtype)
     out_hh, out_kh = torch.empty(hidden, hidden, dtype=dtype), torch.empty(latent, hidden, dtype=dtype)
-    forwards = 2 if phase == "encoder" else 1  # the encoder, and in the encoder phase the prior's copy
+    forwards = 2 if phase == "encoder" and prior_forward else 1  # the encoder, and maybe the prior's copy
 
     def run():
         for _ in range(forwards):
@@ -132,11 +133,15 @@ def adam_step(shapes, dtype=torch.float32):
 def step_floor(z, weight, bias, hidden: int, phase: str, repeats: int, blocks=SWEEP) -> dict:
     """The floor of a whole training step of `phase` (the encoder or decoder half): the NLL floor
     (nll_floor), the encoder MLP's products (encoder_products) and one fused Adam step over the
-    phase's parameters, each timed alone; their sum under "step floor"."""
+    phase's parameters, each timed alone; their sum under "step floor". Encoder phase: also
+    "cached step floor", without the prior's old-encoder products (the step as fit runs it)."""
     n_rows, latent = z.shape
     n_items = weight.shape[0]
     parts = nll_floor(z, weight, bias, phase, repeats, blocks)
     parts["MLP products"] = best_time(encoder_products(n_rows, hidden, latent, phase, z.dtype), repeats)
+    if phase == "encoder":
+        parts["MLP products, prior cached"] = best_time(
+            encoder_products(n_rows, hidden, latent, phase, z.dtype, prior_forward=False), repeats)
     if phase == "encoder":
         shapes = [(n_items, hidden), (hidden,)] + [(hidden, hidden), (hidden,)] * 4 + [(latent, hidden), (latent,)] * 2
         shapes += [(hidden,)] * 10  # the five LayerNorms
@@ -144,6 +149,8 @@ def step_floor(z, weight, bias, hidden: int, phase: str, repeats: int, blocks=SW
         shapes = [(n_items, latent), (n_items,)]
     parts["Adam"] = best_time(adam_step(shapes, z.dtype), repeats)
     parts["step floor"] = parts["floor"] + parts["MLP products"] + parts["Adam"]
+    if phase == "encoder":
+        parts["cached step floor"] = parts["floor"] + parts["MLP products, prior cached"] + parts["Adam"]
     return parts
 
 

@@ -112,6 +112,19 @@ def swish_layer_norm(pre: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear | 
     return y
 
 
+def check_posterior(name: str, posterior, shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, logvar), each of `shape` (batch × latent_dim) and of like's dtype and device, or a
+    ValueError naming `name`."""
+    if not (isinstance(posterior, (tuple, list)) and len(posterior) == 2
+            and all(isinstance(t, torch.Tensor) for t in posterior)):
+        raise ValueError(f"{name} must be a pair of tensors (mu, logvar), got {type(posterior).__name__}")
+    for part, t in zip(("mu", "logvar"), posterior):
+        if tuple(t.shape) != tuple(shape) or t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"{name}: {part} is {tuple(t.shape)} {t.dtype} on {t.device}, expected "
+                             f"{tuple(shape)} {like.dtype} on {like.device} (batch × latent_dim)")
+    return posterior[0], posterior[1]
+
+
 def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(x | mu, exp(logvar)), elementwise."""
     return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
@@ -165,9 +178,17 @@ class CompositePrior(nn.Module):
         self.encoder_old = Encoder(hidden_dim, latent_dim, input_dim) if encoder_old is None else encoder_old
         self.encoder_old.requires_grad_(False)
 
-    def forward(self, batch: CSRBatch, z: torch.Tensor, impl=None) -> torch.Tensor:
-        with torch.no_grad():  # frozen copy: no parameter of it, nor its input, needs a gradient
-            post_mu, post_logvar = self.encoder_old(batch, 0.0, impl=impl)
+    @torch.no_grad()  # frozen copy: no parameter of it, nor its input, needs a gradient
+    def old_posterior(self, batch: CSRBatch, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_old, logvar_old): the frozen encoder's posterior for the batch, without dropout."""
+        return self.encoder_old(batch, 0.0, impl=impl)
+
+    def forward(self, batch: CSRBatch, z: torch.Tensor, impl=None, old_posterior=None) -> torch.Tensor:
+        """log p(z) per user. old_posterior: old_posterior(batch) when the caller already has it
+        (recvae_fast.fit keeps it per user while encoder_old is unchanged); None computes it."""
+        if old_posterior is None:
+            old_posterior = self.old_posterior(batch, impl)
+        post_mu, post_logvar = check_posterior("old_posterior", old_posterior, z.shape, z)
         log_components = torch.stack([
             log_norm_pdf(z, self.mu_prior, self.logvar_prior),
             log_norm_pdf(z, post_mu, post_logvar),
@@ -260,9 +281,15 @@ class RecVAE(nn.Module):
         with_kl: bool = True,
         keep_mask: torch.Tensor | None = None,
         eps: torch.Tensor | None = None,
+        posterior=None,
+        old_posterior=None,
     ):
         """(mll, kld) for a canonical batch. with_kl=False skips the prior and returns kld None:
-        a decoder phase needs no KL, since the KL term does not touch the decoder."""
+        a decoder phase needs no KL, since the KL term does not touch the decoder.
+        Computed parts a caller may pass in (recvae_fast.fit keeps them per user): posterior, the
+        encoder's (mu, logvar) for the batch, computed without dropout and without gradient (the
+        encoder is then not run: only for a step that does not train it); old_posterior, the
+        prior's prior.old_posterior(batch)."""
         if with_kl:
             if gamma:
                 kl_weight = gamma * batch.row_sums()
@@ -270,12 +297,18 @@ class RecVAE(nn.Module):
                 kl_weight = beta
             else:
                 raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight)")
-        mu, logvar = self.encoder(batch, dropout_rate, keep_mask, impl=self.impl)
+        if posterior is None:
+            mu, logvar = self.encoder(batch, dropout_rate, keep_mask, impl=self.impl)
+        else:
+            if dropout_rate or keep_mask is not None:
+                raise ValueError("posterior is the encoder's output without dropout: give dropout_rate 0 "
+                                 "and no keep_mask with it")
+            mu, logvar = check_posterior("posterior", posterior, (batch.n_rows, self.latent_dim), self.decoder.weight)
         z = self.reparameterize(mu, logvar, eps)
         mll = -ops.multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch, impl=self.impl).mean()
         if not with_kl:
             return mll, None
-        log_prior = self.prior(batch, z, impl=self.impl)
+        log_prior = self.prior(batch, z, impl=self.impl, old_posterior=old_posterior)
         kld = (log_norm_pdf(z, mu, logvar) - log_prior).sum(dim=-1).mul(kl_weight).mean()
         return mll, kld
 

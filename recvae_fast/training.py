@@ -5,6 +5,8 @@ Alternating mode (default), per epoch: n_enc_epochs shuffled passes that step on
 Non-alternating mode: one pass per epoch stepping both (dropout 0.5), as in the authors' code.
 Unlike the authors' loop, the part not being trained is frozen (requires_grad False), so no
 gradient is computed for it, and a decoder pass skips the KL, which does not touch the decoder.
+The prior's old-encoder posterior of each user is computed once per epoch, not in every encoder
+step (recvae_fast.posterior_cache).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import workspace
+from . import posterior_cache, workspace
 from .atomic import atomic_write_text
 from .metrics import check_cutoffs
 from .model import RecVAE
@@ -121,6 +123,8 @@ class TrainState:
     best_ndcg: float = float("-inf")
     best_epoch: int = 0
     history: list = field(default_factory=list)
+    # The pass that filled the old-posterior cache (posterior_cache.fill_record), or None.
+    posterior_fill: dict | None = None
 
 
 def _set_phase(model: RecVAE, train_encoder: bool, train_decoder: bool) -> None:
@@ -143,13 +147,16 @@ def make_optimizers(model, lr: float, sparse_fc1_grad: bool = False):
     return encoder_opt, decoder_opt
 
 
-def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -> dict:
-    """One optimisation step on a canonical batch. phase: "encoder", "decoder" or "both"."""
+def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str, *, posterior=None,
+               old_posterior=None) -> dict:
+    """One optimisation step on a canonical batch. phase: "encoder", "decoder" or "both".
+    posterior (decoder phase) and old_posterior: as RecVAE.loss_terms, when the caller has them."""
     dropout_rate = 0.0 if phase == "decoder" else cfg.dropout_rate
     _set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout_rate, with_kl=phase != "decoder")
+    mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout_rate, with_kl=phase != "decoder",
+                                posterior=posterior, old_posterior=old_posterior)
     loss = -mll if kld is None else kld - mll
     loss.backward()
     for opt in optimizers:
@@ -160,14 +167,19 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str) -
     return out
 
 
-def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, bars) -> dict:
+def _run_passes(run: _Training, train, optimizers, phase, n_passes, desc, bars) -> dict:
     """n_passes shuffled passes over the users; returns the phase's losses averaged over all batches.
     bars: the run's overall progress bar (advanced per batch; each pass gets a bar beneath it), or
-    None for no bars."""
+    None for no bars. An empty old-posterior cache is filled by the first of these passes: from
+    the encoder in a decoder phase (right after update_prior), else from the old encoder."""
+    model, cfg, rng, cache = run.model, run.cfg, run.rng, run.posterior_cache
     sums: dict[str, float] = {}
     n_batches = 0
     model.train()
     for k in range(n_passes):
+        fill = posterior_cache.pass_fill(cache, phase)
+        if fill is not None:
+            run.state.posterior_fill = posterior_cache.fill_record(fill, rng)
         users = rng.permutation(train.shape[0])
         starts = range(0, len(users), cfg.batch_size)
         pass_bar = tqdm(starts, desc=f"{desc} {phase} {k + 1}/{n_passes}", leave=False, position=1,
@@ -175,7 +187,10 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, desc, bars)
         for start in pass_bar:
             rows = np.sort(users[start : start + cfg.batch_size])
             batch = model.as_batch(train[rows])
-            for key, value in train_step(model, batch, optimizers, cfg, phase).items():
+            posterior, old_posterior = posterior_cache.step_posteriors(
+                cache, fill, phase, rows, lambda source: posterior_cache.posterior_of(model, batch, source))
+            step = train_step(model, batch, optimizers, cfg, phase, posterior=posterior, old_posterior=old_posterior)
+            for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
             if bars is not None:
@@ -308,6 +323,7 @@ class _Training:
     rng: np.random.Generator
     row_sparse_fc1: bool
     data_fingerprint: str
+    posterior_cache: posterior_cache.PosteriorCache | None
     state: TrainState = field(default_factory=TrainState)
     best_state: dict | None = None
 
@@ -320,7 +336,8 @@ def _start(inputs: FitInputs) -> _Training:
     row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
     encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, row_sparse_fc1)
     data_fp = fingerprint(train, inputs.valid_in, inputs.valid_out)
-    return _Training(cfg, model, encoder_opt, decoder_opt, rng, row_sparse_fc1, data_fp)
+    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0])
+    return _Training(cfg, model, encoder_opt, decoder_opt, rng, row_sparse_fc1, data_fp, cache)
 
 
 def _checkpoint(run: _Training) -> dict:
@@ -376,14 +393,14 @@ def _train_epoch(run: _Training, train: sp.csr_matrix, epoch: int, bars) -> dict
     record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if run.row_sparse_fc1 else "dense"}
     desc = f"epoch {epoch + 1}"
     if cfg.not_alternating:
-        both = [run.encoder_opt, run.decoder_opt]
-        record.update(_run_passes(model, train, both, cfg, "both", 1, run.rng, desc, bars))
+        record.update(_run_passes(run, train, [run.encoder_opt, run.decoder_opt], "both", 1, desc, bars))
     else:
-        record.update(_run_passes(model, train, [run.encoder_opt], cfg, "encoder", cfg.n_enc_epochs, run.rng, desc,
-                                  bars))
+        record.update(_run_passes(run, train, [run.encoder_opt], "encoder", cfg.n_enc_epochs, desc, bars))
         model.update_prior()
-        record.update(_run_passes(model, train, [run.decoder_opt], cfg, "decoder", cfg.n_dec_epochs, run.rng, desc,
-                                  bars))
+        if run.posterior_cache is not None:  # the old encoder changed: the next pass refills the cache
+            run.posterior_cache.clear()
+            run.state.posterior_fill = None
+        record.update(_run_passes(run, train, [run.decoder_opt], "decoder", cfg.n_dec_epochs, desc, bars))
     users_seen = train.shape[0] * _passes_per_epoch(cfg)
     _set_phase(model, True, True)
     record["train_time_s"] = time.perf_counter() - t0
@@ -450,6 +467,9 @@ def fit(
     checking the data fingerprint and the hyperparameters (n_epochs and patience may change).
     log_path: one JSON line per epoch, rewritten atomically from the history.
     Everything is validated before anything is written.
+    The prior's old-encoder posterior is kept per user while the old encoder is unchanged
+    (recvae_fast.posterior_cache: n_users × 2 × latent_dim numbers, up to 2 GiB), so encoder steps
+    do not run the old encoder again.
 
     Called on every rank of an initialised torch.distributed group of more than one process (e.g.
     under torchrun), with the same arguments, fit trains the item-sharded model instead
@@ -513,6 +533,15 @@ def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, prog
     run = _start(inputs)
     if resume:
         _resume(run, ckpt_path)
+        if run.posterior_cache is not None and run.state.posterior_fill is not None:
+            def batch_posterior(rows, source):
+                return rows, posterior_cache.posterior_of(run.model, run.model.as_batch(inputs.train[rows]), source)
+
+            try:  # the cache as the uninterrupted run holds it: recomputed from the same batches
+                posterior_cache.refill(run.posterior_cache, run.state.posterior_fill, inputs.train.shape[0],
+                                       inputs.cfg.batch_size, batch_posterior)
+            except ValueError as exc:
+                raise RunFolderError(f"{ckpt_path} is an inconsistent checkpoint ({exc})") from None
     log_path = Path(log_path) if log_path is not None else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -333,6 +333,44 @@ def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
     spawn(_training_worker, 2, tmp_path, 23, str(tmp_path))
 
 
+def _posterior_cache_worker(rank, n_items, out_dir, item_shards, not_alternating):
+    """The sharded fit's old-posterior cache: the old encoder runs in the first pass only (not at all
+    on a resume, which refills the cache as the cut run kept it), and the resumed run ends at the
+    uninterrupted run's weights. With data parallelism there is no cache: every encoder step runs it."""
+    from recvae_fast.model import CompositePrior
+
+    out_dir = Path(out_dir)
+    torch.set_default_dtype(torch.float64)
+    train = _data(n_items)[0]
+    calls = []
+    real = CompositePrior.old_posterior
+    CompositePrior.old_posterior = lambda self, *a, **k: calls.append(a[0].full.n_rows) or real(self, *a, **k)
+    options = dict(FIT, n_epochs=3, not_alternating=not_alternating)
+    full = gather_full_state_dict(fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "run",
+                                              **options))
+    data_size = 4 // item_shards
+    passes_with_kl = options["n_epochs"] * (1 if not_alternating else options["n_enc_epochs"])
+    if data_size == 1:
+        assert sum(calls) == train.shape[0]
+    else:  # this rank's part of every batch of every pass with the KL
+        n_batches = -(-train.shape[0] // options["batch_size"])
+        assert len(calls) == passes_with_kl * n_batches
+    fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "cut", **{**options, "n_epochs": 1})
+    calls.clear()
+    resumed = gather_full_state_dict(fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "cut",
+                                                 resume=True, **options))
+    if data_size == 1:  # refilled: from the encoder (alternating) or from the old encoder, epoch 1's batches
+        assert sum(calls) == (train.shape[0] if not_alternating else 0)
+    if rank == 0:
+        for key, value in full.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"resumed {key}")
+
+
+@pytest.mark.parametrize("item_shards, not_alternating", [(4, False), (4, True), (2, False)])
+def test_sharded_fit_keeps_the_old_posterior_per_user(tmp_path, item_shards, not_alternating):
+    spawn(_posterior_cache_worker, 4, tmp_path, 23, str(tmp_path), item_shards, not_alternating)
+
+
 def _one_step(model, ratings, optimizers, cfg):
     """One pinned encoder step (same mask and ε everywhere) on a RecVAE or a ShardedRecVAE."""
     torch.manual_seed(11)

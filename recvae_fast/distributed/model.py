@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..cache_blocks import item_block_size
-from ..model import CompositePrior, Encoder, RecVAE, log_norm_pdf
+from ..model import CompositePrior, Encoder, RecVAE, check_posterior, log_norm_pdf
 from ..sparse import CSRBatch, as_csr_batch
 from ..torch_ops import input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
@@ -349,9 +349,10 @@ class ShardedRecVAE(nn.Module):
         return ShardView(batch, self.layout.lo, self.layout.hi)
 
     def user_terms(self, view: ShardView, beta=None, gamma=1, dropout_rate=0.5, *, with_kl=True,
-                   keep_mask=None, eps=None):
+                   keep_mask=None, eps=None, posterior=None, old_posterior=None):
         """Per-user (−mll_u, kl_u·w_u) for the batch (kl None without with_kl). Same random draws,
-        in the same order, as RecVAE.loss_terms: the keep mask over all nonzeros, then ε."""
+        in the same order, as RecVAE.loss_terms: the keep mask over all nonzeros, then ε.
+        posterior and old_posterior: as RecVAE.loss_terms, for the view's users."""
         if with_kl:
             if gamma:
                 kl_weight = gamma * view.full.row_sums()
@@ -359,18 +360,27 @@ class ShardedRecVAE(nn.Module):
                 kl_weight = beta
             else:
                 raise ValueError("give gamma (KL weight gamma * n_u) or beta (constant KL weight)")
-        mu, logvar = self.encoder(view, dropout_rate, keep_mask, impl=self.impl)
+        if posterior is None:
+            mu, logvar = self.encoder(view, dropout_rate, keep_mask, impl=self.impl)
+        else:
+            if dropout_rate or keep_mask is not None:
+                raise ValueError("posterior is the encoder's output without dropout: give dropout_rate 0 "
+                                 "and no keep_mask with it")
+            mu, logvar = check_posterior("posterior", posterior, (view.full.n_rows, self.latent_dim),
+                                          self.decoder.weight)
         z = self.reparameterize(mu, logvar, eps)
         nll = sharded_multinomial_nll(z, self.decoder.weight, self.decoder.bias, view, self.layout, self.impl)
         if not with_kl:
             return nll, None
-        kl = (log_norm_pdf(z, mu, logvar) - self.prior(view, z, impl=self.impl)).sum(dim=-1).mul(kl_weight)
+        log_prior = self.prior(view, z, impl=self.impl, old_posterior=old_posterior)
+        kl = (log_norm_pdf(z, mu, logvar) - log_prior).sum(dim=-1).mul(kl_weight)
         return nll, kl
 
     def loss_terms(self, view: ShardView, beta=None, gamma=1, dropout_rate=0.5, *, with_kl=True,
-                   keep_mask=None, eps=None):
+                   keep_mask=None, eps=None, posterior=None, old_posterior=None):
         """(mll, kld) as RecVAE.loss_terms: means over the batch's users."""
-        nll, kl = self.user_terms(view, beta, gamma, dropout_rate, with_kl=with_kl, keep_mask=keep_mask, eps=eps)
+        nll, kl = self.user_terms(view, beta, gamma, dropout_rate, with_kl=with_kl, keep_mask=keep_mask, eps=eps,
+                                  posterior=posterior, old_posterior=old_posterior)
         return -nll.mean(), None if kl is None else kl.mean()
 
     @torch.no_grad()

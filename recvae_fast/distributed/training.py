@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .. import workspace
+from .. import posterior_cache, workspace
 from ..runfolder import RunFolderBusy, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
                         fc1_grad_is_row_sparse, make_optimizers)
@@ -37,10 +37,12 @@ from .model import INITS, ShardView, ShardedRecVAE
 
 
 def sharded_backward(model: ShardedRecVAE, view: ShardView, n_batch_users: int, beta=None, gamma=1,
-                     dropout_rate: float = 0.5, *, with_kl: bool = True, keep_mask=None, eps=None) -> dict:
+                     dropout_rate: float = 0.5, *, with_kl: bool = True, keep_mask=None, eps=None,
+                     posterior=None, old_posterior=None) -> dict:
     """Backward of this rank's part of a global batch of n_batch_users users; returns the global
     batch's {"mll", "kld" (with_kl), "loss"} as floats (means over all its users)."""
-    nll, kl = model.user_terms(view, beta, gamma, dropout_rate, with_kl=with_kl, keep_mask=keep_mask, eps=eps)
+    nll, kl = model.user_terms(view, beta, gamma, dropout_rate, with_kl=with_kl, keep_mask=keep_mask, eps=eps,
+                               posterior=posterior, old_posterior=old_posterior)
     loss = nll.sum() if kl is None else nll.sum() + kl.sum()
     (loss / n_batch_users).backward()
     sums = torch.stack([nll.sum(), kl.sum() if kl is not None else nll.new_zeros(())]).detach()
@@ -129,9 +131,12 @@ def one_device_noise(model: ShardedRecVAE, full: ShardView, dropout_rate: float)
     return keep_mask, eps
 
 
-def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig, phase: str) -> dict:
+def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig, phase: str, *,
+                       given_posteriors=None) -> dict:
     """One optimisation step on a global batch (`rows`: the batch's users × items scipy matrix, the
-    same on every rank). phase: "encoder", "decoder" or "both"."""
+    same on every rank). phase: "encoder", "decoder" or "both". given_posteriors(view, part) gives
+    (posterior, old_posterior) for this rank's view of the batch (its rows `part` of the batch),
+    as RecVAE.loss_terms takes them (None: the step computes them)."""
     layout = model.layout
     dropout = 0.0 if phase == "decoder" else cfg.dropout_rate
     _set_phase(model, phase != "decoder", phase != "encoder")
@@ -139,33 +144,43 @@ def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig,
         opt.zero_grad(set_to_none=True)
     full = model.view(rows)
     keep_mask, eps = one_device_noise(model, full, dropout)
+    part = np.array_split(np.arange(rows.shape[0]), layout.data_size)[layout.data_rank]
     if layout.data_size == 1:
         view = full
     else:  # this data rank's contiguous part of the users, with their mask entries and ε
-        part = np.array_split(np.arange(rows.shape[0]), layout.data_size)[layout.data_rank]
         first, last = (int(full.full.indptr[i]) for i in (part[0], part[-1] + 1)) if len(part) else (0, 0)
         view = model.view(rows[part])
         keep_mask = keep_mask[first:last] if keep_mask is not None else None
         eps = eps[part]
+    posterior, old_posterior = given_posteriors(view, part) if given_posteriors is not None else (None, None)
     out = sharded_backward(model, view, rows.shape[0], cfg.beta, cfg.gamma, dropout, with_kl=phase != "decoder",
-                           keep_mask=keep_mask, eps=eps)
+                           keep_mask=keep_mask, eps=eps, posterior=posterior, old_posterior=old_posterior)
     reduce_gradients(model)
     for opt in optimizers:
         opt.step()
     return out
 
 
-def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng) -> dict:
+def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, state: TrainState) -> dict:
     """As recvae_fast.training: shuffled passes (the same order on every rank: one seed), the phase's
-    losses averaged over all batches."""
+    losses averaged over all batches, the old-posterior cache (or None) filled and read as there."""
     sums: dict[str, float] = {}
     n_batches = 0
     model.train()
     for _ in range(n_passes):
+        fill = posterior_cache.pass_fill(cache, phase)
+        if fill is not None:
+            state.posterior_fill = posterior_cache.fill_record(fill, rng)
         users = rng.permutation(train.shape[0])
         for start in range(0, len(users), cfg.batch_size):
             rows = np.sort(users[start : start + cfg.batch_size])
-            for key, value in sharded_train_step(model, train[rows], optimizers, cfg, phase).items():
+
+            def given_posteriors(view, part, rows=rows, fill=fill):
+                return posterior_cache.step_posteriors(
+                    cache, fill, phase, rows[part], lambda source: posterior_cache.posterior_of(model, view, source))
+
+            step = sharded_train_step(model, train[rows], optimizers, cfg, phase, given_posteriors=given_posteriors)
+            for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
     workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
@@ -248,6 +263,14 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
             raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
         state = TrainState(**saved["state"])
         rng.bit_generator.state = saved["numpy_rng"]
+    # The old-posterior cache (recvae_fast.posterior_cache), kept without data parallelism only: a
+    # rank sees just its part of each batch, so its cache would fill by parts, and the parts a
+    # resumed run recomputes could differ by rounding from those the uninterrupted run kept.
+    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0]) if layout.data_size == 1 else None
+    if cache is not None and state.posterior_fill is not None:  # a resume: the cache as the run kept it
+        posterior_cache.refill(cache, state.posterior_fill, train.shape[0], cfg.batch_size,
+                               lambda rows, source: (rows, posterior_cache.posterior_of(model, model.view(train[rows]),
+                                                                                        source)))
 
     is_writer = dist.get_rank() == 0
     log_path = Path(log_path) if log_path is not None and is_writer else None
@@ -261,12 +284,15 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
         record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
                         "item_shards": layout.n_shards, "data_parallel": layout.data_size}
         if cfg.not_alternating:
-            record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng))
+            record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, cache, state))
             passes = 1
         else:
-            record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng))
+            record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng, cache, state))
             model.update_prior()
-            record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng))
+            if cache is not None:  # the old encoder changed: the next pass refills the cache
+                cache.clear()
+                state.posterior_fill = None
+            record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng, cache, state))
             passes = cfg.n_enc_epochs + cfg.n_dec_epochs
         _set_phase(model, True, True)
         record["train_time_s"] = time.perf_counter() - t0
