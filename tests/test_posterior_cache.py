@@ -90,6 +90,19 @@ def test_resume_refills_the_cache_bit_for_bit(train, tmp_path, monkeypatch, opti
     assert fills[0] == fills[1]
 
 
+def test_a_checkpoint_from_before_the_cache_resumes(train, tmp_path):
+    """A checkpoint without posterior_fill (written before the cache existed): the resumed run's
+    first encoder pass fills the cache from the old encoder, and trains on as the uninterrupted run."""
+    full = fit(train, n_epochs=3, checkpoint_dir=tmp_path / "full", **SMALL).model
+    fit(train, n_epochs=1, checkpoint_dir=tmp_path / "cut", **SMALL)
+    path = tmp_path / "cut" / training.CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state"]["posterior_fill"]
+    torch.save(ckpt, path)
+    resumed = fit(train, n_epochs=3, checkpoint_dir=tmp_path / "cut", resume=True, **SMALL).model
+    _weights_close(full, resumed, exact=False)
+
+
 @pytest.mark.parametrize("fill, message", [
     ({"source": "decoder", "rng": {}}, "source"),
     ({"source": "encoder", "rng": {"bit_generator": "nothing"}}, "numpy generator state"),
