@@ -125,6 +125,15 @@ def check_posterior(name: str, posterior, shape: tuple, like: torch.Tensor) -> t
     return posterior[0], posterior[1]
 
 
+def check_given_posterior(posterior, shape: tuple, like: torch.Tensor, dropout_rate: float, keep_mask):
+    """check_posterior for loss_terms' `posterior`, which stands for the encoder's output without
+    dropout: a ValueError too when the step asks for dropout."""
+    if dropout_rate or keep_mask is not None:
+        raise ValueError("posterior is the encoder's output without dropout: give dropout_rate 0 and no keep_mask "
+                         "with it")
+    return check_posterior("posterior", posterior, shape, like)
+
+
 def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(x | mu, exp(logvar)), elementwise."""
     return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
@@ -300,10 +309,8 @@ class RecVAE(nn.Module):
         if posterior is None:
             mu, logvar = self.encoder(batch, dropout_rate, keep_mask, impl=self.impl)
         else:
-            if dropout_rate or keep_mask is not None:
-                raise ValueError("posterior is the encoder's output without dropout: give dropout_rate 0 "
-                                 "and no keep_mask with it")
-            mu, logvar = check_posterior("posterior", posterior, (batch.n_rows, self.latent_dim), self.decoder.weight)
+            shape = (batch.n_rows, self.latent_dim)
+            mu, logvar = check_given_posterior(posterior, shape, self.decoder.weight, dropout_rate, keep_mask)
         z = self.reparameterize(mu, logvar, eps)
         mll = -ops.multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch, impl=self.impl).mean()
         if not with_kl:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..cache_blocks import item_block_size
-from ..model import CompositePrior, Encoder, RecVAE, check_posterior, log_norm_pdf
+from ..model import CompositePrior, Encoder, RecVAE, check_given_posterior, log_norm_pdf
 from ..sparse import CSRBatch, as_csr_batch
 from ..torch_ops import input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
@@ -363,11 +363,8 @@ class ShardedRecVAE(nn.Module):
         if posterior is None:
             mu, logvar = self.encoder(view, dropout_rate, keep_mask, impl=self.impl)
         else:
-            if dropout_rate or keep_mask is not None:
-                raise ValueError("posterior is the encoder's output without dropout: give dropout_rate 0 "
-                                 "and no keep_mask with it")
-            mu, logvar = check_posterior("posterior", posterior, (view.full.n_rows, self.latent_dim),
-                                          self.decoder.weight)
+            shape = (view.full.n_rows, self.latent_dim)
+            mu, logvar = check_given_posterior(posterior, shape, self.decoder.weight, dropout_rate, keep_mask)
         z = self.reparameterize(mu, logvar, eps)
         nll = sharded_multinomial_nll(z, self.decoder.weight, self.decoder.bias, view, self.layout, self.impl)
         if not with_kl:
