@@ -81,20 +81,23 @@ def pass_fill(cache: PosteriorCache | None, phase: str) -> str | None:
     return "encoder" if phase == "decoder" else "encoder_old"
 
 
-def step_posteriors(cache: PosteriorCache | None, fill: str | None, phase: str, rows: np.ndarray, compute):
+def step_posteriors(cache: PosteriorCache | None, fill: str | None, phase: str, rows: np.ndarray, compute,
+                    store=None):
     """(posterior, old_posterior) to give a step of `phase` on the users `rows` (None: the step
     computes it), filling the cache on the way. compute(source) gives posterior_of's value for the
-    step's batch."""
+    step's batch; store(rows, posterior) puts it in the cache (default cache.put; the sharded fit
+    gathers the other data ranks' users first)."""
+    store = store or (lambda r, posterior: cache.put(r, posterior))
     if fill == "encoder":
         posterior = compute(fill)
-        cache.put(rows, posterior)
+        store(rows, posterior)
         return posterior, None
     if cache is None or phase == "decoder":
         return None, None
     old_posterior = cache.get(rows)
     if old_posterior is None:
         old_posterior = compute("encoder_old")
-        cache.put(rows, old_posterior)
+        store(rows, old_posterior)
     return None, old_posterior
 
 

@@ -334,9 +334,10 @@ def test_sharded_fit_resume_and_scoring_equal_one_device(tmp_path):
 
 
 def _posterior_cache_worker(rank, n_items, out_dir, item_shards, not_alternating):
-    """The sharded fit's old-posterior cache: the old encoder runs in the first pass only (not at all
-    on a resume, which refills the cache as the cut run kept it), and the resumed run ends at the
-    uninterrupted run's weights. With data parallelism there is no cache: every encoder step runs it."""
+    """The sharded fit's old-posterior cache: the old encoder runs in the first pass only, on each
+    rank for its part of each batch (the data group's parts are gathered), not at all on a resume
+    of an alternating run (the cache is refilled from the encoder, as the cut run's decoder pass
+    filled it), and the resumed run ends at the uninterrupted run's weights."""
     from recvae_fast.model import CompositePrior
 
     out_dir = Path(out_dir)
@@ -348,25 +349,21 @@ def _posterior_cache_worker(rank, n_items, out_dir, item_shards, not_alternating
     options = dict(FIT, n_epochs=3, not_alternating=not_alternating)
     full = gather_full_state_dict(fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "run",
                                               **options))
-    data_size = 4 // item_shards
-    passes_with_kl = options["n_epochs"] * (1 if not_alternating else options["n_enc_epochs"])
-    if data_size == 1:
+    n_batches = -(-train.shape[0] // options["batch_size"])
+    assert len(calls) == n_batches  # without the cache: n_epochs × n_enc_epochs × n_batches
+    if item_shards == 4:  # no data parallelism: this rank's part is the whole batch
         assert sum(calls) == train.shape[0]
-    else:  # this rank's part of every batch of every pass with the KL
-        n_batches = -(-train.shape[0] // options["batch_size"])
-        assert len(calls) == passes_with_kl * n_batches
     fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "cut", **{**options, "n_epochs": 1})
     calls.clear()
     resumed = gather_full_state_dict(fit_sharded(train, item_shards=item_shards, checkpoint_dir=out_dir / "cut",
                                                  resume=True, **options))
-    if data_size == 1:  # refilled: from the encoder (alternating) or from the old encoder, epoch 1's batches
-        assert sum(calls) == (train.shape[0] if not_alternating else 0)
+    assert len(calls) == (n_batches if not_alternating else 0)  # the refill, from epoch 1's batches
     if rank == 0:
         for key, value in full.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"resumed {key}")
 
 
-@pytest.mark.parametrize("item_shards, not_alternating", [(4, False), (4, True), (2, False)])
+@pytest.mark.parametrize("item_shards, not_alternating", [(4, False), (4, True), (2, False), (2, True)])
 def test_sharded_fit_keeps_the_old_posterior_per_user(tmp_path, item_shards, not_alternating):
     spawn(_posterior_cache_worker, 4, tmp_path, 23, str(tmp_path), item_shards, not_alternating)
 

@@ -161,6 +161,21 @@ def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig,
     return out
 
 
+def _batch_posterior(layout, batch_rows: np.ndarray, part_posterior):
+    """(batch_rows, the whole batch's (mu, logvar)) from this data rank's part of it: the parts of
+    the data group gathered (each padded to the largest part), in the batch's order."""
+    if layout.data_size == 1:
+        return batch_rows, part_posterior
+    sizes = [len(p) for p in np.array_split(np.arange(len(batch_rows)), layout.data_size)]
+    mine = torch.stack(part_posterior, dim=1)  # part × 2 × K
+    padded = mine.new_zeros((sizes[0],) + tuple(mine.shape[1:]))
+    padded[: len(mine)] = mine
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=layout.data_group)
+    whole = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return batch_rows, (whole[:, 0], whole[:, 1])
+
+
 def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, state: TrainState) -> dict:
     """As recvae_fast.training: shuffled passes (the same order on every rank: one seed), the phase's
     losses averaged over all batches, the old-posterior cache (or None) filled and read as there."""
@@ -177,7 +192,8 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, stat
 
             def given_posteriors(view, part, rows=rows, fill=fill):
                 return posterior_cache.step_posteriors(
-                    cache, fill, phase, rows[part], lambda source: posterior_cache.posterior_of(model, view, source))
+                    cache, fill, phase, rows[part], lambda source: posterior_cache.posterior_of(model, view, source),
+                    lambda _, posterior: cache.put(*_batch_posterior(model.layout, rows, posterior)))
 
             step = sharded_train_step(model, train[rows], optimizers, cfg, phase, given_posteriors=given_posteriors)
             for key, value in step.items():
@@ -263,14 +279,16 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
             raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
         state = TrainState(**saved["state"])
         rng.bit_generator.state = saved["numpy_rng"]
-    # The old-posterior cache (recvae_fast.posterior_cache), kept without data parallelism only: a
-    # rank sees just its part of each batch, so its cache would fill by parts, and the parts a
-    # resumed run recomputes could differ by rounding from those the uninterrupted run kept.
-    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0]) if layout.data_size == 1 else None
+    # The old-posterior cache (recvae_fast.posterior_cache): every rank keeps all users, its data
+    # group's parts of each batch gathered, so that each rank's cache fills in one pass.
+    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0])
     if cache is not None and state.posterior_fill is not None:  # a resume: the cache as the run kept it
-        posterior_cache.refill(cache, state.posterior_fill, train.shape[0], cfg.batch_size,
-                               lambda rows, source: (rows, posterior_cache.posterior_of(model, model.view(train[rows]),
-                                                                                        source)))
+        def batch_posterior(rows, source):  # as a step computes its part, then the group's parts gathered
+            part = np.array_split(np.arange(len(rows)), layout.data_size)[layout.data_rank]
+            view = model.view(train[rows[part]])
+            return _batch_posterior(layout, rows, posterior_cache.posterior_of(model, view, source))
+
+        posterior_cache.refill(cache, state.posterior_fill, train.shape[0], cfg.batch_size, batch_posterior)
 
     is_writer = dist.get_rank() == 0
     log_path = Path(log_path) if log_path is not None and is_writer else None
