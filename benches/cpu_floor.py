@@ -142,7 +142,6 @@ def step_floor(z, weight, bias, hidden: int, phase: str, repeats: int, blocks=SW
     if phase == "encoder":
         parts["MLP products, prior cached"] = best_time(
             encoder_products(n_rows, hidden, latent, phase, z.dtype, prior_forward=False), repeats)
-    if phase == "encoder":
         shapes = [(n_items, hidden), (hidden,)] + [(hidden, hidden), (hidden,)] * 4 + [(latent, hidden), (latent,)] * 2
         shapes += [(hidden,)] * 10  # the five LayerNorms
     else:
