@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..cache_blocks import item_block_size
-from ..model import CompositePrior, Encoder, RecVAE, check_given_posterior, log_norm_pdf
+from ..model import CompositePrior, Encoder, RecVAE, check_given_posterior
 from ..sparse import CSRBatch, as_csr_batch
 from ..torch_ops import input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
@@ -365,12 +365,14 @@ class ShardedRecVAE(nn.Module):
         else:
             shape = (view.full.n_rows, self.latent_dim)
             mu, logvar = check_given_posterior(posterior, shape, self.decoder.weight, dropout_rate, keep_mask)
+        if eps is None and self.training:
+            eps = torch.randn_like(mu)  # what reparameterize would draw
         z = self.reparameterize(mu, logvar, eps)
         nll = sharded_multinomial_nll(z, self.decoder.weight, self.decoder.bias, view, self.layout, self.impl)
         if not with_kl:
             return nll, None
-        log_prior = self.prior(view, z, impl=self.impl, old_posterior=old_posterior)
-        kl = (log_norm_pdf(z, mu, logvar) - log_prior).sum(dim=-1).mul(kl_weight)
+        noise = eps if self.training else torch.zeros_like(mu)  # in eval z = mu
+        kl = self.prior.kl(view, mu, logvar, noise, self.impl, old_posterior).mul(kl_weight)
         return nll, kl
 
     def loss_terms(self, view: ShardView, beta=None, gamma=1, dropout_rate=0.5, *, with_kl=True,
