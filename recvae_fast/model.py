@@ -144,7 +144,7 @@ class _KLPerUser(torch.autograd.Function):
     prior's three Gaussians (N(prior_mean, e^prior_logvar), N(old_mu, e^old_logvar) and
     N(prior_mean, e^uniform_logvar): means m_c, log-variances lv_c), with the gradients in
     mu and logvar written out. The expression's autograd graph is some 60 elementwise ops on B × K;
-    this is about 30 (7.6 against 3.3 ms, forward + backward, at B 500, K 200 on 2 CPU threads).
+    this is about 30 (8.0 against 3.3 ms, forward + backward, at B 500, K 200 on 2 CPU threads).
     - log q(z|x) = −(logvar + log 2π + eps²)/2 exactly, since z − mu = eps·σ.
     - With r_c the components' responsibilities and S = Σ_c r_c·(z − m_c)/exp(lv_c) = −d log p/dz:
       d/dmu = S (log q's terms in mu cancel) and d/dlogvar = (eps·σ·S − 1)/2.
