@@ -1,5 +1,6 @@
 """CompositePrior.kl: Σ_k [log q(z|x) − log p(z)] per user with its gradients in mu and logvar
-written out (model._KLPerUser), against the plain expression's autograd, on odd shapes."""
+written out (model._KLPerUser), against the reference's (recvae_fast.reference) log_norm_pdf and
+CompositePrior through autograd, on odd shapes."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from recvae_fast.model import CompositePrior, log_norm_pdf
+from recvae_fast import reference
+from recvae_fast.model import CompositePrior
 
 
 def _prior(latent: int, dtype) -> CompositePrior:
@@ -30,10 +32,26 @@ def _inputs(n_users: int, latent: int, dtype, seed: int = 1, spread: float = 1.0
     return mu, logvar, rand(), (rand(spread), rand(spread))
 
 
+class _GivenOldPosterior(torch.nn.Module):
+    """Stands for the reference prior's encoder_old: returns the given (mu_old, logvar_old)."""
+
+    def __init__(self, old):
+        super().__init__()
+        self.old = old
+
+    def forward(self, x, dropout_rate):
+        return self.old
+
+
 def _expression(prior, mu, logvar, eps, old):
-    """What RecVAE computed before: the reparameterised z, then log q − log p summed over k."""
+    """The authors' loss terms (recvae_fast.reference), sharing `prior`'s parameters: the
+    reparameterised z, then log q − log p summed over k."""
+    ref = reference.CompositePrior(4, mu.shape[-1], 5)
+    ref.mu_prior, ref.logvar_prior = prior.mu_prior, prior.logvar_prior
+    ref.logvar_uniform_prior = prior.logvar_uniform_prior
+    ref.encoder_old = _GivenOldPosterior(old)
     z = eps * torch.exp(0.5 * logvar) + mu
-    return (log_norm_pdf(z, mu, logvar) - prior(None, z, old_posterior=old)).sum(dim=-1)
+    return (reference.log_norm_pdf(z, mu, logvar) - ref(None, z)).sum(dim=-1)
 
 
 def _value_and_grads(fn, mu, logvar, weights):
@@ -75,7 +93,7 @@ def test_kl_with_zero_noise_is_at_the_mean_and_without_grad_needs_no_slope():
     prior = _prior(9, torch.float64)
     mu, logvar, _, old = _inputs(5, 9, torch.float64)
     zeros = torch.zeros_like(mu)
-    expected = (log_norm_pdf(mu, mu, logvar) - prior(None, mu, old_posterior=old)).sum(dim=-1)
+    expected = _expression(prior, mu, logvar, zeros, old)
     torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, old_posterior=old), expected, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, old_posterior=old), expected, rtol=1e-12,
