@@ -22,8 +22,10 @@ Shapes: B 500, ~75 items per user, H 600, K 200, float32, torch's threads.
   so they run only with RECVAE_BENCH_FULL_1M=1.
 Peak memory by default: under 3 GiB (the authors' dense step at 20k items and the 1M-item
 decoder weights, gradients and blocks). The cores are shared with other work: every figure is
-the best of several repeats, fast and reference alternating; RECVAE_BENCH_THREADS=n runs on n torch
-threads.
+the best of several rounds, and each round times every floor part and every step in turn
+(cpu_floor.interleaved_best), so a floor and its step see the same machine (the whole-model 1M
+steps time their floor first: both would not fit in memory together); RECVAE_BENCH_THREADS=n runs
+on n torch threads.
 
 Also: the block rule of recvae_fast.cache_blocks against the best block of a sweep (goal: within
 10%), on the NLL forward + backward of each phase at 20k items.
@@ -31,12 +33,11 @@ Also: the block rule of recvae_fast.cache_blocks against the best block of a swe
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 from batches import user_item_batch
-from cpu_floor import SWEEP, apply_bench_threads, best_time, nll_floor, step_floor
+from cpu_floor import SWEEP, apply_bench_threads, best_time, floors, interleaved_best, nll_floor_parts, step_floor_parts
 
 from recvae_fast import RecVAE, torch_ops
 from recvae_fast.cache_blocks import nll_block_size
@@ -140,23 +141,14 @@ def model_step(n_items: int, phase: str, with_authors: bool = True) -> dict:
     return steps
 
 
-def alternating_best(fns, rounds: int) -> list[float]:
-    """Best time of each function, the functions taking turns round by round."""
-    for fn in fns:
-        fn()  # warm-up
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
 def describe_step_floor(floor: dict) -> str:
     ms = {k: f"{v * 1e3:.1f}" for k, v in floor.items()}
     text = (f"NLL floor {ms['floor']} ms (logits {ms['logits']}, second product {ms['second product']}, exp "
-            f"{ms['exp']}), step floor {ms['step floor']} ms (+ MLP products {ms['MLP products']}, + Adam {ms['Adam']})")
+            f"{ms['exp']}), step floor {ms['step floor']} ms (+ MLP products {ms['MLP products']}")
+    if "cached step floor" in floor:
+        prior = ms["prior's products"]
+        text += f", + the prior's products {prior}"
+    text += f", + Adam {ms['Adam']})"
     if "cached step floor" in floor:
         text += f", without the prior's products {ms['cached step floor']} ms"
     return text
@@ -185,10 +177,10 @@ def describe_steps(times: dict, floor: dict) -> tuple[str, dict]:
 def test_step_vs_floor_ml20m(phase):
     n_items = 20_108
     _, z, weight, bias = nll_inputs(n_items)
-    floor = step_floor(z, weight, bias, HIDDEN, phase, repeats=3)
+    floor_parts = step_floor_parts(z, weight, bias, HIDDEN, phase)
     steps = model_step(n_items, phase)
-    times = dict(zip(steps, alternating_best(list(steps.values()), rounds=5)))
-    text, over_floor = describe_steps(times, floor)
+    times = interleaved_best({**floor_parts, **steps}, rounds=5)  # floors and steps in the same rounds
+    text, over_floor = describe_steps({name: times[name] for name in steps}, floors(times))
     report(f"{phase} step, {n_items} items: {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name
@@ -200,8 +192,9 @@ def test_nll_vs_floor_1m_items(phase):
     n_items = 1_000_000
     batch, z, weight, bias = nll_inputs(n_items)
     blocks = (512, 1024, 2048)  # a shorter sweep: each pass here takes seconds
-    floor = nll_floor(z, weight, bias, phase, repeats=2, blocks=blocks)
-    op_s = best_time(nll_step(batch, z, weight, bias, phase), 3)
+    times = interleaved_best({**nll_floor_parts(z, weight, bias, phase, blocks),
+                              "op": nll_step(batch, z, weight, bias, phase)}, rounds=2)
+    floor, op_s = floors(times), times["op"]
     report(
         f"{phase} NLL fwd+bwd, {n_items} items: {op_s * 1e3:.0f} ms, floor {floor['floor'] * 1e3:.0f} ms "
         f"(logits {floor['logits'] * 1e3:.0f}, second product {floor['second product'] * 1e3:.0f}, "
@@ -215,10 +208,11 @@ def test_nll_vs_floor_1m_items(phase):
 def test_step_vs_floor_1m_items_full_model(phase):
     n_items = 1_000_000
     _, z, weight, bias = nll_inputs(n_items)
-    floor = step_floor(z, weight, bias, HIDDEN, phase, repeats=2, blocks=(512, 1024, 2048))
+    # The floor first, then the steps: together they would not fit beside the model's ~14 GiB.
+    floor = floors(interleaved_best(step_floor_parts(z, weight, bias, HIDDEN, phase, (512, 1024, 2048)), rounds=2))
     del z, weight, bias
     steps = model_step(n_items, phase, with_authors=False)
-    times = dict(zip(steps, alternating_best(list(steps.values()), rounds=2)))
+    times = interleaved_best(steps, rounds=2)
     text, over_floor = describe_steps(times, floor)
     report(f"{phase} step, {n_items} items: {text}")
     for name, ratio in over_floor.items():

@@ -5,18 +5,17 @@ sort of the top 100) and against the floor (the logits product alone, best block
 
 Shapes: 500 users, K 200, ~75 seen items per user, 20,108 and 1,000,000 items, float32. Peak
 memory: ~4.5 GiB at 1M items (the authors' dense 500 × 1M scores, float32, and numpy's copies);
-ours adds one B × block buffer. Best of several repeats, fast and reference alternating (the cores
-are shared). RECVAE_BENCH_THREADS=n runs on n torch threads.
+ours adds one B × block buffer. Best of three rounds, each timing the floor, ours and the authors'
+in turn (the cores are shared). RECVAE_BENCH_THREADS=n runs on n torch threads.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 import torch
 from batches import user_item_batch
-from cpu_floor import apply_bench_threads, best_over_blocks, logits_product
+from cpu_floor import apply_bench_threads, interleaved_best, logits_product
 
 from recvae_fast.scoring import blocked_topk, scoring_block_size
 
@@ -47,17 +46,12 @@ def test_scoring_topk_vs_authors_and_floor(n_items):
     assert (ours_items == authors_items).mean() > 0.999  # the same ranking (float ties aside)
 
     blocks = (512, 1024, 2048, 4096) if n_items < 100_000 else (1024, 2048, 4096)
-    floor_s, floor_block = best_over_blocks(lambda b: logits_product(mu, weight, bias, b), 2, blocks)
-    best = {"ours": float("inf"), "authors": float("inf")}
-    fns = {
-        "ours": lambda: blocked_topk(mu, weight, bias, seen, K),
-        "authors": lambda: authors_topk(mu, weight, bias, seen, K),
-    }
-    for _ in range(3 if n_items < 100_000 else 2):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    fns = {("floor", b): logits_product(mu, weight, bias, b) for b in blocks}
+    fns["ours"] = lambda: blocked_topk(mu, weight, bias, seen, K)
+    fns["authors"] = lambda: authors_topk(mu, weight, bias, seen, K)
+    best = interleaved_best(fns, rounds=3)  # the floor, ours and the authors' in the same rounds
+    floor_block = min(blocks, key=lambda b: best["floor", b])
+    floor_s = best["floor", floor_block]
     ratio = best["authors"] / best["ours"]
     print(
         f"\n[scoring] {N_USERS} users × {n_items} items, top-{K}: ours {best['ours'] * 1e3:.1f} ms "

@@ -1,6 +1,8 @@
-"""The CPU floor of the multinomial NLL and of scoring: the products it cannot avoid, each done in
-the best item block of a sweep (the B × block output stays in cache), and one exp over B × I,
-each timed alone. Shared by bench_cpu_floor.py and bench_scoring.py."""
+"""The CPU floor of the multinomial NLL, of a training step and of scoring: the products they
+cannot avoid, each done in the best item block of a sweep (the B × block output stays in cache),
+one exp over B × I, and for a step the encoder MLP's products and one Adam step; each part timed
+alone, in the same rounds as what it is the floor of (interleaved_best). Shared by
+bench_cpu_floor.py and bench_scoring.py."""
 from __future__ import annotations
 
 import os
@@ -50,10 +52,11 @@ def probs_times_weight(z, weight, block: int):
     return run
 
 
-def grad_weight_product(z, weight, block: int):
-    """dWd_block = G_blockᵀ·z for every block (the decoder phase's second product)."""
+def grad_weight_product(z, weight, block: int, grad=None):
+    """dWd_block = G_blockᵀ·z for every block (the decoder phase's second product), into `grad`
+    (I × K; one shared by all block sizes of a sweep: at 1M items it is 800 MB)."""
     tile = torch.rand(z.shape[0], block, dtype=z.dtype)
-    grad = torch.empty_like(weight)
+    grad = torch.empty_like(weight) if grad is None else grad
 
     def run():
         for s, e in _blocks(weight.shape[0], block):
@@ -74,42 +77,61 @@ def exp_pass(n_rows: int, n_items: int, block: int, dtype=torch.float32):
     return run
 
 
+def interleaved_best(fns: dict, rounds: int) -> dict:
+    """Best seconds of each callable in `fns` (same keys) over `rounds` rounds, after one warm-up call
+    of each; every round calls each once, in turn. A disturbance of the shared cores then costs one
+    round of everything rather than every repeat of one thing, and floors timed with the steps
+    see the same machine as the steps."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
 def best_over_blocks(make, repeats: int, blocks=SWEEP) -> tuple[float, int]:
-    """(best time, its block) of make(block)() over the block sweep."""
-    return min((best_time(make(b), repeats), b) for b in blocks)
+    """(best time, its block) of make(block)() over the block sweep, the blocks taking turns."""
+    times = interleaved_best({b: make(b) for b in blocks}, repeats)
+    block = min(times, key=times.get)
+    return times[block], block
 
 
-def nll_floor(z, weight, bias, phase: str, repeats: int, blocks=SWEEP) -> dict:
-    """Seconds of the floor parts for one phase: logits product, the phase's second product
-    (encoder: probs·Wd for dz; decoder: Gᵀz for dWd), one exp; and their sum under "floor"."""
+def nll_floor_parts(z, weight, bias, phase: str, blocks=SWEEP) -> dict:
+    """The NLL floor's parts to time, keyed (part, block): the logits product, the phase's second
+    product (encoder: probs·Wd for dz; decoder: Gᵀz for dWd) and one exp, at each block size."""
     n_rows, n_items = z.shape[0], weight.shape[0]
-    logits, _ = best_over_blocks(lambda b: logits_product(z, weight, bias, b), repeats, blocks)
-    if phase == "encoder":
-        second, _ = best_over_blocks(lambda b: probs_times_weight(z, weight, b), repeats, blocks)
-    else:
-        second, _ = best_over_blocks(lambda b: grad_weight_product(z, weight, b), repeats, blocks)
-    exp, _ = best_over_blocks(lambda b: exp_pass(n_rows, n_items, b, z.dtype), repeats, blocks)
-    return {"logits": logits, "second product": second, "exp": exp, "floor": logits + second + exp}
+    grad = torch.empty_like(weight) if phase == "decoder" else None
+    parts = {}
+    for b in blocks:
+        parts["logits", b] = logits_product(z, weight, bias, b)
+        if phase == "encoder":
+            parts["second product", b] = probs_times_weight(z, weight, b)
+        else:
+            parts["second product", b] = grad_weight_product(z, weight, b, grad)
+        parts["exp", b] = exp_pass(n_rows, n_items, b, z.dtype)
+    return parts
 
 
-def encoder_products(n_rows: int, hidden: int, latent: int, phase: str, dtype=torch.float32, prior_forward=True):
+def encoder_products(n_rows: int, hidden: int, latent: int, phase: str, dtype=torch.float32):
     """The encoder MLP's dense products a training step of `phase` cannot avoid, timed as bare GEMMs
     on random inputs of the same shapes: per encoder forward, fc2..fc5 (B × H · H × H) and the two
-    heads (B × H · H × K). Encoder phase: the encoder forward, its backward (dX and dW of each of
-    those layers) and, with prior_forward, the prior's old encoder forward (fit reads it from its
-    cache instead). Decoder phase: the encoder forward only."""
+    heads (B × H · H × K). Encoder phase: the forward and its backward (dX and dW of each of those
+    layers); decoder phase: the forward only, which is also what the prior's old encoder costs
+    when an encoder step runs it."""
     x_h, x_k = torch.randn(n_rows, hidden, dtype=dtype), torch.randn(n_rows, latent, dtype=dtype)
     w_hh, w_kh = torch.randn(hidden, hidden, dtype=dtype), torch.randn(latent, hidden, dtype=dtype)
     out_bh, out_bk = torch.empty(n_rows, hidden, dtype=dtype), torch.empty(n_rows, latent, dtype=dtype)
     out_hh, out_kh = torch.empty(hidden, hidden, dtype=dtype), torch.empty(latent, hidden, dtype=dtype)
-    forwards = 2 if phase == "encoder" and prior_forward else 1  # the encoder, and maybe the prior's copy
 
     def run():
-        for _ in range(forwards):
-            for _ in range(4):
-                torch.mm(x_h, w_hh.t(), out=out_bh)
-            for _ in range(2):
-                torch.mm(x_h, w_kh.t(), out=out_bk)
+        for _ in range(4):
+            torch.mm(x_h, w_hh.t(), out=out_bh)
+        for _ in range(2):
+            torch.mm(x_h, w_kh.t(), out=out_bk)
         if phase == "encoder":
             for _ in range(4):
                 torch.mm(x_h, w_hh, out=out_bh)  # dX
@@ -130,27 +152,43 @@ def adam_step(shapes, dtype=torch.float32):
     return opt.step
 
 
-def step_floor(z, weight, bias, hidden: int, phase: str, repeats: int, blocks=SWEEP) -> dict:
-    """The floor of a whole training step of `phase` (the encoder or decoder half): the NLL floor
-    (nll_floor), the encoder MLP's products (encoder_products) and one fused Adam step over the
-    phase's parameters, each timed alone; their sum under "step floor". Encoder phase: also
-    "cached step floor", without the prior's old-encoder products (the step as fit runs it)."""
+def step_floor_parts(z, weight, bias, hidden: int, phase: str, blocks=SWEEP) -> dict:
+    """The parts of a whole training step's floor (the encoder or the decoder half) to time:
+    nll_floor_parts, then keyed (part, 0): the encoder MLP's products (encoder_products), in the
+    encoder phase the prior's old-encoder forward products apart, and one fused Adam step over the
+    phase's parameters."""
     n_rows, latent = z.shape
     n_items = weight.shape[0]
-    parts = nll_floor(z, weight, bias, phase, repeats, blocks)
-    parts["MLP products"] = best_time(encoder_products(n_rows, hidden, latent, phase, z.dtype), repeats)
+    parts = nll_floor_parts(z, weight, bias, phase, blocks)
+    parts["MLP products", 0] = encoder_products(n_rows, hidden, latent, phase, z.dtype)
     if phase == "encoder":
-        parts["MLP products, prior cached"] = best_time(
-            encoder_products(n_rows, hidden, latent, phase, z.dtype, prior_forward=False), repeats)
+        parts["prior's products", 0] = encoder_products(n_rows, hidden, latent, "decoder", z.dtype)
         shapes = [(n_items, hidden), (hidden,)] + [(hidden, hidden), (hidden,)] * 4 + [(latent, hidden), (latent,)] * 2
         shapes += [(hidden,)] * 10  # the five LayerNorms
     else:
         shapes = [(n_items, latent), (n_items,)]
-    parts["Adam"] = best_time(adam_step(shapes, z.dtype), repeats)
-    parts["step floor"] = parts["floor"] + parts["MLP products"] + parts["Adam"]
-    if phase == "encoder":
-        parts["cached step floor"] = parts["floor"] + parts["MLP products, prior cached"] + parts["Adam"]
+    parts["Adam", 0] = adam_step(shapes, z.dtype)
     return parts
+
+
+def floors(times: dict) -> dict:
+    """Seconds of each floor part, from `times` of the (part, block) keys of nll_floor_parts or
+    step_floor_parts (other keys are ignored): each part at its best block, "floor" the NLL floor
+    (logits + second product + exp) and, where step parts were timed, "step floor" (plus the MLP
+    products, the prior's products if any, and Adam) and in the encoder phase "cached step floor",
+    without the prior's products (the step as fit runs it, the old posterior read from its cache)."""
+    parts: dict = {}
+    for key, seconds in times.items():
+        if isinstance(key, tuple):
+            parts[key[0]] = min(parts.get(key[0], float("inf")), seconds)
+    out = dict(parts)
+    out["floor"] = parts["logits"] + parts["second product"] + parts["exp"]
+    if "MLP products" in parts:
+        without_prior = out["floor"] + parts["MLP products"] + parts["Adam"]
+        out["step floor"] = without_prior + parts.get("prior's products", 0.0)
+        if "prior's products" in parts:
+            out["cached step floor"] = without_prior
+    return out
 
 
 def apply_bench_threads() -> None:
