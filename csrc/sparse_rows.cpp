@@ -4,18 +4,22 @@
 //   out[r, :] = Σ_{n ∈ [indptr[r], indptr[r+1])} weights[n] · table[cols[n], :]   (0 for an empty row)
 //
 // summed in the order given. The sparse input layer's backward uses it with rows = items and
-// cols = users: dW1 from the B × H upstream gradient. torch's embedding_bag computes the same but
-// costs about 0.8 µs per bag on the CPU, which made it most of fc1's backward at 20k items (17k bags
-// of ~2 rows each: 15–24 ms against ~5 ms here). For the forward's few long bags (users × items)
-// embedding_bag is as fast as this, and stays.
+// cols = users (the batch transposed, by csr_transpose below for a dense gradient): dW1 from the
+// B × H upstream gradient. torch's embedding_bag computes the same but costs about 0.8 µs per bag on
+// the CPU, which made it most of fc1's backward at 20k items (17k bags of ~2 rows each: 15–24 ms
+// against ~5 ms here). For the forward's few long bags (users × items) embedding_bag is as fast as
+// this, and stays.
 //
 // Rows are spread over OpenMP threads (the process's OpenMP runtime, i.e. torch's own pool: see
 // topk_masked.cpp) with the GIL released. Every index is checked before anything is written.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -121,10 +125,60 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
                     static_cast<double*>(out.mutable_data()), n_rows, width, n_threads);
 }
 
+// The transpose of a CSR matrix with n_cols columns, by a counting sort over the columns, into
+// col_ptr [n_cols + 1], rows [nnz] and weights_t [nnz], each column's entries in row order (as a
+// stable sort by column gives them). O(nnz + n_cols), one thread: fc1's backward groups the batch's
+// nonzeros by item this way for a dense weight gradient, which has n_cols rows anyway (torch's
+// stable argsort and three gathers took ~3 ms for 18k nonzeros on 2 cores).
+void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<int64_t, py::array::c_style> cols,
+                   py::array weights, py::array_t<int64_t, py::array::c_style> col_ptr,
+                   py::array_t<int64_t, py::array::c_style> rows, py::array weights_t) {
+    const auto tfail = [](const std::string& what) { throw py::value_error("csr_transpose: " + what); };
+    const py::dtype dt = weights.dtype();
+    if (!dt.is(py::dtype::of<float>()) && !dt.is(py::dtype::of<double>()))
+        throw py::type_error("csr_transpose: weights must be float32 or float64");
+    if (!weights_t.dtype().is(dt)) throw py::type_error("csr_transpose: weights_t must have weights' dtype");
+    if (indptr.ndim() != 1 || indptr.shape(0) < 1) tfail("indptr must be 1-D with at least one entry");
+    if (cols.ndim() != 1 || weights.ndim() != 1 || rows.ndim() != 1 || weights_t.ndim() != 1 || col_ptr.ndim() != 1)
+        tfail("cols, weights, col_ptr, rows and weights_t must be 1-D");
+    if (!(weights.flags() & py::array::c_style) || !(weights_t.flags() & py::array::c_style))
+        tfail("weights and weights_t must be contiguous");
+    if (!col_ptr.writeable() || !rows.writeable() || !weights_t.writeable()) tfail("the outputs must be writable");
+    const int64_t n_rows = indptr.shape(0) - 1, nnz = cols.shape(0), n_cols = col_ptr.shape(0) - 1;
+    if (n_cols < 0) tfail("col_ptr must have n_cols + 1 entries");
+    if (weights.shape(0) != nnz) tfail("weights must have one entry per col (" + std::to_string(nnz) + ")");
+    if (rows.shape(0) != nnz || weights_t.shape(0) != nnz) tfail("rows and weights_t must have one entry per col");
+    const int64_t* ip = indptr.data();
+    const int64_t* cp = cols.data();
+    if (ip[0] != 0 || ip[n_rows] != nnz) tfail("indptr must start at 0 and end at the number of cols");
+    for (int64_t r = 0; r < n_rows; ++r)
+        if (ip[r + 1] < ip[r]) tfail("indptr must be non-decreasing (row " + std::to_string(r) + ")");
+    for (int64_t n = 0; n < nnz; ++n)
+        if (cp[n] < 0 || cp[n] >= n_cols) tfail("col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_cols) + ")");
+    int64_t* ptr = col_ptr.mutable_data();
+    int64_t* out_rows = rows.mutable_data();
+    const size_t item = dt.itemsize();
+    const char* w_in = static_cast<const char*>(weights.data());
+    char* w_out = static_cast<char*>(weights_t.mutable_data());
+    py::gil_scoped_release release;
+    std::fill(ptr, ptr + n_cols + 1, int64_t(0));
+    for (int64_t n = 0; n < nnz; ++n) ++ptr[cp[n] + 1];
+    for (int64_t c = 0; c < n_cols; ++c) ptr[c + 1] += ptr[c];
+    std::vector<int64_t> next(ptr, ptr + n_cols);  // each column's next free slot
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t n = ip[r]; n < ip[r + 1]; ++n) {
+            const int64_t slot = next[cp[n]]++;
+            out_rows[slot] = r;
+            std::memcpy(w_out + slot * item, w_in + n * item, item);
+        }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_sparse_rows, m) {
     m.doc() = "Weighted sums of table rows picked by a CSR matrix (CPU sparse x dense product)";
     m.def("weighted_row_sums", &weighted_row_sums, py::arg("indptr"), py::arg("cols"), py::arg("weights"),
           py::arg("table"), py::arg("out"), py::arg("n_threads"));
+    m.def("csr_transpose", &csr_transpose, py::arg("indptr"), py::arg("cols"), py::arg("weights"), py::arg("col_ptr"),
+          py::arg("rows"), py::arg("weights_t"));
 }

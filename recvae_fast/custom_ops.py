@@ -18,6 +18,9 @@ a batch is passed as (indptr, indices, values).
     recvae_fast::csr_row_sums(indptr, cols, weights, table, recycle_key, num_threads) -> out
         out[r] = Σ weights·table[cols] over CSR row r (the C++ csrc/sparse_rows.cpp): fc1's weight
         gradient on the CPU; no autograd.
+    recvae_fast::csr_transpose(indptr, cols, weights, n_cols) -> (col_ptr, rows, weights)
+        the CSR matrix's transpose by a counting sort (csrc/sparse_rows.cpp): the batch grouped by
+        item for fc1's dense weight gradient on the CPU; no autograd.
     recvae_fast::topk_masked(scores, indptr, indices, k, num_threads) -> (scores, items)
         the C++ masked top-k (recvae_fast.topk); no autograd.
     recvae_fast::row_sparse_adam_step(param!, exp_avg!, exp_avg_sq!, rows, grad_values, step, lr,
@@ -78,13 +81,17 @@ def _sparse_input_layer_setup(ctx, inputs, output):
 def _sparse_input_layer_backward(ctx, grad):
     indptr, indices, coef, weight_t = ctx.saved_tensors
     need_coef, need_weight, need_bias = ctx.needs_input_grad[2:5]
-    rows = _row_ids(indptr, indices.numel())
     grad_coef = grad_weight = grad_bias = None
     if need_coef:
-        grad_coef = (grad[rows] * weight_t[indices]).sum(dim=1)
-    if need_weight:
+        grad_coef = (grad[_row_ids(indptr, indices.numel())] * weight_t[indices]).sum(dim=1)
+    if need_weight and not ctx.sparse_grad and _cpp_rows(grad):
         # dW[i] = Σ_{n: item i} coef_n·grad[row_n]: the same bag, transposed (nonzeros grouped by
-        # item), so each row of dW is one weighted sum of grad rows, with no nnz × H temporary.
+        # item, by the C++ counting sort), so each row of dW is one weighted sum of grad rows.
+        item_ptr, users, item_coef = csr_transpose(indptr, indices, coef.detach(), weight_t.shape[0])
+        grad_weight = _rows_of_weight_grad(item_ptr, users, item_coef, grad, False)
+    elif need_weight:
+        # The same with torch's sort; row-sparse: only the batch's items get a row.
+        rows = _row_ids(indptr, indices.numel())
         order = torch.argsort(indices, stable=True)
         items_sorted = indices[order]
         if ctx.sparse_grad:  # the batch's items only, one row each (a coalesced COO tensor)
@@ -103,11 +110,16 @@ def _sparse_input_layer_backward(ctx, grad):
     return None, None, grad_coef, grad_weight, grad_bias, None
 
 
+def _cpp_rows(t: Tensor) -> bool:
+    """Whether csrc/sparse_rows.cpp's functions take t (CPU, float32/float64)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 def _rows_of_weight_grad(offsets: Tensor, users: Tensor, coef: Tensor, grad: Tensor, row_sparse: bool) -> Tensor:
     """dW1's rows, one per bag (item): Σ coef·grad[user] over the bag's nonzeros. On the CPU the
     C++ CSR row sums (recvae_fast::csr_row_sums: embedding_bag's per-bag cost dominates at ~2
     nonzeros per bag), in recycled memory; elsewhere embedding_bag."""
-    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64):
+    if not _cpp_rows(grad):
         return F.embedding_bag(users, grad, offsets, mode="sum", per_sample_weights=coef, include_last_offset=True)
     key = "sparse_input_layer.grad_rows" if row_sparse else "sparse_input_layer.grad_weight"
     return csr_row_sums(offsets, users, coef.detach(), grad.detach().contiguous(), key, max(1, torch.get_num_threads()))
@@ -200,6 +212,24 @@ def csr_row_sums(indptr: Tensor, cols: Tensor, weights: Tensor, table: Tensor, r
 @csr_row_sums.register_fake
 def _(indptr, cols, weights, table, recycle_key, num_threads):
     return table.new_empty(indptr.shape[0] - 1, table.shape[1])
+
+
+@torch.library.custom_op("recvae_fast::csr_transpose", mutates_args=(), device_types="cpu")
+def csr_transpose(indptr: Tensor, cols: Tensor, weights: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(col_ptr [n_cols + 1], rows [nnz], weights [nnz]) of the CSR matrix's transpose, each column's
+    entries in row order (csrc/sparse_rows.cpp's counting sort), float32/float64 weights."""
+    from . import _sparse_rows
+
+    col_ptr = torch.empty(n_cols + 1, dtype=torch.int64)
+    rows, weights_t = torch.empty_like(cols), torch.empty_like(weights)
+    _sparse_rows.csr_transpose(indptr.contiguous().numpy(), cols.contiguous().numpy(),
+                               weights.detach().contiguous().numpy(), col_ptr.numpy(), rows.numpy(), weights_t.numpy())
+    return col_ptr, rows, weights_t
+
+
+@csr_transpose.register_fake
+def _(indptr, cols, weights, n_cols):
+    return cols.new_empty(n_cols + 1), torch.empty_like(cols), torch.empty_like(weights)
 
 
 @torch.library.custom_op("recvae_fast::topk_masked", mutates_args=(), device_types="cpu")

@@ -88,3 +88,65 @@ def test_opcheck():
     indptr, cols, weights, table = csr_case(9, 11, 5, torch.float64)
     torch.library.opcheck(torch.ops.recvae_fast.csr_row_sums.default, (indptr, cols, weights, table, "", 2),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# recvae_fast::csr_transpose: the batch grouped by column (item) for fc1's dense weight gradient.
+
+def transpose_reference(indptr, cols, weights, n_cols):
+    """(col_ptr, rows, weights) by torch's stable sort on the column."""
+    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1), indptr[1:] - indptr[:-1])
+    order = torch.argsort(cols, stable=True)
+    col_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(cols, minlength=n_cols).cumsum(0)])
+    return col_ptr, rows[order], weights[order]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 1), (13, 7), (41, 300), (5, 3), (0, 4)])
+def test_transpose_matches_a_stable_sort_by_column(dtype, n_rows, n_cols):
+    if n_rows:
+        indptr, cols, weights, _ = csr_case(n_rows, n_cols, 1, dtype, seed=n_rows + n_cols)  # empty rows, repeats
+    else:
+        indptr, cols, weights = torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)
+    out = torch.ops.recvae_fast.csr_transpose(indptr, cols, weights, n_cols)
+    for got, want in zip(out, transpose_reference(indptr, cols, weights, n_cols)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # transposing back gives the same matrix (each row's entries then sorted by column)
+    col_ptr, rows, weights_t = out
+    back = torch.ops.recvae_fast.csr_transpose(col_ptr, rows, weights_t, n_rows)
+    dense = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    dense_back = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    row_ids = torch.repeat_interleave(torch.arange(n_rows), indptr[1:] - indptr[:-1])
+    dense.index_put_((row_ids, cols), weights.double(), accumulate=True)
+    back_rows = torch.repeat_interleave(torch.arange(n_rows), back[0][1:] - back[0][:-1])
+    dense_back.index_put_((back_rows, back[1]), back[2].double(), accumulate=True)
+    assert torch.equal(dense, dense_back)
+
+
+def test_transpose_refuses_bad_input_and_writes_nothing():
+    indptr, cols, weights, _ = csr_case(6, 5, 1, torch.float64)
+    nnz = len(cols)
+    outs = dict(col_ptr=np.full(6, 7, dtype=np.int64), rows=np.full(nnz, 7, dtype=np.int64), weights_t=np.full(nnz, 7.0))
+    args = dict(indptr=indptr.numpy(), cols=cols.numpy(), weights=weights.numpy(), **outs)
+    bad_cols = cols.numpy().copy()
+    bad_cols[-1] = 5
+    cases = [
+        (dict(cols=bad_cols), ValueError, r"col 5 outside \[0, 5\)"),
+        (dict(cols=-1 - bad_cols), ValueError, "outside"),
+        (dict(indptr=np.array([0, 3, 1, 2, 2, 2, nnz], dtype=np.int64)), ValueError, "non-decreasing"),
+        (dict(indptr=indptr.numpy()[::-1].copy()), ValueError, "indptr must start at 0"),
+        (dict(weights=weights.numpy()[:-1]), ValueError, "one entry per col"),
+        (dict(weights=weights.numpy().astype(np.float16)), TypeError, "float32 or float64"),
+        (dict(weights_t=np.zeros(nnz, dtype=np.float32)), TypeError, "weights' dtype"),
+        (dict(rows=np.zeros(nnz - 1, dtype=np.int64)), ValueError, "one entry per col"),
+    ]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            _sparse_rows.csr_transpose(**{**args, **change})
+        for name, out in outs.items():
+            assert (out == 7).all(), (change, name)
+
+
+def test_transpose_opcheck():
+    indptr, cols, weights, _ = csr_case(9, 11, 1, torch.float64)
+    torch.library.opcheck(torch.ops.recvae_fast.csr_transpose.default, (indptr, cols, weights, 11),
+                          test_utils=("test_schema", "test_faketensor"))
