@@ -33,6 +33,7 @@ ext_modules = [
     # -fno-trapping-math: fast_exp.h's floor() vectorises (it changes no value, only FP exception flags).
     cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=shared_headers),
     cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=shared_headers),
+    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags, headers=("fast_exp.h",)),
 ]
 
 setup(

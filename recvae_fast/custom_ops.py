@@ -33,6 +33,11 @@ a batch is passed as (indptr, indices, values).
         linear_bias, residual, weight and bias when keep_s kept s (what backward needs).
     recvae_fast::swish_layer_norm_backward(grad_y, s, mean, rstd, weight)
         -> (grad_s, grad_weight, grad_bias, grad_linear_bias): its backward, one op.
+    recvae_fast::composite_prior_kl(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar,
+                                    uniform_logvar, log_weights, keep_slope) -> (kl, slope, dz)
+        the composite prior's KL term per user in one pass per row (the C++
+        csrc/composite_prior_kl.cpp), and with keep_slope the slope and dz its written-out
+        gradients need (recvae_fast.model._KLPerUser); no autograd of its own.
 
 These are the "torch" and "cpp" implementations (recvae_fast.ops). The Triton implementations are
 registered with torch.library.triton_op in their own files in kernels/ (recvae_fast::triton_*).
@@ -344,3 +349,33 @@ def _swish_layer_norm_backward(ctx, grad_y, *_unused):
 
 
 swish_layer_norm.register_autograd(_swish_layer_norm_backward, setup_context=_swish_layer_norm_setup)
+
+
+@torch.library.custom_op("recvae_fast::composite_prior_kl", mutates_args=(), device_types="cpu")
+def composite_prior_kl(
+    mu: Tensor, logvar: Tensor, eps: Tensor, prior_mean: Tensor, prior_logvar: Tensor, old_mu: Tensor,
+    old_logvar: Tensor, uniform_logvar: Tensor, log_weights: list[float], keep_slope: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from . import _composite_prior_kl  # loaded on first use, not when the package is imported
+
+    n_rows, latent = mu.shape
+    kl = mu.new_empty(n_rows)
+    kept = (n_rows, latent) if keep_slope else (0,)
+    slope, dz = mu.new_empty(kept), mu.new_empty(kept)  # two tensors: outputs must not alias
+
+    def array(t: Tensor, flat: bool = False):
+        t = t.detach()
+        return (t.reshape(-1) if flat else t).contiguous().numpy()
+
+    _composite_prior_kl.composite_prior_kl(
+        array(mu), array(logvar), array(eps), array(prior_mean, True), array(prior_logvar, True), array(old_mu),
+        array(old_logvar), array(uniform_logvar, True), log_weights, kl.numpy(),
+        slope.numpy() if keep_slope else None, dz.numpy() if keep_slope else None, torch.get_num_threads(),
+    )
+    return kl, slope, dz
+
+
+@composite_prior_kl.register_fake
+def _(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, keep_slope):
+    kept = mu.shape if keep_slope else (0,)
+    return mu.new_empty(mu.shape[0]), mu.new_empty(kept), mu.new_empty(kept)

@@ -139,6 +139,17 @@ def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
     return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
 
 
+# False: the KL term takes torch ops on the CPU too (tests compare both routes).
+USE_CPP_KL = True
+
+
+def _cpp_kl(*tensors: torch.Tensor) -> bool:
+    """Whether recvae_fast::composite_prior_kl (C++, one CPU dtype, float32/float64) takes these."""
+    first = tensors[0]
+    return (USE_CPP_KL and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
+
+
 class _KLPerUser(torch.autograd.Function):
     """Σ_k [log q(z|x) − log p(z)] per user for z = mu + eps·σ (σ = exp(logvar/2)) and the composite
     prior's three Gaussians (N(prior_mean, e^prior_logvar), N(old_mu, e^old_logvar) and
@@ -148,11 +159,19 @@ class _KLPerUser(torch.autograd.Function):
     - log q(z|x) = −(logvar + log 2π + eps²)/2 exactly, since z − mu = eps·σ.
     - With r_c the components' responsibilities and S = Σ_c r_c·(z − m_c)/exp(lv_c) = −d log p/dz:
       d/dmu = S (log q's terms in mu cancel) and d/dlogvar = (eps·σ·S − 1)/2.
-    keep_slope: compute S for backward (False when no gradient is wanted)."""
+    keep_slope: compute S for backward (False when no gradient is wanted). On the CPU the forward is
+    one C++ pass per row (recvae_fast::composite_prior_kl): forward + backward 3.5 → 1.6 ms at that
+    shape."""
 
     @staticmethod
     def forward(ctx, mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights,
                 keep_slope: bool):
+        if _cpp_kl(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar):
+            kl, slope, dz = torch.ops.recvae_fast.composite_prior_kl(
+                mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, keep_slope)
+            if keep_slope:
+                ctx.save_for_backward(slope, dz)
+            return kl
         dz = torch.exp(logvar * 0.5).mul_(eps)  # z − mu
         z = mu + dz
         log_q = (logvar + eps * eps).sum(-1).mul_(-0.5)  # without its −K·log(2π)/2, added below
