@@ -4,8 +4,9 @@ against the authors' evaluation (dense scores, seen items set to -inf, numpy arg
 sort of the top 100) and against the floor (the logits product alone, best block of a sweep).
 
 Shapes: 500 users, K 200, ~75 seen items per user, 20,108 and 1,000,000 items, float32. Peak
-memory: ~4.5 GiB at 1M items (the authors' dense 500 × 1M scores, float32, and numpy's copies);
-ours adds one B × block buffer. Best of three rounds, each timing the floor, ours and the authors'
+memory: 8.5 GiB at 1M items (the authors' dense 500 × 1M scores, float32, their negated copy and
+argpartition's int64 indices), so that shape runs only with --big-shapes; ours adds one B × block
+buffer. Best of three rounds, each timing the floor, ours and the authors'
 in turn (the cores are shared). RECVAE_BENCH_THREADS=n runs on n torch threads.
 """
 from __future__ import annotations
@@ -34,7 +35,10 @@ def authors_topk(mu, weight, bias, seen, k):
     return np.take_along_axis(top, order, axis=1)
 
 
-@pytest.mark.parametrize("n_items", [20_108, 1_000_000])
+# At 1M items the authors' evaluation alone holds 8 GB (the 2 GB scores, their negated copy, and
+# argpartition's int64 index array of the same shape): the run peaks at 8.5 GiB, over the default
+# budget (benches/conftest.py).
+@pytest.mark.parametrize("n_items", [20_108, pytest.param(1_000_000, marks=pytest.mark.big_shape(gib=9))])
 def test_scoring_topk_vs_authors_and_floor(n_items):
     gen = torch.Generator().manual_seed(0)
     mu = torch.randn(N_USERS, LATENT, generator=gen)
