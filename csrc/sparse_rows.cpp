@@ -78,7 +78,18 @@ void run(const int64_t* indptr, const int64_t* cols, const T* weights, const T* 
         sum_row_any(out + r * width, cols, weights, indptr[r], indptr[r + 1], indptr[n_rows], table, width);
 }
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error("weighted_row_sums: " + what); }
+[[noreturn]] void fail_in(const char* fn, const std::string& what) { throw py::value_error(std::string(fn) + ": " + what); }
+[[noreturn]] void fail(const std::string& what) { fail_in("weighted_row_sums", what); }
+
+// A CSR matrix's structure: indptr [n_rows + 1] from 0 to nnz, non-decreasing; every col in [0, n_cols).
+void check_csr(const char* fn, const int64_t* ip, int64_t n_rows, const int64_t* cp, int64_t nnz, int64_t n_cols) {
+    if (ip[0] != 0 || ip[n_rows] != nnz) fail_in(fn, "indptr must start at 0 and end at the number of cols");
+    for (int64_t r = 0; r < n_rows; ++r)
+        if (ip[r + 1] < ip[r]) fail_in(fn, "indptr must be non-decreasing (row " + std::to_string(r) + ")");
+    for (int64_t n = 0; n < nnz; ++n)
+        if (cp[n] < 0 || cp[n] >= n_cols)
+            fail_in(fn, "col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_cols) + ")");
+}
 
 void check_array(const py::array& a, const char* name, int ndim, const py::dtype& dt) {
     if (a.ndim() != ndim) fail(std::string(name) + " must be " + std::to_string(ndim) + "-D");
@@ -107,12 +118,7 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
         fail("out must have shape (" + std::to_string(n_rows) + ", " + std::to_string(width) + ")");
     const int64_t* ip = indptr.data();
     const int64_t* cp = cols.data();
-    if (ip[0] != 0 || ip[n_rows] != nnz) fail("indptr must start at 0 and end at the number of cols");
-    for (int64_t r = 0; r < n_rows; ++r)
-        if (ip[r + 1] < ip[r]) fail("indptr must be non-decreasing (row " + std::to_string(r) + ")");
-    for (int64_t n = 0; n < nnz; ++n)
-        if (cp[n] < 0 || cp[n] >= n_table)
-            fail("col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_table) + ")");
+    check_csr("weighted_row_sums", ip, n_rows, cp, nnz, n_table);
     if (n_rows == 0 || width == 0) return;
     if (n_threads < 1) n_threads = 1;
 
@@ -133,7 +139,7 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
 void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<int64_t, py::array::c_style> cols,
                    py::array weights, py::array_t<int64_t, py::array::c_style> col_ptr,
                    py::array_t<int64_t, py::array::c_style> rows, py::array weights_t) {
-    const auto tfail = [](const std::string& what) { throw py::value_error("csr_transpose: " + what); };
+    const auto tfail = [](const std::string& what) { fail_in("csr_transpose", what); };
     const py::dtype dt = weights.dtype();
     if (!dt.is(py::dtype::of<float>()) && !dt.is(py::dtype::of<double>()))
         throw py::type_error("csr_transpose: weights must be float32 or float64");
@@ -150,11 +156,7 @@ void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<
     if (rows.shape(0) != nnz || weights_t.shape(0) != nnz) tfail("rows and weights_t must have one entry per col");
     const int64_t* ip = indptr.data();
     const int64_t* cp = cols.data();
-    if (ip[0] != 0 || ip[n_rows] != nnz) tfail("indptr must start at 0 and end at the number of cols");
-    for (int64_t r = 0; r < n_rows; ++r)
-        if (ip[r + 1] < ip[r]) tfail("indptr must be non-decreasing (row " + std::to_string(r) + ")");
-    for (int64_t n = 0; n < nnz; ++n)
-        if (cp[n] < 0 || cp[n] >= n_cols) tfail("col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_cols) + ")");
+    check_csr("csr_transpose", ip, n_rows, cp, nnz, n_cols);
     int64_t* ptr = col_ptr.mutable_data();
     int64_t* out_rows = rows.mutable_data();
     const size_t item = dt.itemsize();
