@@ -151,6 +151,17 @@ void run(const py::array& mu_a, const py::array& logvar_a, const py::array& eps_
     T* slope = slope_obj.is_none() ? nullptr : data_of<T>(py::cast<py::array>(slope_obj), "slope", B, K, true);
     T* dz = dz_obj.is_none() ? nullptr : data_of<T>(py::cast<py::array>(dz_obj), "dz", B, K, true);
     if (py::len(log_weights) != 3) fail("log_weights must have 3 entries");
+    const py::array inputs[] = {mu_a, logvar_a, eps_a, prior_mean_a, prior_logvar_a, old_mu_a, old_logvar_a, uniform_logvar_a};
+    for (const py::object& out : {py::object(kl_a), slope_obj, dz_obj}) {
+        if (out.is_none()) continue;
+        const py::array o = py::cast<py::array>(out);
+        const char* o0 = static_cast<const char*>(o.data());
+        for (const py::array& in : inputs) {
+            const char* i0 = static_cast<const char*>(in.data());
+            if (o.nbytes() && in.nbytes() && o0 < i0 + in.nbytes() && i0 < o0 + o.nbytes())
+                fail("kl, slope and dz must not overlap the inputs");
+        }
+    }
     Fixed<T> f{};
     const double half_log_2pi = 0.9189385332046727418;
     for (int c = 0; c < 3; ++c) f.log_w[c] = T(py::cast<double>(log_weights[c]) - half_log_2pi);  // with comp's −log(2π)/2

@@ -136,14 +136,28 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
 // stable sort by column gives them). O(nnz + n_cols), one thread: fc1's backward groups the batch's
 // nonzeros by item this way for a dense weight gradient, which has n_cols rows anyway (torch's
 // stable argsort and three gathers took ~3 ms for 18k nonzeros on 2 cores).
+// The outputs are plain arrays checked here (an array_t would be converted into a copy, and the
+// results written there lost), and must not overlap the inputs.
+bool overlap(const py::array& a, const py::array& b) {
+    const char *a0 = static_cast<const char*>(a.data()), *b0 = static_cast<const char*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
 void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<int64_t, py::array::c_style> cols,
-                   py::array weights, py::array_t<int64_t, py::array::c_style> col_ptr,
-                   py::array_t<int64_t, py::array::c_style> rows, py::array weights_t) {
+                   py::array weights, py::array col_ptr, py::array rows, py::array weights_t) {
     const auto tfail = [](const std::string& what) { fail_in("csr_transpose", what); };
     const py::dtype dt = weights.dtype();
     if (!dt.is(py::dtype::of<float>()) && !dt.is(py::dtype::of<double>()))
         throw py::type_error("csr_transpose: weights must be float32 or float64");
     if (!weights_t.dtype().is(dt)) throw py::type_error("csr_transpose: weights_t must have weights' dtype");
+    const auto i64 = py::dtype::of<int64_t>();
+    if (!col_ptr.dtype().is(i64) || !rows.dtype().is(i64)) throw py::type_error("csr_transpose: col_ptr and rows must be int64");
+    if (!(col_ptr.flags() & py::array::c_style) || !(rows.flags() & py::array::c_style))
+        tfail("col_ptr and rows must be contiguous");
+    const py::array inputs[] = {indptr, cols, weights};
+    for (const py::array& out : {col_ptr, rows, weights_t})
+        for (const py::array& in : inputs)
+            if (overlap(out, in)) tfail("the outputs must not overlap the inputs");
     if (indptr.ndim() != 1 || indptr.shape(0) < 1) tfail("indptr must be 1-D with at least one entry");
     if (cols.ndim() != 1 || weights.ndim() != 1 || rows.ndim() != 1 || weights_t.ndim() != 1 || col_ptr.ndim() != 1)
         tfail("cols, weights, col_ptr, rows and weights_t must be 1-D");
@@ -157,8 +171,8 @@ void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<
     const int64_t* ip = indptr.data();
     const int64_t* cp = cols.data();
     check_csr("csr_transpose", ip, n_rows, cp, nnz, n_cols);
-    int64_t* ptr = col_ptr.mutable_data();
-    int64_t* out_rows = rows.mutable_data();
+    int64_t* ptr = static_cast<int64_t*>(col_ptr.mutable_data());
+    int64_t* out_rows = static_cast<int64_t*>(rows.mutable_data());
     const size_t item = dt.itemsize();
     const char* w_in = static_cast<const char*>(weights.data());
     char* w_out = static_cast<char*>(weights_t.mutable_data());

@@ -80,6 +80,7 @@ def test_op_refuses_bad_input():
         (dict(dz=np.zeros((4, 3))[:, ::-1]), ValueError, "dz must be contiguous"),
         (dict(slope=None), ValueError, "slope and dz go together"),
         (dict(log_weights=[0.0, 0.0]), ValueError, "log_weights must have 3 entries"),
+        (dict(dz=good["eps"]), ValueError, "must not overlap the inputs"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):

@@ -138,6 +138,9 @@ def test_transpose_refuses_bad_input_and_writes_nothing():
         (dict(weights=weights.numpy().astype(np.float16)), TypeError, "float32 or float64"),
         (dict(weights_t=np.zeros(nnz, dtype=np.float32)), TypeError, "weights' dtype"),
         (dict(rows=np.zeros(nnz - 1, dtype=np.int64)), ValueError, "one entry per col"),
+        (dict(rows=np.zeros(nnz, dtype=np.int32)), TypeError, "col_ptr and rows must be int64"),
+        (dict(col_ptr=np.zeros(12, dtype=np.int64)[::2]), ValueError, "col_ptr and rows must be contiguous"),
+        (dict(weights_t=weights.numpy()), ValueError, "must not overlap the inputs"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):
