@@ -93,13 +93,6 @@ def interleaved_best(fns: dict, rounds: int) -> dict:
     return best
 
 
-def best_over_blocks(make, repeats: int, blocks=SWEEP) -> tuple[float, int]:
-    """(best time, its block) of make(block)() over the block sweep, the blocks taking turns."""
-    times = interleaved_best({b: make(b) for b in blocks}, repeats)
-    block = min(times, key=times.get)
-    return times[block], block
-
-
 def nll_floor_parts(z, weight, bias, phase: str, blocks=SWEEP) -> dict:
     """The NLL floor's parts to time, keyed (part, block): the logits product, the phase's second
     product (encoder: probs·Wd for dz; decoder: Gᵀz for dWd) and one exp, at each block size."""
