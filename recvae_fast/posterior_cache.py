@@ -84,7 +84,8 @@ def pass_fill(cache: PosteriorCache | None, phase: str) -> str | None:
 def step_posteriors(cache: PosteriorCache | None, fill: str | None, phase: str, rows: np.ndarray, compute,
                     store=None):
     """(posterior, old_posterior) to give a step of `phase` on the users `rows` (None: the step
-    computes it), filling the cache on the way. compute(source) gives posterior_of's value for the
+    computes it), filling the cache on the way. A decoder pass after the one that filled the cache
+    reads its posterior from it: the encoder is frozen through the decoder passes. compute(source) gives posterior_of's value for the
     step's batch; store(rows, posterior) puts it in the cache (default cache.put; the sharded fit
     gathers the other data ranks' users first)."""
     store = store or (lambda r, posterior: cache.put(r, posterior))
@@ -92,8 +93,10 @@ def step_posteriors(cache: PosteriorCache | None, fill: str | None, phase: str, 
         posterior = compute(fill)
         store(rows, posterior)
         return posterior, None
-    if cache is None or phase == "decoder":
+    if cache is None:
         return None, None
+    if phase == "decoder":  # a later decoder pass (n_dec_epochs > 1): the encoder has not changed since the fill
+        return cache.get(rows), None
     old_posterior = cache.get(rows)
     if old_posterior is None:
         old_posterior = compute("encoder_old")

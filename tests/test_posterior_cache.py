@@ -9,7 +9,7 @@ import torch
 from helpers import model_pair, pinned_noise, random_ratings
 
 from recvae_fast import fit, posterior_cache, training
-from recvae_fast.model import CompositePrior
+from recvae_fast.model import CompositePrior, Encoder
 from recvae_fast.runfolder import RunFolderError
 
 # 61 users in batches of 13: four full batches and a last one of 9.
@@ -31,10 +31,10 @@ def _losses(history):
     return [{k: v for k, v in r.items() if k.endswith(("_loss", "_mll", "_kld"))} for r in history]
 
 
-@pytest.mark.parametrize("not_alternating", [False, True])
-def test_fit_with_the_cache_trains_as_without_it(train, monkeypatch, not_alternating):
-    """Cached and computed old posteriors differ at most by the rounding of another batch mix."""
-    kw = dict(SMALL, n_epochs=3, not_alternating=not_alternating)
+@pytest.mark.parametrize("not_alternating,n_dec_epochs", [(False, 1), (True, 1), (False, 2)])
+def test_fit_with_the_cache_trains_as_without_it(train, monkeypatch, not_alternating, n_dec_epochs):
+    """Cached and computed posteriors differ at most by the rounding of another batch mix."""
+    kw = dict(SMALL, n_epochs=3, not_alternating=not_alternating, n_dec_epochs=n_dec_epochs)
     cached = fit(train, **kw)
     monkeypatch.setattr(posterior_cache, "MAX_BYTES", 0)  # no cache: the old encoder in every step
     computed = fit(train, **kw)
@@ -65,6 +65,23 @@ def test_the_old_encoder_runs_in_the_first_pass_only(train, monkeypatch, not_alt
     fit(train, **dict(SMALL, n_epochs=n_epochs, not_alternating=not_alternating))
     passes_with_kl = n_epochs * (1 if not_alternating else SMALL["n_enc_epochs"])
     assert sum(calls) == passes_with_kl * n_users
+
+
+def test_later_decoder_passes_read_the_encoder_posterior_from_the_cache(train, monkeypatch):
+    """n_dec_epochs 2: the first decoder pass of an epoch fills the cache from the encoder, which is
+    frozen through the decoder passes, so the second reads it: per epoch and user the encoder runs
+    in the 3 encoder passes and the first decoder pass (and the old encoder in the run's first pass)."""
+    rows_run = []
+    real = Encoder.forward
+
+    def counted(self, batch, *args, **kwargs):
+        rows_run.append(batch.n_rows)
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "forward", counted)
+    n_epochs, n_users = 2, train.shape[0]
+    fit(train, **dict(SMALL, n_epochs=n_epochs, n_dec_epochs=2))
+    assert sum(rows_run) == n_users * (n_epochs * (SMALL["n_enc_epochs"] + 1) + 1)
 
 
 @pytest.mark.parametrize("options", [dict(not_alternating=False), dict(not_alternating=True),
