@@ -13,8 +13,10 @@
 // - blocks of 32 scores are screened against the threshold with SSE compares; only the rare
 //   block with a candidate is looked at item by item (skipping NaN and seen items: the row's
 //   sorted seen list is walked forward only then);
-// - candidates go to a buffer; when it is full a branch-free quickselect keeps the best k and
-//   raises the threshold to the worst of them.
+// - candidates go to the row's buffer (k + max(k, 64) entries, kept in the State between chunks);
+//   when it is full a branch-free quickselect keeps the best k and raises the threshold to the
+//   worst of them. Nothing is selected at the end of a chunk, so a chunk with few candidates costs
+//   a row little more than its scan: the streaming form can push many small, cache-sized chunks.
 // Rows are spread over OpenMP threads (the process's OpenMP pool, i.e. torch's own when torch is
 // loaded) with the GIL released; without OpenMP, over std::threads.
 //
@@ -177,40 +179,63 @@ void select_best(Entry<C>* a, Entry<C>* tmp, int64_t n, int64_t kth) {
     }
 }
 
+// x rounded toward -inf to C: every C value that is > x (>= x) is also > (>=) the result.
+template <class C>
+inline C round_down(double x) {
+    if constexpr (std::is_same_v<C, double>) {
+        return x;
+    } else {
+        C y = C(x);
+        return double(y) > x ? std::nextafter(y, -std::numeric_limits<C>::infinity()) : y;
+    }
+}
+
+// One row's entries and threshold, kept in the State between chunks. Scores are stored as double
+// (exact for every input type), so chunks of different dtypes compare exactly.
+struct RowState {
+    int64_t c = 0;  // entries held
+    bool have_thr = false;
+    double thr = 0.0;
+    int64_t thr_i = 0;
+};
+
 // Candidate buffer of one row: holds at most `room` entries; compaction keeps the best `cap`
 // and sets the threshold to the worst of them, the bar any later item must clear.
 template <class C>
 struct Buf {
-    Entry<C>* e;
-    Entry<C>* tmp;  // scratch for the selection, room entries
-    Entry<C>* gmax;  // scratch for group maxima: 2 * (min(n, WARM) / 8 + 1) entries
-    int64_t c;     // entries held
+    Entry<double>* e;  // the row's entries in the State
+    Entry<double>* tmp;  // scratch for the selection, room entries
+    std::vector<Entry<C>>& gmax;  // scratch for group maxima (grown as needed)
+    RowState& row;
     int64_t cap;   // k (or fewer when the catalogue is smaller)
     int64_t room;  // buffer size, > cap
-    bool have_thr;
-    C thr;
-    int64_t thr_i;
+    C screen_thr;  // row.thr rounded down to C: the block screen admits all that can beat row.thr
+
+    void set_threshold(double s, int64_t ix) {
+        row.have_thr = true;
+        row.thr = s;
+        row.thr_i = ix;
+        screen_thr = round_down<C>(s);
+    }
 
     void compact() {
-        if (c > cap) {
-            select_best(e, tmp, c, cap);
-            c = cap;
+        if (row.c > cap) {
+            select_best(e, tmp, row.c, cap);
+            row.c = cap;
         }
         // The threshold: the worst of the best cap.
         int64_t w = 0;
-        if (c == cap) {
-            for (int64_t t = 1; t < c; ++t)
+        if (row.c == cap) {
+            for (int64_t t = 1; t < row.c; ++t)
                 if (entry_better(e[w], e[t])) w = t;
-            have_thr = true;
-            thr = e[w].s;
-            thr_i = e[w].ix;
+            set_threshold(e[w].s, e[w].ix);
         }
     }
 
     inline void append(C v, int64_t g) {
-        e[c].s = v;
-        e[c].ix = g;
-        if (++c == room) compact();
+        e[row.c].s = double(v);
+        e[row.c].ix = g;
+        if (++row.c == room) compact();
     }
 };
 
@@ -324,20 +349,25 @@ inline int lowest_bit(uint32_t m) {  // m != 0
 // Scan columns [0, n) of one row (global item index = gofs + column) into the buffer `b`.
 // [sp, se) is the row's seen list, sorted ascending (duplicates allowed).
 // Contig: element j lives at ((const Raw*)base)[j]; otherwise at base + j * cs bytes.
-template <class T, bool Contig>
+// Biased: item j's score is element j + bias[j] (in C), so a product need not add the bias first.
+template <class T, bool Contig, bool Biased>
 void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64_t* sp, const int64_t* se,
-              Buf<typename T::C>& b) {
+              const typename T::C* bias, Buf<typename T::C>& b) {
     using C = typename T::C;
     using Raw = typename T::Raw;
+    constexpr bool in_place = Contig && std::is_same_v<Raw, C> && !Biased;  // read blocks where they lie
 
     auto get = [&](int64_t j) -> C {
+        C v;
         if constexpr (Contig) {
-            return T::cv(reinterpret_cast<const Raw*>(base)[j]);
+            v = T::cv(reinterpret_cast<const Raw*>(base)[j]);
         } else {
             Raw r;
             std::memcpy(&r, base + j * cs, sizeof(Raw));
-            return T::cv(r);
+            v = T::cv(r);
         }
+        if constexpr (Biased) v += bias[j];
+        return v;
     };
     sp = std::lower_bound(sp, se, gofs);
     auto is_seen = [&](int64_t g) -> bool {  // g only grows along the row: the pointer only moves on
@@ -347,7 +377,7 @@ void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64
 
     alignas(64) C tmp[BLK];
     auto block = [&](int64_t j) -> const C* {
-        if constexpr (Contig && std::is_same_v<Raw, C>) {
+        if constexpr (in_place) {
             return reinterpret_cast<const C*>(base) + j;
         } else {
             for (int t = 0; t < BLK; ++t) tmp[t] = get(j + t);
@@ -355,7 +385,7 @@ void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64
         }
     };
 
-    if (!b.have_thr) {
+    if (!b.row.have_thr) {
         // Warm-up bound. Split the first min(n, WARM) items into groups of G and take each group's
         // max. If `need` = cap + (seen entries in that range) groups have max >= t, at most the seen
         // count of them hold a seen item, so >= cap groups are clean and their maxima are cap
@@ -366,21 +396,30 @@ void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64
         const int64_t need = b.cap + (std::lower_bound(sp, se, gofs + seg) - sp);
         // About 1.5 * need groups: the expected number of candidates is then ~1.6 * need
         // (ng * -ln(1 - need / ng) for random scores) while the selection below stays small.
-        const int64_t G = 8 * (seg / (8 * ((3 * need + 1) / 2)));
-        if (G >= 8) {
+        // Groups of 8 or more items are maxed with SIMD; down to 2 items (a small first chunk of a
+        // stream) the bound still saves most of the fill phase's candidates.
+        int64_t G = seg / ((3 * need + 1) / 2);
+        if (G >= 8) G -= G % 8;
+        if (G >= 2) {
             const int64_t ng = seg / G;
-            Entry<C>* gm = b.gmax;
+            if (b.gmax.size() < size_t(2 * ng)) b.gmax.resize(size_t(2 * ng));
+            Entry<C>* gm = b.gmax.data();
             for (int64_t q = 0, gi = 0; gi < ng; ++gi, q += G) {
-                C m;
-                if constexpr (Contig && std::is_same_v<Raw, C>) {
-                    m = group_max(reinterpret_cast<const C*>(base) + q, G);
+                C m = -std::numeric_limits<C>::infinity();
+                int64_t u = 0;
+                if constexpr (in_place) {
+                    u = G - G % 8;
+                    if (u) m = group_max(reinterpret_cast<const C*>(base) + q, u);
                 } else {
-                    m = -std::numeric_limits<C>::infinity();
-                    for (int64_t u = 0; u < G; u += 8) {
+                    for (; u + 8 <= G; u += 8) {
                         for (int t = 0; t < 8; ++t) tmp[t] = get(q + u + t);
                         const C x = group_max(tmp, 8);
                         m = x > m ? x : m;
                     }
+                }
+                for (; u < G; ++u) {  // NaN compares false: ignored, as in group_max
+                    const C x = get(q + u);
+                    m = x > m ? x : m;
                 }
                 gm[gi].s = m;
                 gm[gi].ix = gi;  // makes entries distinct for select_best
@@ -388,17 +427,14 @@ void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64
             select_best(gm, gm + ng, ng, need);
             C t = gm[0].s;
             for (int64_t u = 1; u < need; ++u) t = gm[u].s < t ? gm[u].s : t;
-            if (t > -std::numeric_limits<C>::infinity()) {
-                b.have_thr = true;
-                b.thr = t;
-                b.thr_i = std::numeric_limits<int64_t>::max();  // admits scores >= t
-            }
+            if (t > -std::numeric_limits<C>::infinity())
+                b.set_threshold(double(t), std::numeric_limits<int64_t>::max());  // admits scores >= t
         }
     }
 
     int64_t j = 0;
     // Fill phase: no threshold yet, take every eligible item until the first compaction.
-    for (; j < n && !b.have_thr; ++j) {
+    for (; j < n && !b.row.have_thr; ++j) {
         const C v = get(j);
         if (v != v) continue;  // NaN
         const int64_t g = gofs + j;
@@ -408,19 +444,19 @@ void scan_row(const char* base, int64_t cs, int64_t n, int64_t gofs, const int64
         const C* blk = block(j);
         // Items of this block have indices >= gofs + j. When that exceeds the threshold item's
         // index (always, unless chunks come out of order) only a strictly higher score can win.
-        uint32_t m = screen(blk, b.thr, gofs + j < b.thr_i);
+        uint32_t m = screen(blk, b.screen_thr, gofs + j < b.row.thr_i);
         while (m) {
             const int t = lowest_bit(m);
             m &= m - 1;
             const C v = blk[t];
             const int64_t g = gofs + j + t;
-            if (better(v, g, b.thr, b.thr_i) && !is_seen(g)) b.append(v, g);
+            if (better(double(v), g, b.row.thr, b.row.thr_i) && !is_seen(g)) b.append(v, g);
         }
     }
     for (; j < n; ++j) {
         const C v = get(j);
         const int64_t g = gofs + j;
-        if (better(v, g, b.thr, b.thr_i) && !is_seen(g)) b.append(v, g);
+        if (better(double(v), g, b.row.thr, b.row.thr_i) && !is_seen(g)) b.append(v, g);
     }
 }
 
@@ -506,10 +542,10 @@ void parallel_rows(int64_t n_rows, int n_threads, int64_t grain, MakeWs&& make_w
 // Per-thread scratch of `run`: uninitialised arrays (no zero-fill per block).
 template <class C>
 struct Workspace {
-    std::unique_ptr<Entry<C>[]> ent, scratch, gmax;
+    std::unique_ptr<Entry<double>[]> scratch;
+    std::vector<Entry<C>> gmax;
     std::vector<int64_t> sorted_seen;
-    Workspace(int64_t room, int64_t n_gmax)
-        : ent(new Entry<C>[size_t(room)]), scratch(new Entry<C>[size_t(room)]), gmax(new Entry<C>[size_t(n_gmax)]) {}
+    explicit Workspace(int64_t room) : scratch(new Entry<double>[size_t(room)]) {}
 };
 
 class State {
@@ -518,9 +554,9 @@ class State {
         if (n_rows < 0) throw py::value_error("topk_masked: n_rows must be >= 0");
         if (k <= 0) throw py::value_error("topk_masked: k must be >= 1");
         if (cap < 0 || cap > k) throw py::value_error("topk_masked: internal capacity out of range");
-        s_.assign(size_t(n_rows * cap), 0.0);
-        ix_.assign(size_t(n_rows * cap), -1);
-        cnt_.assign(size_t(n_rows), 0);
+        room_ = cap + std::max<int64_t>(cap, 64);
+        ent_.reset(new Entry<double>[size_t(n_rows * room_)]);  // uninitialised: rows start empty
+        rows_.assign(size_t(n_rows), RowState{});
     }
 
     int64_t n_rows() const { return n_rows_; }
@@ -528,7 +564,7 @@ class State {
 
     void push(const py::buffer& scores, const std::string& dtype, int64_t item_offset,
               const py::array_t<int64_t, py::array::c_style>& indptr,
-              const py::array_t<int64_t, py::array::c_style>& indices, int n_threads) {
+              const py::array_t<int64_t, py::array::c_style>& indices, int n_threads, const py::object& bias) {
         py::buffer_info info = scores.request();
         const DType d = parse_dtype(dtype, info);
         if (info.ndim != 2)
@@ -550,6 +586,25 @@ class State {
         for (int64_t r = 0; r < n_rows_; ++r)
             if (ip[r + 1] < ip[r]) throw py::value_error("topk_masked: seen indptr must be non-decreasing");
 
+        // bias: one value per column, added to its scores in the type they are compared in
+        // (float64 for float64 scores, float32 otherwise).
+        const void* bias_data = nullptr;
+        py::array bias_array;
+        if (!bias.is_none()) {
+            bias_array = py::array::ensure(bias);
+            const bool want_f64 = d == DType::F64;
+            const bool ok_type = bias_array && (want_f64 ? bias_array.dtype().is(py::dtype::of<double>())
+                                                         : bias_array.dtype().is(py::dtype::of<float>()));
+            if (!ok_type)
+                throw py::type_error(std::string("topk_masked: bias must be a ") + (want_f64 ? "float64" : "float32") +
+                                     " array for " + dtype + " scores");
+            if (bias_array.ndim() != 1 || bias_array.shape(0) != info.shape[1] ||
+                !(bias_array.flags() & py::array::c_style))
+                throw py::value_error("topk_masked: bias must be a contiguous 1-D array of " +
+                                      std::to_string(info.shape[1]) + " values, one per score column");
+            bias_data = bias_array.data();
+        }
+
         const char* base = static_cast<const char*>(info.ptr);
         const int64_t rs = info.strides[0];
         const int64_t cs = info.strides[1];
@@ -562,10 +617,10 @@ class State {
         std::lock_guard<std::mutex> lock(mu_);
         if (d == DType::F64) saw_f64_ = true;
         switch (d) {
-            case DType::F32: run<F32>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig); break;
-            case DType::F64: run<F64>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig); break;
-            case DType::F16: run<F16>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig); break;
-            case DType::BF16: run<BF16>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig); break;
+            case DType::F32: run<F32>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig, bias_data); break;
+            case DType::F64: run<F64>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig, bias_data); break;
+            case DType::F16: run<F16>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig, bias_data); break;
+            case DType::BF16: run<BF16>(base, rs, cs, n_cols, item_offset, ip, ind, n_threads, contig, bias_data); break;
         }
     }
 
@@ -579,44 +634,41 @@ class State {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(mu_);
             const double ninf = -std::numeric_limits<double>::infinity();
-            auto make_ws = [&]() { return std::unique_ptr<Entry<double>[]>(new Entry<double>[size_t(cap_)]); };
+            auto make_ws = [&]() { return std::unique_ptr<Entry<double>[]>(new Entry<double>[size_t(room_)]); };
             parallel_rows(n_rows_, n_threads, 64, make_ws, [&](auto& buf, int64_t r0, int64_t r1) {
                 uint64_t* keys = reinterpret_cast<uint64_t*>(buf.get());  // 8 of the 16 bytes per entry
+                std::vector<Entry<double>> no_groups;  // compact() does not use them
                 for (int64_t r = r0; r < r1; ++r) {
-                    const int64_t c = cnt_[size_t(r)];
-                    const double* rs = s_.data() + r * cap_;
-                    const int64_t* ri = ix_.data() + r * cap_;
+                    Entry<double>* e = ent_.get() + r * room_;
+                    Buf<double> b{e, buf.get(), no_groups, rows_[size_t(r)], cap_, room_, 0.0};
+                    b.compact();  // the row's best cap (candidates may still be above them)
+                    const int64_t c = b.row.c;
                     // Scores that are floats (float32/16/bfloat16 input), indices < 2^32 and no -0.0
                     // (whose sign the key would lose): sort 64-bit keys (float order, then index).
                     bool packed = !saw_f64_;
                     for (int64_t t = 0; packed && t < c; ++t)
-                        packed = uint64_t(ri[t]) <= 0xffffffffull && !(rs[t] == 0.0 && std::signbit(rs[t]));
+                        packed = uint64_t(e[t].ix) <= 0xffffffffull && !(e[t].s == 0.0 && std::signbit(e[t].s));
                     if (packed) {
                         for (int64_t t = 0; t < c; ++t)
-                            keys[t] = (uint64_t(float_order(float(rs[t]))) << 32) | (0xffffffffull - uint64_t(ri[t]));
+                            keys[t] = (uint64_t(float_order(float(e[t].s))) << 32) | (0xffffffffull - uint64_t(e[t].ix));
                         std::sort(keys, keys + c, std::greater<uint64_t>());
                         for (int64_t t = 0; t < c; ++t) {
                             os[r * k_ + t] = double(float_from_order(uint32_t(keys[t] >> 32)));
                             oi[r * k_ + t] = int64_t(0xffffffffull - (keys[t] & 0xffffffffull));
                         }
-                        for (int64_t t = c; t < k_; ++t) {
-                            os[r * k_ + t] = ninf;
-                            oi[r * k_ + t] = -1;
-                        }
-                        continue;
-                    }
-                    for (int64_t t = 0; t < c; ++t) buf[t] = {rs[t], ri[t]};
-                    std::sort(buf.get(), buf.get() + c, [](const Entry<double>& a, const Entry<double>& b) {
-                        return better(a.s, a.ix, b.s, b.ix);
-                    });
-                    for (int64_t t = 0; t < k_; ++t) {
-                        if (t < c) {
+                    } else {
+                        for (int64_t t = 0; t < c; ++t) buf[t] = e[t];
+                        std::sort(buf.get(), buf.get() + c, [](const Entry<double>& a, const Entry<double>& b) {
+                            return better(a.s, a.ix, b.s, b.ix);
+                        });
+                        for (int64_t t = 0; t < c; ++t) {
                             os[r * k_ + t] = buf[t].s;
                             oi[r * k_ + t] = buf[t].ix;
-                        } else {
-                            os[r * k_ + t] = ninf;
-                            oi[r * k_ + t] = -1;
                         }
+                    }
+                    for (int64_t t = c; t < k_; ++t) {
+                        os[r * k_ + t] = ninf;
+                        oi[r * k_ + t] = -1;
                     }
                 }
             });
@@ -627,23 +679,17 @@ class State {
   private:
     template <class T>
     void run(const char* base, int64_t rs, int64_t cs, int64_t n_cols, int64_t gofs, const int64_t* ip,
-             const int64_t* ind, int n_threads, bool contig) {
+             const int64_t* ind, int n_threads, bool contig, const void* bias_data) {
         using C = typename T::C;
+        const C* bias = static_cast<const C*>(bias_data);
         const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n_cols, 1));
-        const int64_t room = cap_ + std::max<int64_t>(cap_, 256);
-        const int64_t n_gmax = 2 * (std::min(n_cols, WARM) / 8 + 1);
-        auto make_ws = [&]() { return Workspace<C>(room, n_gmax); };
+        auto make_ws = [&]() { return Workspace<C>(room_); };
         parallel_rows(n_rows_, n_threads, grain, make_ws, [&](Workspace<C>& ws, int64_t r0, int64_t r1) {
-            Entry<C>* ent = ws.ent.get();
             std::vector<int64_t>& sorted_seen = ws.sorted_seen;
             for (int64_t r = r0; r < r1; ++r) {
-                const size_t off = size_t(r * cap_);
-                Buf<C> b{ent, ws.scratch.get(), ws.gmax.get(), cnt_[size_t(r)], cap_, room, false, C(0), 0};
-                for (int64_t t = 0; t < b.c; ++t) {
-                    ent[size_t(t)].s = C(s_[off + size_t(t)]);
-                    ent[size_t(t)].ix = ix_[off + size_t(t)];
-                }
-                b.compact();  // with a full row from earlier chunks: sets the threshold
+                RowState& row = rows_[size_t(r)];
+                Buf<C> b{ent_.get() + r * room_, ws.scratch.get(), ws.gmax, row, cap_, room_,
+                         round_down<C>(row.thr)};
                 const int64_t* sp = ind + ip[r];
                 const int64_t* se = ind + ip[r + 1];
                 if (!std::is_sorted(sp, se)) {
@@ -652,25 +698,24 @@ class State {
                     sp = sorted_seen.data();
                     se = sp + sorted_seen.size();
                 }
-                const char* row = base + r * rs;
-                if (contig)
-                    scan_row<T, true>(row, cs, n_cols, gofs, sp, se, b);
-                else
-                    scan_row<T, false>(row, cs, n_cols, gofs, sp, se, b);
-                if (b.c > cap_) b.compact();
-                cnt_[size_t(r)] = b.c;
-                for (int64_t t = 0; t < b.c; ++t) {
-                    s_[off + size_t(t)] = double(ent[size_t(t)].s);
-                    ix_[off + size_t(t)] = ent[size_t(t)].ix;
+                const char* row_scores = base + r * rs;
+                if (bias) {
+                    if (contig)
+                        scan_row<T, true, true>(row_scores, cs, n_cols, gofs, sp, se, bias, b);
+                    else
+                        scan_row<T, false, true>(row_scores, cs, n_cols, gofs, sp, se, bias, b);
+                } else if (contig) {
+                    scan_row<T, true, false>(row_scores, cs, n_cols, gofs, sp, se, nullptr, b);
+                } else {
+                    scan_row<T, false, false>(row_scores, cs, n_cols, gofs, sp, se, nullptr, b);
                 }
             }
         });
     }
 
-    int64_t n_rows_, k_, cap_;
-    std::vector<double> s_;
-    std::vector<int64_t> ix_;
-    std::vector<int64_t> cnt_;
+    int64_t n_rows_, k_, cap_, room_;
+    std::unique_ptr<Entry<double>[]> ent_;  // n_rows × room: each row's entries (unordered)
+    std::vector<RowState> rows_;
     bool saw_f64_ = false;  // some chunk was float64: kept scores may not be floats
     std::mutex mu_;
 };
@@ -685,8 +730,9 @@ PYBIND11_MODULE(_topk, m) {
         .def_property_readonly("n_rows", &State::n_rows)
         .def_property_readonly("k", &State::k)
         .def("push", &State::push, py::arg("scores"), py::arg("dtype"), py::arg("item_offset"), py::arg("indptr"),
-             py::arg("indices"), py::arg("n_threads"),
-             "Merge the masked top-k of a [n_rows, n_cols] score chunk whose column 0 is item item_offset.")
+             py::arg("indices"), py::arg("n_threads"), py::arg("bias") = py::none(),
+             "Merge the masked top-k of a [n_rows, n_cols] score chunk whose column 0 is item item_offset; "
+             "bias (optional, one per column) is added to each column's scores first.")
         .def("result", &State::result, py::arg("n_threads") = 1,
              "(scores float64 [n_rows, k], indices int64 [n_rows, k]), best first, padded with -inf / -1.");
 }

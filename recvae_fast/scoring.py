@@ -57,12 +57,18 @@ def blocked_topk(
     state = _ext().State(n_rows, cap, cap)
     scores = torch.empty(n_rows, min(block, n_items), dtype=mu.dtype)
     scores32 = scores if mu.dtype == torch.float32 else torch.empty(scores.shape, dtype=torch.float32)
+    # float32: the top-k adds the bias as it reads each score (one pass over the block fewer than
+    # addmm's copy of the bias into it); other dtypes are rounded to float32 after the bias.
+    bias32 = bias.detach().contiguous().numpy() if mu.dtype == torch.float32 else None
     for start in range(0, n_items, block):
         stop = min(n_items, start + block)
         out = scores[:, : stop - start] if stop - start == scores.shape[1] else scores.new_empty(n_rows, stop - start)
+        if bias32 is not None:
+            torch.mm(mu, weight[start:stop].t(), out=out)
+            state.push(out.numpy(), "float32", start, indptr, indices, threads, bias32[start:stop])
+            continue
         torch.addmm(bias[start:stop], mu, weight[start:stop].t(), out=out)
-        if out.dtype != torch.float32:
-            out = scores32[:, : stop - start].copy_(out) if out.shape == scores32.shape else out.float()
+        out = scores32[:, : stop - start].copy_(out) if out.shape == scores32.shape else out.float()
         state.push(out.numpy(), "float32", start, indptr, indices, threads)
     if n_rows == 0 or cap == 0:
         return TopK(np.full((n_rows, k), -np.inf, np.float32), np.full((n_rows, k), -1, np.int64))

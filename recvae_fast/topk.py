@@ -330,7 +330,8 @@ class TopKAccumulator:
         scores, items = acc.result()
 
     Each push merges the chunk's masked top-k (items numbered item_offset + column) into a running
-    top-k, so only one chunk of B × chunk scores need exist. The result equals `topk_masked` on
+    top-k, so only one chunk of B × chunk scores need exist. The running top-k ("cpp") holds up to
+    k + max(k, 64) candidates of 16 bytes per row. The result equals `topk_masked` on
     the concatenated scores exactly, ties included, whatever the chunk sizes or their order.
     Chunks must not overlap; all must share one input type, device and dtype. `seen` may be given
     once here or with each push; `n_items` (optional; taken from a scipy seen matrix's shape if not

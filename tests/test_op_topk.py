@@ -478,3 +478,142 @@ def test_threads_and_gil():
         th.join()
     for o in out:
         assert_same(o, want)
+
+
+# ----------------------------------------------------------------------------- the C++ running state
+# recvae_fast.scoring pushes many cache-sized chunks into one State with the bias added in the
+# push; these tests drive the State directly: chunk streams against the reference, the bias, chunks
+# of mixed dtypes (exact comparison across float32 / float64), and bad bias input.
+
+
+def _state_stream(chunks, n_rows, k, indptr, indices, n_threads=2):
+    """result() of one State fed (scores chunk, dtype name, item offset, bias or None) in order."""
+    state = topk_mod._ext().State(n_rows, k, k)
+    for buf, name, offset, bias in chunks:
+        state.push(buf, name, offset, indptr, indices, n_threads, bias)
+    return state.result(n_threads)
+
+
+def _as_buffer(scores: np.ndarray, dtype: str, layout: str):
+    """scores (float64, exact in dtype) as the State's buffer of that dtype, contiguous or strided."""
+    if layout == "strided":  # every other column of a wider array: read through the column stride
+        wide = np.full((scores.shape[0], 2 * scores.shape[1]), np.nan)
+        wide[:, ::2] = scores
+        return _as_buffer(wide, dtype, "c")[0][:, ::2], dtype
+    t = torch.from_numpy(np.ascontiguousarray(scores)).to(getattr(torch, dtype))
+    return (t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()), dtype
+
+
+@pytest.mark.parametrize("layout", ["c", "strided"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 6, 70])
+def test_state_bias_equals_scores_plus_bias(k, dtype, layout):
+    """push(..., bias) ranks score + bias computed in the compared type (float64 for float64
+    scores, else float32), streamed over chunks of odd widths (1 item, 33, 500, the rest)."""
+    rng = np.random.default_rng(40 + k)
+    n_rows, n_items = 19, 1_203
+    scores, indptr, indices = make_case(rng, n_rows, n_items, n_levels=9)
+    bias = (rng.integers(0, 7, n_items) / 4 - 0.5).astype(np.float64)
+    bias[rng.random(n_items) < 0.02] = np.nan  # a NaN bias makes the item's scores NaN: never returned
+    bias[rng.random(n_items) < 0.02] = -np.inf  # eligible, ranked last
+    bias_array = bias if dtype == "float64" else bias.astype(np.float32)
+    compared = np.float64 if dtype == "float64" else np.float32
+    # the scores as the State reads them, then the sum in the compared type
+    read = torch.from_numpy(scores).to(getattr(torch, dtype)).double().numpy()
+    want = reference(read.astype(compared) + bias_array.astype(compared), indptr, indices, k)
+    bounds = [0, 1, 34, 534, n_items]
+    chunks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        buf, name = _as_buffer(scores[:, a:b], dtype, layout)
+        chunks.append((buf, name, a, bias_array[a:b]))
+    assert_same(_state_stream(chunks, n_rows, k, indptr, indices), want)
+    rng.shuffle(chunks)  # any push order
+    assert_same(_state_stream(chunks, n_rows, k, indptr, indices, n_threads=1), want)
+
+
+def test_state_mixed_dtypes_compare_exactly():
+    """A float32 score just above a float64 threshold is kept: the screen compares against the
+    threshold rounded down to float32 (float32(0.1) > 0.1 as a double, and rounding the threshold
+    to nearest would give float32(0.1) itself, which a strict screen would reject)."""
+    n_rows, k = 2, 1
+    indptr, indices = np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int64)
+    # 100 ties at 0.1: more candidates than a row's buffer holds, so it is compacted and the
+    # threshold becomes (0.1, item 0), which later items must beat strictly
+    first = np.full((n_rows, 100), 0.1)
+    second = np.full((n_rows, 40), -1.0, np.float32)
+    second[:, 5] = np.float32(0.1)  # 0.100000001490116... > 0.1
+    second[1, 5] = np.nextafter(np.float32(0.1), np.float32(0))  # 0.0999999940... < 0.1
+    got = _state_stream([(first, "float64", 0, None), (second, "float32", 100, None)], n_rows, k, indptr, indices)
+    np.testing.assert_array_equal(got[1], [[105], [0]])
+    np.testing.assert_array_equal(got[0], [[float(np.float32(0.1))], [0.1]])
+
+
+@pytest.mark.parametrize("k", [1, 5, 33, 150])
+def test_state_many_small_chunks(k):
+    """Chunks of 1 to 70 items, out of order, mixing float64 and float32 chunks: each row's candidates
+    stay in its buffer across pushes (selected only when the buffer is full, and in result())."""
+    rng = np.random.default_rng(50 + k)
+    n_rows, n_items = 23, 2_111
+    scores, indptr, indices = make_case(rng, n_rows, n_items, n_levels=40)
+    scores += rng.integers(0, 3, scores.shape) * 1e-9  # float64 values that float32 cannot hold
+    cuts = np.unique(np.concatenate([[0, n_items], np.cumsum(rng.integers(1, 71, n_items))]))
+    cuts = cuts[cuts <= n_items]
+    chunks, exact = [], scores.copy()
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        if i % 2:  # float32 chunk: compared as its float32 values
+            exact[:, a:b] = scores[:, a:b].astype(np.float32)
+            chunks.append((scores[:, a:b].astype(np.float32), "float32", int(a), None))
+        else:
+            chunks.append((scores[:, a:b], "float64", int(a), None))
+    want = reference(exact, indptr, indices, k)
+    rng.shuffle(chunks)
+    state = topk_mod._ext().State(n_rows, k, k)
+    for buf, name, offset, _ in chunks[: len(chunks) // 2]:
+        state.push(buf, name, offset, indptr, indices, 2)
+    state.result(2)  # a result midway selects each row's best; pushing on from there is fine
+    for buf, name, offset, _ in chunks[len(chunks) // 2 :]:
+        state.push(buf, name, offset, indptr, indices, 2)
+    assert_same(state.result(2), want)
+    assert_same(state.result(1), want)  # result() again: the same
+
+
+@pytest.mark.parametrize("first_width", [24, 40, 61, 100, 257])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_state_small_first_chunk_bound(first_width, dtype):
+    """The first chunk's lower bound from group maxima, down to groups of 2 items (widths where
+    fewer than 8 items per group are possible), with ties, NaN and -inf in the groups."""
+    rng = np.random.default_rng(first_width)
+    n_rows, n_items, k = 29, 900, 7
+    scores, indptr, indices = make_case(rng, n_rows, n_items, n_levels=5, seen_per_row=3)
+    scores = scores.astype(dtype)
+    want = reference(scores, indptr, indices, k)
+    bounds = [0, first_width, first_width + 3, n_items]
+    for layout in ("c", "strided"):
+        chunks = [(*_as_buffer(scores[:, a:b].astype(np.float64), dtype, layout), a, None)
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        assert_same(_state_stream(chunks, n_rows, k, indptr, indices), want)
+
+
+def test_state_bad_bias_is_refused_by_name_and_changes_nothing():
+    rng = np.random.default_rng(60)
+    n_rows, n_items, k = 6, 80, 4
+    scores, indptr, indices = make_case(rng, n_rows, n_items)
+    scores = scores.astype(np.float32)
+    bias = rng.random(n_items).astype(np.float32)
+    want = reference(scores + bias, indptr, indices, k)
+    state = topk_mod._ext().State(n_rows, k, k)
+    state.push(scores[:, :40], "float32", 0, indptr, indices, 2, bias[:40])
+    bad = [
+        (TypeError, "float32 array for float32 scores", bias[40:].astype(np.float64)),
+        (TypeError, "float32 array for float32 scores", [0.5] * 40),
+        (ValueError, "one per score column", bias[40:79]),
+        (ValueError, "one per score column", bias[40:].reshape(2, 20)),
+        (ValueError, "one per score column", np.repeat(bias[40:], 2)[::2]),  # not contiguous
+    ]
+    for error, message, b in bad:
+        with pytest.raises(error, match=f"bias must be .*{message}"):
+            state.push(scores[:, 40:], "float32", 40, indptr, indices, 2, b)
+    with pytest.raises(TypeError, match="float64 array for float64 scores"):
+        state.push(scores[:, 40:].astype(np.float64), "float64", 40, indptr, indices, 2, bias[40:])
+    state.push(scores[:, 40:], "float32", 40, indptr, indices, 2, bias[40:])
+    assert_same(state.result(2), want)
