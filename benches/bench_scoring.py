@@ -6,8 +6,8 @@ sort of the top 100) and against the floor (the logits product alone, best block
 Shapes: 500 users, K 200, ~75 seen items per user, 20,108 and 1,000,000 items, float32. Peak
 memory: 8.5 GiB at 1M items (the authors' dense 500 × 1M scores, float32, their negated copy and
 argpartition's int64 indices), so that shape runs only with --big-shapes; ours adds one B × block
-buffer. Best of three rounds, each timing the floor, ours and the authors'
-in turn (the cores are shared). RECVAE_BENCH_THREADS=n runs on n torch threads.
+buffer. Best of ten rounds at 20k items and three at 1M, each timing the floor, ours and the
+authors' in turn (the cores are shared). RECVAE_BENCH_THREADS=n runs on n torch threads.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def test_scoring_topk_vs_authors_and_floor(n_items):
     fns = {("floor", b): logits_product(mu, weight, bias, b) for b in blocks}
     fns["ours"] = lambda: blocked_topk(mu, weight, bias, seen, K)
     fns["authors"] = lambda: authors_topk(mu, weight, bias, seen, K)
-    best = interleaved_best(fns, rounds=3)  # the floor, ours and the authors' in the same rounds
+    rounds = 10 if n_items < 100_000 else 3  # a 20k round takes ~0.2 s, a 1M round ~10 s
+    best = interleaved_best(fns, rounds=rounds)  # the floor, ours and the authors' in the same rounds
     floor_block = min(blocks, key=lambda b: best["floor", b])
     floor_s = best["floor", floor_block]
     ratio = best["authors"] / best["ours"]
