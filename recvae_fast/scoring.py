@@ -48,6 +48,8 @@ def blocked_topk(
         raise ValueError(
             f"shapes do not match: mu {tuple(mu.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}"
         )
+    if not (mu.dtype == weight.dtype == bias.dtype):
+        raise TypeError(f"mu, weight and bias must share one dtype, got {mu.dtype}, {weight.dtype}, {bias.dtype}")
     block = scoring_block_size(n_rows) if item_block is None else int(item_block)
     if block < 1:
         raise ValueError(f"item_block must be >= 1, got {block}")

@@ -88,6 +88,8 @@ def test_bad_inputs_raise_clear_errors():
         blocked_topk(mu, weight, bias, seen, 3, item_block=0)
     with pytest.raises(ValueError, match="shapes do not match"):
         blocked_topk(mu, weight[:, :2], bias, seen, 3)
+    with pytest.raises(TypeError, match="share one dtype"):
+        blocked_topk(mu, weight, bias.double(), seen, 3)
     with pytest.raises(ValueError, match="seen has 40 columns"):
         blocked_topk(mu, weight, bias, seen[:, :40], 3)
     with pytest.raises(ValueError, match="k must be a positive integer"):
