@@ -37,7 +37,8 @@ def case():
     mu.requires_grad_()
     logvar.requires_grad_()
     ref = reference.CompositePrior(8, LATENT, 5)
-    ref.mu_prior, ref.logvar_prior, ref.logvar_uniform_prior = prior.mu_prior, prior.logvar_prior, prior.logvar_uniform_prior
+    ref.mu_prior, ref.logvar_prior = prior.mu_prior, prior.logvar_prior
+    ref.logvar_uniform_prior = prior.logvar_uniform_prior
     ref.encoder_old = _GivenOld((old_mu, old_logvar))
     weights = torch.rand(N_USERS, generator=gen)
     return prior, ref, mu, logvar, eps, (old_mu, old_logvar), weights

@@ -168,7 +168,8 @@ class _KLPerUser(torch.autograd.Function):
                 keep_slope: bool):
         if _cpp_kl(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar):
             kl, slope, dz = torch.ops.recvae_fast.composite_prior_kl(
-                mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, keep_slope)
+                mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights,
+                keep_slope)
             if keep_slope:
                 ctx.save_for_backward(slope, dz)
             return kl

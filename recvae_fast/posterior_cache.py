@@ -85,9 +85,9 @@ def step_posteriors(cache: PosteriorCache | None, fill: str | None, phase: str, 
                     store=None):
     """(posterior, old_posterior) to give a step of `phase` on the users `rows` (None: the step
     computes it), filling the cache on the way. A decoder pass after the one that filled the cache
-    reads its posterior from it: the encoder is frozen through the decoder passes. compute(source) gives posterior_of's value for the
-    step's batch; store(rows, posterior) puts it in the cache (default cache.put; the sharded fit
-    gathers the other data ranks' users first)."""
+    reads its posterior from it: the encoder is frozen through the decoder passes. compute(source)
+    gives posterior_of's value for the step's batch; store(rows, posterior) puts it in the cache
+    (default cache.put; the sharded fit gathers the other data ranks' users first)."""
     store = store or (lambda r, posterior: cache.put(r, posterior))
     if fill == "encoder":
         posterior = compute(fill)

@@ -126,4 +126,3 @@ def test_kl_falls_back_to_the_expression_when_the_prior_needs_a_gradient():
     old_mu = old[0].clone().requires_grad_()
     prior.kl(None, mu, logvar, eps, old_posterior=(old_mu, old[1])).sum().backward()
     assert old_mu.grad is not None and old_mu.grad.abs().sum() > 0
-
