@@ -11,7 +11,8 @@ Encoder steps are timed two ways: with the prior's old-encoder posterior compute
 the authors' code does), and read from fit's cache (recvae_fast.posterior_cache: how fit runs
 every encoder step after its first pass), the latter against a floor without the prior's products.
 Reported: step / NLL floor, step / step floor (goal ≤ 1.5), and the authors' step / ours (the
-reference dense VAE, recvae_fast.reference, with its own Adam).
+reference dense VAE, recvae_fast.reference, with its own Adam); and the GFLOP/s of the floor's two
+NLL products beside a square product's, timed in the same rounds (the machine's GEMM rate).
 
 Shapes: B 500, ~75 items per user, H 600, K 200, float32, torch's threads.
 - 20,108 items (ML-20M): the whole training step (recvae_fast.training.train_step, the other half
@@ -39,7 +40,8 @@ import os
 import pytest
 import torch
 from batches import user_item_batch
-from cpu_floor import SWEEP, apply_bench_threads, best_time, floors, interleaved_best, nll_floor_parts, step_floor_parts
+from cpu_floor import (SQUARE_SIDE, SWEEP, apply_bench_threads, best_time, floors, interleaved_best, nll_floor_parts,
+                       step_floor_parts)
 
 from recvae_fast import RecVAE, torch_ops
 from recvae_fast.cache_blocks import nll_block_size
@@ -160,8 +162,9 @@ def authors_best_time(n_items: int, phase: str, rounds: int) -> float:
     return seconds
 
 
-def describe_step_floor(floor: dict) -> str:
+def describe_step_floor(floor: dict, n_items: int) -> str:
     ms = {k: f"{v * 1e3:.1f}" for k, v in floor.items()}
+    product_flop = 2 * N_USERS * LATENT * n_items  # each of the NLL's two products
     text = (f"NLL floor {ms['floor']} ms (logits {ms['logits']}, second product {ms['second product']}, exp "
             f"{ms['exp']}), step floor {ms['step floor']} ms (+ MLP products {ms['MLP products']}")
     if "cached step floor" in floor:
@@ -170,10 +173,15 @@ def describe_step_floor(floor: dict) -> str:
     text += f", + Adam {ms['Adam']})"
     if "cached step floor" in floor:
         text += f", without the prior's products {ms['cached step floor']} ms"
+    if "square product" in floor:
+        square_flop = 2 * SQUARE_SIDE**3
+        text += (f"; GFLOP/s: logits {product_flop / floor['logits'] / 1e9:.0f}, second product "
+                 f"{product_flop / floor['second product'] / 1e9:.0f}, a {SQUARE_SIDE}-square product "
+                 f"{square_flop / floor['square product'] / 1e9:.0f}")
     return text
 
 
-def describe_steps(times: dict, floor: dict) -> tuple[str, dict]:
+def describe_steps(times: dict, floor: dict, n_items: int) -> tuple[str, dict]:
     """One text for the timed steps against the floors and the authors, and each step's ratio to
     its step floor (the cached encoder step's floor leaves out the prior's products)."""
     over_floor, parts = {}, []
@@ -189,7 +197,7 @@ def describe_steps(times: dict, floor: dict) -> tuple[str, dict]:
         parts.append(part + ")")
     if "authors" in times:
         parts.append(f"authors {times['authors'] * 1e3:.1f} ms")
-    return "; ".join(parts) + f"; {describe_step_floor(floor)}", over_floor
+    return "; ".join(parts) + f"; {describe_step_floor(floor, n_items)}", over_floor
 
 
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
@@ -199,7 +207,7 @@ def test_step_vs_floor_ml20m(phase):
     floor_parts = step_floor_parts(z, weight, bias, HIDDEN, phase)
     steps = model_step(n_items, phase)
     times = interleaved_best({**floor_parts, **steps}, rounds=5)  # floors and steps in the same rounds
-    text, over_floor = describe_steps({name: times[name] for name in steps}, floors(times))
+    text, over_floor = describe_steps({name: times[name] for name in steps}, floors(times), n_items)
     report(f"{phase} step, {n_items} items: {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name
@@ -235,7 +243,7 @@ def test_step_vs_floor_1m_items_full_model(phase):
     del z, weight, bias
     steps = model_step(n_items, phase, with_authors=False)
     times = interleaved_best(steps, rounds=2)
-    text, over_floor = describe_steps({**times, "authors": authors_s}, floor)
+    text, over_floor = describe_steps({**times, "authors": authors_s}, floor, n_items)
     report(f"{phase} step, {n_items} items (the authors' step timed first, alone): {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name

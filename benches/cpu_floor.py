@@ -1,7 +1,8 @@
 """The CPU floor of the multinomial NLL, of a training step and of scoring: the products they
 cannot avoid, each done in the best item block of a sweep (the B × block output stays in cache),
 one exp over B × I, and for a step the encoder MLP's products and one Adam step; each part timed
-alone, in the same rounds as what it is the floor of (interleaved_best). Shared by
+alone, in the same rounds as what it is the floor of (interleaved_best); beside a step's floor, a
+square product, the machine's GEMM rate that the floor's products are read against. Shared by
 bench_cpu_floor.py and bench_scoring.py."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import torch
 
 SWEEP = (256, 512, 1024, 2048, 4096)
+SQUARE_SIDE = 1536  # square_product's n
 
 
 def best_time(fn, repeats: int) -> float:
@@ -73,6 +75,18 @@ def exp_pass(n_rows: int, n_items: int, block: int, dtype=torch.float32):
     def run():
         for s, e in _blocks(n_items, block):
             torch.exp(src[:, : e - s], out=dst[:, : e - s])
+
+    return run
+
+
+def square_product(n: int = SQUARE_SIDE, dtype=torch.float32):
+    """One n × n · n × n product: the machine's dense GEMM rate, to read the floor's products
+    against (their shapes have a short inner dimension, K, and stream the item weights)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+
+    def run():
+        torch.mm(a, b, out=out)
 
     return run
 
@@ -161,6 +175,7 @@ def step_floor_parts(z, weight, bias, hidden: int, phase: str, blocks=SWEEP) -> 
     else:
         shapes = [(n_items, latent), (n_items,)]
     parts["Adam", 0] = adam_step(shapes, z.dtype)
+    parts["square product", 0] = square_product(dtype=z.dtype)  # not part of the floor: its GEMM rate
     return parts
 
 
@@ -169,7 +184,8 @@ def floors(times: dict) -> dict:
     step_floor_parts (other keys are ignored): each part at its best block, "floor" the NLL floor
     (logits + second product + exp) and, where step parts were timed, "step floor" (plus the MLP
     products, the prior's products if any, and Adam) and in the encoder phase "cached step floor",
-    without the prior's products (the step as fit runs it, the old posterior read from its cache)."""
+    without the prior's products (the step as fit runs it, the old posterior read from its cache).
+    A timed "square product" is passed through, outside every sum."""
     parts: dict = {}
     for key, seconds in times.items():
         if isinstance(key, tuple):
