@@ -182,3 +182,36 @@ def test_reading_is_not_slower_than_a_second_for_a_small_file(tmp_path):
     start = time.perf_counter()
     inter = load_interactions(path, rating_threshold=3.5)
     assert time.perf_counter() - start < 10.0 and inter.nnz > 0
+
+
+@pytest.mark.parametrize("content, kwargs, rated", [
+    (RATINGS, {}, True),
+    ("user_id,item_id\n1,10\n7,20\n", {}, False),
+    ("user_id,item_id,timestamp\n1,10,5\n", {}, False),  # a timestamp is not a rating
+    ("1,10\n7,20\n", {}, False),  # no header: positions user, item[, rating]
+    ("1,10,4\n7,20,5\n", {}, True),
+    (RATINGS, {"rating_col": "none"}, False),
+    ("u\ti\tr\n1\t10\t4\n", {"user_col": "u", "item_col": "i", "rating_col": "r"}, True),
+])
+def test_has_rating_column_says_what_load_interactions_reads(tmp_path, content, kwargs, rated):
+    from recvae_fast.data import has_rating_column
+
+    path = tmp_path / "data.csv"
+    path.write_text(content)
+    assert has_rating_column(path, **kwargs) is rated
+    inter = load_interactions(path, **kwargs)
+    if rated:  # the threshold is accepted exactly when there is a rating column
+        load_interactions(path, rating_threshold=0.5, **kwargs)
+    else:
+        assert set(inter.matrix.data.tolist()) == {1.0}
+        with pytest.raises(DataError, match="no rating column"):
+            load_interactions(path, rating_threshold=0.5, **kwargs)
+
+
+def test_has_rating_column_of_a_parquet_file(tmp_path):
+    from recvae_fast.data import has_rating_column
+
+    with_rating, without = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "rating": [5.0, 4.0]}), with_rating)
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4]}), without)
+    assert has_rating_column(with_rating) and not has_rating_column(without)

@@ -5,7 +5,8 @@ Modules, top-down:
 - `ids`: original user/item ids and `IdMap`, the one map between ids and matrix positions;
 - `interactions`: `Interactions`, a CSR users × items matrix with its ids;
 - `layout`: a text file's separator, header and user/item/rating columns, detected;
-- `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files (pyarrow);
+- `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files (pyarrow),
+  and `has_rating_column`;
 - `preprocess`: drop users (and items) with too few interactions;
 - `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` /
   `Split.fingerprint` implemented in `storage` (a run folder's split.npz, items.json, users.json);
@@ -17,7 +18,7 @@ from .errors import DataError
 from .ids import MAX_ID_LENGTH, IdMap
 from .interactions import Interactions, load_id_maps, popularity_scores
 from .preprocess import preprocess
-from .readers import load_interactions
+from .readers import has_rating_column, load_interactions
 from .split import Split, split_strong_generalization
 from .synthetic import synthetic_dataset
 
@@ -27,6 +28,7 @@ __all__ = [
     "Interactions",
     "MAX_ID_LENGTH",
     "Split",
+    "has_rating_column",
     "load_id_maps",
     "load_interactions",
     "popularity_scores",

@@ -91,6 +91,25 @@ def load_interactions(
     return table.to_interactions(rating_threshold)
 
 
+def has_rating_column(path, *, fmt: str = "auto", sep: str | None = None, user_col=None, item_col=None,
+                      rating_col=None, has_header: bool | None = None) -> bool:
+    """Whether `load_interactions` with these arguments reads a rating column from `path` (the
+    same layout detection; only the first lines of a text file, or a Parquet file's schema, are
+    read). Without one, every row is an interaction of value 1 and no rating threshold applies."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown fmt {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    source = _Source.open(path)
+    columns = dict(user_col=user_col, item_col=item_col, rating_col=rating_col)
+    if fmt == "parquet" or (fmt == "auto" and source.is_parquet):
+        _, _, (_, _, rating) = _parquet_columns(source, None, **columns)
+        return rating is not None
+    fmt_sep, fmt_header = FORMATS[fmt]
+    layout, _ = _text_layout(source, None, sep=parse_sep(sep) or fmt_sep,
+                             has_header=fmt_header if has_header is None else has_header, **columns)
+    return layout.rating is not None
+
+
 def _parse_threshold(rating_threshold) -> float | None:
     if rating_threshold is None:
         return None
@@ -343,13 +362,8 @@ def _drop_unused(codes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _read_text(source: _Source, rating_threshold, *, sep, has_header, user_col, item_col, rating_col) -> _Columns:
     """The columns of a delimited text file (layout detected from its first lines)."""
-    name = source.path.name
-    head, skip = _first_lines(source)
-    if not head:
-        raise DataError(f"empty dataset: {name} has no data")
-    layout = detect_layout(head, source.path, rating_threshold, sep=sep, has_header=has_header, user_col=user_col,
-                           item_col=item_col, rating_col=rating_col)
-    skip += layout.header is not None
+    layout, skip = _text_layout(source, rating_threshold, sep=sep, has_header=has_header, user_col=user_col,
+                                item_col=item_col, rating_col=rating_col)
     names = [f"f{j}" for j in range(layout.n_fields)]
     wanted = [layout.user, layout.item] + ([layout.rating] if layout.rating is not None else [])
     one_char = len(layout.sep) == 1 and layout.sep != WHITESPACE
@@ -384,6 +398,17 @@ def _read_text(source: _Source, rating_threshold, *, sep, has_header, user_col, 
     return _Columns(source, table.column(names[layout.user]), table.column(names[layout.item]),
                     table.column(names[layout.rating]) if layout.rating is not None else None,
                     labels, lambda k: _line_of_row(source, skip, k), layout.header is not None)
+
+
+def _text_layout(source: _Source, rating_threshold, *, sep, has_header, user_col, item_col,
+                 rating_col) -> tuple[Layout, int]:
+    """(layout detected from the first lines, lines before the first data row)."""
+    head, skip = _first_lines(source)
+    if not head:
+        raise DataError(f"empty dataset: {source.path.name} has no data")
+    layout = detect_layout(head, source.path, rating_threshold, sep=sep, has_header=has_header, user_col=user_col,
+                           item_col=item_col, rating_col=rating_col)
+    return layout, skip + (layout.header is not None)
 
 
 @contextmanager
@@ -547,13 +572,8 @@ def _rewrite(data: bytes, sep: str) -> bytes:
 def _read_parquet(source: _Source, rating_threshold, *, user_col, item_col, rating_col) -> _Columns:
     """The columns of a Parquet file, chosen by name (or index) like a text file's header."""
     path = source.path
-    try:
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
-    u, i, r = choose_columns(names, len(names), path, rating_threshold, user_col=user_col, item_col=item_col,
-                             rating_col=rating_col)
+    parquet, names, (u, i, r) = _parquet_columns(source, rating_threshold, user_col=user_col, item_col=item_col,
+                                                 rating_col=rating_col)
     wanted = [names[j] for j in (u, i, r) if j is not None]
     try:
         table = parquet.read(columns=wanted, use_threads=True)
@@ -563,3 +583,14 @@ def _read_parquet(source: _Source, rating_threshold, *, user_col, item_col, rati
                     table.column(names[r]) if r is not None else None,
                     tuple(repr(names[j]) if j is not None else None for j in (u, i, r)),
                     lambda k: f"row {k + 1} of {path.name}", True)
+
+
+def _parquet_columns(source: _Source, rating_threshold, *, user_col, item_col, rating_col):
+    """(the open ParquetFile, its column names, the (user, item, rating or None) column indices)."""
+    try:
+        parquet = pq.ParquetFile(source.path)
+        names = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{source.path} is not a readable Parquet file ({exc})") from None
+    return parquet, names, choose_columns(names, len(names), source.path, rating_threshold, user_col=user_col,
+                                          item_col=item_col, rating_col=rating_col)
