@@ -8,11 +8,12 @@ from importlib.metadata import PackageNotFoundError, version
 from .inference import evaluate, recommend
 from .model import RecVAE
 from .optim import RowSparseAdam
+from .runs import TrainedRun, load_run, recommend_for_items
 from .topk import TopK, TopKAccumulator, topk_masked
 from .training import fit, load_model
 
 __all__ = [
-    "RecVAE", "fit", "load_model", "evaluate", "recommend",
+    "RecVAE", "fit", "load_model", "evaluate", "recommend", "load_run", "TrainedRun", "recommend_for_items",
     "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
 ]
 

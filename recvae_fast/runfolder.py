@@ -29,6 +29,7 @@ CHECKPOINT_NAME = "checkpoint.pt"  # everything `--resume` needs, with the epoch
 # Also the split's files, written and read by data.Split.save / Split.load: split.npz (the train,
 # validation and test matrices), items.json (column -> original item id), users.json (row -> user id).
 RUN_NAME = "run.json"  # data source and options, split fingerprint and hyperparameters of the run
+RUN_FORMAT = 1  # run.json's "format"
 LOG_NAME = "metrics.jsonl"  # one line per epoch, regenerated from the checkpoint's history
 SUMMARY_NAME = "summary.json"  # test metrics of the finished run
 LOCK_NAME = ".lock"
