@@ -35,24 +35,30 @@ from . import __version__
 from . import data as data_mod
 from .atomic import atomic_write, atomic_write_text
 from .inference import evaluate, recommend
-from .metrics import metric_cutoffs, popularity_baseline
+from .metrics import PAPER_METRICS, metric_cutoffs, popularity_baseline
 from .runfolder import (
-    CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
+    CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
     RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
 )
-from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, load_model, timedelta_text
+from .runs import histories_matrix, load_run
+from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, timedelta_text
 
-RUN_FORMAT = 1
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
 DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
                 "min_users_per_item", "heldout_users")
+LAYOUT_OPTIONS = ("sep", "user_col", "item_col", "rating_col")  # how a file is read: the run's own file only
 # The embedded synthetic dataset's epochs when --epochs is not given: its validation NDCG@100 peaks
 # near epoch 9 of the authors' 50 (then slowly overfits), so 10 epochs keep the main job near a minute
 # on a 2-core CPU. Other data: the authors' schedule (TrainConfig).
 SYNTHETIC_EPOCHS = 10
+# train's table without --topk: the paper's metrics (summary.json has every cut-off's).
+PAPER_COLUMNS = [f"ndcg@{k}" for k in PAPER_METRICS["ndcg_ks"]] + [f"recall@{k}" for k in PAPER_METRICS["recall_ks"]]
 EVAL_BATCH_SIZE = 500  # users scored at a time when --eval-batch-size is not given
+# Flags that shape the result besides the data and TrainConfig: saved in run.json's "training",
+# reused by --resume, changed only with --force. --threads and --eval-batch-size change only speed.
+TRAINING_OPTIONS = ("patience", "topk")
 # --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
 HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_size": "batch_size",
                "epochs": "n_epochs", "n_enc_epochs": "n_enc_epochs", "n_dec_epochs": "n_dec_epochs", "lr": "lr",
@@ -134,10 +140,17 @@ def _given_hyperparameters(args) -> dict:
     return given
 
 
+def _training_options(args) -> dict:
+    """run.json's "training": the TRAINING_OPTIONS of this run."""
+    return {"patience": args.patience, "topk": list(args.topk) if args.topk is not None else None}
+
+
 def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[str, dict, dict, dict]:
     """(source, data options, hyperparameters, run.json) of the run in `out`, with the flags given
-    now; refuses flags that differ from the run's (only --epochs may change) and another number of
-    item shards (None: a single-process run)."""
+    now; refuses flags that differ from the run's (only --epochs may change, and with --force
+    --patience and --topk) and another number of item shards (None: a single-process run). Sets
+    args.patience and args.topk to the run's unless given (a run.json written before they were
+    saved: the flags given now, or their defaults, as resume then did)."""
     if not (out / RUN_NAME).is_file():
         raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
     saved = read_json(out / RUN_NAME)
@@ -166,6 +179,18 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
     for flag, name in HYPER_FLAGS.items():
         if name in given and name != "n_epochs" and given[name] != config.get(name):
             differ.append(f"{_flag(flag)} {getattr(args, flag)} (the run's: {config.get(name)})")
+    training = saved.get("training")
+    if training is not None:
+        if not isinstance(training, dict) or set(training) != set(TRAINING_OPTIONS):
+            raise RunFolderError(f"{out / RUN_NAME} has no valid training settings ({', '.join(TRAINING_OPTIONS)})")
+        saved_topk = tuple(training["topk"]) if training["topk"] is not None else None
+        for name, saved_value in (("patience", training["patience"]), ("topk", saved_topk)):
+            value = getattr(args, name)
+            if value is None:
+                setattr(args, name, saved_value)
+            elif value != saved_value and not args.force:
+                shown = (lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v)
+                differ.append(f"{_flag(name)} {shown(value)} (the run's: {shown(saved_value)}; --force accepts it)")
     if differ:
         raise UsageError("--resume continues a run with its own data and settings; these differ: "
                          + "; ".join(differ) + " (omit them, or train into another --out)")
@@ -180,6 +205,8 @@ def cmd_train(args) -> dict:
         raise UsageError(f"--out {out} exists and is not a folder")
     if args.patience is not None and args.patience < 1:
         raise UsageError(f"--patience must be >= 1, got {args.patience}")
+    if args.force and not args.resume:
+        raise UsageError("--force applies to --resume only (a new run takes every flag as given)")
     item_shards = args.item_shards
     world = os.environ.get("WORLD_SIZE")
     if item_shards is None and world is not None and world.isdigit() and int(world) > 1:
@@ -225,6 +252,16 @@ def _summary(source: str, cfg: TrainConfig, split: data_mod.Split, history: list
     }
 
 
+def _data_line(split: data_mod.Split) -> str:
+    """The dataset as trained (after preprocessing): users, items, interactions, density."""
+    parts = (split.train, split.valid_in, split.valid_out, split.test_in, split.test_out)
+    n_users = split.train.shape[0] + split.valid_in.shape[0] + split.test_in.shape[0]
+    n_items, nnz = split.train.shape[1], sum(part.nnz for part in parts)
+    return (f"data: {n_users:,} users ({split.train.shape[0]:,} train, {split.valid_in.shape[0]:,} validation, "
+            f"{split.test_in.shape[0]:,} test), {n_items:,} items, {nnz:,} interactions, "
+            f"density {nnz / max(1, n_users * n_items):.3%}")
+
+
 def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None):
     """(TrainConfig, split, its fingerprint) after checking the data options, the hyperparameters,
     that a resumed run's data did not change, and fit's inputs; writes nothing."""
@@ -248,11 +285,13 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         # 2. Describe a new run (refusing to overwrite another), then train, then the results.
         run_description = {
             "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
-            "split_fingerprint": split_fp,
+            "training": _training_options(args), "split_fingerprint": split_fp,
         }
         if saved_run is None and any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
             raise UsageError(f"--out {out} already holds a run: continue it with --resume, or choose another "
                              "--out (or delete that folder)")
+        if saved_run is None:  # every check passed: a new run starts (a resumed one printed it when it started)
+            print(_data_line(split), file=sys.stderr)
         # A run without a checkpoint has not finished an epoch: --resume or a new run starts it over,
         # writing its split files again and run.json last (the files of a run that a kill cut short
         # before its first epoch may disagree with run.json; rewriting them makes them agree).
@@ -268,7 +307,9 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         if saved_run is not None:  # the new n_epochs, once fit has accepted the checkpoint
             write_json(out / RUN_NAME, run_description, indent=2)
         save_tensors(model.state_dict(), out / MODEL_NAME)
-        test = evaluate(model, split.test_in, split.test_out, batch_size=_eval_batch_size(args), ks=args.topk)
+        # The test metrics at the popularity baseline's cut-offs (the table shows the paper's unless --topk).
+        test = evaluate(model, split.test_in, split.test_out, batch_size=_eval_batch_size(args),
+                        ks=metric_cutoffs(args.topk))
         summary = _summary(source, cfg, split, history, test, t0, ks=args.topk)
         write_json(out / SUMMARY_NAME, summary, indent=2)
     return summary
@@ -345,10 +386,12 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
             except (UsageError, ValueError, RunFolderBusy, OSError) as exc:
                 error = exc
             _agree(error)
+            if is_writer and saved_run is None:
+                print(_data_line(split), file=sys.stderr)
 
             run_description = {
                 "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
-                "split_fingerprint": split_fp, "item_shards": item_shards,
+                "training": _training_options(args), "split_fingerprint": split_fp, "item_shards": item_shards,
             }
             # As _train: before a first complete checkpoint, the run starts over with fresh files.
             resume_fit = saved_run is not None and latest_checkpoint(sharded_dir) is not None
@@ -358,8 +401,10 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 atomic_write_text(out / LOG_NAME, "")
             model = fit_sharded(split.train, split.valid_in, split.valid_out, item_shards=item_shards,
                                 checkpoint_dir=sharded_dir, resume=resume_fit, log_path=out / LOG_NAME,
-                                patience=args.patience, progress=not args.no_progress, **asdict(cfg))
-            test = evaluate_sharded(model, split.test_in, split.test_out, batch_size=cfg.batch_size)
+                                patience=args.patience, progress="epochs" if args.no_progress else True,
+                                **asdict(cfg))
+            test = evaluate_sharded(model, split.test_in, split.test_out, batch_size=cfg.batch_size,
+                                    ks=metric_cutoffs(None))
             full_state = gather_full_state_dict(model)
             summary = None
             if is_writer:
@@ -387,18 +432,8 @@ def _users_per_epoch(cfg: TrainConfig, split: data_mod.Split) -> int:
 
 def _load_run(run_dir: str):
     """(run folder, model, item id map, run.json) of a finished run; every file read safely."""
-    run = Path(run_dir)
-    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME):
-        if not (run / name).is_file():
-            raise UsageError(f"{run_dir} is not a finished training run (no {name})")
-    model = load_model(run / MODEL_NAME)
-    items = data_mod.IdMap.load_json(run / ITEMS_NAME, "item")
-    description = read_json(run / RUN_NAME)
-    if len(items) != model.input_dim:
-        raise RunFolderError(f"{run / ITEMS_NAME} lists {len(items)} item ids, the model has {model.input_dim} items")
-    if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{run / RUN_NAME} is not a run description of format {RUN_FORMAT}")
-    return run, model, items, description
+    trained = load_run(run_dir)
+    return trained.folder, trained.model, trained.items, trained.description
 
 
 def cmd_evaluate(args) -> dict:
@@ -440,21 +475,20 @@ def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, 
     return scores, items
 
 
-def cmd_recommend(args) -> dict:
-    """Seen items (never recommended unless --include-seen): every interaction of the user in the
-    given file, whatever its rating. The model's input is the file read as in training (with the
-    run's --rating-threshold)."""
-    run, model, items, description = _load_run(args.run)
-    if args.k > len(items):
-        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
-    options = dict(description.get("data") or {})
-    options.update({name: value for name, value in _data_options(args).items() if value is not None})
-    _check_data_options(options)
-    source = _source(args.data) if args.data is not None else description.get("source")
-    output = Path(args.output)
-    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
-                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]
-                  + ([Path(source)] if source != "synthetic" else []))
+NEW_USER = "new"  # the user column of recommend --items' output
+
+
+def _recommend_inputs(args, options: dict, source: str, items) -> tuple[sp.csr_matrix, sp.csr_matrix, list, dict]:
+    """(model input, seen items, user ids, counts of what was left out) of recommend's data file.
+    Seen: every interaction of the user in the file, whatever its rating. The model's input: the
+    same, or with a rating column and a --rating-threshold, the ratings above it as 1 (as the run
+    was trained)."""
+    if source == "synthetic":
+        rated = False
+    else:
+        rated = data_mod.has_rating_column(source, sep=options.get("sep"), user_col=options.get("user_col"),
+                                           item_col=options.get("item_col"), rating_col=options.get("rating_col"))
+    threshold = options.get("rating_threshold") if rated else None
     interactions = _load_data(source, options, rating_threshold=None)  # every interaction: what "seen" means
     source_cols = items.index(interactions.item_ids, strict=False)  # -1: an item the model does not know
     coo = interactions.matrix.tocoo()
@@ -462,18 +496,75 @@ def cmd_recommend(args) -> dict:
     shape = (interactions.matrix.shape[0], len(items))
     seen = sp.csr_matrix((coo.data[known], (coo.row[known], source_cols[coo.col[known]])), shape=shape,
                          dtype=np.float32)
-    threshold = options.get("rating_threshold")
     if threshold is None:
         inputs = seen
     else:  # as in training: ratings above the threshold, as 1
         inputs = (seen > threshold).astype(np.float32).tocsr()
         inputs.eliminate_zeros()
+    counts = {"unknown_items": int((source_cols < 0).sum()),
+              "unknown_item_interactions": int((~known).sum()),
+              "rating_threshold": threshold,
+              "interactions_at_or_below_threshold": int(seen.nnz - inputs.nnz)}
+    return inputs, seen, interactions.user_ids.tolist(), counts
+
+
+def _check_histories(inputs: sp.csr_matrix, user_ids: list, counts: dict, skip: bool) -> np.ndarray:
+    """The rows of users with at least one item for the model; the others are refused (a model
+    input without items gives only the generic list), or with `skip` left out and counted."""
+    empty = np.flatnonzero(np.diff(inputs.indptr) == 0)
+    if empty.size and not skip:
+        why = "every item unknown to the run"
+        if counts.get("rating_threshold") is not None:
+            why += f" or rated at or below --rating-threshold {counts['rating_threshold']:g}"
+        shown = ", ".join(repr(user_ids[r]) for r in empty[:5]) + (f" and {empty.size - 5} more" if empty.size > 5
+                                                                     else "")
+        raise UsageError(f"{empty.size} of {len(user_ids)} users have no item the model can use ({why}): {shown}; "
+                         "leave them out, or pass --skip-users-without-items")
+    counts["users_without_items_skipped"] = int(empty.size)
+    return np.flatnonzero(np.diff(inputs.indptr) > 0)
+
+
+def cmd_recommend(args) -> dict:
+    """Recommendations for the users of a data file (by default the run's own) or, with --items,
+    for one new user. The file's layout flags default to the run's for the run's own file, and are
+    detected for another file; --rating-threshold (default: the run's) applies only to a file with
+    a rating column."""
+    run, model, items, description = _load_run(args.run)
+    if args.k > len(items):
+        raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
+    if args.items is not None and args.data is not None:
+        raise UsageError("give either a data file or --items, not both")
+    run_options = dict(description.get("data") or {})
+    source = _source(args.data) if args.data is not None else description.get("source")
+    if args.items is not None:
+        source = "--items"
+    elif source != description.get("source"):  # another file: its own layout, detected (or given now)
+        run_options = {name: value for name, value in run_options.items() if name not in LAYOUT_OPTIONS}
+    options = {**run_options, **{name: value for name, value in _data_options(args).items() if value is not None}}
+    _check_data_options(options)
+    output = Path(args.output)
+    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
+                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]
+                  + ([Path(source)] if source not in ("synthetic", "--items") else []))
+    if args.items is not None:
+        history = [part.strip() for part in args.items.split(",") if part.strip()]
+        inputs, unknown = histories_matrix(items, [history])
+        seen, user_ids = inputs, [NEW_USER]
+        counts = {"unknown_items": len(set(unknown[0])), "unknown_item_ids": unknown[0][:20]}
+        if inputs.nnz == 0:
+            what = f"only item ids the run does not know: {', '.join(unknown[0][:5])}" if history else "no item ids"
+            raise UsageError(f"--items has {what}; nothing to recommend from")
+    else:
+        inputs, seen, user_ids, counts = _recommend_inputs(args, options, source, items)
+        rows = _check_histories(inputs, user_ids, counts, args.skip_users_without_items)
+        if rows.size < len(user_ids):
+            inputs, seen, user_ids = inputs[rows], seen[rows], [user_ids[r] for r in rows]
     if args.include_seen:
         scores, ids = recommend(model, inputs, k=args.k, exclude_seen=False, batch_size=_eval_batch_size(args))
     else:
         scores, ids = _top_k_excluding(model, inputs, seen, args.k, chunk_users=_eval_batch_size(args))
 
-    item_ids, user_ids = items.to_list(), interactions.user_ids.tolist()
+    item_ids = items.to_list()
 
     def write(f):
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -489,8 +580,7 @@ def cmd_recommend(args) -> dict:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, write)
-    return {"users": int(shape[0]), "k": args.k, "data": source, "unknown_items_dropped": int((~known).sum()),
-            "output": str(output)}
+    return {"users": len(user_ids), "k": args.k, "data": source, **counts, "output": str(output)}
 
 
 # ----------------------------------------------------------------------------- parser, error boundary
@@ -539,14 +629,15 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sep", default=None, help="field separator of the ratings file (default: detected)")
-    p.add_argument("--user-col", default=None, help="user column name (default: detected)")
-    p.add_argument("--item-col", default=None, help="item column name (default: detected)")
-    p.add_argument("--rating-col", default=None, help="rating column name (default: detected)")
+def _add_data_options(p: argparse.ArgumentParser, *, detected: str = "detected",
+                      threshold_default: str = "keep every interaction, with its value") -> None:
+    p.add_argument("--sep", default=None, help=f"field separator of the ratings file (default: {detected})")
+    p.add_argument("--user-col", default=None, help=f"user column name (default: {detected})")
+    p.add_argument("--item-col", default=None, help=f"item column name (default: {detected})")
+    p.add_argument("--rating-col", default=None,
+                   help=f"rating column name, or none for a file without one (default: {detected})")
     p.add_argument("--rating-threshold", type=float, default=None,
-                   help="keep ratings > this, as 1 (the paper uses 3.5) (default: keep every interaction, "
-                        "with its value)")
+                   help=f"keep ratings > this, as 1 (the paper uses 3.5) (default: {threshold_default})")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the synthetic dataset (default: 0)")
 
 
@@ -613,7 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None,
                    help="stop when validation NDCG@100 has not improved for this many epochs (default: off)")
     _add_evaluation_options(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (its data and settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its data and settings (--epochs may raise its epochs)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept a --patience or --topk other than the run's (its data and "
+                        "hyperparameters cannot change)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; one line per epoch still goes to stderr")
     p.add_argument("--json", action="store_true", help="print summary.json's content instead of the table")
@@ -630,15 +725,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_options(p)
     p.set_defaults(run_command=cmd_evaluate)
 
-    p = add_command("recommend", "top-k items per user to CSV, with original ids")
+    p = add_command("recommend", "top-k items per user to CSV, with original ids: for the users of a file "
+                                 "(user,item[,rating]), or for one new user given by --items")
     p.add_argument("run", help="run folder written by train")
     p.add_argument("data", nargs="?", default=None,
-                   help="the users' interactions, 'synthetic' or a file (default: the run's own data)")
-    _add_data_options(p)
+                   help="the users' interactions, 'synthetic' or a file of user,item[,rating] rows "
+                        "(default: the run's own data)")
+    p.add_argument("--items", default=None, metavar="ID[,ID...]",
+                   help=f"instead of a file: the item ids of one new user (written as user {NEW_USER!r}); "
+                        "ids the run does not know are counted and left out (default: none, the users of the data file)")
+    _add_data_options(p, detected="the run's for its own file, else detected",
+                      threshold_default="the run's; it applies only to a file with a rating column, "
+                                        "never to --items or a file of user,item pairs")
     p.add_argument("--k", type=int, default=100, help="items per user")
     p.add_argument("--output", required=True, help="CSV file to write (user,item,rank,score); not an input")
     p.add_argument("--include-seen", action="store_true",
                    help="also recommend items the user already has (seen: any rating in the data)")
+    p.add_argument("--skip-users-without-items", action="store_true",
+                   help="leave out (and count) the users left with no item the model knows, instead of refusing "
+                        "the file")
     _add_evaluation_options(p, topk=False)
     p.set_defaults(run_command=cmd_recommend)
 
@@ -686,9 +791,10 @@ def _metric_label(key: str) -> str:
     return {"ndcg": "NDCG", "recall": "Recall"}.get(name, name) + "@" + k
 
 
-def metrics_table(rows: dict[str, dict]) -> str:
-    """A plain-text table: one row per model, a column per metric of the first row (n_users left out)."""
-    columns = [key for key in next(iter(rows.values())) if key != "n_users"]
+def metrics_table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
+    """A plain-text table: one row per model, a column per metric in `columns` (default: those of
+    the first row, n_users left out)."""
+    columns = columns or [key for key in next(iter(rows.values())) if key != "n_users"]
     lines = [["model", *map(_metric_label, columns)]]
     for name, metrics in rows.items():
         lines.append([name, *(f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else "-" for c in columns)])
@@ -706,7 +812,8 @@ def _render_train(summary: dict, args) -> str:
         f"{summary['epochs_trained']} epochs"
     return (f"test metrics ({summary['test']['n_users']} users; {best}; "
             f"{timedelta_text(summary['wall_time_s'])}):\n"
-            + metrics_table({"RecVAE": summary["test"], "popularity": summary["popularity_test"]})
+            + metrics_table({"RecVAE": summary["test"], "popularity": summary["popularity_test"]},
+                            None if args.topk else PAPER_COLUMNS)
             + f"\nall figures: {Path(args.out) / SUMMARY_NAME}")
 
 
@@ -736,7 +843,11 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(threads_before)
     if result is not None:  # None: a rank other than 0 of a torchrun job
-        print(getattr(args, "render", _render_json)(result, args))
+        try:
+            print(getattr(args, "render", _render_json)(result, args), flush=True)
+        except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, nothing more to write
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at the interpreter's exit
+            return 141  # as a process ended by SIGPIPE
     return 0
 
 

@@ -469,7 +469,8 @@ def test_no_progress_prints_one_line_per_epoch_on_stderr_and_the_table_on_stdout
     out = tmp_path / "run"
     assert _train_tiny(ratings_file, out, "--no-progress") == 0
     captured = capsys.readouterr()
-    lines = captured.err.splitlines()
+    data_line, *lines = captured.err.splitlines()
+    assert data_line.startswith("data: 300 users (250 train, 25 validation, 25 test), ")
     assert len(lines) == 2 and "\r" not in captured.err, captured.err  # no bars, nothing per batch
     assert [int(EPOCH_LINE.match(line).group(1)) for line in lines] == [1, 2], lines
     summary = json.loads((out / "summary.json").read_text())

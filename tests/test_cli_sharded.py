@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,21 +44,29 @@ def test_item_shards_must_divide_the_number_of_processes(tmp_path, monkeypatch, 
 
 
 def _torchrun_train(args: list[str]) -> dict:
-    """`torchrun --nproc-per-node 2 -m recvae_fast train ARGS`: the JSON summary it prints."""
+    """`torchrun --nproc-per-node 2 -m recvae_fast train ARGS`: the JSON summary it prints; rank 0
+    alone prints the data line and one line per epoch to stderr, and the progress bar unless
+    --no-progress."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     done = subprocess.run([*torchrun, "-m", "recvae_fast", "train", *args, "--json"], env=env, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)  # one JSON document: only rank 0 prints
+    summary = json.loads(done.stdout)  # one JSON document: only rank 0 prints, the epochs go to stderr
+    lines = re.split(r"[\r\n]", done.stderr)
+    assert sum(line.startswith("data: ") for line in lines) == 1, done.stderr[-4000:]
+    epochs = [int(m.group(1)) for m in map(re.compile(r"epoch (\d+)/\d+ \|").match, lines) if m]
+    assert epochs == list(range(summary["epochs_trained"] - len(epochs) + 1, summary["epochs_trained"] + 1))
+    assert epochs and ("training: " in done.stderr) == ("--no-progress" not in args), done.stderr[-4000:]
+    return summary
 
 
 def test_torchrun_train_evaluate_without_torchrun_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
     # --patience and --fc1-grad row-sparse work with item shards (patience 5 does not stop 2 epochs)
     summary = _torchrun_train(["synthetic", "--out", str(out), "--item-shards", "2", "--patience", "5",
-                               "--fc1-grad", "row-sparse", *TRAIN])
+                               "--fc1-grad", "row-sparse", *[a for a in TRAIN if a != "--no-progress"]])
     assert summary["item_shards"] == 2 and summary["processes"] == 2 and summary["epochs_trained"] == 2
     assert summary == json.loads((out / "summary.json").read_text())
     assert json.loads((out / "run.json").read_text())["item_shards"] == 2
@@ -76,7 +85,7 @@ def test_torchrun_train_evaluate_without_torchrun_then_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out)]) == 0
     test = json.loads(capsys.readouterr().out)["test"]
-    assert test == pytest.approx(summary["test"], rel=1e-5)
+    assert test == pytest.approx({key: summary["test"][key] for key in test}, rel=1e-5)
 
     # the run continues only under torchrun with the same --item-shards
     assert main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2

@@ -15,8 +15,9 @@ then trains exactly as one device with the same seed.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import posterior_cache, workspace
 from ..runfolder import RunFolderBusy, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
-                        fc1_grad_is_row_sparse, make_optimizers)
+                        epoch_line, fc1_grad_is_row_sparse, make_optimizers)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
@@ -176,9 +177,10 @@ def _batch_posterior(layout, batch_rows: np.ndarray, part_posterior):
     return batch_rows, (whole[:, 0], whole[:, 1])
 
 
-def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, state: TrainState) -> dict:
+def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, state: TrainState, bar=None) -> dict:
     """As recvae_fast.training: shuffled passes (the same order on every rank: one seed), the phase's
-    losses averaged over all batches, the old-posterior cache (or None) filled and read as there."""
+    losses averaged over all batches, the old-posterior cache (or None) filled and read as there.
+    bar: the run's overall progress bar, advanced per batch (rank 0's), or None."""
     sums: dict[str, float] = {}
     n_batches = 0
     model.train()
@@ -199,12 +201,14 @@ def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, stat
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_batches += 1
+            if bar is not None:
+                bar.update(1)
     workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
     return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
 def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, checkpoint_dir=None, resume: bool = False,
-                log_path=None, patience: int | None = None, progress: bool = False, callback=None,
+                log_path=None, patience: int | None = None, progress: bool | str = False, callback=None,
                 initial_state: dict | None = None, init: str = "one-device", dtype: torch.dtype | None = None,
                 **hyperparameters) -> ShardedRecVAE:
     """recvae_fast.fit for an item-sharded model, inside an initialised process group (torchrun): every
@@ -214,7 +218,8 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     hyperparameters: those of recvae_fast.training.TrainConfig, sparse_fc1_grad included (fc1's gradient
     is then this rank's rows of the batch's items, stepped by RowSparseAdam; None chooses as one device
     does, see fc1_grad_is_row_sparse). patience, progress, callback and log_path as recvae_fast.fit
-    (rank 0 alone prints and writes the log, rewritten atomically from the history every epoch).
+    (rank 0 alone shows the progress bar and the epoch lines on stderr and writes the log, rewritten
+    atomically from the history every epoch).
 
     The same seed gives the same training as one device, on any mesh: init "one-device" (default)
     draws the weights RecVAE would (see ShardedRecVAE), and every step draws the whole global batch's
@@ -248,7 +253,7 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
                             init, dtype)
 
 
-def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bool, log_path, progress: bool,
+def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bool, log_path, progress,
                  callback, initial_state: dict | None, init: str, dtype: torch.dtype | None) -> ShardedRecVAE:
     cfg, train, valid_in, valid_out = inputs.cfg, inputs.train, inputs.valid_in, inputs.valid_out
 
@@ -295,45 +300,63 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         _write_log(log_path, state.history)  # a fresh log, or the checkpoint's
-    for epoch in range(state.epoch, cfg.n_epochs):
-        if _stopped_early(state, inputs.patience):
-            break
-        t0 = time.perf_counter()
-        record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
-                        "item_shards": layout.n_shards, "data_parallel": layout.data_size}
-        if cfg.not_alternating:
-            record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, cache, state))
-            passes = 1
-        else:
-            record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng, cache, state))
-            model.update_prior()
-            if cache is not None:  # the old encoder changed: the next pass refills the cache
-                cache.clear()
-                state.posterior_fill = None
-            record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng, cache, state))
-            passes = cfg.n_enc_epochs + cfg.n_dec_epochs
-        _set_phase(model, True, True)
-        record["train_time_s"] = time.perf_counter() - t0
-        record["users_per_s"] = train.shape[0] * passes / record["train_time_s"]
-        if valid_in is not None:
-            metrics = evaluate_sharded(model, valid_in, valid_out)
-            record.update({f"valid_{k}": v for k, v in metrics.items()})
-            if metrics["ndcg@100"] > state.best_ndcg:
-                state.best_ndcg, state.best_epoch = metrics["ndcg@100"], epoch + 1
-                best_state = {name: p.detach().clone() for name, p in model.named_parameters()}
-        record["time_s"] = time.perf_counter() - t0
-        state.epoch = epoch + 1
-        state.history.append(record)
-        if checkpoint_dir is not None:  # the checkpoint first: the log follows it, never leads it
-            train_state = {"config": config, "data_fingerprint": data_fingerprint, "state": asdict(state),
-                           "numpy_rng": rng.bit_generator.state}
-            save_checkpoint(checkpoint_dir, epoch + 1, model, (encoder_opt, decoder_opt), train_state, best_state)
-        if log_path is not None:
-            _write_log(log_path, state.history)
-        if progress and is_writer:
-            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        if callback is not None:
-            callback(record)
+    # Rank 0's overall bar counts every batch of the epochs left (as recvae_fast.fit's), on stderr.
+    batches = (1 if cfg.not_alternating else cfg.n_enc_epochs + cfg.n_dec_epochs) \
+        * math.ceil(train.shape[0] / cfg.batch_size) * max(0, cfg.n_epochs - state.epoch)
+    bar = tqdm(total=batches, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True) \
+        if progress is True and is_writer else None
+    started = time.perf_counter()
+    try:
+        for epoch in range(state.epoch, cfg.n_epochs):
+            if _stopped_early(state, inputs.patience):
+                break
+            t0 = time.perf_counter()
+            record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
+                            "item_shards": layout.n_shards, "data_parallel": layout.data_size}
+            if cfg.not_alternating:
+                record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, cache,
+                                          state, bar))
+                passes = 1
+            else:
+                record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng,
+                                          cache, state, bar))
+                model.update_prior()
+                if cache is not None:  # the old encoder changed: the next pass refills the cache
+                    cache.clear()
+                    state.posterior_fill = None
+                record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng,
+                                          cache, state, bar))
+                passes = cfg.n_enc_epochs + cfg.n_dec_epochs
+            _set_phase(model, True, True)
+            record["train_time_s"] = time.perf_counter() - t0
+            record["users_per_s"] = train.shape[0] * passes / record["train_time_s"]
+            if valid_in is not None:
+                metrics = evaluate_sharded(model, valid_in, valid_out)
+                record.update({f"valid_{k}": v for k, v in metrics.items()})
+                if metrics["ndcg@100"] > state.best_ndcg:
+                    state.best_ndcg, state.best_epoch = metrics["ndcg@100"], epoch + 1
+                    best_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+            record["time_s"] = time.perf_counter() - t0
+            state.epoch = epoch + 1
+            state.history.append(record)
+            if checkpoint_dir is not None:  # the checkpoint first: the log follows it, never leads it
+                train_state = {"config": config, "data_fingerprint": data_fingerprint, "state": asdict(state),
+                               "numpy_rng": rng.bit_generator.state}
+                save_checkpoint(checkpoint_dir, epoch + 1, model, (encoder_opt, decoder_opt), train_state,
+                                best_state)
+            if log_path is not None:
+                _write_log(log_path, state.history)
+            if progress and is_writer:
+                line = epoch_line(record, cfg.n_epochs, time.perf_counter() - started)
+                if _stopped_early(state, inputs.patience):
+                    line += (f" | early stop: no better validation NDCG@100 for {inputs.patience} epochs "
+                             f"(best epoch {state.best_epoch})")
+                tqdm.write(line, file=sys.stderr)
+            if callback is not None:
+                callback(record)
+    finally:
+        if bar is not None:
+            bar.close()
 
     if best_state is not None:
         with torch.no_grad():
