@@ -52,6 +52,7 @@ setup(
         "triton": ["triton>=3.0"],
         "report": ["matplotlib>=3.5"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "pandas>=2"],  # everything `pytest benches/` imports
     },
     entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},
     zip_safe=False,

@@ -13,6 +13,10 @@ Memory: by default `pytest benches/` keeps its host memory under 8 GiB (measured
 RESULTS.md). Shapes that need more are marked `@pytest.mark.big_shape(gib=N)` (N: the host memory
 they need, from their tensor sizes) and skipped unless `--big-shapes` or RECVAE_FAST_BENCH_BIG=1 is
 given; the skip message says how much memory they need.
+
+Every skip's reason is printed in the summary (as with `-rs`). `pytest benches/ -m quick` runs the
+QUICK subset: one side-by-side bench per CPU op at the 20k-item (ML-20M) shape, under three minutes
+on the 2-core development machine (measured in RESULTS.md).
 """
 from __future__ import annotations
 
@@ -23,6 +27,17 @@ import time
 import pytest
 
 DEFAULT_MEMORY_LIMIT_GIB = 8
+# The quick subset (`-m quick`): bench file :: test id.
+QUICK = (
+    "bench_csr_transpose.py::test_group_by_item_vs_torch_sort",
+    "bench_kl.py::test_kl_cpp_forward_vs_torch_ops",
+    "bench_topk.py::test_topk_masked_vs_torch_topk[20108items]",
+    "bench_topk.py::test_topk_masked_vs_numpy_argpartition[20108items]",
+    "bench_fc1_optimizer.py::test_row_sparse_fc1_vs_dense[20108items-step]",
+    "bench_fc1_optimizer.py::test_row_sparse_fc1_vs_dense[20108items-grad+step]",
+    "bench_sparse_input_layer.py::test_sparse_input_layer_vs_dense_first_layer[20108items-dense]",
+    "bench_sparse_input_layer.py::test_sparse_input_layer_vs_dense_first_layer[20108items-row_sparse]",
+)
 
 
 def pytest_addoption(parser):
@@ -30,11 +45,32 @@ def pytest_addoption(parser):
                      help="also run the bench shapes that need more than 8 GiB of host memory")
 
 
+@pytest.hookimpl(tryfirst=True)  # before the terminal reporter reads the report characters
 def pytest_configure(config):
     config.addinivalue_line("markers", "big_shape(gib): needs more host memory than the default 8 GiB budget")
+    config.addinivalue_line("markers", "quick: the quick subset of the benches (pytest benches/ -m quick)")
+    # A skipped ratio (loaded machine, missing CUDA, memory budget) says why in the summary, even under -q.
+    if "s" not in config.option.reportchars and "a" not in config.option.reportchars:
+        config.option.reportchars += "s"
+
+
+def _mark_quick(items) -> None:
+    """Mark the QUICK benches; an entry whose file was collected but that matches no bench is an
+    error (a renamed bench must not drop out of the subset unnoticed)."""
+    collected_files = {item.nodeid.split("::")[0].rsplit("/", 1)[-1] for item in items}
+    matched = set()
+    for item in items:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        if name in QUICK:
+            item.add_marker(pytest.mark.quick)
+            matched.add(name)
+    stale = [entry for entry in QUICK if entry.split("::")[0] in collected_files and entry not in matched]
+    if stale:
+        raise pytest.UsageError(f"benches/conftest.py QUICK names benches that do not exist: {', '.join(stale)}")
 
 
 def pytest_collection_modifyitems(config, items):
+    _mark_quick(items)
     if config.getoption("--big-shapes") or os.environ.get("RECVAE_FAST_BENCH_BIG") == "1":
         return
     for item in items:
