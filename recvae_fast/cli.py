@@ -5,6 +5,7 @@
     torchrun --nproc-per-node N -m recvae_fast train DATA --out DIR --item-shards S  # model split by items
     recvae-fast evaluate DIR                           # the saved model on the saved test split
     recvae-fast recommend DIR [PATH] --k 100 --output recs.csv   # default data: the run's own
+    recvae-fast recommend DIR --items 50,172,181 --output recs.csv   # one new user, by item ids
 
 The run folder's files and guarantees are described in recvae_fast.runfolder. Every input (flags,
 data, the run folder when resuming) is validated before anything is written. Expected failures
@@ -145,6 +146,11 @@ def _training_options(args) -> dict:
     return {"patience": args.patience, "topk": list(args.topk) if args.topk is not None else None}
 
 
+def _setting_text(value) -> str:
+    """A setting as given on the command line: --topk's cut-offs as 10,100."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[str, dict, dict, dict]:
     """(source, data options, hyperparameters, run.json) of the run in `out`, with the flags given
     now; refuses flags that differ from the run's (only --epochs may change, and with --force
@@ -189,8 +195,8 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
             if value is None:
                 setattr(args, name, saved_value)
             elif value != saved_value and not args.force:
-                shown = (lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v)
-                differ.append(f"{_flag(name)} {shown(value)} (the run's: {shown(saved_value)}; --force accepts it)")
+                differ.append(f"{_flag(name)} {_setting_text(value)} (the run's: {_setting_text(saved_value)}; "
+                              "--force accepts it)")
     if differ:
         raise UsageError("--resume continues a run with its own data and settings; these differ: "
                          + "; ".join(differ) + " (omit them, or train into another --out)")
@@ -478,7 +484,7 @@ def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, 
 NEW_USER = "new"  # the user column of recommend --items' output
 
 
-def _recommend_inputs(args, options: dict, source: str, items) -> tuple[sp.csr_matrix, sp.csr_matrix, list, dict]:
+def _recommend_inputs(options: dict, source: str, items) -> tuple[sp.csr_matrix, sp.csr_matrix, list, dict]:
     """(model input, seen items, user ids, counts of what was left out) of recommend's data file.
     Seen: every interaction of the user in the file, whatever its rating. The model's input: the
     same, or with a rating column and a --rating-threshold, the ratings above it as 1 (as the run
@@ -555,7 +561,7 @@ def cmd_recommend(args) -> dict:
             what = f"only item ids the run does not know: {', '.join(unknown[0][:5])}" if history else "no item ids"
             raise UsageError(f"--items has {what}; nothing to recommend from")
     else:
-        inputs, seen, user_ids, counts = _recommend_inputs(args, options, source, items)
+        inputs, seen, user_ids, counts = _recommend_inputs(options, source, items)
         rows = _check_histories(inputs, user_ids, counts, args.skip_users_without_items)
         if rows.size < len(user_ids):
             inputs, seen, user_ids = inputs[rows], seen[rows], [user_ids[r] for r in rows]
@@ -733,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the run's own data)")
     p.add_argument("--items", default=None, metavar="ID[,ID...]",
                    help=f"instead of a file: the item ids of one new user (written as user {NEW_USER!r}); "
-                        "ids the run does not know are counted and left out (default: none, the users of the data file)")
+                        "ids the run does not know are counted and left out (default: none, the users of the "
+                        "data file)")
     _add_data_options(p, detected="the run's for its own file, else detected",
                       threshold_default="the run's; it applies only to a file with a rating column, "
                                         "never to --items or a file of user,item pairs")

@@ -33,8 +33,8 @@ def ratings_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(ratings_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(out), "--epochs", "4", "--lr", "0.005",
-                 "--hidden-dim", "32", "--latent-dim", "16", "--batch-size", "64", "--no-progress",
+    assert main(["train", str(ratings_file), "--rating-threshold", "3.5", "--out", str(out), "--epochs", "4",
+                 "--lr", "0.005", "--hidden-dim", "32", "--latent-dim", "16", "--batch-size", "64", "--no-progress",
                  "--heldout-users", "30"]) == 0
     return out
 
