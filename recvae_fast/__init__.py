@@ -10,9 +10,10 @@ from .model import RecVAE
 from .optim import RowSparseAdam
 from .topk import TopK, TopKAccumulator, topk_masked
 from .training import fit, load_model
+from .tune import tune  # the function; the module stays importable as `from recvae_fast.tune import ...`
 
 __all__ = [
-    "RecVAE", "fit", "load_model", "evaluate", "recommend",
+    "RecVAE", "fit", "load_model", "evaluate", "recommend", "tune",
     "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
 ]
 
