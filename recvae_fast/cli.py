@@ -552,7 +552,7 @@ def cmd_tune(args) -> dict:
     with RunLock(best, wait_s=600):  # another worker of the study may be training it
         summary = read_json(best / SUMMARY_NAME) if (best / SUMMARY_NAME).is_file() else _train(
             args, best, source, options, result.best_config,
-            read_json(best / RUN_NAME) if (best / RUN_NAME).is_file() else None, t0)
+            read_json(best / RUN_NAME) if (best / RUN_NAME).is_file() else None, time.perf_counter())
     record = {**result.record(), "best_run": str(best), "test": summary["test"],
               "popularity_test": summary["popularity_test"], "wall_time_s": time.perf_counter() - t0}
     with RunLock(out, wait_s=600):
@@ -721,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_options(p, topk=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per trial still")
     p.add_argument("--json", action="store_true", help="print tune.json's content instead of the tables")
-    # train's other flags, unset: the run folder code of train reads them.
+    # train's other flags, unset: the run folder code of train reads them. A hyperparameter flag of
+    # train added here (as --seed and --device are) reaches every trial through _new_run_settings.
     p.set_defaults(run_command=cmd_tune, render=_render_tune, patience=None, topk=None,
                    **{flag: None for flag in HYPER_FLAGS if flag not in ("seed", "device")})
     return parser

@@ -64,8 +64,8 @@ DEFAULT_SPACE = {
     "dropout_rate": {"low": 0.1, "high": 0.8},
     "n_epochs": {"low": 10, "high": 50},
 }
-# The median pruner's defaults: it prunes once this many trials have completed, and never in a
-# trial's first epochs (a slow start is not yet a bad trial).
+# The median pruner's defaults: it prunes once this many trials have completed, and never before a
+# trial's fifth epoch (a slow start is not yet a bad trial).
 PRUNER_STARTUP_TRIALS = 5
 PRUNER_WARMUP_EPOCHS = 5
 
@@ -440,16 +440,17 @@ def _write_table(study, space: dict, path: Path) -> str:
         return order[t.state], -(t.value if t.state == TrialState.COMPLETE else last), t.number
 
     header = ["trial", "state", OBJECTIVE, "epochs", "seconds", *searched, "note"]
+    trials = study.get_trials(deepcopy=False)
+    rerun = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     rows = []
-    for t in sorted(study.get_trials(deepcopy=False), key=key):
+    for t in sorted(trials, key=key):
         epochs = t.user_attrs.get("config", {}).get("n_epochs")
         reported = max(t.intermediate_values, default=0)
-        note = ""
-        if "failed_trial" in t.system_attrs:
-            note = f"rerun of trial {t.system_attrs['failed_trial']}"
+        note = f"rerun of trial {t.system_attrs['failed_trial']}" if "failed_trial" in t.system_attrs else ""
         if t.state == TrialState.FAIL:
-            note = "process died or failed; rerun" if any(
-                u.system_attrs.get("failed_trial") == t.number for u in study.get_trials(deepcopy=False)) else "failed"
+            note = "process died or failed; rerun" if t.number in rerun else "failed"
+        elif t.user_attrs.get("default_config"):
+            note = "the defaults"
         rows.append([t.number, t.state.name.lower(), f"{t.value:.4f}" if t.value is not None else "",
                      f"{reported}/{epochs}" if epochs else str(reported),
                      f"{t.duration.total_seconds():.1f}" if t.duration else "",

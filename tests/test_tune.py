@@ -278,10 +278,10 @@ def _wait_for_running_trial(out, timeout=120.0):
 
 
 def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path):
-    # 30 epochs: a trial lasts long enough to be killed in the middle of it.
-    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 30})
+    # 10 epochs: a trial lasts long enough to be killed in the middle of it.
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 10})
     out = tmp_path / "out"
-    command = _tune_command(ratings_file, out, space, 4, "--heartbeat", "1")
+    command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = _wait_for_running_trial(out)
     process.send_signal(signal.SIGKILL)
@@ -292,7 +292,7 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     assert done.returncode == 0, done.stderr
     study = _load(out)
     states = _states(study)
-    assert states["COMPLETE"] + states.get("PRUNED", 0) == 4
+    assert states["COMPLETE"] + states.get("PRUNED", 0) == 3
     assert states["FAIL"] == 1 and study.trials[killed].state == optuna.trial.TrialState.FAIL
     rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert len(rerun) == 1 and rerun[0].state.is_finished() and rerun[0].params == study.trials[killed].params
@@ -301,17 +301,17 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
 
 
 def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
-    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 10})
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 8})
     out = tmp_path / "out"
-    command = _tune_command(ratings_file, out, space, 8)
+    command = _tune_command(ratings_file, out, space, 6)
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     results = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [err for _, err in results]
     study = _load(out)
     finished = [t for t in study.trials if t.state.is_finished()]
-    # Each process stops once the study holds 8 finished or running trials: at most one more.
-    assert 8 <= len(finished) <= 9 and len(finished) == len(study.trials)
+    # Each process stops once the study holds 6 finished or running trials: at most one more.
+    assert 6 <= len(finished) <= 7 and len(finished) == len(study.trials)
     workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in finished}
     assert workers == {str(p.pid) for p in processes}
     record = json.loads((out / "tune.json").read_text())
@@ -321,10 +321,10 @@ def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
 
 def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
     out = tmp_path / "out"
-    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 10})
-    assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "6", "--jobs", "2", "--space", str(space),
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 6})
+    assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "4", "--jobs", "2", "--space", str(space),
                  *TINY]) == 0
     study = _load(out)
     finished = [t for t in study.trials if t.state.is_finished()]
-    assert len(finished) == len(study.trials) and 6 <= len(finished) <= 7  # one study, shared out
+    assert len(finished) == len(study.trials) and 4 <= len(finished) <= 5  # one study, shared out
     assert len({t.user_attrs["worker"] for t in finished}) == 2
