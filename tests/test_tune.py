@@ -328,3 +328,23 @@ def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == len(study.trials) and 4 <= len(finished) <= 5  # one study, shared out
     assert len({t.user_attrs["worker"] for t in finished}) == 2
+
+
+def test_run_lock_waits_for_its_holder_when_asked(tmp_path):
+    """Workers of one study take the study folder's lock in turn: RunLock(wait_s=...) waits for the
+    holder (here another open file of the lock, as another process holds it) instead of refusing."""
+    import fcntl
+    import threading
+
+    from recvae_fast.runfolder import LOCK_NAME, RunFolderBusy, RunLock
+
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(RunFolderBusy):
+        with RunLock(tmp_path, wait_s=0.3):
+            pass
+    threading.Timer(0.6, os.close, args=(fd,)).start()  # closing the file releases its lock
+    t0 = time.monotonic()
+    with RunLock(tmp_path, wait_s=30):
+        waited = time.monotonic() - t0
+    assert 0.5 < waited < 10
