@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write
 from .data import Split
 from .runfolder import SPLIT_NAME, RunLock
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit
@@ -254,7 +254,7 @@ class TuneResult:
         return {key: value for key, value in asdict(self).items() if key != "table"}
 
 
-def _hidden_password(optuna, url: str) -> str:
+def _hidden_password(url: str) -> str:
     import sqlalchemy
 
     try:
@@ -275,21 +275,21 @@ def _storage(optuna, url: str, heartbeat_s: int):
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as exc:  # SQLAlchemy's many errors (bad URL, missing driver, unreachable server, ...)
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ValueError(f"storage {_hidden_password(optuna, url)} cannot be opened: {message}") from None
+        raise ValueError(f"storage {_hidden_password(url)} cannot be opened: {message}") from None
 
 
-def _check_study(optuna, storage, study_name: str, identity: dict, where: str) -> bool:
-    """Whether the study exists; a ValueError when it does with another split or settings."""
+def _check_study(optuna, storage, study_name: str, identity: dict, where: str) -> None:
+    """A ValueError when the study exists with another split, space or config (or was not made here)."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return False
+    except KeyError:  # no such study yet
+        return
     attrs = study.user_attrs
     if "split_fingerprint" not in attrs:
         if study.trials:
             raise ValueError(f"study {study_name!r} in {where} was not made by recvae_fast tune; choose another "
                              "study name")
-        return True
+        return
     if attrs["split_fingerprint"] != identity["split_fingerprint"]:
         raise ValueError(f"study {study_name!r} in {where} was run on another split than this one (other data, "
                          "data flags or seed); use another study name or storage")
@@ -297,7 +297,6 @@ def _check_study(optuna, storage, study_name: str, identity: dict, where: str) -
     if differ:
         raise ValueError(f"study {study_name!r} in {where} was run with another {' and '.join(differ)}; keep them, "
                          "or use another study name")
-    return True
 
 
 def _finished(study) -> tuple[int, int]:
@@ -356,7 +355,9 @@ def _trial_line(trial, best) -> str:
         what = f"valid NDCG@100 {trial.value:.4f}"
     elif trial.state == TrialState.PRUNED:
         last = max(trial.intermediate_values, default=None)
-        what = f"pruned after epoch {last}" + (f" (valid NDCG@100 {trial.intermediate_values[last]:.4f})" if last else "")
+        what = f"pruned after epoch {last}"
+        if last is not None:
+            what += f" (valid NDCG@100 {trial.intermediate_values[last]:.4f})"
     else:
         what = trial.state.name.lower()
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
@@ -551,7 +552,7 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
     if (out / SPLIT_NAME).is_file() and Split.load(out).fingerprint() != split_fp:
         raise ValueError(f"{out} holds another split (other data, data flags or seed); use another folder")
     url = storage or f"sqlite:///{(out / STUDY_DB_NAME).resolve()}"
-    shown = _hidden_password(optuna, url)
+    shown = _hidden_password(url)
     # As stored in the study (JSON); any device may work on a study.
     identity = json.loads(json.dumps({"split_fingerprint": split_fp, "space": space,
                                       "config": {k: v for k, v in config.items() if k != "device"}}))
@@ -576,7 +577,8 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
                      pruner_startup_trials, pruner_warmup_epochs, sampler_seed=int(config.get("seed", 0)))
     threads = max(1, torch.get_num_threads() // n_jobs) if n_jobs > 1 else None
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads
-    helpers = [context.Process(target=_work, args=(search, worker, progress and "trials", threads)) for worker in range(1, n_jobs)]
+    helpers = [context.Process(target=_work, args=(search, worker, progress and "trials", threads))
+               for worker in range(1, n_jobs)]
     for process in helpers:
         process.start()
     try:
