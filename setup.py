@@ -51,7 +51,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "report": ["matplotlib>=3.5"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5"],
+        "tune": ["optuna>=4.0", "matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5", "optuna>=4.0"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "pandas>=2"],  # everything `pytest benches/` imports
     },
     entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},

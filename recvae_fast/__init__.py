@@ -11,9 +11,11 @@ from .optim import RowSparseAdam
 from .runs import TrainedRun, load_run, recommend_for_items
 from .topk import TopK, TopKAccumulator, topk_masked
 from .training import fit, load_model
+from .tune import tune  # the function; the module stays importable as `from recvae_fast.tune import ...`
 
 __all__ = [
     "RecVAE", "fit", "load_model", "evaluate", "recommend", "load_run", "TrainedRun", "recommend_for_items",
+    "tune",
     "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
 ]
 

@@ -6,6 +6,7 @@
     recvae-fast evaluate DIR                           # the saved model on the saved test split
     recvae-fast recommend DIR [PATH] --k 100 --output recs.csv   # default data: the run's own
     recvae-fast recommend DIR --items 50,172,181 --output recs.csv   # one new user, by item ids
+    recvae-fast tune [synthetic | PATH] --out DIR --trials N     # Optuna search, then the best trial's run
 
 The run folder's files and guarantees are described in recvae_fast.runfolder. Every input (flags,
 data, the run folder when resuming) is validated before anything is written. Expected failures
@@ -43,8 +44,10 @@ from .runfolder import (
 )
 from .runs import histories_matrix, load_run
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, timedelta_text
+from .tune import import_optuna, tune
 
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
+TUNE_NAME = "tune.json"  # a study folder's summary: the study, its best trial and that trial's test metrics
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
 DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
@@ -620,6 +623,49 @@ def cmd_export(args) -> dict:
                     "or torch.export.load"}
 
 
+# ----------------------------------------------------------------------------- tune
+
+
+def cmd_tune(args) -> dict:
+    """The search (recvae_fast.tune) on train's split of the data; then the best trial trained into
+    OUT/trial-N as `train` would, and evaluated on the test users, once."""
+    t0 = time.perf_counter()
+    try:
+        import_optuna()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    for name in ("trials", "jobs", "heartbeat"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    options, config = _new_run_settings(args)  # the search space sets the other hyperparameters
+    source = _source(args.data)
+    cfg, split, _ = _checked_split(args, out, source, options, config, None)
+    result = tune(split, out, args.trials, space=args.space, config=asdict(cfg), storage=args.storage,
+                  study_name=args.study_name, n_jobs=args.jobs, eval_batch_size=_eval_batch_size(args),
+                  progress="trials" if args.no_progress else True, heartbeat_s=args.heartbeat)
+    best = out / f"trial-{result.best_trial}"
+    with RunLock(best, wait_s=600):  # another worker of the study may be training it
+        summary = read_json(best / SUMMARY_NAME) if (best / SUMMARY_NAME).is_file() else _train(
+            args, best, source, options, result.best_config,
+            read_json(best / RUN_NAME) if (best / RUN_NAME).is_file() else None, time.perf_counter())
+    record = {**result.record(), "best_run": str(best), "test": summary["test"],
+              "popularity_test": summary["popularity_test"], "wall_time_s": time.perf_counter() - t0}
+    with RunLock(out, wait_s=600):
+        write_json(out / TUNE_NAME, record, indent=2)
+    return {**record, "table": result.table}
+
+
+def _render_tune(result: dict, args) -> str:
+    if args.json:
+        return json.dumps({key: value for key, value in result.items() if key != "table"}, indent=2)
+    return (result["table"] + f"\n\nbest: trial {result['best_trial']}, valid NDCG@100 {result['best_value']:.4f}; "
+            f"its run folder {result['best_run']}, test metrics ({result['test']['n_users']} users; "
+            f"{timedelta_text(result['wall_time_s'])} in all):\n"
+            + metrics_table({"RecVAE": result["test"], "popularity": result["popularity_test"]})
+            + f"\nall figures: {Path(args.out) / TUNE_NAME}")
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default. Flags whose parsed default is None ("not given",
     which --resume tells from the run's own settings) state their default in their help text."""
@@ -660,6 +706,15 @@ def _add_evaluation_options(p: argparse.ArgumentParser, *, topk: bool = True) ->
                         f"{torch.get_num_threads()} on this machine)")
 
 
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-items", type=int, default=None, help="drop users with fewer items than this (default: 5)")
+    p.add_argument("--min-users-per-item", type=int, default=None,
+                   help="first drop items with fewer users than this, then users with fewer than --min-items "
+                        "items (default: 0: keep every item)")
+    p.add_argument("--heldout-users", type=int, default=None,
+                   help="validation users, and as many test users (default: 10%% of the users)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recvae-fast", description="Train, evaluate and use RecVAE.",
                                      formatter_class=_HelpFormatter)
@@ -677,12 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume the run's own)")
     p.add_argument("--out", required=True, help="run folder for the model, split, checkpoint and logs")
     _add_data_options(p)
-    p.add_argument("--min-items", type=int, default=None, help="drop users with fewer items than this (default: 5)")
-    p.add_argument("--min-users-per-item", type=int, default=None,
-                   help="first drop items with fewer users than this, then users with fewer than --min-items "
-                        "items (default: 0: keep every item)")
-    p.add_argument("--heldout-users", type=int, default=None,
-                   help="validation users, and as many test users (default: 10%% of the users)")
+    _add_split_options(p)
     # Hyperparameters default to None: "not given", so that --resume can tell them from the run's.
     p.add_argument("--hidden-dim", type=int, default=None, help=f"encoder hidden layer width (default: {d.hidden_dim})")
     p.add_argument("--latent-dim", type=int, default=None, help=f"latent dimension (default: {d.latent_dim})")
@@ -763,6 +813,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the .pt2 file to write (its folder must exist)")
     p.add_argument("--k", type=int, default=100, help="items returned per user")
     p.set_defaults(run_command=cmd_export)
+
+    p = add_command("tune", "search hyperparameters with Optuna on one stored split (validation users), then train "
+                            "the best trial into a run folder and print its test metrics (pip install -e \".[tune]\")")
+    p.add_argument("data", nargs="?", default="synthetic", help="'synthetic' or a ratings file, as for train")
+    p.add_argument("--out", required=True, help="study folder: split, study.db, trials.csv, plots, best trial's run")
+    p.add_argument("--trials", type=int, default=30, help="finished (complete or pruned) trials the study ends with")
+    p.add_argument("--space", default=None, help="JSON/TOML/YAML file overriding the search space (default: "
+                                                 "recvae_fast.tune.DEFAULT_SPACE)")
+    p.add_argument("--storage", default=None, help="Optuna RDB URL of the study (default: sqlite:///OUT/study.db)")
+    p.add_argument("--study-name", default="recvae", help="the study's name in the storage")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes; more may join with the same command")
+    p.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between a running trial's heartbeats; a trial silent for twice as long is rerun")
+    _add_data_options(p)
+    _add_split_options(p)
+    p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default: {d.seed})")
+    p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default: {d.device})")
+    _add_evaluation_options(p, topk=False)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per trial still")
+    p.add_argument("--json", action="store_true", help="print tune.json's content instead of the tables")
+    # train's other flags, unset: the run folder code of train reads them. A hyperparameter flag of
+    # train added here (as --seed and --device are) reaches every trial through _new_run_settings.
+    p.set_defaults(run_command=cmd_tune, render=_render_tune, patience=None, topk=None,
+                   **{flag: None for flag in HYPER_FLAGS if flag not in ("seed", "device")})
     return parser
 
 

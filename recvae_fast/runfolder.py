@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,14 @@ _HELD: dict[Path, list] = {}
 class RunLock:
     """`with RunLock(folder):` exclusive writer access to `folder` (created if missing).
 
-    Non-blocking: raises RunFolderBusy naming the holder's pid and host. The first acquisition
-    in this process removes stale temporaries left by an interrupted writer.
+    Non-blocking by default: raises RunFolderBusy naming the holder's pid and host; with wait_s,
+    retries for up to that many seconds first. The first acquisition in this process removes stale
+    temporaries left by an interrupted writer.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, wait_s: float = 0.0):
         self.folder = Path(folder)
+        self.wait_s = wait_s
 
     def __enter__(self) -> "RunLock":
         if self.folder.exists() and not self.folder.is_dir():
@@ -68,8 +71,16 @@ class RunLock:
             return self
         path = self.folder / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait_s
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)

@@ -409,7 +409,7 @@ def test_help_of_every_subcommand_names_every_default_and_what_each_flag_does(mo
 
     monkeypatch.setenv("COLUMNS", "100")
     commands = _subparsers(build_parser())
-    assert set(commands) == {"train", "evaluate", "recommend", "report", "export"}
+    assert set(commands) == {"train", "evaluate", "recommend", "report", "export", "tune"}
     for command, parser in commands.items():
         entries = _help_entries(parser)
         for action in parser._actions:

@@ -1,0 +1,138 @@
+"""The README's tuning figures: `recvae-fast tune` on MovieLens-100K (killed with SIGKILL in the
+middle of a trial, then started again with the same command), then its best trial's configuration
+and the defaults, each trained with three seeds on the study's split and scored on its test users
+(which the search never saw). Appends one JSON line to benches/results/tune_ml100k.jsonl.
+
+MovieLens-100K as RecBole ships it, read by the project's own RecBole .inter reader:
+
+    pip download --no-deps recbole==1.2.1 -d /tmp/recbole
+    unzip -o /tmp/recbole/recbole-1.2.1-py3-none-any.whl 'recbole/dataset_example/ml-100k/*' -d /tmp/recbole
+    python benches/tune_ml100k.py /tmp/recbole/recbole/dataset_example/ml-100k/ml-100k.inter --out runs/tune-ml100k
+
+The study uses benches/tune_ml100k_space.toml and two worker processes of one torch thread each.
+
+Not collected by pytest (no bench_ prefix): it takes minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+import torch
+
+import recvae_fast
+from recvae_fast import data
+from recvae_fast.training import TrainConfig
+
+SEEDS = (0, 1, 2)
+RECORD = Path(__file__).parent / "results" / "tune_ml100k.jsonl"
+SPACE = Path(__file__).parent / "tune_ml100k_space.toml"
+
+
+def test_ndcg(job: tuple[str, dict]) -> float:
+    """Test NDCG@100 of a model trained with `config` on the study folder's split (one torch thread)."""
+    folder, config = job
+    torch.set_num_threads(1)
+    split = data.Split.load(folder)
+    model, _ = recvae_fast.fit(split.train, split.valid_in, split.valid_out, progress=False, **config)
+    return recvae_fast.evaluate(model, split.test_in, split.test_out)["ndcg@100"]
+
+
+def _trials(out: str, states) -> list:
+    if not (Path(out) / "study.db").is_file():
+        return []
+    try:
+        study = optuna.load_study(study_name="recvae", storage=f"sqlite:///{Path(out).resolve() / 'study.db'}")
+    except KeyError:  # not created yet
+        return []
+    return study.get_trials(states=states)
+
+
+def run_killed_once(command: list, out: str, kill_after: int) -> dict:
+    """Start the study, SIGKILL every process of it once `kill_after` trials have finished and a
+    trial is in the middle of its epochs, then run the same command to the end."""
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    t0 = time.perf_counter()
+    process = subprocess.Popen(command, start_new_session=True)  # its workers share its process group
+    while True:
+        time.sleep(0.5)
+        if process.poll() is not None:
+            raise SystemExit(f"the study ended before it could be killed (exit code {process.returncode})")
+        running = [t for t in _trials(out, (optuna.trial.TrialState.RUNNING,)) if t.intermediate_values]
+        if len(_trials(out, finished_states)) >= kill_after and running:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            break
+    first_s = time.perf_counter() - t0
+    killed = [t.number for t in _trials(out, (optuna.trial.TrialState.RUNNING,))]
+    finished_at_kill = len(_trials(out, finished_states))
+    t1 = time.perf_counter()
+    subprocess.run(command, check=True)
+    return {"killed_after_s": round(first_s, 1), "finished_at_kill": finished_at_kill,
+            "running_at_kill": killed, "restart_wall_s": round(time.perf_counter() - t1, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="ml-100k.inter")
+    parser.add_argument("--out", required=True, help="the study folder (a new one)")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--kill-after", type=int, default=10, help="finished trials before the SIGKILL")
+    args = parser.parse_args()
+
+    command = ["recvae-fast", "tune", args.data, "--rating-threshold", "3.5", "--out", args.out,
+               "--trials", str(args.trials), "--space", str(SPACE.relative_to(Path.cwd()) if SPACE.is_relative_to(
+                   Path.cwd()) else SPACE), "--jobs", "2", "--no-progress"]
+    t0 = time.perf_counter()
+    kill = run_killed_once([sys.executable, "-m", "recvae_fast", *command[1:]], args.out, args.kill_after)
+    study_wall_s = time.perf_counter() - t0
+    summary = json.loads((Path(args.out) / "tune.json").read_text())
+
+    split = data.Split.load(args.out)
+    defaults = asdict(TrainConfig())
+    best = {k: v for k, v in summary["best_config"].items() if k != "seed"}
+    jobs = [(args.out, {**config, "seed": seed}) for seed in SEEDS for config in (defaults, best)]
+    t1 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        scores = pool.map(test_ndcg, jobs, chunksize=1)
+    seeds_wall_s = time.perf_counter() - t1
+    figures = {"defaults": scores[0::2], "best": scores[1::2]}
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    record = {
+        "command": " ".join(command), "commit": commit, "data": Path(args.data).name,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "users": {"train": split.train.shape[0], "valid": split.valid_in.shape[0], "test": split.test_in.shape[0]},
+        "items": split.n_items,
+        "space": [line for line in SPACE.read_text().splitlines() if line and not line.startswith("#")],
+        "study_wall_s": round(study_wall_s, 1), "kill": kill, "trials": summary["states"],
+        "seed_runs_wall_s": round(seeds_wall_s, 1),
+        "best_trial": summary["best_trial"], "best_valid_ndcg@100": summary["best_value"],
+        "best_config": {k: summary["best_config"][k] for k in ("gamma", "latent_dim", "hidden_dim", "lr",
+                                                                 "dropout_rate", "n_epochs")},
+        "best_run_test_ndcg@100": summary["test"]["ndcg@100"],
+        "seeds": list(SEEDS),
+        "test_ndcg@100_defaults": figures["defaults"], "test_ndcg@100_best": figures["best"],
+        "mean_defaults": statistics.mean(figures["defaults"]), "mean_best": statistics.mean(figures["best"]),
+    }
+    RECORD.parent.mkdir(exist_ok=True)
+    with open(RECORD, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

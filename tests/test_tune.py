@@ -1,0 +1,350 @@
+"""`recvae-fast tune` and recvae_fast.tune on a tiny ratings file: the space file's checks, the
+study in SQLite (resumed after a SIGKILL mid-trial, shared by two processes), pruning, and the best
+trial's run folder."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")
+
+from recvae_fast import data  # noqa: E402
+from recvae_fast.cli import main  # noqa: E402
+from recvae_fast.tune import load_space, parse_space, tune  # noqa: E402
+
+# Tiny models and few epochs: a trial takes well under a second.
+TINY_SPACE = {"latent_dim": {"low": 4, "high": 12}, "hidden_dim": {"low": 8, "high": 24},
+              "n_epochs": {"low": 2, "high": 4}, "batch_size": 64}
+# One torch thread: the trials of a tiny model are fastest so, on a shared machine too.
+TINY = ["--heldout-users", "40", "--rating-threshold", "3.5", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    """300 users in three taste groups of 60 items; integer ids, ratings 3-5."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "ratings.csv"
+    with open(path, "w") as f:
+        f.write("userId,movieId,rating,timestamp\n")
+        for user in range(300):
+            taste = user % 3
+            items = rng.choice(np.arange(taste * 40, taste * 40 + 60), size=rng.integers(6, 25), replace=False)
+            for item in items:
+                f.write(f"{1000 + user},{5000 + item},{rng.choice([3.0, 4.0, 5.0])},978300760\n")
+    return path
+
+
+def _space_file(folder, space: dict, name="space.json"):
+    path = folder / name
+    path.write_text(json.dumps(space))
+    return path
+
+
+def _load(out, study_name="recvae"):
+    return optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _states(study) -> dict:
+    states = {}
+    for t in study.get_trials():
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    return states
+
+
+def _tune_command(ratings_file, out, space, trials, *extra):
+    return [sys.executable, "-m", "recvae_fast", "tune", str(ratings_file), "--out", str(out), "--trials",
+            str(trials), "--space", str(space), *TINY, *extra]
+
+
+# ----------------------------------------------------------------------------- a study, end to end
+
+
+@pytest.fixture(scope="module")
+def study_dir(ratings_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    space = _space_file(folder, TINY_SPACE)
+    out = folder / "out"
+    assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "5", "--space", str(space), *TINY]) == 0
+    return out
+
+
+def test_tune_writes_the_study_the_table_plots_and_the_best_run(study_dir, capsys):
+    study = _load(study_dir)
+    assert sum(t.state.is_finished() for t in study.trials) == 5
+    record = json.loads((study_dir / "tune.json").read_text())
+    assert record["best_trial"] == study.best_trial.number
+    assert record["best_value"] == pytest.approx(study.best_value)
+    # The table: every trial, best first.
+    with open(study_dir / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(study.trials)
+    assert int(rows[0]["trial"]) == study.best_trial.number
+    values = [float(r["valid_ndcg@100"]) for r in rows if r["state"] == "complete"]
+    assert values == sorted(values, reverse=True)
+    for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png"):
+        assert (study_dir / name).stat().st_size > 1000, name
+    # The best trial's run folder is a normal run folder, trained with the trial's settings.
+    best = study_dir / f"trial-{record['best_trial']}"
+    run = json.loads((best / "run.json").read_text())
+    assert {k: run["config"][k] for k in study.best_trial.params} == study.best_trial.params
+    assert data.Split.load(best).fingerprint() == data.Split.load(study_dir).fingerprint()
+    summary = json.loads((best / "summary.json").read_text())
+    assert summary["test"] == record["test"]
+    # Its retrained best epoch scores what the trial scored on the validation users.
+    history = [json.loads(line) for line in (best / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["valid_ndcg@100"] for r in history) == pytest.approx(study.best_value, rel=1e-4)
+
+
+def test_best_run_folder_works_with_evaluate_and_recommend(study_dir, ratings_file, tmp_path, capsys):
+    best = study_dir / f"trial-{json.loads((study_dir / 'tune.json').read_text())['best_trial']}"
+    capsys.readouterr()
+    assert main(["evaluate", str(best)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["test"]["ndcg@100"] == pytest.approx(json.loads((best / "summary.json").read_text())
+                                                        ["test"]["ndcg@100"])
+    output = tmp_path / "recs.csv"
+    assert main(["recommend", str(best), "--k", "5", "--output", str(output)]) == 0
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    users = {r["user"] for r in rows}
+    assert len(users) == 300 and len(rows) == 5 * 300
+    seen = {}
+    with open(ratings_file) as f:
+        for r in csv.DictReader(f):
+            seen.setdefault(r["userId"], set()).add(r["movieId"])
+    assert not any(r["item"] in seen[r["user"]] for r in rows)
+
+
+def test_the_same_command_again_adds_no_trial(study_dir, ratings_file, capsys):
+    before = len(_load(study_dir).trials)
+    space = study_dir.parent / "space.json"
+    assert main(["tune", str(ratings_file), "--out", str(study_dir), "--trials", "5", "--space", str(space),
+                 *TINY]) == 0
+    assert len(_load(study_dir).trials) == before
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["trial", "state", "valid_ndcg@100"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"gama": {"low": 0.001, "high": 0.01}}, "unknown parameter 'gama'"),
+    ({"lr": {"low": 0.01, "high": 0.001}}, "lr has an empty range: low 0.01 > high 0.001"),
+    ({"latent_dim": {"low": 4.5, "high": 16}}, "latent_dim.low must be an integer"),
+    ({"lr": {"low": "small", "high": 0.01}}, "lr.low must be a number"),
+    ({"dropout_rate": {"low": 0.2, "high": 1.0}}, "dropout_rate 1.0: dropout_rate must be in [0, 1)"),
+    ({"gamma": {"low": 0, "high": 0.01, "log": True}}, "a log range needs low > 0"),
+    ({"hidden_dim": {"low": 8, "hi": 24}}, "unknown key(s) hi"),
+    ({"beta": {"low": 0.1, "high": 0.5}, "gamma": {"low": 0.001, "high": 0.01}}, "search gamma or beta, not both"),
+    ({"seed": 3}, "unknown parameter 'seed' (set on the command line"),
+    ({"latent_dim": {"choices": []}}, "choices must be a non-empty list"),
+    ([1, 2], "must be a table of parameters"),
+])
+def test_bad_space_file_is_one_line_and_writes_nothing(space, message, ratings_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["tune", str(ratings_file), "--out", str(out), "--space", str(_space_file(tmp_path, space)), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_toml_and_yaml_space_files_read_as_json(tmp_path):
+    (tmp_path / "s.toml").write_text('beta = {low = 0.1, high = 0.5, log = true}\nlatent_dim = {choices = [8, 16]}\n'
+                                     'n_epochs = 3\n')
+    (tmp_path / "s.yaml").write_text("beta: {low: 0.1, high: 0.5, log: true}\nlatent_dim: {choices: [8, 16]}\n"
+                                     "n_epochs: 3\n")
+    space = load_space(_space_file(tmp_path, {"beta": {"low": 0.1, "high": 0.5, "log": True},
+                                              "latent_dim": {"choices": [8, 16]}, "n_epochs": 3}))
+    assert load_space(tmp_path / "s.toml") == space == load_space(tmp_path / "s.yaml")
+    assert space["gamma"] == {"value": None}  # beta searched: gamma dropped
+    assert space["n_epochs"] == {"value": 3}
+    (tmp_path / "bad.toml").write_text("lr = {low = \n")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        load_space(tmp_path / "bad.toml")
+    with pytest.raises(ValueError, match="must end in .json, .toml"):
+        load_space(_space_file(tmp_path, {}, name="space.txt"))
+
+
+def test_default_space_holds_the_defaults():
+    from recvae_fast.tune import _default_params
+
+    params = _default_params(parse_space())
+    assert params == {"gamma": 0.005, "latent_dim": 200, "hidden_dim": 600, "lr": 5e-4, "dropout_rate": 0.5,
+                      "n_epochs": 50}
+
+
+@pytest.mark.parametrize("storage", ["sqlite:////nonexistent-folder/sub/study.db", "nosuchdb://host/x"])
+def test_storage_that_cannot_be_opened(storage, ratings_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["tune", str(ratings_file), "--out", str(out), "--storage", storage,
+                 "--space", str(_space_file(tmp_path, TINY_SPACE)), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be opened" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_study_or_folder_with_another_split_is_refused(study_dir, ratings_file, tmp_path, capsys):
+    space = str(study_dir.parent / "space.json")
+    # The study folder's own split, made from other flags:
+    code = main(["tune", str(ratings_file), "--out", str(study_dir), "--space", space, "--trials", "5",
+                 *TINY, "--heldout-users", "30"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds another split" in err and len(err.strip().splitlines()) == 1, err
+    # The study (shared storage) with another split than this new folder's:
+    out = tmp_path / "other"
+    code = main(["tune", str(ratings_file), "--out", str(out), "--space", space, "--trials", "5", *TINY,
+                 "--storage", f"sqlite:///{study_dir / 'study.db'}", "--seed", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was run on another split" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    # ... and with another search space:
+    code = main(["tune", str(ratings_file), "--out", str(study_dir), "--trials", "5", *TINY,
+                 "--space", str(_space_file(tmp_path, {**TINY_SPACE, "batch_size": 32}))])
+    err = capsys.readouterr().err
+    assert code == 2 and "was run with another space" in err, err
+
+
+def test_without_optuna_tune_says_how_to_install_it(ratings_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    code = main(["tune", str(ratings_file), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install "recvae_fast[tune]"' in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_counts(ratings_file, tmp_path, capsys):
+    for flag in ("--trials", "--jobs", "--heartbeat"):
+        assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), flag, "0"]) == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def test_the_pruner_stops_trials_that_trail(ratings_file, tmp_path, monkeypatch):
+    """Learning rates from 1e-6 (nothing learnt in a few epochs) to 1e-2: with the pruner active
+    after two completed trials and from the second epoch, the trials that trail are stopped early."""
+    inter = data.preprocess(data.load_interactions(str(ratings_file), rating_threshold=3.5), min_items_per_user=5)
+    split = data.split_strong_generalization(inter, n_heldout_users=40, seed=0)
+    space = {**TINY_SPACE, "n_epochs": 6, "lr": {"low": 1e-6, "high": 1e-2, "log": True}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = tune(split, tmp_path, 10, space=space, progress=False, pruner_startup_trials=2,
+                      pruner_warmup_epochs=1)
+    finally:
+        torch.set_num_threads(threads)
+    study = _load(tmp_path)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and len(pruned) + len(complete) == 10
+    for t in pruned:  # stopped before its last epoch, below the median of the complete trials there
+        last = max(t.intermediate_values)
+        assert last < 6
+        earlier = [c.intermediate_values[last] for c in complete if c.number < t.number]
+        assert t.intermediate_values[last] < np.median(earlier)
+    assert result.states == {"complete": len(complete), "pruned": len(pruned)}
+    assert result.best_value == max(c.value for c in complete)
+
+
+# ----------------------------------------------------------------------------- kills and several processes
+
+
+def _wait_for_running_trial(out, timeout=120.0):
+    """The number of a trial that is running and has reported at least one epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "study.db").is_file():
+            try:
+                running = [t for t in _load(out).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                           if t.intermediate_values]
+            except KeyError:  # the study is not created yet
+                running = []
+            if running:
+                return running[0].number
+        time.sleep(0.05)
+    raise AssertionError("no trial started")
+
+
+def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path):
+    # 10 epochs: a trial lasts long enough to be killed in the middle of it.
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 10})
+    out = tmp_path / "out"
+    command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _wait_for_running_trial(out)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    study = _load(out)
+    assert study.trials[killed].state == optuna.trial.TrialState.RUNNING  # killed mid-trial
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    study = _load(out)
+    states = _states(study)
+    assert states["COMPLETE"] + states.get("PRUNED", 0) == 3
+    assert states["FAIL"] == 1 and study.trials[killed].state == optuna.trial.TrialState.FAIL
+    rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(rerun) == 1 and rerun[0].state.is_finished() and rerun[0].params == study.trials[killed].params
+    assert "process died or failed; rerun" in (out / "trials.csv").read_text()
+    assert json.loads((out / "tune.json").read_text())["best_trial"] == study.best_trial.number
+
+
+def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 8})
+    out = tmp_path / "out"
+    command = _tune_command(ratings_file, out, space, 6)
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in results]
+    study = _load(out)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    # Each process stops once the study holds 6 finished or running trials: at most one more.
+    assert 6 <= len(finished) <= 7 and len(finished) == len(study.trials)
+    workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in finished}
+    assert workers == {str(p.pid) for p in processes}
+    record = json.loads((out / "tune.json").read_text())
+    assert record["best_trial"] == study.best_trial.number
+    assert all(f"trial-{record['best_trial']}" in out_text for out_text, _ in results)
+
+
+def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 6})
+    assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "4", "--jobs", "2", "--space", str(space),
+                 *TINY]) == 0
+    study = _load(out)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == len(study.trials) and 4 <= len(finished) <= 5  # one study, shared out
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+
+
+def test_run_lock_waits_for_its_holder_when_asked(tmp_path):
+    """Workers of one study take the study folder's lock in turn: RunLock(wait_s=...) waits for the
+    holder (here another open file of the lock, as another process holds it) instead of refusing."""
+    import fcntl
+    import threading
+
+    from recvae_fast.runfolder import LOCK_NAME, RunFolderBusy, RunLock
+
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(RunFolderBusy):
+        with RunLock(tmp_path, wait_s=0.3):
+            pass
+    threading.Timer(0.6, os.close, args=(fd,)).start()  # closing the file releases its lock
+    t0 = time.monotonic()
+    with RunLock(tmp_path, wait_s=30):
+        waited = time.monotonic() - t0
+    assert 0.5 < waited < 10
