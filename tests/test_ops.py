@@ -88,7 +88,7 @@ def test_public_names():
     import recvae_fast
 
     assert sorted(recvae_fast.__all__) == sorted([
-        "RecVAE", "fit", "load_model", "evaluate", "recommend",
+        "RecVAE", "fit", "load_model", "evaluate", "recommend", "tune",
         "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
     ])
     assert all(hasattr(recvae_fast, name) for name in recvae_fast.__all__)
