@@ -89,6 +89,7 @@ def test_public_names():
 
     assert sorted(recvae_fast.__all__) == sorted([
         "RecVAE", "fit", "load_model", "evaluate", "recommend", "load_run", "TrainedRun", "recommend_for_items",
+        "tune",
         "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
     ])
     assert all(hasattr(recvae_fast, name) for name in recvae_fast.__all__)

@@ -65,6 +65,13 @@ def _tune_command(ratings_file, out, space, trials, *extra):
             str(trials), "--space", str(space), *TINY, *extra]
 
 
+def test_importing_the_package_does_not_import_optuna():
+    code = "import sys, recvae_fast\nprint(callable(recvae_fast.tune), 'optuna' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+
+
 # ----------------------------------------------------------------------------- a study, end to end
 
 
