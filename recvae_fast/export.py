@@ -199,7 +199,9 @@ def export_scorer(model, path: str | os.PathLike, k: int = 100,
     # which export would otherwise exclude by a guard.
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+    # The program's precision is `precision` alone: a caller's autocast region is switched off
+    # while tracing (the bf16 scorer opens its own, inside its forward).
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), torch.autocast("cpu", enabled=False):
         program = torch.export.export(
             scorer, sample, dynamic_shapes=({0: users + 1}, {0: nonzeros}, {0: nonzeros}), strict=False
         )
