@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
+from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings, triton_problem
 
 from recvae_fast import RecVAE, precision, recommend, torch_ops
 from recvae_fast import model as model_mod
@@ -233,6 +233,29 @@ def test_drop_in_bf16_runs_with_row_sparse_fc1_and_eval_scores():
     with torch.no_grad(), autocast_bf16():
         scores = model(ratings, calculate_loss=False)
     assert scores.shape == (6, 50) and torch.isfinite(scores).all()
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem()))
+def test_triton_drop_in_bf16_mixed_loss_and_grads():
+    """impl "triton" under autocast: the NLL kernels on bf16 copies of z, Wd and bd (fp32 LSE and
+    NLL), on the CPU under the Triton interpreter here."""
+    n_users, n_items, hidden, latent = 7, 45, 9, 5
+    ratings = ratings_with_duplicates(n_users, n_items, seed=2)
+    fast, ref = model_pair(hidden, latent, n_items, dtype=torch.float32, seed=3, impl="triton")
+    _, ref64 = model_pair(hidden, latent, n_items, dtype=torch.float64, seed=3)
+    ref64.load_state_dict(ref.state_dict())
+    dropout_mask, keep, eps = pinned_noise(fast, ratings, latent, torch.float32)
+    got, got_grads = loss_and_grads(fast, ratings, dropout_mask, keep, eps, reference=False, autocast=True)
+    ref_ac, ref_ac_grads = loss_and_grads(ref, ratings, dropout_mask, keep, eps, reference=True, autocast=True)
+    exact, exact_grads = loss_and_grads(ref64, ratings, dropout_mask, keep, eps, reference=True, autocast=False)
+    for name in ("mll", "kld"):
+        assert_earned(name, got[name], ref_ac[name], exact[name])
+    for name, grad in got_grads.items():
+        assert grad.dtype == torch.float32, name
+        assert_earned(name, grad, ref_ac_grads[name], exact_grads[name])
+    fp32, _ = loss_and_grads(fast, ratings, dropout_mask, keep, eps, reference=False, autocast=False)
+    assert fp32["mll"] != got["mll"]  # the kernels did take bf16 operands
 
 
 # ----------------------------------------------------------------------------- compile and export under autocast
