@@ -113,6 +113,15 @@ def test_multinomial_nll_bf16_one_user(monkeypatch, cpp):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("case", ["encoder", "decoder_kept", "decoder_recomputed", "all"])
+def test_opcheck_multinomial_nll_with_bf16_products(case):
+    from test_custom_ops import NLL_CASES, nll_args
+
+    want_grad_z, keep_probs, decoder_grad = NLL_CASES[case]
+    args = nll_args(want_grad_z, keep_probs, 4, dtype=torch.float32, decoder_grad=decoder_grad)
+    torch.library.opcheck(torch.ops.recvae_fast.multinomial_nll.default, (*args, torch.bfloat16))
+
+
 def test_multinomial_nll_autocast_keeps_float64():
     """autocast leaves float64 alone (as torch's own ops do): the op then runs in float64."""
     ratings = random_ratings(5, 40, seed=3)
