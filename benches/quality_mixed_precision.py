@@ -41,12 +41,13 @@ def main() -> None:
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     print(f"# data {args.data}, seeds {args.seeds}; {cpu_flags_text()}")
-    means = {}
-    for precision in PRECISIONS:
-        runs = [test_ndcg(args.data, seed, precision, args.epochs, extra) for seed in args.seeds]
-        for seed, run in zip(args.seeds, runs):
+    ndcg: dict = {precision: [] for precision in PRECISIONS}
+    for seed in args.seeds:  # both precisions per seed, so that a cut-short run still has pairs
+        for precision in PRECISIONS:
+            run = test_ndcg(args.data, seed, precision, args.epochs, extra)
+            ndcg[precision].append(run["ndcg@100"])
             print(f"{precision:>10}  seed {seed}  test NDCG@100 {run['ndcg@100']:.4f}  ({run['wall_s']:.0f} s)", flush=True)
-        means[precision] = sum(r["ndcg@100"] for r in runs) / len(runs)
+    means = {precision: sum(values) / len(values) for precision, values in ndcg.items()}
     print(f"mean test NDCG@100: 32-true {means['32-true']:.4f}, bf16-mixed {means['bf16-mixed']:.4f}, "
           f"difference {means['bf16-mixed'] - means['32-true']:+.4f}")
 
