@@ -46,7 +46,8 @@ def main() -> None:
         for precision in PRECISIONS:
             run = test_ndcg(args.data, seed, precision, args.epochs, extra)
             ndcg[precision].append(run["ndcg@100"])
-            print(f"{precision:>10}  seed {seed}  test NDCG@100 {run['ndcg@100']:.4f}  ({run['wall_s']:.0f} s)", flush=True)
+            print(f"{precision:>10}  seed {seed}  test NDCG@100 {run['ndcg@100']:.4f}  ({run['wall_s']:.0f} s)",
+                  flush=True)
     means = {precision: sum(values) / len(values) for precision, values in ndcg.items()}
     print(f"mean test NDCG@100: 32-true {means['32-true']:.4f}, bf16-mixed {means['bf16-mixed']:.4f}, "
           f"difference {means['bf16-mixed'] - means['32-true']:+.4f}")
