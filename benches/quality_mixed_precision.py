@@ -3,7 +3,7 @@ defaults) per seed and precision, the same seed giving both precisions the same 
 and batches, so that only the arithmetic differs. Prints each run and the means.
 
     python benches/quality_mixed_precision.py                  # embedded synthetic data, seeds 0 1 2
-    python benches/quality_mixed_precision.py ml-100k.inter --seeds 0 1 2 --epochs 20
+    python benches/quality_mixed_precision.py ml-100k.inter --rating-threshold 3.5 --epochs 20 --hidden-dim 64
 """
 from __future__ import annotations
 
@@ -37,10 +37,16 @@ def main() -> None:
     parser.add_argument("data", nargs="?", default="synthetic")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more train flags, after --")
+    parser.add_argument("--hidden-dim", type=int, default=None)
+    parser.add_argument("--latent-dim", type=int, default=None)
+    parser.add_argument("--rating-threshold", type=float, default=None)
     args = parser.parse_args()
-    extra = [a for a in args.extra if a != "--"]
-    print(f"# data {args.data}, seeds {args.seeds}; {cpu_flags_text()}")
+    extra = []
+    for flag in ("hidden_dim", "latent_dim", "rating_threshold"):
+        if getattr(args, flag) is not None:
+            extra += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    print(f"# data {args.data}, seeds {args.seeds}, flags {' '.join(extra) or 'none'}, epochs {args.epochs or 'default'}; "
+          f"{cpu_flags_text()}")
     ndcg: dict = {precision: [] for precision in PRECISIONS}
     for seed in args.seeds:  # both precisions per seed, so that a cut-short run still has pairs
         for precision in PRECISIONS:

@@ -10,9 +10,9 @@ torch.compile and torch.export.
 
 bf16 products are fast only where the hardware multiplies bf16 (CPU: AMX or AVX512-BF16; CUDA:
 tensor cores). Elsewhere torch emulates them, and bf16-mixed is slower than float32: on a 2-core
-AMD EPYC (Zen 3, AVX2 only) benches/bench_mixed_precision.py measured the 20k-item steps at 3-4.5×
-the float32 step's time and scoring at 2.9× (benches/RESULTS.md). `warn_if_slow` says so once per
-process.
+AMD EPYC (Zen 3, AVX2 only) benches/bench_mixed_precision.py measured, on one thread, the 20k-item
+encoder step at 17× the float32 step's time, the decoder step at 5.5× and scoring at 8.8×
+(benches/RESULTS.md). `warn_if_slow` says so once per process.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def warn_if_slow(precision: str, device) -> None:
         warnings.warn(
             f"precision {precision!r} on a CPU without bf16 matrix units (no AMX, no AVX512-BF16; "
             f"{cpu_flags_text()}): torch emulates the bf16 products, so training and scoring run slower than "
-            "'32-true' (3-4.5x the time at 20k items on an AVX2 CPU, benches/RESULTS.md), not faster",
+            "'32-true' (5-17x the time at 20k items on an AVX2 CPU, benches/RESULTS.md), not faster",
             SlowPrecisionWarning, stacklevel=3)
 
 
