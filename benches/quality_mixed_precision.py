@@ -40,9 +40,10 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, default=None)
     parser.add_argument("--latent-dim", type=int, default=None)
     parser.add_argument("--rating-threshold", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None)
     args = parser.parse_args()
     extra = []
-    for flag in ("hidden_dim", "latent_dim", "rating_threshold"):
+    for flag in ("hidden_dim", "latent_dim", "rating_threshold", "lr"):
         if getattr(args, flag) is not None:
             extra += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     print(f"# data {args.data}, seeds {args.seeds}, flags {' '.join(extra) or 'none'}, epochs {args.epochs or 'default'}; "
