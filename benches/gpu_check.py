@@ -19,6 +19,11 @@
    torch.library.triton_op, so Inductor sees the kernels through wrap_triton) compiled with
    fullgraph=True equals eager for the loss and every gradient (float64 and float32), and the
    compiled encoder and decoder steps are timed against eager.
+5. bf16-mixed (torch.autocast with bf16, recvae_fast.precision): RecVAE's loss and every gradient with
+   the Triton ops under autocast against float64, within 3x the reference's own error under the same
+   autocast (+1e-5 of the scale); then the encoder and decoder steps (train_step, 32-true against
+   bf16-mixed, same model and batch) and scoring + masked top-100 (recommend) at 20,108 and
+   1,000,000 items, timed side by side, with their ratios.
 Exits 1 when any correctness check failed (a summary line says which).
 """
 from __future__ import annotations
@@ -256,6 +261,84 @@ def compile_check(tiny: bool) -> list[tuple]:
     return [("compile", all_ok)] + out
 
 
+def _rms_err(got, want) -> float:
+    return (got.double() - want.double()).pow(2).mean().sqrt().item()
+
+
+def mixed_precision_check(tiny: bool) -> list[tuple]:
+    """Part 5: bf16-mixed loss and gradients (Triton ops under autocast) against float64 with the
+    tolerance the reference earns under the same autocast, then step and scoring times, fp32 vs bf16."""
+    from batches import user_item_batch
+
+    from recvae_fast import RecVAE, recommend
+    from recvae_fast.reference import VAE
+    from recvae_fast.training import TrainConfig, make_optimizers, train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_items, n_users, per_user, hidden, latent = (20_108, 500, 75, 600, 200) if not tiny else (97, 9, 5, 16, 8)
+    ratings = user_item_batch(n_users, n_items, per_user)
+    dense = torch.tensor(ratings.toarray(), device=device)
+
+    def loss_and_grads(model, x, autocast, **kwargs):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            (mll, kld), loss = model(x, gamma=0.005, dropout_rate=0.5, **kwargs)
+        loss.backward()
+        grads = {n.replace("weight_t", "weight"): (p.grad.t() if n.endswith("weight_t") else p.grad)
+                 for n, p in model.named_parameters() if p.grad is not None}
+        return {"mll": mll.detach(), "kld": kld.detach(), **grads}
+
+    torch.manual_seed(0)
+    fast = RecVAE(hidden, latent, n_items, impl="triton").to(device).train()
+    ref, ref64 = VAE(hidden, latent, n_items).to(device).train(), VAE(hidden, latent, n_items).double().to(device)
+    ref.load_state_dict(fast.state_dict())
+    ref64.load_state_dict(fast.state_dict())
+    ref64.train()
+    gen = torch.Generator().manual_seed(1)
+    mask = (torch.rand(ratings.shape, generator=gen) >= 0.5).float().to(device)
+    eps = torch.randn(n_users, latent, generator=gen).to(device)
+    batch = fast.as_batch(ratings)
+    keep = mask[batch.row_ids(), batch.indices].bool()
+    got = loss_and_grads(fast, ratings, True, keep_mask=keep, eps=eps)
+    ref_ac = loss_and_grads(ref, dense.float(), True, dropout_mask=mask, eps=eps)
+    exact = loss_and_grads(ref64, dense.double(), False, dropout_mask=mask.double(), eps=eps.double())
+    ok, ratios = got.keys() == exact.keys(), {}
+    for name, want in exact.items():
+        scale = want.abs().max().item() or 1.0
+        err, err_ref = _rms_err(got[name], want), _rms_err(ref_ac[name], want)
+        ok &= got[name].dtype == torch.float32 and err <= 3 * err_ref + 1e-5 * scale
+        ratios[name] = err / max(err_ref, 1e-30)
+    worst = max(ratios, key=ratios.get)
+    out = [("bf16-mixed loss and grads vs float64 (earned bound)", ok, f"{len(exact)} tensors, largest ours/ref "
+            f"error ratio {ratios[worst]:.2f} ({worst})")]
+
+    reps = 3 if tiny else 20
+    for case_items in ((n_items,) if tiny else (n_items, 1_000_000)):
+        case_ratings = ratings if case_items == n_items else user_item_batch(n_users, case_items, per_user)
+        torch.manual_seed(0)
+        model = RecVAE(hidden, latent, case_items, impl="triton").to(device).train()
+        case_batch = model.as_batch(case_ratings)
+        for phase in ("encoder", "decoder"):
+            ms = {}
+            for precision in ("32-true", "bf16-mixed"):
+                cfg = TrainConfig(hidden_dim=hidden, latent_dim=latent, precision=precision, device=str(device))
+                enc_opt, dec_opt = make_optimizers(model, cfg.lr)
+                opt = enc_opt if phase == "encoder" else dec_opt
+                ms[precision] = _median_ms(lambda: train_step(model, case_batch, [opt], cfg, phase), reps, sync)
+            out.append((f"{phase} step at {case_items} items (ms)", f"32-true {ms['32-true']:.2f}",
+                        f"bf16-mixed {ms['bf16-mixed']:.2f}", f"{ms['32-true'] / ms['bf16-mixed']:.2f}x"))
+        model.eval()
+        ms = {p: _median_ms(lambda p=p: recommend(model, case_ratings, k=min(100, case_items), precision=p), reps, sync)
+              for p in ("32-true", "bf16-mixed")}
+        out.append((f"scoring + top-100 at {case_items} items (ms)", f"32-true {ms['32-true']:.2f}",
+                    f"bf16-mixed {ms['bf16-mixed']:.2f}", f"{ms['32-true'] / ms['bf16-mixed']:.2f}x"))
+        del model
+    for row in out:
+        print(" | ".join(str(c) for c in row))
+    return out
+
+
 @contextlib.contextmanager
 def _highest_fp32_precision():
     """fp32 products in full precision for the comparison (tf32 rounding would differ between paths)."""
@@ -283,8 +366,10 @@ def main(tiny: bool = False) -> int:
     model_ok = model_steps(tiny)[0][1]
     print("\n== torch.compile with the Triton ops ==")
     compile_ok = compile_check(tiny)[0][1]
+    print("\n== bf16-mixed ==")
+    mixed_ok = mixed_precision_check(tiny)[0][1]
     verdicts = {"precisions": precision_ok, "multinomial NLL": nll_ok, "sparse input layer": sil_ok,
-                "RecVAE loss": model_ok, "compile": compile_ok}
+                "RecVAE loss": model_ok, "compile": compile_ok, "bf16-mixed": mixed_ok}
     print("\ncorrectness: " + ", ".join(f"{k} {'OK' if v else 'FAILED'}" for k, v in verdicts.items()))
     return 0 if all(verdicts.values()) else 1
 

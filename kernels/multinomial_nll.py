@@ -27,6 +27,9 @@ autograd formula registered on the forward; torch.compile sees the kernels throu
 Gradients are computed only when needed: no A unless z requires grad (and grad mode is on), no
 backward kernel unless Wd or bd needs a gradient, and inside it only dWd and/or dbd.
 
+Under torch.autocast (bf16-mixed, recvae_fast.precision) the forward op runs on bf16 copies of
+z, Wd and bd with fp32 LSE, NLL and gradients (`_nll_autocast`, registered for the autocast keys).
+
 Precision: fp32 inputs follow torch.get_float32_matmul_precision(): "highest" → tl.dot with
 input_precision="ieee" (exact fp32 products, FMA units), "high"/"medium" → tf32. bf16/fp16 use
 tensor cores with fp32 accumulation, fp32 LSE and fp32 partials; fp64 computes in fp64.
@@ -53,6 +56,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+
+from recvae_fast.precision import autocast_product_dtype, register_autocast_kernel
 
 from ._common import INTERPRET, SUPPORTED_DTYPES, acc_dtypes, check_batch, check_runs_here, on_device, size_bucket
 from ._common import config as _common_config
@@ -653,6 +658,27 @@ def _parts_backward(ctx, grad_lse, grad_x_logit, *_unused):
 
 multinomial_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup_context)
 multinomial_nll_parts_op.register_autograd(_parts_backward, setup_context=_parts_setup_context)
+
+
+def _nll_autocast(device_type, z, weight, bias, indptr, indices, values, want_dz, prec):
+    """recvae_fast::triton_multinomial_nll under autocast (bf16-mixed): the kernels run on bf16
+    copies of z, Wd and bd (tensor cores, fp32 accumulation), through the parts op, whose LSE and
+    Σ x·logit come back in fp32, so the NLL n·LSE − Σ x·logit is formed in fp32; the casts are
+    differentiable, so z, Wd and bd get fp32 gradients. float64 inputs run as they are."""
+    dtype = autocast_product_dtype(device_type)
+    tensors = (z, weight) + ((bias,) if bias is not None else ())
+    if dtype is None or any(t.dtype == torch.float64 for t in tensors):
+        return multinomial_nll_op(z, weight, bias, indptr, indices, values, want_dz, prec)
+    low_bias = bias.to(dtype) if bias is not None else None
+    lse, x_logit, _, _ = multinomial_nll_parts_op(z.to(dtype), weight.to(dtype), low_bias, indptr, indices, values,
+                                                  want_dz, _dot_precision(dtype))
+    rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), indptr[1:] - indptr[:-1],
+                                   output_size=indices.shape[0])
+    n = torch.zeros_like(lse).index_add_(0, rows, values.to(lse.dtype))
+    return n * lse - x_logit, lse.detach(), n, lse.new_empty(0, z.shape[1])
+
+
+register_autocast_kernel("recvae_fast::triton_multinomial_nll", _nll_autocast)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from . import data as data_mod
 from .atomic import atomic_write, atomic_write_text
 from .inference import evaluate, recommend
 from .metrics import PAPER_METRICS, metric_cutoffs, popularity_baseline
+from .precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from .runfolder import (
     CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
     RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
@@ -68,7 +69,7 @@ HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_si
                "epochs": "n_epochs", "n_enc_epochs": "n_enc_epochs", "n_dec_epochs": "n_dec_epochs", "lr": "lr",
                "gamma": "gamma", "beta": "beta", "dropout_rate": "dropout_rate",
                "not_alternating": "not_alternating", "fc1_grad": "sparse_fc1_grad", "seed": "seed",
-               "device": "device"}
+               "device": "device", "precision": "precision"}
 
 
 class UsageError(Exception):
@@ -170,6 +171,7 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
     except (KeyError, TypeError, ValueError):
         raise RunFolderError(f"{out / RUN_NAME} lacks source, data or config") from None
     options.setdefault("min_users_per_item", 0)  # a run.json written before the flag existed kept every item
+    config.setdefault("precision", DEFAULT_PRECISION)  # a run.json written before the flag existed ran in float32
     unknown = (set(options) - set(DATA_OPTIONS)) | (set(config) - set(TrainConfig.__dataclass_fields__))
     if unknown or options.get("min_items") is None:
         raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
@@ -318,7 +320,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
         save_tensors(model.state_dict(), out / MODEL_NAME)
         # The test metrics at the popularity baseline's cut-offs (the table shows the paper's unless --topk).
         test = evaluate(model, split.test_in, split.test_out, batch_size=_eval_batch_size(args),
-                        ks=metric_cutoffs(args.topk))
+                        ks=metric_cutoffs(args.topk), precision=cfg.precision)
         summary = _summary(source, cfg, split, history, test, t0, ks=args.topk)
         write_json(out / SUMMARY_NAME, summary, indent=2)
     return summary
@@ -445,13 +447,25 @@ def _load_run(run_dir: str):
     return trained.folder, trained.model, trained.items, trained.description
 
 
+def _scoring_precision(args, description: dict) -> str:
+    """--precision, or the precision the run was trained in (run.json), or float32."""
+    if args.precision is not None:
+        return args.precision
+    config = description.get("config")
+    saved = config.get("precision", DEFAULT_PRECISION) if isinstance(config, dict) else DEFAULT_PRECISION
+    if saved not in PRECISIONS:
+        raise RunFolderError(f"run.json names an unknown precision {saved!r}")
+    return saved
+
+
 def cmd_evaluate(args) -> dict:
     run, model, _, description = _load_run(args.run)
     split = data_mod.Split.load(run)  # validated: array kinds, CSR structure, ids (DataError naming the file)
     if split.n_items != model.input_dim:
         raise RunFolderError(f"{run / SPLIT_NAME} has {split.n_items} items, {run / MODEL_NAME} {model.input_dim}")
     fold_in, heldout = (split.test_in, split.test_out) if args.split == "test" else (split.valid_in, split.valid_out)
-    return {args.split: evaluate(model, fold_in, heldout, batch_size=_eval_batch_size(args), ks=args.topk)}
+    return {args.split: evaluate(model, fold_in, heldout, batch_size=_eval_batch_size(args), ks=args.topk,
+                                 precision=_scoring_precision(args, description))}
 
 
 def _check_output(output: Path, inputs: list[Path]) -> None:
@@ -462,7 +476,8 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
             raise UsageError(f"--output {output} would overwrite an input ({path})")
 
 
-def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, chunk_users: int = 500):
+def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, chunk_users: int = 500,
+                     precision: str = DEFAULT_PRECISION):
     """recommend() on `inputs` with every item of `seen` excluded (seen ⊇ inputs' items): each chunk
     of users asks for k + its largest count of seen-but-not-input items, which are then dropped."""
     n_users, n_items = inputs.shape
@@ -474,7 +489,7 @@ def _top_k_excluding(model, inputs: sp.csr_matrix, seen: sp.csr_matrix, k: int, 
     for start in range(0, n_users, chunk_users):
         rows = slice(start, min(start + chunk_users, n_users))
         fetch = min(n_items, k + int(extra_counts[rows].max(initial=0)))
-        top = recommend(model, inputs[rows], k=fetch, exclude_seen=True, batch_size=chunk_users)
+        top = recommend(model, inputs[rows], k=fetch, exclude_seen=True, batch_size=chunk_users, precision=precision)
         chunk_seen = seen[rows]
         for r in range(top.items.shape[0]):
             own = set(chunk_seen.indices[chunk_seen.indptr[r] : chunk_seen.indptr[r + 1]].tolist())
@@ -568,10 +583,13 @@ def cmd_recommend(args) -> dict:
         rows = _check_histories(inputs, user_ids, counts, args.skip_users_without_items)
         if rows.size < len(user_ids):
             inputs, seen, user_ids = inputs[rows], seen[rows], [user_ids[r] for r in rows]
+    precision = _scoring_precision(args, description)
     if args.include_seen:
-        scores, ids = recommend(model, inputs, k=args.k, exclude_seen=False, batch_size=_eval_batch_size(args))
+        scores, ids = recommend(model, inputs, k=args.k, exclude_seen=False, batch_size=_eval_batch_size(args),
+                                precision=precision)
     else:
-        scores, ids = _top_k_excluding(model, inputs, seen, args.k, chunk_users=_eval_batch_size(args))
+        scores, ids = _top_k_excluding(model, inputs, seen, args.k, chunk_users=_eval_batch_size(args),
+                                       precision=precision)
 
     item_ids = items.to_list()
 
@@ -609,16 +627,17 @@ def cmd_report(args) -> dict:
 def cmd_export(args) -> dict:
     from .export import export_scorer
 
-    run, model, items, _ = _load_run(args.run)
+    run, model, items, description = _load_run(args.run)
     if args.k > len(items):
         raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
+    precision = _scoring_precision(args, description)
     output = Path(args.output)
     _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
                                                    CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)])
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.parent} does not exist")
-    export_scorer(model, output, k=args.k)
-    return {"output": str(output), "k": args.k, "items": len(items),
+    export_scorer(model, output, k=args.k, precision=precision)
+    return {"output": str(output), "k": args.k, "items": len(items), "precision": precision,
             "note": "columns are the run's items.json positions; load with recvae_fast.export.load_scorer "
                     "or torch.export.load"}
 
@@ -693,6 +712,14 @@ def _add_data_options(p: argparse.ArgumentParser, *, detected: str = "detected",
     p.add_argument("--data-seed", type=int, default=None, help="seed of the synthetic dataset (default: 0)")
 
 
+def _add_precision_option(p: argparse.ArgumentParser, default_text: str) -> None:
+    # Checked by _check_common_options (one line listing the choices), not by argparse's choices.
+    p.add_argument("--precision", default=None, metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="32-true (float32) or bf16-mixed (bf16 products with float32 accumulation, float32 "
+                        "softmax, KL, LayerNorm statistics, weights and optimiser; fast only with AMX, "
+                        f"AVX512-BF16 or a GPU's tensor cores, slower elsewhere) (default: {default_text})")
+
+
 def _add_evaluation_options(p: argparse.ArgumentParser, *, topk: bool = True) -> None:
     if topk:
         p.add_argument("--topk", default=None, metavar="K[,K...]",
@@ -757,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "row-sparse on the CPU for large catalogues (default: auto)")
     p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default: {d.seed})")
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default: {d.device})")
+    _add_precision_option(p, f"{d.precision}, or with --resume the run's own")
     p.add_argument("--patience", type=int, default=None,
                    help="stop when validation NDCG@100 has not improved for this many epochs (default: off)")
     _add_evaluation_options(p)
@@ -779,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by train")
     p.add_argument("--split", choices=["test", "valid"], default="test", help="the users to score")
     _add_evaluation_options(p)
+    _add_precision_option(p, "the run's own")
     p.set_defaults(run_command=cmd_evaluate)
 
     p = add_command("recommend", "top-k items per user to CSV, with original ids: for the users of a file "
@@ -802,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out (and count) the users left with no item the model knows, instead of refusing "
                         "the file")
     _add_evaluation_options(p, topk=False)
+    _add_precision_option(p, "the run's own")
     p.set_defaults(run_command=cmd_recommend)
 
     p = add_command("report", "report.png (validation metrics and losses per epoch) and report.md in RUN")
@@ -812,6 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by train")
     p.add_argument("--output", required=True, help="the .pt2 file to write (its folder must exist)")
     p.add_argument("--k", type=int, default=100, help="items returned per user")
+    _add_precision_option(p, "the run's own")
     p.set_defaults(run_command=cmd_export)
 
     p = add_command("tune", "search hyperparameters with Optuna on one stored split (validation users), then train "
@@ -830,13 +861,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(p)
     p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default: {d.seed})")
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default: {d.device})")
+    _add_precision_option(p, d.precision)
     _add_evaluation_options(p, topk=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per trial still")
     p.add_argument("--json", action="store_true", help="print tune.json's content instead of the tables")
     # train's other flags, unset: the run folder code of train reads them. A hyperparameter flag of
-    # train added here (as --seed and --device are) reaches every trial through _new_run_settings.
+    # train added here (as --seed, --device and --precision are) reaches every trial through _new_run_settings.
     p.set_defaults(run_command=cmd_tune, render=_render_tune, patience=None, topk=None,
-                   **{flag: None for flag in HYPER_FLAGS if flag not in ("seed", "device")})
+                   **{flag: None for flag in HYPER_FLAGS if flag not in ("seed", "device", "precision")})
     return parser
 
 
@@ -861,6 +893,11 @@ def _check_common_options(args) -> None:
             raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
     if getattr(args, "topk", None) is not None:
         args.topk = _parse_topk(args.topk)
+    if getattr(args, "precision", None) is not None:
+        try:
+            check_precision(args.precision)
+        except ValueError as exc:
+            raise UsageError(f"--precision: {exc}") from None
 
 
 def _eval_batch_size(args) -> int:

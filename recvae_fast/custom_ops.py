@@ -9,10 +9,12 @@ a batch is passed as (indptr, indices, values).
         bias + Σ_{i∈nz(u)} coef_ui·weight_t[i]; differentiable in coef, weight_t and bias
         (sparse_grad=True: weight_t's gradient is a sparse COO tensor of the batch's rows).
     recvae_fast::multinomial_nll(z, weight, bias, indptr, indices, values, item_block,
-                                 want_grad_z, keep_probs) -> (nll, lse, dz_per_g, kept, kept_max, block_used)
+                                 want_grad_z, keep_probs, product_dtype)
+                                 -> (nll, lse, dz_per_g, kept, kept_max, block_used)
         −mll per user over cache-sized item blocks (recvae_fast.torch_ops.nll_forward; item_block 0:
         the machine's rule, decided when the op runs); only nll is differentiable (in z, weight,
-        bias), the rest is what its backward needs.
+        bias), the rest is what its backward needs. product_dtype (None, or bf16 under autocast):
+        the dtype of the products' operands; everything else stays in the inputs' dtype.
     recvae_fast::multinomial_nll_decoder_backward(...) -> (grad_weight, grad_bias)
         that backward's decoder part, one op so that its block loop stays out of traced graphs.
     recvae_fast::csr_row_sums(indptr, cols, weights, table, recycle_key, num_threads) -> out
@@ -39,6 +41,11 @@ a batch is passed as (indptr, indices, values).
         csrc/composite_prior_kl.cpp), and with keep_slope the slope and dz its written-out
         gradients need (recvae_fast.model._KLPerUser); no autograd of its own.
 
+Under torch.autocast (recvae_fast.precision): multinomial_nll runs its products with the autocast
+dtype's operands (product_dtype) on float32 inputs; every other op widens bf16/fp16 inputs to
+float32 and computes in float32 (LayerNorm statistics, KL, row sums, top-k state), as declared
+with recvae_fast.precision.register_autocast_kernel, which torch.compile and torch.export follow.
+
 These are the "torch" and "cpp" implementations (recvae_fast.ops). The Triton implementations are
 registered with torch.library.triton_op in their own files in kernels/ (recvae_fast::triton_*).
 
@@ -53,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import autocast_product_dtype, register_autocast_kernel, register_float32_autocast, widen_low
 from .torch_ops import kept_max_rows, nll_decoder_grads, nll_forward
 from .workspace import recycled_empty
 
@@ -138,13 +146,13 @@ sparse_input_layer.register_autograd(_sparse_input_layer_backward, setup_context
 @torch.library.custom_op("recvae_fast::multinomial_nll", mutates_args=())
 def multinomial_nll(
     z: Tensor, weight: Tensor, bias: Tensor, indptr: Tensor, indices: Tensor, values: Tensor,
-    item_block: int, want_grad_z: bool, keep_probs: bool,
+    item_block: int, want_grad_z: bool, keep_probs: bool, product_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return nll_forward(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs)
+    return nll_forward(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs, product_dtype)
 
 
 @multinomial_nll.register_fake
-def _(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs):
+def _(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs, product_dtype=None):
     n_users, n_items = z.shape[0], weight.shape[0]
     return (
         z.new_empty(n_users),
@@ -159,13 +167,14 @@ def _(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_pr
 @torch.library.custom_op("recvae_fast::multinomial_nll_decoder_backward", mutates_args=())
 def multinomial_nll_decoder_backward(
     grad_nll: Tensor, z: Tensor, weight: Tensor, bias: Tensor, indptr: Tensor, indices: Tensor, values: Tensor,
-    lse: Tensor, kept: Tensor, kept_max: Tensor, block_used: Tensor,
+    lse: Tensor, kept: Tensor, kept_max: Tensor, block_used: Tensor, product_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used)
+    return nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used,
+                             product_dtype)
 
 
 @multinomial_nll_decoder_backward.register_fake
-def _(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used):
+def _(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used, product_dtype=None):
     return torch.empty_like(weight), torch.empty_like(bias)
 
 
@@ -175,6 +184,7 @@ def _multinomial_nll_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, dz_per_g, kept, kept_max, block_used)
     ctx.set_materialize_grads(False)  # else autograd zero-fills a B × I "gradient" for kept, never read
     ctx.save_for_backward(z, weight, bias, indptr, indices, values, lse, dz_per_g, kept, kept_max, block_used)
+    ctx.product_dtype = inputs[9] if len(inputs) > 9 else None
 
 
 def _multinomial_nll_backward(ctx, grad_nll, *_unused):
@@ -182,22 +192,39 @@ def _multinomial_nll_backward(ctx, grad_nll, *_unused):
     need_z, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_z = grad_weight = grad_bias = None
     if grad_nll is None:  # nll was not used in the loss (grads are not materialised)
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     if need_z:
         if dz_per_g.numel() != z.numel():
             raise RuntimeError("recvae_fast::multinomial_nll: z needs a gradient but ran with want_grad_z=False")
         grad_z = grad_nll[:, None] * dz_per_g
     if need_weight or need_bias:
         grad_weight, grad_bias = multinomial_nll_decoder_backward(
-            grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used
+            grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used, ctx.product_dtype
         )
     return (
         grad_z, grad_weight if need_weight else None, grad_bias if need_bias else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )
 
 
 multinomial_nll.register_autograd(_multinomial_nll_backward, setup_context=_multinomial_nll_setup)
+
+
+def _multinomial_nll_autocast(device_type, z, weight, bias, indptr, indices, values, item_block, want_grad_z,
+                              keep_probs, product_dtype=None):
+    """Under autocast: bf16/fp16 inputs widened to float32, and the products' operands in the
+    autocast dtype (LSE, softmax and the gradients' sums stay float32). float64 stays float64,
+    products included: autocast leaves float64 alone."""
+    z, weight, bias, values = widen_low((z, weight, bias, values))
+    if product_dtype is None and z.dtype == torch.float32:
+        product_dtype = autocast_product_dtype(device_type)
+    return multinomial_nll(z, weight, bias, indptr, indices, values, item_block, want_grad_z, keep_probs,
+                           product_dtype)
+
+
+register_autocast_kernel("recvae_fast::multinomial_nll", _multinomial_nll_autocast)
+register_float32_autocast("recvae_fast::multinomial_nll_decoder_backward")
+register_float32_autocast("recvae_fast::sparse_input_layer")
 
 # ----------------------------------------------------------------------------- C++ ops
 
@@ -349,6 +376,9 @@ def _swish_layer_norm_backward(ctx, grad_y, *_unused):
 
 
 swish_layer_norm.register_autograd(_swish_layer_norm_backward, setup_context=_swish_layer_norm_setup)
+# LayerNorm's statistics in float32: a bf16 product's output (the linear layer before it) is widened.
+register_float32_autocast("recvae_fast::swish_layer_norm", ("cpu",))
+register_float32_autocast("recvae_fast::swish_layer_norm_backward", ("cpu",))
 
 
 @torch.library.custom_op("recvae_fast::composite_prior_kl", mutates_args=(), device_types="cpu")
@@ -379,3 +409,7 @@ def composite_prior_kl(
 def _(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, keep_slope):
     kept = mu.shape if keep_slope else (0,)
     return mu.new_empty(mu.shape[0]), mu.new_empty(kept), mu.new_empty(kept)
+
+
+register_float32_autocast("recvae_fast::composite_prior_kl", ("cpu",))
+register_float32_autocast("recvae_fast::csr_row_sums", ("cpu",))

@@ -13,6 +13,10 @@ fold-in z = mu(x), scores = z·Wdᵀ + bd, the user's own items (every stored en
 excluded, and the best k items, best first, ties to the lower item index, padded with −1 / −inf
 when a user has fewer than k eligible items. It returns (scores float32 B × k, items int64 B × k).
 
+With precision "bf16-mixed" the program runs the encoder under torch.autocast (bf16 products,
+float32 LayerNorm) and scores with bf16 operands (the decoder's weight is stored in bf16), the
+top-k exact on the float32 scores that product gives, as `recommend(..., precision="bf16-mixed")`.
+
 The program does not check its input (a standalone graph cannot raise a readable error): indices
 must lie in [0, n_items), values be finite and >= 0. `load_scorer` returns a wrapper that checks
 scipy input as `recommend` does before calling the program.
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as precision_mod
 from .model import Encoder
 from .atomic import atomic_write
 from .topk import TopK, check_k
@@ -58,8 +63,9 @@ class FoldInScorer(nn.Module):
     Built from a RecVAE state_dict (the authors' keys), so it depends only on the stored weights.
     """
 
-    def __init__(self, state_dict: dict, k: int):
+    def __init__(self, state_dict: dict, k: int, product_dtype: torch.dtype | None = None):
         super().__init__()
+        self.product_dtype = product_dtype
         hidden_dim, n_items = state_dict["encoder.fc1.weight"].shape
         latent_dim = state_dict["encoder.fc_mu.weight"].shape[0]
         self.k = k
@@ -76,7 +82,8 @@ class FoldInScorer(nn.Module):
             if name.startswith("encoder.") and not name.startswith("encoder.fc1.")
         })
         self.layers.requires_grad_(False)
-        self.register_buffer("decoder_weight", state_dict["decoder.weight"].clone())
+        decoder_weight = state_dict["decoder.weight"]
+        self.register_buffer("decoder_weight", decoder_weight.to(product_dtype or decoder_weight.dtype, copy=True))
         self.register_buffer("decoder_bias", state_dict["decoder.bias"].clone())
 
     def forward(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
@@ -95,8 +102,13 @@ class FoldInScorer(nn.Module):
         coef = values / norm[row_of]
         h1_pre = F.embedding_bag(indices, self.fc1_weight_t, indptr, mode="sum", per_sample_weights=coef,
                                  include_last_offset=True) + self.fc1_bias
-        mu, _ = self.layers(h1_pre, 0.0)
-        scores = torch.addmm(self.decoder_bias, mu, self.decoder_weight.t()).float()
+        if self.product_dtype is None:
+            mu, _ = self.layers(h1_pre, 0.0)
+            scores = torch.addmm(self.decoder_bias, mu, self.decoder_weight.t()).float()
+        else:
+            with torch.autocast("cpu", dtype=self.product_dtype):
+                mu, _ = self.layers(h1_pre, 0.0)
+            scores = torch.mm(mu.to(self.product_dtype), self.decoder_weight.t()).float() + self.decoder_bias
         ineligible = (copies > 0) | torch.isnan(scores)
         return masked_topk(scores, ineligible, self.k)
 
@@ -165,16 +177,21 @@ def _weights_only_loads():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def export_scorer(model, path: str | os.PathLike, k: int = 100) -> torch.export.ExportedProgram:
+def export_scorer(model, path: str | os.PathLike, k: int = 100,
+                  precision: str = precision_mod.DEFAULT_PRECISION) -> torch.export.ExportedProgram:
     """Write the scoring path of `model` (a RecVAE, or anything with its state_dict) to `path`
-    (.pt2, atomically) as a torch.export program with a dynamic batch; returns the program."""
+    (.pt2, atomically) as a torch.export program with a dynamic batch; returns the program.
+    precision: "32-true" or "bf16-mixed" (see the module docstring)."""
+    product_dtype = precision_mod.autocast_dtype(precision)
     state_dict = {name: value.detach().cpu() for name, value in model.state_dict().items()}
     if "decoder.weight" not in state_dict or "encoder.fc1.weight" not in state_dict:
         raise ValueError("model must be a RecVAE (its state_dict has no decoder.weight / encoder.fc1.weight)")
     n_items = state_dict["decoder.weight"].shape[0]
     k = _check_k(k, n_items)
-    scorer = FoldInScorer(state_dict, k).eval()
     dtype = state_dict["decoder.weight"].dtype
+    if product_dtype is not None and dtype != torch.float32:
+        raise ValueError(f"precision {precision!r} needs a float32 model, got {dtype}")
+    scorer = FoldInScorer(state_dict, k, product_dtype).eval()
     # Sample batch: 3 users, one of them empty (sizes 0 and 1 would be specialised).
     sample = (torch.tensor([0, 2, 2, 4]), torch.tensor([0, n_items - 1, 0, n_items - 1]), torch.ones(4, dtype=dtype))
     users, nonzeros = torch.export.Dim("users", min=0), torch.export.Dim("nonzeros", min=0)
@@ -182,11 +199,14 @@ def export_scorer(model, path: str | os.PathLike, k: int = 100) -> torch.export.
     # which export would otherwise exclude by a guard.
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+    # The program's precision is `precision` alone: a caller's autocast region is switched off
+    # while tracing (the bf16 scorer opens its own, inside its forward).
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), torch.autocast("cpu", enabled=False):
         program = torch.export.export(
             scorer, sample, dynamic_shapes=({0: users + 1}, {0: nonzeros}, {0: nonzeros}), strict=False
         )
-    metadata = {"format": SCORER_FORMAT, "k": k, "n_items": n_items, "dtype": str(dtype).removeprefix("torch.")}
+    metadata = {"format": SCORER_FORMAT, "k": k, "n_items": n_items, "dtype": str(dtype).removeprefix("torch."),
+                "precision": precision}
     path = Path(path)
     atomic_write(path, lambda f: torch.export.save(program, f, extra_files={METADATA_FILE: json.dumps(metadata)}))
     return program

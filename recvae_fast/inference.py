@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from . import precision as precision_mod
 from .metrics import metric_cutoffs, metrics_at
 from .model import RecVAE
 from .scoring import blocked_topk
@@ -38,6 +39,7 @@ def recommend(
     k: int = 100,
     exclude_seen: bool = True,
     batch_size: int = 500,
+    precision: str = precision_mod.DEFAULT_PRECISION,
 ) -> TopK:
     """Top-k items per user (rows of `interactions`, a users × items scipy matrix).
 
@@ -46,10 +48,15 @@ def recommend(
     are never returned; a user with fewer than k eligible items gets −inf / −1 padding.
     A ShardedRecVAE (from fit in a process group) is scored on every rank of its group, which all
     pass the same users and all get the whole result (recvae_fast.distributed.recommend_sharded).
+    precision: "32-true" or "bf16-mixed" (recvae_fast.precision: the encoder under autocast, the
+    scores' products with bf16 operands, the top-k exact on the float32 scores they give).
     """
+    product_dtype = precision_mod.autocast_dtype(precision)
     if not isinstance(model, RecVAE) and _is_sharded(model):
         from .distributed import recommend_sharded
 
+        if product_dtype is not None:
+            raise ValueError("precision 'bf16-mixed' is not supported for an item-sharded model; use '32-true'")
         return recommend_sharded(model, interactions, k, exclude_seen, batch_size)
     n_items = model.input_dim
     k = check_k(k)
@@ -61,15 +68,20 @@ def recommend(
     was_training = model.training
     model.eval()
     weight, bias = model.decoder.weight, model.decoder.bias
+    if product_dtype is not None and weight.dtype != torch.float32:
+        raise ValueError(f"precision {precision!r} needs a float32 model, got {weight.dtype}")
+    if product_dtype is not None:
+        precision_mod.warn_if_slow(precision, weight.device)
     item_chunk = max(1, min(n_items, SCORES_PER_BLOCK // max(1, batch_size)))
     out_ids = np.empty((n_users, k), dtype=np.int64)
     out_scores = np.empty((n_users, k), dtype=np.float32)
     try:
         for start in range(0, n_users, batch_size):
             rows = interactions[start : start + batch_size]
-            mu, _ = model.encode(rows)
+            with precision_mod.autocast(precision, weight.device):
+                mu, _ = model.encode(rows)
             seen = rows if exclude_seen else sp.csr_matrix(rows.shape, dtype=np.float32)
-            scores, ids = _topk_of_scores(mu, weight, bias, seen, k, item_chunk)
+            scores, ids = _topk_of_scores(mu, weight, bias, seen, k, item_chunk, product_dtype)
             out_ids[start : start + len(ids)] = ids
             out_scores[start : start + len(ids)] = scores
     finally:
@@ -77,17 +89,25 @@ def recommend(
     return TopK(out_scores, out_ids)
 
 
-def _topk_of_scores(mu, weight, bias, seen: sp.csr_matrix, k: int, item_chunk: int):
+def _scores(mu, weight, bias, product_dtype):
+    """mu·weightᵀ + bias, the product's operands in product_dtype when given (float32 result)."""
+    if product_dtype is None:
+        return torch.addmm(bias, mu, weight.t())
+    return precision_mod.lowp_mm(mu, weight.t(), product_dtype).add_(bias)
+
+
+def _topk_of_scores(mu, weight, bias, seen: sp.csr_matrix, k: int, item_chunk: int, product_dtype=None):
     """Masked top-k of mu·Wdᵀ + bd, in item chunks when the block would be too large (any device)."""
     if mu.device.type == "cpu":  # score cache-sized blocks, each merged into the top-k while in cache
-        return tuple(blocked_topk(mu, weight, bias, seen, k))
+        return tuple(blocked_topk(mu, weight, bias, seen, k, product_dtype=product_dtype))
     n_items = weight.shape[0]
     if item_chunk >= n_items:
-        scores, ids = topk_masked(torch.addmm(bias, mu, weight.t()).float(), seen, k)
+        scores, ids = topk_masked(_scores(mu, weight, bias, product_dtype).float(), seen, k)
     else:
         acc = TopKAccumulator(mu.shape[0], k, n_items=n_items, seen=seen)
         for offset in range(0, n_items, item_chunk):
-            block = torch.addmm(bias[offset : offset + item_chunk], mu, weight[offset : offset + item_chunk].t())
+            chunk = slice(offset, offset + item_chunk)
+            block = _scores(mu, weight[chunk], bias[chunk], product_dtype)
             acc.push(block.float(), offset)
         scores, ids = acc.result()
     return torch.as_tensor(scores).float().cpu().numpy(), torch.as_tensor(ids).cpu().numpy()
@@ -99,6 +119,7 @@ def evaluate(
     heldout,
     batch_size: int = 500,
     ks=None,
+    precision: str = precision_mod.DEFAULT_PRECISION,
 ) -> dict:
     """Strong-generalisation metrics: {"ndcg@100", "recall@20", "recall@50", "n_users"}, or with
     `ks` (metric cut-offs) "ndcg@k" and "recall@k" for every k in ks, then "n_users".
@@ -106,8 +127,12 @@ def evaluate(
     Users are scored from their fold-in items, which are excluded from the ranking; users with
     no held-out items are skipped (and not counted in n_users). A ShardedRecVAE is evaluated on
     every rank of its group, each getting the metrics (recvae_fast.distributed.evaluate_sharded).
+    precision: as in `recommend`.
     """
+    precision_mod.check_precision(precision)
     if not isinstance(model, RecVAE) and _is_sharded(model):
+        if precision != precision_mod.DEFAULT_PRECISION:
+            raise ValueError("precision 'bf16-mixed' is not supported for an item-sharded model; use '32-true'")
         from .distributed import evaluate_sharded
 
         return evaluate_sharded(model, fold_in, heldout, batch_size, ks)
@@ -118,7 +143,8 @@ def evaluate(
     heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ranked = recommend(model, fold_in, k=min(deepest, n_items), exclude_seen=True, batch_size=batch_size).items
+    ranked = recommend(model, fold_in, k=min(deepest, n_items), exclude_seen=True, batch_size=batch_size,
+                       precision=precision).items
     metrics = metrics_at(ranked, heldout, ks)
     if metrics["n_users"] == 0:
         raise ValueError("no user has held-out items: nothing to evaluate")

@@ -228,7 +228,9 @@ class Encoder(nn.Module):
             h = swish_layer_norm(h, getattr(self, f"ln{k}"), getattr(self, f"fc{k}"), earlier_sum, allow_fused=fused)
             if k < self.N_LAYERS:
                 earlier_sum = earlier_sum + h
-        return self.fc_mu(h), self.fc_logvar(h)
+        # Under autocast the heads' products come out in bf16: the posterior goes on in h's dtype
+        # (float32), since the KL terms and the reparameterisation must not run in bf16.
+        return self.fc_mu(h).to(h.dtype), self.fc_logvar(h).to(h.dtype)
 
 
 class CompositePrior(nn.Module):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .cache_blocks import item_block_size
+from .precision import lowp_mm
 from .topk import TopK, _check_threads, _ext, _seen_csr, check_k
 
 # The merge into the running top-k costs a small fixed amount per row and block, so scoring blocks
@@ -34,12 +35,15 @@ def blocked_topk(
     *,
     item_block: int | None = None,
     num_threads: int | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> TopK:
     """The best k unseen items of mu·weightᵀ + bias per row (CPU tensors): TopK(float32 numpy B × k,
     int64 numpy B × k), best first, ties to the lower item index, padded with -inf / -1.
 
     seen: any form `topk_masked` accepts (B rows, catalogue columns). item_block: items per block
-    (default: scoring_block_size)."""
+    (default: scoring_block_size). product_dtype (bf16 for bf16-mixed, float32 mu and weight): the
+    product's operands in it, its result widened to float32 before the bias and the top-k, which
+    is exact on those scores."""
     k = check_k(k)
     for name, t in (("mu", mu), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
@@ -51,6 +55,8 @@ def blocked_topk(
         )
     if not (mu.dtype == weight.dtype == bias.dtype):
         raise TypeError(f"mu, weight and bias must share one dtype, got {mu.dtype}, {weight.dtype}, {bias.dtype}")
+    if product_dtype is not None and mu.dtype != torch.float32:
+        raise TypeError(f"product_dtype needs float32 mu, weight and bias, got {mu.dtype}")
     block = scoring_block_size(n_rows) if item_block is None else int(item_block)
     if block < 1:
         raise ValueError(f"item_block must be >= 1, got {block}")
@@ -63,9 +69,14 @@ def blocked_topk(
     # float32: the top-k adds the bias as it reads each score (one pass over the block fewer than
     # addmm's copy of the bias into it); other dtypes are rounded to float32 after the bias.
     bias32 = bias.detach().contiguous().numpy() if mu.dtype == torch.float32 else None
+    mu_prod = mu if product_dtype is None else mu.to(product_dtype)
     for start in range(0, n_items, block):
         stop = min(n_items, start + block)
         out = scores[:, : stop - start] if stop - start == scores.shape[1] else scores.new_empty(n_rows, stop - start)
+        if product_dtype is not None:
+            lowp_mm(mu_prod, weight[start:stop].t(), product_dtype, out=out)
+            state.push(out.numpy(), "float32", start, indptr, indices, threads, bias32[start:stop])
+            continue
         if bias32 is not None:
             torch.mm(mu, weight[start:stop].t(), out=out)
             state.push(out.numpy(), "float32", start, indptr, indices, threads, bias32[start:stop])

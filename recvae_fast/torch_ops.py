@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache_blocks import _MIN_BLOCK, nll_block_size
+from .precision import lowp_mm
 from .sparse import CSRBatch
 from .workspace import recycled_empty
 
@@ -108,7 +109,16 @@ def _unvisited(cursor, batch: CSRBatch, dtype) -> tuple[torch.Tensor, torch.Tens
     return row_ids[left], batch.indices[left], batch.values[left].to(dtype)
 
 
-def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_grad_z: bool, keep_probs: bool):
+def _mm_into(out, a, b, product_dtype):
+    """out = a @ b, with operands in product_dtype when given (bf16 under autocast; out keeps its
+    dtype, float32), else in their own dtype."""
+    if product_dtype is None:
+        return torch.mm(a, b, out=out)
+    return lowp_mm(a, b, product_dtype, out=out)
+
+
+def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_grad_z: bool, keep_probs: bool,
+                product_dtype: torch.dtype | None = None):
     """The blocked NLL's forward: (nll [B], lse [B], dz_per_g, kept, kept_max, block_used).
 
     item_block items per block (MACHINE_ITEM_BLOCK: the machine's rule, decided here, so a
@@ -122,6 +132,8 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
       is kept for backward: `kept` holds the blocks one after another, block k as a contiguous
       B × width matrix (B × I values in all), kept_max [kept_max_rows, B] the m of each (rows past
       the last block unused). Else both empty.
+    - product_dtype (bf16 under autocast): the logits and P·Wd products take operands in it (z and
+      Wd cast once per call) and give z's dtype; the max, exp, sums and outputs stay in z's dtype.
     """
     batch = _batch_of(indptr, indices, values, weight.shape[0])
     n_users, n_items = z.shape[0], weight.shape[0]
@@ -131,6 +143,7 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     rescale = torch.empty_like(run_sum)
     expected_w = torch.zeros_like(z) if want_grad_z else z.new_empty(0)
     fused = _nll_blocks_extension(z)  # the per-block step in C++ (CPU), else torch ops
+    z_prod, w_prod = (z, weight) if product_dtype is None else (z.to(product_dtype), weight.to(product_dtype))
     if fused is not None:  # numpy views made once: a conversion per block costs microseconds each
         targets = torch.zeros_like(run_sum)  # Σ_i x_ui·logit_ui, gathered from each block's logits
         cursor, _cursor_arrays = _csr_cursor(fused, indptr, indices, values, z.dtype)
@@ -142,7 +155,7 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
         kept, logits_buffer = z.new_empty(0), z.new_empty(n_users * min(block, n_items))
     kept_max = z.new_zeros((kept_max_rows(n_items, item_block), n_users) if keep_probs else 0)
     for k, start in enumerate(range(0, n_items, block)):
-        w_block = weight[start : start + block]
+        w_block = w_prod[start : start + block]
         width = w_block.shape[0]
         if keep_probs:
             logits = kept[n_users * start : n_users * (start + width)].view(n_users, width)
@@ -150,18 +163,23 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
             logits = logits_buffer[: n_users * width].view(n_users, width)
         probs = logits  # exponentiated in place: exp(logits − run_max) after the max's update
         if fused is not None:  # the bias is added in the C++ step, not copied into the block first
-            torch.mm(z, w_block.t(), out=logits)
+            _mm_into(logits, z_prod, w_block.t(), product_dtype)
             fused.online_softmax_block(logits.numpy(), bias_array[start : start + width], *row_state, start,
                                        targets.numpy(), n_threads)
         else:
-            torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
+            if product_dtype is None:
+                torch.addmm(bias[start : start + block], z, w_block.t(), out=logits)
+            else:
+                _mm_into(logits, z_prod, w_block.t(), product_dtype).add_(bias[start : start + block])
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             torch.exp(run_max - new_max, out=rescale)  # exp(-inf) = 0 on the first block
             logits.sub_(new_max[:, None]).exp_()
             run_sum.mul_(rescale).add_(probs.sum(dim=1))
             run_max = new_max
-        if want_grad_z:
+        if want_grad_z and product_dtype is None:
             expected_w.mul_(rescale[:, None]).addmm_(probs, w_block)
+        elif want_grad_z:
+            expected_w.mul_(rescale[:, None]).add_(lowp_mm(probs, w_block, product_dtype))
         if keep_probs:
             kept_max[k] = run_max
     lse = run_max + torch.log(run_sum)
@@ -185,19 +203,23 @@ def nll_forward(z, weight, bias, indptr, indices, values, item_block: int, want_
     return nll, lse, expected_w, kept, kept_max, torch.tensor([block])
 
 
-def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used):
+def nll_decoder_grads(grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used,
+                      product_dtype: torch.dtype | None = None):
     """(dWd, dbd) of the blocked NLL from the forward's lse (and kept probabilities if any, else
     each block's logits are recomputed): G = g·n·softmax − g·x per block, dWd = Gᵀz, dbd = Σ_u G.
-    Reads its inputs only."""
+    product_dtype: as in nll_forward (G and z as the operands of dWd's product; dbd and G in z's
+    dtype). Reads its inputs only."""
     batch = _batch_of(indptr, indices, values, weight.shape[0])
     block = int(block_used)
     grad_w = recycled_empty("multinomial_nll.grad_weight", weight.shape, weight.dtype, weight.device)
     grad_b = torch.empty_like(bias)
     fused = _nll_blocks_extension(z)
     if fused is not None:
-        _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b)
+        _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b,
+                           product_dtype)
     else:
-        _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b)
+        _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b,
+                             product_dtype)
     return grad_w, grad_b
 
 
@@ -205,7 +227,8 @@ def _block_widths(n_items: int, block: int) -> list[int]:
     return [min(block, n_items - start) for start in range(0, n_items, block)]
 
 
-def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b):
+def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b,
+                       product_dtype=None):
     """nll_decoder_grads with each block's G, its sparse −g·x part and dbd in one C++ call
     (csrc/nll_blocks.cpp), then dWd's block as one product."""
     n_users, n_items = z.shape[0], weight.shape[0]
@@ -215,11 +238,12 @@ def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_
     scale = grad_nll * batch.row_sums().to(z.dtype)
     n_threads, row_grad, grad_b_array = max(1, torch.get_num_threads()), grad_nll.numpy(), grad_b.numpy()
     g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
+    z_prod, w_prod = (z, weight) if product_dtype is None else (z.to(product_dtype), weight.to(product_dtype))
     if kept.numel():
         prob_blocks = kept.split([n_users * width for width in widths])
         block_scales = (scale * torch.exp(kept_max[: len(widths)] - lse)).numpy()
     else:
-        weight_blocks = weight.split(block)
+        weight_blocks = w_prod.split(block)
         bias_array, lse_array, scale_array = bias.detach().contiguous().numpy(), lse.numpy(), scale.numpy()
     for k, (start, width) in enumerate(zip(range(0, n_items, block), widths)):
         g_block = g_buffer[: n_users * width].view(n_users, width)
@@ -228,11 +252,11 @@ def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_
                                      block_scales[k], row_grad, cursor, start,
                                      grad_b_array[start : start + width], n_threads)
         else:  # recomputed into G's buffer: exp(z·Wdᵀ + bd − lse)·scale in place
-            torch.mm(z, weight_blocks[k].t(), out=g_block)
+            _mm_into(g_block, z_prod, weight_blocks[k].t(), product_dtype)
             fused.decoder_grad_block(g_block.numpy(), g_block.numpy(), bias_array[start : start + width], lse_array,
                                      scale_array, row_grad, cursor, start,
                                      grad_b_array[start : start + width], n_threads)
-        torch.mm(g_block.t(), z, out=grad_w[start : start + width])
+        _mm_into(grad_w[start : start + width], g_block.t(), z_prod, product_dtype)
     left = _unvisited(cursor, batch, z.dtype)
     if left is not None:  # the −g·x part of what the walk missed, added to dWd and dbd directly
         rows, items, x = left
@@ -241,7 +265,8 @@ def _decoder_grads_cpp(fused, grad_nll, z, weight, bias, batch, lse, kept, kept_
         grad_b.index_add_(0, items, gx, alpha=-1)
 
 
-def _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b):
+def _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, block, grad_w, grad_b,
+                         product_dtype=None):
     """nll_decoder_grads in torch ops (GPU, other dtypes, or USE_CPP_BLOCKS off)."""
     n_users, n_items = z.shape[0], weight.shape[0]
     indices, values = batch.indices, batch.values
@@ -268,16 +293,20 @@ def _decoder_grads_torch(grad_nll, z, weight, bias, batch, lse, kept, kept_max, 
     else:
         weight_blocks, bias_blocks = weight.split(block), bias.split(block)
         scale = scale.unsqueeze(-1)
+    z_prod = z if product_dtype is None else z.to(product_dtype)
     g_buffer = z.new_empty(n_users * min(block, n_items))  # one block's G at a time, allocated once
     for k, width in enumerate(widths):
         g_block = g_buffer[: n_users * width].view(n_users, width)
         if kept.numel():
             torch.mul(prob_blocks[k].view(n_users, width), block_scales[k], out=g_block)
-        else:
+        elif product_dtype is None:
             torch.addmm(bias_blocks[k], z, weight_blocks[k].t(), out=g_block)
             g_block.sub_(lse[:, None]).exp_().mul_(scale)
+        else:
+            _mm_into(g_block, z_prod, weight_blocks[k].t(), product_dtype).add_(bias_blocks[k])
+            g_block.sub_(lse[:, None]).exp_().mul_(scale)
         g_block.view(-1).index_add_(0, flat_blocks[k], gx_blocks[k], alpha=-1)
-        torch.mm(g_block.t(), z, out=grad_w_blocks[k])
+        _mm_into(grad_w_blocks[k], g_block.t(), z_prod, product_dtype)
         torch.sum(g_block, dim=0, out=grad_b_blocks[k])
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import posterior_cache, workspace
+from . import precision as precision_mod
 from .atomic import atomic_write_text
 from .metrics import check_cutoffs
 from .model import RecVAE
@@ -55,6 +56,8 @@ class TrainConfig:
     sparse_fc1_grad: bool | None = None
     seed: int = 0
     device: str = "cpu"
+    # "32-true" or "bf16-mixed" (recvae_fast.precision): the steps' and validation's autocast.
+    precision: str = precision_mod.DEFAULT_PRECISION
 
     def validate(self) -> None:
         for name in ("hidden_dim", "latent_dim", "batch_size", "n_epochs", "n_enc_epochs", "n_dec_epochs"):
@@ -79,6 +82,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         check_device(self.device)
+        precision_mod.check_precision(self.precision)
 
 
 def check_device(device) -> torch.device:
@@ -155,8 +159,9 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str, *
     _set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout_rate, with_kl=phase != "decoder",
-                                posterior=posterior, old_posterior=old_posterior)
+    with precision_mod.autocast(cfg.precision, cfg.device):  # parameters, gradients and Adam stay float32
+        mll, kld = model.loss_terms(batch, cfg.beta, cfg.gamma, dropout_rate, with_kl=phase != "decoder",
+                                    posterior=posterior, old_posterior=old_posterior)
     loss = -mll if kld is None else kld - mll
     loss.backward()
     for opt in optimizers:
@@ -187,8 +192,9 @@ def _run_passes(run: _Training, train, optimizers, phase, n_passes, desc, bars) 
         for start in pass_bar:
             rows = np.sort(users[start : start + cfg.batch_size])
             batch = model.as_batch(train[rows])
-            posterior, old_posterior = posterior_cache.step_posteriors(
-                cache, fill, phase, rows, lambda source: posterior_cache.posterior_of(model, batch, source))
+            with precision_mod.autocast(cfg.precision, cfg.device):
+                posterior, old_posterior = posterior_cache.step_posteriors(
+                    cache, fill, phase, rows, lambda source: posterior_cache.posterior_of(model, batch, source))
             step = train_step(model, batch, optimizers, cfg, phase, posterior=posterior, old_posterior=old_posterior)
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -330,6 +336,7 @@ class _Training:
 
 def _start(inputs: FitInputs) -> _Training:
     cfg, train = inputs.cfg, inputs.train
+    precision_mod.warn_if_slow(cfg.precision, cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).to(check_device(cfg.device))
@@ -362,6 +369,7 @@ def _resume(run: _Training, path: Path) -> None:
         raise RunFolderError(f"{path} is not a recvae_fast training checkpoint of format {CHECKPOINT_FORMAT} "
                              f"(found {found!r})")
     saved_cfg = {k: v for k, v in ckpt["config"].items() if k != "n_epochs"}
+    saved_cfg.setdefault("precision", precision_mod.DEFAULT_PRECISION)  # written before precision existed
     now_cfg = {k: v for k, v in asdict(run.cfg).items() if k != "n_epochs"}
     if saved_cfg != now_cfg:
         diff = sorted(k for k in now_cfg.keys() | saved_cfg.keys() if saved_cfg.get(k) != now_cfg.get(k))
@@ -413,7 +421,7 @@ def _validate_epoch(run: _Training, inputs: FitInputs, record: dict) -> None:
     from .inference import evaluate  # scoring pulls in the top-k extension
 
     metrics = evaluate(run.model, inputs.valid_in, inputs.valid_out, batch_size=inputs.eval_batch_size,
-                       ks=inputs.metric_ks)
+                       ks=inputs.metric_ks, precision=run.cfg.precision)
     record.update({f"valid_{k}": v for k, v in metrics.items()})
     if metrics["ndcg@100"] > run.state.best_ndcg:
         run.state.best_ndcg, run.state.best_epoch = metrics["ndcg@100"], record["epoch"]
@@ -452,7 +460,9 @@ def fit(
     Hyperparameters (TrainConfig): hidden_dim 600, latent_dim 200, batch_size 500, n_epochs 50,
     n_enc_epochs 3, n_dec_epochs 1, lr 5e-4, gamma 0.005 (or beta), dropout_rate 0.5,
     not_alternating False, sparse_fc1_grad None (automatic: see fc1_grad_is_row_sparse), seed 0,
-    device "cpu".
+    device "cpu", precision "32-true" (or "bf16-mixed": bf16 products under torch.autocast, float32
+    parameters, gradients, Adam state, softmax, KL and LayerNorm statistics; recvae_fast.precision;
+    on a CPU without AMX or AVX512-BF16 it runs slower than "32-true" and says so in a warning).
     With valid_in/valid_out (fold-in and held-out parts of validation users), the model of the
     epoch with the best validation NDCG@100 is returned; without, the last. patience=N stops
     when validation NDCG@100 has not improved for N epochs (needs validation data).
@@ -487,6 +497,10 @@ def fit(
     if world_size > 1:
         from .distributed.training import fit_sharded
 
+        if hyperparameters.get("precision", precision_mod.DEFAULT_PRECISION) != precision_mod.DEFAULT_PRECISION:
+            precision_mod.check_precision(hyperparameters["precision"])
+            raise ValueError("precision 'bf16-mixed' is not supported by the item-sharded fit (inside a "
+                             "torch.distributed group): leave it at '32-true'")
         if metric_ks is not None or eval_batch_size != 500:
             raise ValueError("metric_ks and eval_batch_size are not supported by the item-sharded fit (inside a "
                              "torch.distributed group): leave them at their defaults")
@@ -535,7 +549,9 @@ def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, prog
         _resume(run, ckpt_path)
         if run.posterior_cache is not None and run.state.posterior_fill is not None:
             def batch_posterior(rows, source):
-                return rows, posterior_cache.posterior_of(run.model, run.model.as_batch(inputs.train[rows]), source)
+                with precision_mod.autocast(inputs.cfg.precision, inputs.cfg.device):  # as the run filled it
+                    batch = run.model.as_batch(inputs.train[rows])
+                    return rows, posterior_cache.posterior_of(run.model, batch, source)
 
             try:  # the cache as the uninterrupted run holds it: recomputed from the same batches
                 posterior_cache.refill(run.posterior_cache, run.state.posterior_fill, inputs.train.shape[0],

@@ -31,3 +31,4 @@ def test_gpu_check_tiny_runs_and_passes_on_the_cpu():
     assert "multinomial NLL K=24 high:" in out and "multinomial NLL K=24 bf16:" in out and "K=40 high" in out
     assert "sparse input layer bfloat16:" in out
     assert "correctness: precisions OK, multinomial NLL OK, sparse input layer OK, RecVAE loss OK" in out
+    assert "bf16-mixed OK" in out and "scoring + top-100 at 97 items" in out
