@@ -452,8 +452,9 @@ def _train_tiny(ratings_file, out, *flags) -> int:
                  "--latent-dim", "8", "--batch-size", "25", "--heldout-users", "25", *flags])
 
 
+DURATION = r"(?:\d+\.\d s|(?:\d+:)?\d+:\d\d)"  # timedelta_text: 12.3 s, 4:05 or 1:02:03 on a slow machine
 EPOCH_LINE = re.compile(r"^epoch (\d)/2 \| encoder loss \S+ \| decoder loss \S+ \| valid ndcg@100 0\.\d{4} "
-                        r"recall@20 0\.\d{4} recall@50 0\.\d{4} \| \d+\.\d s \(elapsed \d+\.\d s\)$")
+                        rf"recall@20 0\.\d{{4}} recall@50 0\.\d{{4}} \| {DURATION} \(elapsed {DURATION}\)$")
 
 
 def _table(stdout: str) -> dict[str, dict[str, float]]:
