@@ -290,7 +290,12 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     out = tmp_path / "out"
     command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = _wait_for_running_trial(out)
+    while True:  # stop the process while a trial runs (a trial may finish before the stop lands: then go on)
+        killed = _wait_for_running_trial(out)
+        process.send_signal(signal.SIGSTOP)
+        if _load(out).trials[killed].state == optuna.trial.TrialState.RUNNING:
+            break
+        process.send_signal(signal.SIGCONT)
     process.send_signal(signal.SIGKILL)
     process.wait()
     study = _load(out)
