@@ -89,11 +89,15 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the study folder (a new one)")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--kill-after", type=int, default=10, help="finished trials before the SIGKILL")
+    parser.add_argument("--heldout-users", type=int, default=None,
+                        help="validation and test users each (default: train's, a tenth of the users)")
     args = parser.parse_args()
 
     command = ["recvae-fast", "tune", args.data, "--rating-threshold", "3.5", "--out", args.out,
                "--trials", str(args.trials), "--space", str(SPACE.relative_to(Path.cwd()) if SPACE.is_relative_to(
                    Path.cwd()) else SPACE), "--jobs", "2", "--no-progress"]
+    if args.heldout_users is not None:
+        command += ["--heldout-users", str(args.heldout_users)]
     t0 = time.perf_counter()
     kill = run_killed_once([sys.executable, "-m", "recvae_fast", *command[1:]], args.out, args.kill_after)
     study_wall_s = time.perf_counter() - t0
