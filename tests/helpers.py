@@ -31,6 +31,21 @@ def random_ratings(n_users: int, n_items: int, seed: int = 0, binary: bool = Fal
     return sp.csr_matrix((vals, (rows, cols)), shape=(n_users, n_items))
 
 
+def write_taste_ratings(path, seed: int = 0, min_items: int = 6, ratings=(3.0, 4.0, 5.0),
+                        timestamp: bool = True):
+    """A MovieLens-style ratings CSV of 300 users (ids 1000 + u) in three taste groups: user u rates
+    between min_items and 24 of the 60 items 5000 + [40 t, 40 t + 60) of taste t = u % 3."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        f.write("userId,movieId,rating" + (",timestamp" if timestamp else "") + "\n")
+        for user in range(300):
+            taste = user % 3
+            items = rng.choice(np.arange(taste * 40, taste * 40 + 60), size=rng.integers(min_items, 25), replace=False)
+            for item in items:
+                f.write(f"{1000 + user},{5000 + item},{rng.choice(ratings)}" + (",978300760" if timestamp else "") + "\n")
+    return path
+
+
 def model_pair(hidden: int, latent: int, n_items: int, dtype=torch.float64, seed: int = 0, impl=None):
     """A RecVAE (with `impl`) and a reference VAE with identical weights (old encoder different
     from the new)."""

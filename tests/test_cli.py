@@ -13,6 +13,8 @@ import pytest
 
 from recvae_fast.cli import main
 
+from helpers import write_taste_ratings
+
 TINY_TRAIN = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "8", "--batch-size", "64",
               "--no-progress", "--heldout-users", "40"]
 
@@ -20,18 +22,7 @@ TINY_TRAIN = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "8", "--bat
 @pytest.fixture(scope="module")
 def ratings_file(tmp_path_factory):
     """A MovieLens-style ratings.csv with 300 users and string-free integer ids."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "ratings.csv"
-    with open(path, "w") as f:
-        f.write("userId,movieId,rating,timestamp\n")
-        for user in range(300):
-            taste = user % 3
-            items = rng.choice(np.arange(taste * 40, taste * 40 + 60), size=rng.integers(6, 25), replace=False)
-            for item in items:
-                f.write(f"{1000 + user},{5000 + item},{rng.choice([3.0, 4.0, 5.0])},{978300760}\n")
-    return path
+    return write_taste_ratings(tmp_path_factory.mktemp("data") / "ratings.csv")
 
 
 @pytest.fixture(scope="module")

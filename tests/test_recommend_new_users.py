@@ -6,28 +6,21 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import recvae_fast
 from recvae_fast.cli import build_parser, main
 
-TASTES = 3  # user u likes the 60 items of taste u % 3, items 5000 + [40 t, 40 t + 60)
+from helpers import write_taste_ratings
+
+# write_taste_ratings: user u likes the 60 items of taste u % 3, items 5000 + [40 t, 40 t + 60)
 
 
 @pytest.fixture(scope="module")
 def ratings_file(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("data") / "ratings.csv"
-    with open(path, "w") as f:
-        f.write("userId,movieId,rating\n")
-        for user in range(300):
-            taste = user % TASTES
-            items = rng.choice(np.arange(taste * 40, taste * 40 + 60), size=rng.integers(8, 25), replace=False)
-            for item in items:
-                f.write(f"{1000 + user},{5000 + item},{rng.choice([4.0, 5.0])}\n")
-    return path
+    return write_taste_ratings(tmp_path_factory.mktemp("data") / "ratings.csv", seed=1, min_items=8,
+                               ratings=(4.0, 5.0), timestamp=False)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from recvae_fast import data  # noqa: E402
 from recvae_fast.cli import main  # noqa: E402
 from recvae_fast.tune import load_space, parse_space, tune  # noqa: E402
 
+from helpers import write_taste_ratings  # noqa: E402
+
 # Tiny models and few epochs: a trial takes well under a second.
 TINY_SPACE = {"latent_dim": {"low": 4, "high": 12}, "hidden_dim": {"low": 8, "high": 24},
               "n_epochs": {"low": 2, "high": 4}, "batch_size": 64}
@@ -31,16 +33,7 @@ TINY = ["--heldout-users", "40", "--rating-threshold", "3.5", "--no-progress", "
 @pytest.fixture(scope="module")
 def ratings_file(tmp_path_factory):
     """300 users in three taste groups of 60 items; integer ids, ratings 3-5."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "ratings.csv"
-    with open(path, "w") as f:
-        f.write("userId,movieId,rating,timestamp\n")
-        for user in range(300):
-            taste = user % 3
-            items = rng.choice(np.arange(taste * 40, taste * 40 + 60), size=rng.integers(6, 25), replace=False)
-            for item in items:
-                f.write(f"{1000 + user},{5000 + item},{rng.choice([3.0, 4.0, 5.0])},978300760\n")
-    return path
+    return write_taste_ratings(tmp_path_factory.mktemp("data") / "ratings.csv")
 
 
 def _space_file(folder, space: dict, name="space.json"):
