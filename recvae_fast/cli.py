@@ -33,7 +33,7 @@ import torch
 
 from . import __version__
 from . import data as data_mod
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text, write_output
 from .inference import evaluate, recommend
 from .metrics import metric_cutoffs, popularity_baseline
 from .runfolder import (
@@ -488,7 +488,7 @@ def cmd_recommend(args) -> dict:
         text.detach()
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(output, write)
+    write_output(output, write)
     return {"users": int(shape[0]), "k": args.k, "data": source, "unknown_items_dropped": int((~known).sum()),
             "output": str(output)}
 

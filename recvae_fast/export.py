@@ -20,6 +20,7 @@ scipy input as `recommend` does before calling the program.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Encoder
-from .atomic import atomic_write
+from .atomic import write_output
 from .topk import TopK, check_k
 
 SCORER_FORMAT = "recvae_fast.scorer/1"
@@ -166,8 +167,9 @@ def _weights_only_loads():
 
 
 def export_scorer(model, path: str | os.PathLike, k: int = 100) -> torch.export.ExportedProgram:
-    """Write the scoring path of `model` (a RecVAE, or anything with its state_dict) to `path`
-    (.pt2, atomically) as a torch.export program with a dynamic batch; returns the program."""
+    """Write the scoring path of `model` (a RecVAE, or anything with its state_dict) to `path` (.pt2;
+    a regular file atomically, see recvae_fast.atomic.write_output) as a torch.export program with a
+    dynamic batch; returns the program."""
     state_dict = {name: value.detach().cpu() for name, value in model.state_dict().items()}
     if "decoder.weight" not in state_dict or "encoder.fc1.weight" not in state_dict:
         raise ValueError("model must be a RecVAE (its state_dict has no decoder.weight / encoder.fc1.weight)")
@@ -187,8 +189,16 @@ def export_scorer(model, path: str | os.PathLike, k: int = 100) -> torch.export.
             scorer, sample, dynamic_shapes=({0: users + 1}, {0: nonzeros}, {0: nonzeros}), strict=False
         )
     metadata = {"format": SCORER_FORMAT, "k": k, "n_items": n_items, "dtype": str(dtype).removeprefix("torch.")}
-    path = Path(path)
-    atomic_write(path, lambda f: torch.export.save(program, f, extra_files={METADATA_FILE: json.dumps(metadata)}))
+    extra_files = {METADATA_FILE: json.dumps(metadata)}
+
+    def write(f):
+        # The archive is built in memory, then written: torch's archive writer aborts the process when
+        # a write fails (e.g. a full disk), where f.write raises an OSError.
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files=extra_files)
+        f.write(buffer.getbuffer())
+
+    write_output(path, write)
     return program
 
 

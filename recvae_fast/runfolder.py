@@ -4,17 +4,20 @@ A run folder (written by `recvae-fast train` or `fit(checkpoint_dir=...)`) guara
 - every file is written atomically (recvae_fast.atomic): a kill leaves its old or its new version;
 - one writer at a time: writers hold an exclusive lock (fcntl.flock on `.lock`, which records the
   holder's pid and host); a second writer is refused with an error naming the holder; the holder
-  removes the temporaries an interrupted writer left;
+  removes the temporaries an interrupted writer left; a `.lock` that is not a plain file of its own
+  (a symlink, a hard link, a FIFO or a device) is refused, never written through;
 - reading never unpickles arbitrary objects: .pt files are read with torch.load(weights_only=True),
   which builds only tensors and plain containers; anything else is refused as a corrupt file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,28 @@ class RunFolderBusy(RuntimeError):
 _HELD: dict[Path, list] = {}
 
 
+_HOLDER_BYTES = 128  # the holder line's width in the lock file
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file `path`, created if missing. Only a regular file with no other
+    name is used: never a symlink (O_NOFOLLOW), a hard link to another file, a FIFO or a device,
+    since the holder line is written into it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunFolderError(f"{path} is a symbolic link; the run folder's lock must be a plain file "
+                                 "(remove it)") from None
+        raise RunFolderError(f"cannot open the run folder's lock {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "has other names (a hard link)" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+        raise RunFolderError(f"{path} {what}; the run folder's lock must be a plain file of its own (remove it)")
+    return fd
+
+
 class RunLock:
     """`with RunLock(folder):` exclusive writer access to `folder` (created if missing).
 
@@ -65,21 +90,21 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
-        path = self.folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.folder / LOCK_NAME)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            holder = os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8", "replace").strip().split("\n")[0].strip()
             os.close(fd)
-            raise RunFolderBusy(f"{self.folder} is being written by another process ({holder}); "
+            raise RunFolderBusy(f"{self.folder} is being written by another process ({holder or 'unknown process'}); "
                                 "wait for it to finish or use another folder") from None
         except BaseException:
             os.close(fd)
             raise
-        # Holder information only (the lock is the flock, not this content).
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        # Holder information only (the lock is the flock, not this content): a fixed-width line written
+        # over the start of the file, which is never truncated.
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}"[: _HOLDER_BYTES - 1]
+        os.pwrite(fd, (holder.ljust(_HOLDER_BYTES - 1) + "\n").encode(), 0)
         _HELD[key] = [fd, 1]
         remove_stale_temporaries(self.folder)
         return self
@@ -89,7 +114,6 @@ class RunLock:
         _HELD[key][1] -= 1
         if _HELD[key][1] == 0:
             fd = _HELD.pop(key)[0]
-            os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 

@@ -1,0 +1,223 @@
+"""Hostile and careless input to run folders, checkpoints, outputs and resource sizes: each case ends
+with one clear error (in the CLI one line on stderr, exit 2), runs no code from a file, and leaves
+every file that is not the command's to write as it was."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from recvae_fast import RecVAE
+from recvae_fast.cli import main
+from recvae_fast.distributed.checkpoint import load_into_recvae, read_metadata
+from recvae_fast.runfolder import LOCK_NAME, RunFolderError, RunLock
+
+TINY = ["--epochs", "1", "--hidden-dim", "8", "--latent-dim", "4", "--batch-size", "64", "--no-progress",
+        "--heldout-users", "30"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recvae-fast: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A finished tiny run on the synthetic data (never modified: tests copy it)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(run_folder, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_folder, copy)
+    (copy / LOCK_NAME).unlink(missing_ok=True)
+    return copy
+
+
+# --- a sharded checkpoint's metadata admits tensors only -------------------------------------
+
+
+class _WritesMarker:
+    """A pickle payload: unpickled with an unrestricted loader, it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _checkpoint_routing_a_tensor_to_a_pickle(folder, marker):
+    """A valid DCP checkpoint of a RecVAE whose metadata was edited: the decoder weight is declared a
+    bytes entry stored in a pickle file the attacker wrote, which DCP's bytes path would torch.load
+    with weights_only=False."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    torch.manual_seed(0)
+    model = RecVAE(6, 3, 11).double()
+    folder.mkdir(parents=True)
+    state = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    (folder / "payload.pkl").write_bytes(pickle.dumps(_WritesMarker(marker)))
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    key = "model.decoder.weight"
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data = {index: info for index, info in metadata.storage_data.items() if index.fqn != key}
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("payload.pkl", 0, (folder / "payload.pkl").stat().st_size)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_crafted_sharded_checkpoint_never_unpickles_its_payload(tmp_path):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "sharded" / "step-000001"
+    _checkpoint_routing_a_tensor_to_a_pickle(folder, marker)
+    pickle.loads((folder / "payload.pkl").read_bytes())  # the payload works: it makes the marker
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"\.metadata is not a torch.distributed.checkpoint metadata file") as info:
+        load_into_recvae(folder)
+    assert "\n" not in str(info.value) and "BytesStorageMetadata" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_checkpoint_data_must_be_its_own_tensor_files(tmp_path):
+    """A tensor entry routed to a file outside the checkpoint, or with transforms, is refused."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    folder = tmp_path / "step-000001"
+    torch.manual_seed(0)
+    model = RecVAE(6, 3, 11).double()
+    folder.mkdir()
+    dcp.save({f"model.{n}": p.detach() for n, p in model.named_parameters()}, checkpoint_id=folder, no_dist=True)
+    good = (folder / ".metadata").read_bytes()
+    loaded = load_into_recvae(folder)  # the untouched checkpoint loads
+    torch.testing.assert_close(loaded.decoder.weight, model.decoder.weight, rtol=0, atol=0)
+    for edit, message in (
+        (lambda info: _StorageInfo("../../elsewhere.distcp", info.offset, info.length), "not in a data file"),
+        (lambda info: _StorageInfo(info.relative_path, info.offset, info.length, ["zstd"]), "transforms"),
+        (lambda info: _StorageInfo(info.relative_path, -1, info.length), "offset or length"),
+    ):
+        metadata = pickle.loads(good)
+        index = next(iter(metadata.storage_data))
+        metadata.storage_data[index] = edit(metadata.storage_data[index])
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(ValueError, match=message):
+            read_metadata(folder)
+    metadata = pickle.loads(good)  # a chunk list that leaves part of a tensor unread
+    entry = metadata.state_dict_metadata["model.decoder.weight"]
+    entry.chunks = []
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match="do not cover the tensor"):
+        read_metadata(folder)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_crafted_sharded_checkpoint_under_torchrun_resume_runs_nothing(tmp_path, capsys, monkeypatch):
+    """train --resume under torchrun (a group of one) with a crafted LATEST checkpoint: one error line,
+    exit 2, no marker."""
+    marker = tmp_path / "marker"
+    out = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    assert main(["train", "synthetic", "--out", str(out), "--item-shards", "1", *TINY]) == 0
+    capsys.readouterr()
+    step = next((out / "sharded").glob("step-*"))
+    train_state = (step / "train_state.json").read_bytes()
+    shutil.rmtree(step)
+    _checkpoint_routing_a_tensor_to_a_pickle(step, marker)
+    (step / "train_state.json").write_bytes(train_state)
+    assert main(["train", "--out", str(out), "--resume", "--item-shards", "1", "--epochs", "2", "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "metadata" in line and not marker.exists()
+
+
+# --- the run folder's lock never writes through a link ---------------------------------------
+
+
+def test_lock_symlink_is_refused_and_its_target_kept(tmp_path, run_copy, capsys):
+    important = tmp_path / "important.txt"
+    important.write_text("keep me\n")
+    (run_copy / LOCK_NAME).symlink_to(important)
+    with pytest.raises(RunFolderError, match="symbolic link"):
+        with RunLock(run_copy):
+            pass
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    assert "symbolic link" in _one_error_line(capsys)
+    assert important.read_text() == "keep me\n"
+    (run_copy / LOCK_NAME).unlink()
+    os.link(important, run_copy / LOCK_NAME)  # a hard link: another file's second name
+    with pytest.raises(RunFolderError, match="hard link"):
+        with RunLock(run_copy):
+            pass
+    assert important.read_text() == "keep me\n"
+    (run_copy / LOCK_NAME).unlink()
+    os.mkfifo(run_copy / LOCK_NAME)
+    with pytest.raises(RunFolderError, match="not a regular file"):
+        with RunLock(run_copy):
+            pass
+
+
+def test_lock_file_is_never_truncated(tmp_path):
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("x" * 300)
+    with RunLock(tmp_path):
+        during = lock.read_bytes()
+    assert during.startswith(f"pid {os.getpid()} on host ".encode()) and len(during) == 300
+    assert lock.stat().st_size == 300
+
+
+# --- --output respects files that are not regular ---------------------------------------------
+
+
+def test_output_to_a_device_or_fifo_is_written_into_not_replaced(run_copy, tmp_path, capsys):
+    assert main(["recommend", str(run_copy), "--k", "3", "--output", os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = tmp_path / "recs.fifo"
+    os.mkfifo(fifo)
+    import threading
+
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    assert main(["recommend", str(run_copy), "--k", "3", "--output", str(fifo)]) == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert received and received[0].startswith(b"user,item,rank,score")
+    assert len(received[0].splitlines()) > 10
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_output_to_a_full_device_is_one_clear_line(run_copy, capsys):
+    for argv in (["recommend", str(run_copy), "--k", "3", "--output", "/dev/full"],
+                 ["export", str(run_copy), "--k", "3", "--output", "/dev/full"]):
+        assert main(argv) == 2
+        line = _one_error_line(capsys)
+        assert "/dev/full" in line and "No space left on device" in line
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_output_through_a_symlink_writes_its_target(run_copy, tmp_path):
+    target = tmp_path / "target.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert main(["recommend", str(run_copy), "--k", "2", "--output", str(link)]) == 0
+    assert link.is_symlink() and target.read_text().startswith("user,item,rank,score")
