@@ -34,6 +34,7 @@ import torch
 from . import __version__
 from . import data as data_mod
 from .atomic import atomic_write_text, write_output
+from .data.storage import check_ids_files
 from .inference import evaluate, recommend
 from .metrics import metric_cutoffs, popularity_baseline
 from .runfolder import (
@@ -41,13 +42,13 @@ from .runfolder import (
     RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
 )
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, load_model, timedelta_text
+from .validation import DATA_OPTION_RULES, check_run_description
 
 RUN_FORMAT = 1
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
-DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
-                "min_users_per_item", "heldout_users")
+DATA_OPTIONS = tuple(DATA_OPTION_RULES)
 # The embedded synthetic dataset's epochs when --epochs is not given: its validation NDCG@100 peaks
 # near epoch 9 of the authors' 50 (then slowly overfits), so 10 epochs keep the main job near a minute
 # on a 2-core CPU. Other data: the authors' schedule (TrainConfig).
@@ -141,17 +142,11 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
     if not (out / RUN_NAME).is_file():
         raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
     saved = read_json(out / RUN_NAME)
-    if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{out / RUN_NAME} is not a run description of format {RUN_FORMAT}")
+    source, options, config = check_run_description(saved, out / RUN_NAME, RUN_FORMAT, TrainConfig.__dataclass_fields__)
     try:
-        source, options, config = str(saved["source"]), dict(saved["data"]), dict(saved["config"])
-    except (KeyError, TypeError, ValueError):
-        raise RunFolderError(f"{out / RUN_NAME} lacks source, data or config") from None
-    options.setdefault("min_users_per_item", 0)  # a run.json written before the flag existed kept every item
-    unknown = (set(options) - set(DATA_OPTIONS)) | (set(config) - set(TrainConfig.__dataclass_fields__))
-    if unknown or options.get("min_items") is None:
-        raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
-                             f"{', '.join(sorted(unknown)) or 'min_items'}")
+        TrainConfig(**config).validate()
+    except (TypeError, ValueError) as exc:
+        raise RunFolderError(f"{out / RUN_NAME}: config: {_one_line(exc)}") from None
     if saved.get("item_shards") != item_shards:
         trained, now = (f"--item-shards {n} under torchrun" if n else "one process, without --item-shards"
                         for n in (saved.get("item_shards"), item_shards))
@@ -386,23 +381,25 @@ def _users_per_epoch(cfg: TrainConfig, split: data_mod.Split) -> int:
 
 
 def _load_run(run_dir: str):
-    """(run folder, model, item id map, run.json) of a finished run; every file read safely."""
+    """(run folder, model, item id map, run.json's (source, data options)) of a finished run; every file
+    read safely and checked: run.json's fields, the weights finite, the id files those written with
+    split.npz."""
     run = Path(run_dir)
-    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME):
+    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME, SPLIT_NAME):
         if not (run / name).is_file():
             raise UsageError(f"{run_dir} is not a finished training run (no {name})")
-    model = load_model(run / MODEL_NAME)
+    source, options, _ = check_run_description(read_json(run / RUN_NAME), run / RUN_NAME, RUN_FORMAT,
+                                               TrainConfig.__dataclass_fields__)
     items = data_mod.IdMap.load_json(run / ITEMS_NAME, "item")
-    description = read_json(run / RUN_NAME)
+    check_ids_files(run)  # items.json as written with split.npz (the columns' ids)
+    model = load_model(run / MODEL_NAME)
     if len(items) != model.input_dim:
         raise RunFolderError(f"{run / ITEMS_NAME} lists {len(items)} item ids, the model has {model.input_dim} items")
-    if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{run / RUN_NAME} is not a run description of format {RUN_FORMAT}")
-    return run, model, items, description
+    return run, model, items, (source, options)
 
 
 def cmd_evaluate(args) -> dict:
-    run, model, _, description = _load_run(args.run)
+    run, model, _, _ = _load_run(args.run)
     split = data_mod.Split.load(run)  # validated: array kinds, CSR structure, ids (DataError naming the file)
     if split.n_items != model.input_dim:
         raise RunFolderError(f"{run / SPLIT_NAME} has {split.n_items} items, {run / MODEL_NAME} {model.input_dim}")
@@ -444,13 +441,12 @@ def cmd_recommend(args) -> dict:
     """Seen items (never recommended unless --include-seen): every interaction of the user in the
     given file, whatever its rating. The model's input is the file read as in training (with the
     run's --rating-threshold)."""
-    run, model, items, description = _load_run(args.run)
+    run, model, items, (run_source, options) = _load_run(args.run)
     if args.k > len(items):
         raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
-    options = dict(description.get("data") or {})
     options.update({name: value for name, value in _data_options(args).items() if value is not None})
     _check_data_options(options)
-    source = _source(args.data) if args.data is not None else description.get("source")
+    source = _source(args.data) if args.data is not None else run_source
     output = Path(args.output)
     _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
                                                    CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]

@@ -31,6 +31,7 @@ from .metrics import check_cutoffs
 from .model import RecVAE
 from .optim import RowSparseAdam
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
+from .validation import check_finite_weights, check_optimizer_moments, check_train_state, check_weights_like
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
 CHECKPOINT_FORMAT = 2
@@ -246,9 +247,10 @@ def load_model(path, device: str | torch.device = "cpu") -> RecVAE:
         hidden_dim = state_dict["encoder.fc1.weight"].shape[0]
         model = RecVAE(hidden_dim, latent_dim, n_items).to(device)
         model.load_state_dict(state_dict)
-    except (KeyError, AttributeError, ValueError, RuntimeError) as exc:
+    except (KeyError, AttributeError, ValueError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{path} does not hold RecVAE weights ({first_line[:200]})") from None
+    check_finite_weights(state_dict, path)
     model.eval()
     return model
 
@@ -371,13 +373,23 @@ def _resume(run: _Training, path: Path) -> None:
         raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
                          "checkpoint's (another file, other ids, or another split)")
     try:
+        state = check_train_state(ckpt["state"], path)
+        expected = run.model.state_dict()
+        check_weights_like(ckpt["model"], expected, "model", path)
+        best = ckpt["best_model"]
+        if best is not None:
+            check_weights_like(best, expected, "best_model", path)
         run.model.load_state_dict(ckpt["model"])
         run.encoder_opt.load_state_dict(ckpt["optimizers"][0])
         run.decoder_opt.load_state_dict(ckpt["optimizers"][1])
-        run.state = TrainState(**ckpt["state"])
-        run.best_state = ckpt["best_model"]
+        check_optimizer_moments(run.encoder_opt, "encoder optimiser", path)
+        check_optimizer_moments(run.decoder_opt, "decoder optimiser", path)
+        run.state = TrainState(**state)
+        run.best_state = best
         _restore_rng(ckpt["rng"], run.rng)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        if isinstance(exc, RunFolderError):
+            raise
         raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
 

@@ -221,3 +221,105 @@ def test_output_through_a_symlink_writes_its_target(run_copy, tmp_path):
     link.symlink_to(target)
     assert main(["recommend", str(run_copy), "--k", "2", "--output", str(link)]) == 0
     assert link.is_symlink() and target.read_text().startswith("user,item,rank,score")
+
+
+# --- the run folder's files are checked before use --------------------------------------------
+
+
+def _edit_checkpoint(run, edit):
+    path = run / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    return path.read_bytes()
+
+
+def _set_state(field, value):
+    return lambda ckpt: ckpt["state"].__setitem__(field, value)
+
+
+def _wrong_best_model(ckpt):
+    ckpt["best_model"] = {k: v[..., :1] if v.dim() else v for k, v in ckpt["model"].items()}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_state("epoch", "1"), "epoch must be an integer"),
+    (_set_state("epoch", 1.5), "epoch must be an integer"),
+    (_set_state("epoch", -3), "epoch must be an integer >= 0"),
+    (_set_state("best_ndcg", "high"), "best_ndcg must be a number"),
+    (_set_state("history", "xyz"), "history must be a list of 1 epoch records"),
+    (_set_state("history", [{"epoch": 1}, {"epoch": 1}]), "history must be a list of 1"),
+    (_wrong_best_model, "best_model's"),
+], ids=["epoch-string", "epoch-fraction", "epoch-negative", "best-ndcg-string", "history-string",
+        "history-repeated", "best-model-shapes"])
+def test_checkpoint_state_is_checked_before_resuming(run_copy, capsys, edit, message):
+    checkpoint = _edit_checkpoint(run_copy, edit)
+    log = (run_copy / "metrics.jsonl").read_bytes()
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "checkpoint.pt" in line and message in line
+    assert (run_copy / "checkpoint.pt").read_bytes() == checkpoint  # nothing rewritten
+    assert (run_copy / "metrics.jsonl").read_bytes() == log
+
+
+def test_reordered_items_json_is_refused_by_recommend_and_export(run_copy, tmp_path, capsys):
+    items = json.loads((run_copy / "items.json").read_text())
+    (run_copy / "items.json").write_text(json.dumps(items[::-1]))
+    for command in ("recommend", "export"):
+        output = tmp_path / f"{command}.out"
+        assert main([command, str(run_copy), "--k", "3", "--output", str(output)]) == 2
+        assert "were not written with its split.npz" in _one_error_line(capsys)
+        assert not output.exists()
+
+
+def test_a_model_of_nans_is_refused(run_copy, tmp_path, capsys):
+    weights = torch.load(run_copy / "model.pt", weights_only=True)
+    weights["decoder.bias"] = torch.full_like(weights["decoder.bias"], float("nan"))
+    torch.save(weights, run_copy / "model.pt")
+    for argv in (["evaluate", str(run_copy)], ["recommend", str(run_copy), "--output", str(tmp_path / "r.csv")]):
+        assert main(argv) == 2
+        line = _one_error_line(capsys)
+        assert "model.pt" in line and "decoder.bias holds NaN or infinite values" in line
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data", [1, 2], "data and config must be tables"),
+    ("data.min_items", "x", "data.min_items must be an integer >= 1"),
+    ("data.rating_threshold", "nan", "data.rating_threshold must be a finite number"),
+    ("source", 12, "source must be 'synthetic' or a data file's absolute path"),
+    ("source", "relative/ratings.csv", "source must be 'synthetic' or a data file's absolute path"),
+    ("item_shards", "2", "item_shards must be an integer"),
+    ("config.hidden_dim", "8", "config: hidden_dim must be a positive integer"),
+])
+def test_malformed_run_json_fields_are_one_line(run_copy, tmp_path, capsys, field, value, message):
+    description = json.loads((run_copy / "run.json").read_text())
+    parent, _, key = field.rpartition(".")
+    (description[parent] if parent else description)[key] = value
+    (run_copy / "run.json").write_text(json.dumps(description))
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != LOCK_NAME}
+    commands = [["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]]
+    if not field.startswith("config") and field != "item_shards":  # what recommend reads of run.json
+        commands.append(["recommend", str(run_copy), "--k", "2", "--output", str(tmp_path / "r.csv")])
+    for argv in commands:
+        assert main(argv) == 2
+        line = _one_error_line(capsys)
+        assert "run.json" in line and message in line, line
+    after = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != LOCK_NAME}
+    assert after == before and not (tmp_path / "r.csv").exists()
+
+
+def test_a_fifo_as_the_runs_data_is_refused_without_hanging(run_copy, tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "ratings.fifo"
+    os.mkfifo(fifo)
+    description = json.loads((run_copy / "run.json").read_text())
+    description["source"] = str(fifo)
+    (run_copy / "run.json").write_text(json.dumps(description))
+    for argv in (["recommend", str(run_copy), "--output", str(tmp_path / "r.csv")],
+                 ["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]):
+        done = subprocess.run([sys.executable, "-m", "recvae_fast", *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "not a regular file" in done.stderr

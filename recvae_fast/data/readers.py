@@ -121,6 +121,8 @@ class _Source:
             raise DataError(f"data file not found: {path}")
         if path.is_dir():
             raise DataError(f"{path} is a directory, not a data file")
+        if not path.is_file():  # a FIFO, device or socket: opening or reading it could block forever
+            raise DataError(f"{path} is not a regular file (a FIFO, device or socket), not a data file")
         try:
             with open(path, "rb") as f:
                 magic = f.read(4)

@@ -44,6 +44,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from ..atomic import atomic_write_text
+from ..data.ids import read_json
 from ..model import RecVAE
 from ..optim import RowSparseAdam
 from .mesh import ItemLayout
@@ -331,7 +332,7 @@ def load_checkpoint(path, model: ShardedRecVAE, optimizers=(), with_best: bool =
         torch.set_rng_state(state["rng"])
         if "rng.cuda" in state:
             torch.cuda.set_rng_state(state["rng.cuda"], model.decoder.weight.device)
-    return json.loads((path / TRAIN_STATE_NAME).read_text(encoding="utf-8")), best
+    return read_json(path / TRAIN_STATE_NAME), best
 
 
 def load_into_recvae(path, best: bool = False) -> RecVAE:
