@@ -53,6 +53,6 @@ setup(
         "report": ["matplotlib>=3.5"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},
+    entry_points={"console_scripts": ["recvae-fast=recvae_fast.entry:main"]},
     zip_safe=False,
 )

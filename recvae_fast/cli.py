@@ -54,6 +54,8 @@ DATA_OPTIONS = tuple(DATA_OPTION_RULES)
 # on a 2-core CPU. Other data: the authors' schedule (TrainConfig).
 SYNTHETIC_EPOCHS = 10
 EVAL_BATCH_SIZE = 500  # users scored at a time when --eval-batch-size is not given
+# --threads above this many per CPU only oversubscribes; tens of thousands abort torch's thread pools.
+MAX_THREADS_PER_CPU = 4
 # --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
 HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_size": "batch_size",
                "epochs": "n_epochs", "n_enc_epochs": "n_enc_epochs", "n_dec_epochs": "n_dec_epochs", "lr": "lr",
@@ -220,7 +222,8 @@ def _summary(source: str, cfg: TrainConfig, split: data_mod.Split, history: list
     }
 
 
-def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None):
+def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None,
+                   item_shards: int = 1):
     """(TrainConfig, split, its fingerprint) after checking the data options, the hyperparameters,
     that a resumed run's data did not change, and fit's inputs; writes nothing."""
     _check_data_options(options)
@@ -232,7 +235,7 @@ def _checked_split(args, out: Path, source: str, options: dict, config: dict, sa
         raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
                          "(the file changed since the run started)")
     check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, metric_ks=args.topk,
-                     eval_batch_size=_eval_batch_size(args), **asdict(cfg))
+                     eval_batch_size=_eval_batch_size(args), item_shards=item_shards, **asdict(cfg))
     return cfg, split, split_fp
 
 
@@ -331,7 +334,7 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 else:
                     options, config = _new_run_settings(args)
                     source, saved_run = _source(args.data or "synthetic"), None
-                cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
+                cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run, item_shards)
                 if is_writer and saved_run is None:
                     lock.enter_context(RunLock(out))
                     if any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
@@ -669,6 +672,10 @@ def _check_common_options(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
+    cpus = os.cpu_count() or 1
+    if getattr(args, "threads", None) is not None and args.threads > MAX_THREADS_PER_CPU * cpus:
+        raise UsageError(f"--threads must be at most {MAX_THREADS_PER_CPU * cpus} ({MAX_THREADS_PER_CPU} per CPU of "
+                         f"the {cpus} here), got {args.threads}")
     if getattr(args, "topk", None) is not None:
         args.topk = _parse_topk(args.topk)
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import posterior_cache, workspace
 from .atomic import atomic_write_text
 from .metrics import check_cutoffs
-from .model import RecVAE
+from .model import RecVAE, check_memory
 from .optim import RowSparseAdam
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
 from .validation import check_finite_weights, check_optimizer_moments, check_train_state, check_weights_like
@@ -280,9 +280,10 @@ class FitInputs(NamedTuple):
 
 
 def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, metric_ks=None, eval_batch_size=500,
-                     **hyperparameters) -> FitInputs:
+                     item_shards: int = 1, **hyperparameters) -> FitInputs:
     """Validate fit's data and hyperparameters without training or writing anything (the CLI
-    calls it before it writes a run folder); returns them in the form fit uses."""
+    calls it before it writes a run folder), the memory training needs (this process's part of
+    item_shards) included; returns them in the form fit uses."""
     unknown = set(hyperparameters) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
@@ -292,6 +293,7 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
     if train.shape[0] == 0 or train.nnz == 0:
         raise ValueError("train has no interactions")
     n_items = train.shape[1]
+    check_memory(cfg.hidden_dim, cfg.latent_dim, n_items, device=cfg.device, training=True, item_shards=item_shards)
     if (valid_in is None) != (valid_out is None):
         raise ValueError("give both valid_in and valid_out, or neither")
     if valid_in is not None:
@@ -305,7 +307,7 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
         if valid_in is None:
             raise ValueError("patience (early stopping) needs validation data: give valid_in and valid_out")
     if metric_ks is not None:  # NDCG@100 picks the best epoch, so 100 is always among the cut-offs
-        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks)) | {SELECTION_K}))
+        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks, n_items)) | {SELECTION_K}))
     if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size <= 0:
         raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
     return FitInputs(cfg, train, valid_in, valid_out, patience, metric_ks, eval_batch_size)

@@ -323,3 +323,87 @@ def test_a_fifo_as_the_runs_data_is_refused_without_hanging(run_copy, tmp_path):
         done = subprocess.run([sys.executable, "-m", "recvae_fast", *argv], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "not a regular file" in done.stderr
+
+
+# --- resource sizes are bounded before anything is allocated or written ----------------------
+
+
+def test_cutoffs_beyond_the_catalogue_are_refused(run_copy, tmp_path, capsys):
+    from recvae_fast import evaluate, fit, load_model
+    from recvae_fast.data import Split
+
+    assert main(["evaluate", str(run_copy), "--topk", "3000000000"]) == 2
+    assert "metric cut-off k=3000000000 is larger than the catalogue" in _one_error_line(capsys)
+    out = tmp_path / "new"
+    assert main(["train", "synthetic", "--out", str(out), "--topk", str(10**12), *TINY]) == 2
+    assert "metric cut-off k=1000000000000 is larger than the catalogue" in _one_error_line(capsys)
+    assert not out.exists()
+    split = Split.load(run_copy)
+    model = load_model(run_copy / "model.pt")
+    with pytest.raises(ValueError, match="larger than the catalogue"):
+        evaluate(model, split.test_in, split.test_out, ks=[10, 10**9])
+    with pytest.raises(ValueError, match="larger than the catalogue"):
+        fit(split.train, split.valid_in, split.valid_out, metric_ks=[10**9], n_epochs=1, hidden_dim=8, latent_dim=4)
+    n_items = split.n_items
+    assert set(evaluate(model, split.test_in, split.test_out, ks=[n_items])) == {  # the catalogue itself is fine
+        f"ndcg@{n_items}", f"recall@{n_items}", "n_users"}
+
+
+def test_threads_are_bounded(run_copy, tmp_path, capsys):
+    for argv in (["evaluate", str(run_copy), "--threads", "100000"],
+                 ["train", "synthetic", "--out", str(tmp_path / "new"), "--threads", "100000", *TINY]):
+        assert main(argv) == 2
+        assert "--threads must be at most" in _one_error_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flag, value, name", [("--hidden-dim", 10**9, "hidden_dim"),
+                                               ("--hidden-dim", 3 * 10**7, "hidden_dim"),
+                                               ("--latent-dim", 2**31, "latent_dim")])
+def test_huge_dims_are_refused_before_anything_is_written(tmp_path, capsys, flag, value, name):
+    out = tmp_path / "new"
+    argv = ["train", "synthetic", "--out", str(out), *TINY, flag, str(value)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"{name}={value:,} is too large" in line and "available" in line
+    assert not out.exists()
+
+
+def test_api_sizes_are_checked_by_name():
+    import scipy.sparse as sp
+
+    from recvae_fast import fit
+
+    with pytest.raises(ValueError, match=r"hidden_dim=1,000,000,000 is too large: the weights need .* available"):
+        RecVAE(10**9, 4, 40)
+    with pytest.raises(ValueError, match="input_dim=1,000,000,000,000 is too large"):
+        RecVAE(8, 4, 10**12)
+    with pytest.raises(ValueError, match="input_dim must be a positive integer, got 2.5"):
+        RecVAE(8, 4, 2.5)
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer, got True"):
+        RecVAE(8, True, 4)
+    train = sp.random(20, 30, density=0.3, format="csr", random_state=0)
+    with pytest.raises(ValueError, match=r"hidden_dim=1,000,000,000 is too large: training .* need"):
+        fit(train, hidden_dim=10**9, n_epochs=1, progress=False)
+    assert RecVAE(8, 4, np.int64(30)).input_dim == 30
+
+
+# --- Ctrl-C at any moment ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 1.0])
+def test_ctrl_c_while_importing_is_one_line_and_130(tmp_path, delay_s):
+    """SIGINT while `python -m recvae_fast` is still importing torch (or, later, training): one line, 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", "synthetic", "--out", str(tmp_path / "run"),
+                             "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, err)

@@ -235,7 +235,8 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     with contextlib.ExitStack() as lock:
         error = None
         try:
-            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, item_shards=item_shards,
+                                      **hyperparameters)
             if init not in INITS:
                 raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
             if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
