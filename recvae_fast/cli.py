@@ -39,12 +39,13 @@ from .inference import evaluate, recommend
 from .metrics import metric_cutoffs, popularity_baseline
 from .runfolder import (
     CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
-    RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
+    RunFolderBusy, RunFolderError, RunLock, check_regular_files, read_json, save_tensors, write_json,
 )
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, load_model, timedelta_text
 from .validation import DATA_OPTION_RULES, check_run_description
 
 RUN_FORMAT = 1
+RUN_FILES = (MODEL_NAME, CHECKPOINT_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME, LOG_NAME, SUMMARY_NAME)
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
@@ -243,6 +244,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
     # 1. Validate everything: flags, data, split and the fit inputs; nothing is written yet.
     cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
     with RunLock(out):
+        check_regular_files(out, RUN_FILES)
         # 2. Describe a new run (refusing to overwrite another), then train, then the results.
         run_description = {
             "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,14 @@ def save_tensors(obj, path: str | os.PathLike) -> None:
     hold only tensors and plain containers, so that load_tensors can read it back."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # how torch.save reports a failed write (e.g. a full disk)
+            detail = " ".join(str(exc).split())[:200]
+            raise OSError(f"cannot write {path}: the write failed, is the disk full? ({detail})") from None
+
+    atomic_write(path, write)
 
 
 def load_tensors(path: str | os.PathLike, map_location=None):
@@ -136,11 +144,22 @@ def load_tensors(path: str | os.PathLike, map_location=None):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the file is untrusted: every way it can fail to load is "corrupt"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{path} is corrupt, truncated or not a safe tensor file "
                              f"(refused to load: {first_line[:200]})") from None
+
+
+def check_regular_files(folder: str | os.PathLike, names) -> None:
+    """A RunFolderError for the first of the run files `names` in `folder` that exists but is not a
+    regular file (a folder, FIFO or device, or a link to one): it could be neither read nor replaced."""
+    for name in names:
+        path = Path(folder) / name
+        if path.exists() and not path.is_file():
+            raise RunFolderError(f"{path} is not a regular file (a folder, FIFO or device); remove it")
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:

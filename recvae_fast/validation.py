@@ -77,9 +77,14 @@ def check_weights_like(weights, expected: dict, what: str, path) -> dict:
 
 
 def check_finite_weights(weights: dict, path, what: str = "the model") -> None:
-    """A RunFolderError naming the first tensor of `weights` with a NaN or an infinity."""
+    """A RunFolderError naming the first tensor of `weights` that is not floating point or holds a NaN
+    or an infinity."""
     for name, value in weights.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.is_floating_point():
+            raise RunFolderError(f"{path}: {what}'s {name} holds {value.dtype} numbers, not floating-point weights")
+        if not bool(torch.isfinite(value).all()):
             raise RunFolderError(f"{path}: {what}'s {name} holds NaN or infinite values (a diverged or corrupt "
                                  "model cannot score)")
 

@@ -407,3 +407,40 @@ def test_ctrl_c_while_importing_is_one_line_and_130(tmp_path, delay_s):
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, err)
+
+
+# --- found by attacking the finished work ------------------------------------------------------
+
+
+class _PicklePayload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_checkpoint_is_one_line_without_torch_warnings(run_copy, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    (run_copy / "checkpoint.pt").write_bytes(pickle.dumps(_PicklePayload(marker), protocol=4))
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    assert "checkpoint.pt is corrupt, truncated or not a safe tensor file" in _one_error_line(capsys)
+    assert not marker.exists()
+
+
+def test_integer_weights_are_refused(run_copy, capsys):
+    weights = torch.load(run_copy / "model.pt", weights_only=True)
+    weights["decoder.bias"] = weights["decoder.bias"].long()
+    torch.save(weights, run_copy / "model.pt")
+    assert main(["evaluate", str(run_copy)]) == 2
+    assert "decoder.bias holds torch.int64 numbers, not floating-point weights" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.jsonl"])
+def test_a_run_file_that_is_a_folder_is_refused_before_writing(run_copy, capsys, name):
+    (run_copy / name).unlink()
+    (run_copy / name).mkdir()
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != LOCK_NAME}
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    assert f"{name} is not a regular file" in _one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != LOCK_NAME} == before
