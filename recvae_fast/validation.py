@@ -34,7 +34,7 @@ def check_train_state(state, path) -> dict:
     """A checkpoint's `state` (training.TrainState as a dict) with every field checked: epoch an
     integer >= 0, best_ndcg a number in [0, 1] or -inf, best_epoch an integer in [0, epoch],
     history a list of `epoch` records numbered 1..epoch, posterior_fill a dict or None."""
-    where = f"{path}: the training state"
+    where = f"{path} is an inconsistent checkpoint (training state)"
     if not isinstance(state, dict):
         raise RunFolderError(f"{where} is a {type(state).__name__}, not a table")
     unknown, missing = set(state) - set(TRAIN_STATE_FIELDS), set(TRAIN_STATE_FIELDS[:4]) - set(state)
