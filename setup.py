@@ -55,6 +55,6 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "matplotlib>=3.5", "optuna>=4.0"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "pandas>=2"],  # everything `pytest benches/` imports
     },
-    entry_points={"console_scripts": ["recvae-fast=recvae_fast.cli:main"]},
+    entry_points={"console_scripts": ["recvae-fast=recvae_fast.entry:main"]},
     zip_safe=False,
 )

@@ -1,25 +1,41 @@
 """recvae_fast: a fast, faithful RecVAE (Shenbin et al., WSDM 2020) for catalogues of millions of items.
 
 The C++ extensions load on first use (top-k, the row-sparse Adam step), the Triton kernels when
-an op runs with impl "triton"; importing the package loads neither.
+an op runs with impl "triton"; importing the package loads neither. The names below are imported
+on first access (PEP 562), so that `recvae-fast` can take Ctrl-C before torch is imported
+(recvae_fast.entry).
 """
-from importlib.metadata import PackageNotFoundError, version
+from importlib import import_module
 
-from .inference import evaluate, recommend
-from .model import RecVAE
-from .optim import RowSparseAdam
-from .runs import TrainedRun, load_run, recommend_for_items
-from .topk import TopK, TopKAccumulator, topk_masked
-from .training import fit, load_model
-from .tune import tune  # the function; the module stays importable as `from recvae_fast.tune import ...`
+# public name -> the module that defines it
+_EXPORTS = {
+    "RecVAE": "model", "fit": "training", "load_model": "training", "evaluate": "inference",
+    "recommend": "inference", "topk_masked": "topk", "TopK": "topk", "TopKAccumulator": "topk",
+    "RowSparseAdam": "optim", "load_run": "runs", "TrainedRun": "runs", "recommend_for_items": "runs",
+    "tune": "tuning",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "RecVAE", "fit", "load_model", "evaluate", "recommend", "load_run", "TrainedRun", "recommend_for_items",
-    "tune",
-    "topk_masked", "TopK", "TopKAccumulator", "RowSparseAdam",
-]
 
-try:
-    __version__ = version("recvae_fast")  # the one version number is setup.py's
-except PackageNotFoundError:  # a source tree that was never installed (the C++ extensions need an install)
-    __version__ = "unknown"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # a third of a second: only when asked
+
+    try:
+        return version("recvae_fast")  # the one version number is setup.py's
+    except PackageNotFoundError:  # a source tree that was never installed (the C++ extensions need an install)
+        return "unknown"
+
+
+def __getattr__(name: str):
+    if name == "__version__":
+        value = _version()
+    elif name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})

@@ -1,6 +1,6 @@
 """`python -m recvae_fast ...`: the `recvae-fast` command line."""
 import sys
 
-from .cli import main
+from .entry import main
 
 sys.exit(main())

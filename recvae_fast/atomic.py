@@ -8,6 +8,7 @@ clears (a writer holding the run folder's lock calls it).
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -39,6 +40,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_output(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a user's output file: `write(f)` on a binary file object. A regular file (or a new one)
+    is written atomically, through a symlink to its target; anything else that exists (a device such
+    as /dev/null or /dev/stdout, a FIFO) is written into as it is, never replaced by a regular file.
+    An OSError names the file."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
+    try:
+        if mode is None or stat.S_ISREG(mode):
+            atomic_write(os.path.realpath(path), write)
+        else:
+            with open(path, "wb") as f:  # O_TRUNC does nothing to a device or a FIFO
+                write(f)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

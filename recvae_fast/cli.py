@@ -35,24 +35,25 @@ import torch
 
 from . import __version__
 from . import data as data_mod
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text, write_output
 from .inference import evaluate, recommend
 from .metrics import PAPER_METRICS, metric_cutoffs, popularity_baseline
 from .precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from .runfolder import (
     CHECKPOINT_NAME, ITEMS_NAME, LOG_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, SPLIT_NAME, SUMMARY_NAME, USERS_NAME,
-    RunFolderBusy, RunFolderError, RunLock, read_json, save_tensors, write_json,
+    RunFolderBusy, RunFolderError, RunLock, check_regular_files, read_json, save_tensors, write_json,
 )
 from .runs import histories_matrix, load_run
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, timedelta_text
-from .tune import import_optuna, tune
+from .tuning import import_optuna, tune
+from .validation import DATA_OPTION_RULES, check_run_description
 
+RUN_FILES = (MODEL_NAME, CHECKPOINT_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME, LOG_NAME, SUMMARY_NAME)
 SHARDED_NAME = "sharded"  # the DCP checkpoints of a run trained with --item-shards
 TUNE_NAME = "tune.json"  # a study folder's summary: the study, its best trial and that trial's test metrics
 _FC1_GRAD = {"auto": None, "dense": False, "row-sparse": True}  # --fc1-grad -> TrainConfig.sparse_fc1_grad
 # Flags that define the data and its split (saved in run.json, reused by --resume and recommend).
-DATA_OPTIONS = ("sep", "user_col", "item_col", "rating_col", "rating_threshold", "data_seed", "min_items",
-                "min_users_per_item", "heldout_users")
+DATA_OPTIONS = tuple(DATA_OPTION_RULES)
 LAYOUT_OPTIONS = ("sep", "user_col", "item_col", "rating_col")  # how a file is read: the run's own file only
 # The embedded synthetic dataset's epochs when --epochs is not given: its validation NDCG@100 peaks
 # near epoch 9 of the authors' 50 (then slowly overfits), so 10 epochs keep the main job near a minute
@@ -64,6 +65,8 @@ EVAL_BATCH_SIZE = 500  # users scored at a time when --eval-batch-size is not gi
 # Flags that shape the result besides the data and TrainConfig: saved in run.json's "training",
 # reused by --resume, changed only with --force. --threads and --eval-batch-size change only speed.
 TRAINING_OPTIONS = ("patience", "topk")
+# --threads above this many per CPU only oversubscribes; tens of thousands abort torch's thread pools.
+MAX_THREADS_PER_CPU = 4
 # --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
 HYPER_FLAGS = {"hidden_dim": "hidden_dim", "latent_dim": "latent_dim", "batch_size": "batch_size",
                "epochs": "n_epochs", "n_enc_epochs": "n_enc_epochs", "n_dec_epochs": "n_dec_epochs", "lr": "lr",
@@ -164,18 +167,12 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
     if not (out / RUN_NAME).is_file():
         raise UsageError(f"--resume: {out} holds no run to continue (no {RUN_NAME})")
     saved = read_json(out / RUN_NAME)
-    if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{out / RUN_NAME} is not a run description of format {RUN_FORMAT}")
-    try:
-        source, options, config = str(saved["source"]), dict(saved["data"]), dict(saved["config"])
-    except (KeyError, TypeError, ValueError):
-        raise RunFolderError(f"{out / RUN_NAME} lacks source, data or config") from None
-    options.setdefault("min_users_per_item", 0)  # a run.json written before the flag existed kept every item
+    source, options, config = check_run_description(saved, out / RUN_NAME, RUN_FORMAT, TrainConfig.__dataclass_fields__)
     config.setdefault("precision", DEFAULT_PRECISION)  # a run.json written before the flag existed ran in float32
-    unknown = (set(options) - set(DATA_OPTIONS)) | (set(config) - set(TrainConfig.__dataclass_fields__))
-    if unknown or options.get("min_items") is None:
-        raise RunFolderError(f"{out / RUN_NAME} has unknown or missing settings: "
-                             f"{', '.join(sorted(unknown)) or 'min_items'}")
+    try:
+        TrainConfig(**config).validate()
+    except (TypeError, ValueError) as exc:
+        raise RunFolderError(f"{out / RUN_NAME}: config: {_one_line(exc)}") from None
     if saved.get("item_shards") != item_shards:
         trained, now = (f"--item-shards {n} under torchrun" if n else "one process, without --item-shards"
                         for n in (saved.get("item_shards"), item_shards))
@@ -273,7 +270,8 @@ def _data_line(split: data_mod.Split) -> str:
             f"density {nnz / max(1, n_users * n_items):.3%}")
 
 
-def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None):
+def _checked_split(args, out: Path, source: str, options: dict, config: dict, saved_run: dict | None,
+                   item_shards: int = 1):
     """(TrainConfig, split, its fingerprint) after checking the data options, the hyperparameters,
     that a resumed run's data did not change, and fit's inputs; writes nothing."""
     _check_data_options(options)
@@ -285,7 +283,7 @@ def _checked_split(args, out: Path, source: str, options: dict, config: dict, sa
         raise UsageError(f"--resume: the data at {source} is no longer what {out} was trained on "
                          "(the file changed since the run started)")
     check_fit_inputs(split.train, split.valid_in, split.valid_out, patience=args.patience, metric_ks=args.topk,
-                     eval_batch_size=_eval_batch_size(args), **asdict(cfg))
+                     eval_batch_size=_eval_batch_size(args), item_shards=item_shards, **asdict(cfg))
     return cfg, split, split_fp
 
 
@@ -293,6 +291,7 @@ def _train(args, out: Path, source: str, options: dict, config: dict, saved_run:
     # 1. Validate everything: flags, data, split and the fit inputs; nothing is written yet.
     cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
     with RunLock(out):
+        check_regular_files(out, RUN_FILES)
         # 2. Describe a new run (refusing to overwrite another), then train, then the results.
         run_description = {
             "format": RUN_FORMAT, "source": source, "data": options, "config": asdict(cfg),
@@ -388,7 +387,7 @@ def _train_sharded(args, out: Path, item_shards: int, t0: float) -> dict | None:
                 else:
                     options, config = _new_run_settings(args)
                     source, saved_run = _source(args.data or "synthetic"), None
-                cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run)
+                cfg, split, split_fp = _checked_split(args, out, source, options, config, saved_run, item_shards)
                 if is_writer and saved_run is None:
                     lock.enter_context(RunLock(out))
                     if any((out / name).exists() for name in (CHECKPOINT_NAME, MODEL_NAME, SHARDED_NAME)):
@@ -567,8 +566,7 @@ def cmd_recommend(args) -> dict:
     options = {**run_options, **{name: value for name, value in _data_options(args).items() if value is not None}}
     _check_data_options(options)
     output = Path(args.output)
-    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
-                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)]
+    _check_output(output, [run / name for name in RUN_FILES]
                   + ([Path(source)] if source not in ("synthetic", "--items") else []))
     if args.items is not None:
         history = [part.strip() for part in args.items.split(",") if part.strip()]
@@ -606,7 +604,7 @@ def cmd_recommend(args) -> dict:
         text.detach()
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(output, write)
+    write_output(output, write)
     return {"users": len(user_ids), "k": args.k, "data": source, **counts, "output": str(output)}
 
 
@@ -632,8 +630,7 @@ def cmd_export(args) -> dict:
         raise UsageError(f"--k {args.k} is larger than the catalogue ({len(items)} items)")
     precision = _scoring_precision(args, description)
     output = Path(args.output)
-    _check_output(output, [run / name for name in (MODEL_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME,
-                                                   CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME)])
+    _check_output(output, [run / name for name in RUN_FILES])
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.parent} does not exist")
     export_scorer(model, output, k=args.k, precision=precision)
@@ -851,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="study folder: split, study.db, trials.csv, plots, best trial's run")
     p.add_argument("--trials", type=int, default=30, help="finished (complete or pruned) trials the study ends with")
     p.add_argument("--space", default=None, help="JSON/TOML/YAML file overriding the search space (default: "
-                                                 "recvae_fast.tune.DEFAULT_SPACE)")
+                                                 "recvae_fast.tuning.DEFAULT_SPACE)")
     p.add_argument("--storage", default=None, help="Optuna RDB URL of the study (default: sqlite:///OUT/study.db)")
     p.add_argument("--study-name", default="recvae", help="the study's name in the storage")
     p.add_argument("--jobs", type=int, default=1, help="worker processes; more may join with the same command")
@@ -891,6 +888,10 @@ def _check_common_options(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"{_flag(name)} must be >= 1, got {value}")
+    cpus = os.cpu_count() or 1
+    if getattr(args, "threads", None) is not None and args.threads > MAX_THREADS_PER_CPU * cpus:
+        raise UsageError(f"--threads must be at most {MAX_THREADS_PER_CPU * cpus} ({MAX_THREADS_PER_CPU} per CPU of "
+                         f"the {cpus} here), got {args.threads}")
     if getattr(args, "topk", None) is not None:
         args.topk = _parse_topk(args.topk)
     if getattr(args, "precision", None) is not None:

@@ -24,6 +24,7 @@ scipy input as `recommend` does before calling the program.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch import nn
 
 from . import precision as precision_mod
 from .model import Encoder
-from .atomic import atomic_write
+from .atomic import write_output
 from .topk import TopK, check_k
 
 SCORER_FORMAT = "recvae_fast.scorer/1"
@@ -179,9 +180,9 @@ def _weights_only_loads():
 
 def export_scorer(model, path: str | os.PathLike, k: int = 100,
                   precision: str = precision_mod.DEFAULT_PRECISION) -> torch.export.ExportedProgram:
-    """Write the scoring path of `model` (a RecVAE, or anything with its state_dict) to `path`
-    (.pt2, atomically) as a torch.export program with a dynamic batch; returns the program.
-    precision: "32-true" or "bf16-mixed" (see the module docstring)."""
+    """Write the scoring path of `model` (a RecVAE, or anything with its state_dict) to `path` (.pt2;
+    a regular file atomically, see recvae_fast.atomic.write_output) as a torch.export program with a
+    dynamic batch; returns the program. precision: "32-true" or "bf16-mixed" (see the module docstring)."""
     product_dtype = precision_mod.autocast_dtype(precision)
     state_dict = {name: value.detach().cpu() for name, value in model.state_dict().items()}
     if "decoder.weight" not in state_dict or "encoder.fc1.weight" not in state_dict:
@@ -207,8 +208,16 @@ def export_scorer(model, path: str | os.PathLike, k: int = 100,
         )
     metadata = {"format": SCORER_FORMAT, "k": k, "n_items": n_items, "dtype": str(dtype).removeprefix("torch."),
                 "precision": precision}
-    path = Path(path)
-    atomic_write(path, lambda f: torch.export.save(program, f, extra_files={METADATA_FILE: json.dumps(metadata)}))
+    extra_files = {METADATA_FILE: json.dumps(metadata)}
+
+    def write(f):
+        # The archive is built in memory, then written: torch's archive writer aborts the process when
+        # a write fails (e.g. a full disk), where f.write raises an OSError.
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files=extra_files)
+        f.write(buffer.getbuffer())
+
+    write_output(path, write)
     return program
 
 

@@ -138,7 +138,7 @@ def evaluate(
         return evaluate_sharded(model, fold_in, heldout, batch_size, ks)
     n_items = model.input_dim
     batch_size = _check_batch_size(batch_size)
-    deepest = max(metric_cutoffs(ks))  # checks ks
+    deepest = max(metric_cutoffs(ks, n_items))  # checks ks
     fold_in = as_user_matrix("fold_in", fold_in, n_items)
     heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:

@@ -130,20 +130,26 @@ def ranking_metrics(ranked, heldout, ndcg_ks=(100,), recall_ks=(20, 50)) -> dict
 
 # The paper's metrics (and evaluate's default): NDCG@100, Recall@20, Recall@50.
 PAPER_METRICS = {"ndcg_ks": (100,), "recall_ks": (20, 50)}
+_PAPER_DEEPEST = max(PAPER_METRICS["ndcg_ks"] + PAPER_METRICS["recall_ks"])
 
 
-def check_cutoffs(ks) -> tuple[int, ...]:
+def check_cutoffs(ks, n_items: int | None = None) -> tuple[int, ...]:
     """Metric cut-offs as a sorted tuple of distinct positive ints; ValueError when empty or any
-    is not a positive integer."""
+    is not a positive integer, or (given n_items) is beyond the catalogue: a cut-off costs memory in
+    proportion to it, and no ranking is longer than the catalogue (the paper's 100 is always allowed)."""
     ks = tuple(ks)
     if not ks:
         raise ValueError("give at least one metric cut-off k")
-    return tuple(sorted({check_k(k) for k in ks}))
+    ks = tuple(sorted({check_k(k) for k in ks}))
+    if n_items is not None and ks[-1] > max(n_items, _PAPER_DEEPEST):
+        raise ValueError(f"metric cut-off k={ks[-1]} is larger than the catalogue ({n_items} items)")
+    return ks
 
 
-def metric_cutoffs(ks=None) -> tuple[int, ...]:
-    """Every cut-off that metrics_at(..., ks) uses, checked and sorted (None: the paper's 20, 50, 100)."""
-    return check_cutoffs(PAPER_METRICS["ndcg_ks"] + PAPER_METRICS["recall_ks"] if ks is None else ks)
+def metric_cutoffs(ks=None, n_items: int | None = None) -> tuple[int, ...]:
+    """Every cut-off that metrics_at(..., ks) uses, checked (see check_cutoffs) and sorted (None: the
+    paper's 20, 50, 100)."""
+    return check_cutoffs(PAPER_METRICS["ndcg_ks"] + PAPER_METRICS["recall_ks"] if ks is None else ks, n_items)
 
 
 def metrics_at(ranked, heldout, ks=None) -> dict:
@@ -205,7 +211,7 @@ def popularity_baseline(train, fold_in, heldout, ks=(20, 50, 100)) -> dict:
     heldout = as_user_matrix("heldout", heldout, n_items, items_of="train")
     if fold_in.shape[0] != heldout.shape[0]:
         raise ValueError(f"fold_in has {fold_in.shape[0]} users, heldout has {heldout.shape[0]}")
-    ks = check_cutoffs(ks)
+    ks = check_cutoffs(ks, n_items)
     popularity = np.bincount(train.indices[train.data != 0], minlength=n_items).astype(np.float64)
     ranked = popularity_ranking(popularity, fold_in, max(ks))
     return metrics_at(ranked, heldout, ks)

@@ -8,7 +8,9 @@ are written here; recvae_fast.reference is the separate dense oracle the tests c
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -286,6 +288,74 @@ class CompositePrior(nn.Module):
         return torch.logsumexp(log_components + log_weights, dim=-1)
 
 
+def encoder_parameter_count(hidden_dim: int, latent_dim: int, input_dim: int) -> int:
+    """Numbers in an Encoder: fc1 (I × H + H), five LayerNorms, fc2..fc5, and the mu / logvar heads."""
+    h, k = hidden_dim, latent_dim
+    return input_dim * h + h + 5 * 2 * h + 4 * (h * h + h) + 2 * (h * k + k)
+
+
+def parameter_count(hidden_dim: int, latent_dim: int, input_dim: int) -> int:
+    """Numbers in a RecVAE: the encoder, the prior's frozen copy of it and its three K-vectors, the decoder."""
+    return (2 * encoder_parameter_count(hidden_dim, latent_dim, input_dim) + 3 * latent_dim
+            + latent_dim * input_dim + input_dim)
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes that `device` can still give: for the CPU, Linux's MemAvailable plus free swap (else the
+    physical memory); for a CUDA device, its free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_dims(hidden_dim, latent_dim, input_dim) -> None:
+    """A ValueError naming the first of the three sizes that is not a positive integer."""
+    for name, value in (("hidden_dim", hidden_dim), ("latent_dim", latent_dim), ("input_dim", input_dim)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_memory(hidden_dim: int, latent_dim: int, input_dim: int, *, itemsize: int = 4,
+                 device: str | torch.device = "cpu", training: bool = False, item_shards: int = 1) -> None:
+    """A ValueError, before anything is allocated, when a RecVAE of these sizes (training: with its
+    gradients and Adam's two moments; item_shards: this process's part of the items) needs more bytes
+    than `device` has available. It names the size that costs the most and both byte counts."""
+    check_dims(hidden_dim, latent_dim, input_dim)
+    dims = {"hidden_dim": int(hidden_dim), "latent_dim": int(latent_dim), "input_dim": int(input_dim)}
+    items = -(-dims["input_dim"] // item_shards)
+
+    def needed(h, k, i):
+        trained = encoder_parameter_count(h, k, i) + k * i + i  # encoder and decoder
+        frozen = encoder_parameter_count(h, k, i) + 3 * k
+        return itemsize * ((4 if training else 1) * trained + frozen)
+
+    total = needed(dims["hidden_dim"], dims["latent_dim"], items)
+    available = available_memory(device)
+    if total <= available:
+        return
+    # the size whose reduction to 1 saves the most
+    costly = max(dims, key=lambda name: total - needed(*({**dims, "input_dim": items, name: 1}).values()))
+    what = "training (weights, gradients, Adam's moments)" if training else "the weights"
+    raise ValueError(f"{costly}={dims[costly]:,} is too large: {what} need {_bytes_text(total)}, "
+                     f"{device} has {_bytes_text(available)} available "
+                     f"(hidden_dim {dims['hidden_dim']:,}, latent_dim {dims['latent_dim']:,}, "
+                     f"input_dim {dims['input_dim']:,} items)")
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 class RecVAE(nn.Module):
     """RecVAE(hidden_dim, latent_dim, input_dim), call-compatible with the authors' `VAE`.
 
@@ -299,10 +369,8 @@ class RecVAE(nn.Module):
 
     def __init__(self, hidden_dim: int = 600, latent_dim: int = 200, input_dim: int | None = None, impl: str | None = None):
         super().__init__()
-        if input_dim is None or input_dim <= 0 or hidden_dim <= 0 or latent_dim <= 0:
-            raise ValueError(
-                f"hidden_dim, latent_dim and input_dim must be positive, got {hidden_dim}, {latent_dim}, {input_dim}"
-            )
+        check_memory(hidden_dim, latent_dim, input_dim, itemsize=torch.empty(0).element_size())
+        hidden_dim, latent_dim, input_dim = int(hidden_dim), int(latent_dim), int(input_dim)
         self.hidden_dim, self.latent_dim, self.input_dim = hidden_dim, latent_dim, input_dim
         self.impl = impl
         self.encoder = Encoder(hidden_dim, latent_dim, input_dim)
@@ -378,6 +446,8 @@ class RecVAE(nn.Module):
         encoder's (mu, logvar) for the batch, computed without dropout and without gradient (the
         encoder is then not run: only for a step that does not train it); old_posterior, the
         prior's prior.old_posterior(batch)."""
+        if batch.n_rows == 0:  # a mean over no users is NaN, not a loss
+            raise ValueError("the batch has no users (0 rows): a loss needs at least one user")
         if with_kl:
             if gamma:
                 kl_weight = gamma * batch.row_sums()

@@ -58,6 +58,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ReportError(f"{where}: not valid JSON ({exc.msg}); the file is corrupt or truncated") from None
+            except RecursionError:
+                raise ReportError(f"{where}: JSON nested too deeply to be an epoch record") from None
             if not isinstance(record, dict):
                 raise ReportError(f"{where}: expected a JSON object, got {type(record).__name__}")
             epoch = record.get("epoch")
@@ -79,10 +81,14 @@ def read_summary(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if not path.exists():
         return None
+    if not path.is_file():
+        raise ReportError(f"{path}: not a regular file")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: JSON nested too deeply to be a run summary") from None
     if not isinstance(summary, dict):
         raise ReportError(f"{path}: expected a JSON object, got {type(summary).__name__}")
     return summary

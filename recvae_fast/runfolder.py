@@ -4,18 +4,22 @@ A run folder (written by `recvae-fast train` or `fit(checkpoint_dir=...)`) guara
 - every file is written atomically (recvae_fast.atomic): a kill leaves its old or its new version;
 - one writer at a time: writers hold an exclusive lock (fcntl.flock on `.lock`, which records the
   holder's pid and host); a second writer is refused with an error naming the holder; the holder
-  removes the temporaries an interrupted writer left;
+  removes the temporaries an interrupted writer left; a `.lock` that is not a plain file of its own
+  (a symlink, a hard link, a FIFO or a device) is refused, never written through;
 - reading never unpickles arbitrary objects: .pt files are read with torch.load(weights_only=True),
   which builds only tensors and plain containers; anything else is refused as a corrupt file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import socket
+import stat
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,28 @@ class RunFolderBusy(RuntimeError):
 _HELD: dict[Path, list] = {}
 
 
+_HOLDER_BYTES = 128  # the holder line's width in the lock file
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file `path`, created if missing. Only a regular file with no other
+    name is used: never a symlink (O_NOFOLLOW), a hard link to another file, a FIFO or a device,
+    since the holder line is written into it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunFolderError(f"{path} is a symbolic link; the run folder's lock must be a plain file "
+                                 "(remove it)") from None
+        raise RunFolderError(f"cannot open the run folder's lock {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "has other names (a hard link)" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+        raise RunFolderError(f"{path} {what}; the run folder's lock must be a plain file of its own (remove it)")
+    return fd
+
+
 class RunLock:
     """`with RunLock(folder):` exclusive writer access to `folder` (created if missing).
 
@@ -69,8 +95,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
-        path = self.folder / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.folder / LOCK_NAME)
         deadline = time.monotonic() + self.wait_s
         try:
             while True:
@@ -82,16 +107,17 @@ class RunLock:
                         raise
                     time.sleep(0.2)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            holder = os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8", "replace").strip().split("\n")[0].strip()
             os.close(fd)
-            raise RunFolderBusy(f"{self.folder} is being written by another process ({holder}); "
+            raise RunFolderBusy(f"{self.folder} is being written by another process ({holder or 'unknown process'}); "
                                 "wait for it to finish or use another folder") from None
         except BaseException:
             os.close(fd)
             raise
-        # Holder information only (the lock is the flock, not this content).
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        # Holder information only (the lock is the flock, not this content): a fixed-width line written
+        # over the start of the file, which is never truncated.
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}"[: _HOLDER_BYTES - 1]
+        os.pwrite(fd, (holder.ljust(_HOLDER_BYTES - 1) + "\n").encode(), 0)
         _HELD[key] = [fd, 1]
         remove_stale_temporaries(self.folder)
         return self
@@ -101,7 +127,6 @@ class RunLock:
         _HELD[key][1] -= 1
         if _HELD[key][1] == 0:
             fd = _HELD.pop(key)[0]
-            os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -111,7 +136,14 @@ def save_tensors(obj, path: str | os.PathLike) -> None:
     hold only tensors and plain containers, so that load_tensors can read it back."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # how torch.save reports a failed write (e.g. a full disk)
+            detail = " ".join(str(exc).split())[:200]
+            raise OSError(f"cannot write {path}: the write failed, is the disk full? ({detail})") from None
+
+    atomic_write(path, write)
 
 
 def load_tensors(path: str | os.PathLike, map_location=None):
@@ -124,11 +156,22 @@ def load_tensors(path: str | os.PathLike, map_location=None):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the file is untrusted: every way it can fail to load is "corrupt"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{path} is corrupt, truncated or not a safe tensor file "
                              f"(refused to load: {first_line[:200]})") from None
+
+
+def check_regular_files(folder: str | os.PathLike, names) -> None:
+    """A RunFolderError for the first of the run files `names` in `folder` that exists but is not a
+    regular file (a folder, FIFO or device, or a link to one): it could be neither read nor replaced."""
+    for name in names:
+        path = Path(folder) / name
+        if path.exists() and not path.is_file():
+            raise RunFolderError(f"{path} is not a regular file (a folder, FIFO or device); remove it")
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:

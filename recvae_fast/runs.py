@@ -15,10 +15,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from .data import IdMap
+from .data.storage import check_ids_files
 from .inference import recommend
 from .model import RecVAE
-from .runfolder import ITEMS_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, RunFolderError, read_json
-from .training import load_model
+from .runfolder import ITEMS_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, SPLIT_NAME, RunFolderError, read_json
+from .training import TrainConfig, load_model
+from .validation import check_run_description
 
 
 @dataclass(frozen=True)
@@ -38,19 +40,20 @@ class TrainedRun:
 
 def load_run(folder: str | os.PathLike) -> TrainedRun:
     """The model, item ids and run.json of a run folder written by `recvae-fast train`; every file
-    read safely (no unpickling) and checked against the others (RunFolderError naming the file)."""
+    read safely (no unpickling) and checked before use (RunFolderError or DataError naming the file):
+    run.json's fields, items.json and users.json as written with split.npz, the weights finite."""
     folder = Path(folder)
-    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME):
+    for name in (MODEL_NAME, ITEMS_NAME, RUN_NAME, SPLIT_NAME):
         if not (folder / name).is_file():
             raise RunFolderError(f"{folder} is not a finished training run (no {name})")
-    model = load_model(folder / MODEL_NAME)
-    items = IdMap.load_json(folder / ITEMS_NAME, "item")
     description = read_json(folder / RUN_NAME)
+    check_run_description(description, folder / RUN_NAME, RUN_FORMAT, TrainConfig.__dataclass_fields__)
+    items = IdMap.load_json(folder / ITEMS_NAME, "item")
+    check_ids_files(folder)  # items.json as written with split.npz (the columns' ids)
+    model = load_model(folder / MODEL_NAME)
     if len(items) != model.input_dim:
         raise RunFolderError(f"{folder / ITEMS_NAME} lists {len(items)} item ids, the model has "
                              f"{model.input_dim} items")
-    if not isinstance(description, dict) or description.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{folder / RUN_NAME} is not a run description of format {RUN_FORMAT}")
     return TrainedRun(folder, model, items, description)
 
 

@@ -29,9 +29,10 @@ from . import posterior_cache, workspace
 from . import precision as precision_mod
 from .atomic import atomic_write_text
 from .metrics import check_cutoffs
-from .model import RecVAE
+from .model import RecVAE, check_memory
 from .optim import RowSparseAdam
 from .runfolder import CHECKPOINT_NAME, RunFolderError, RunLock, fingerprint, load_tensors, save_tensors
+from .validation import check_finite_weights, check_optimizer_moments, check_train_state, check_weights_like
 
 # 2 adds the data fingerprint that resume checks; load_model still reads format 1's weights.
 CHECKPOINT_FORMAT = 2
@@ -252,9 +253,10 @@ def load_model(path, device: str | torch.device = "cpu") -> RecVAE:
         hidden_dim = state_dict["encoder.fc1.weight"].shape[0]
         model = RecVAE(hidden_dim, latent_dim, n_items).to(device)
         model.load_state_dict(state_dict)
-    except (KeyError, AttributeError, ValueError, RuntimeError) as exc:
+    except (KeyError, AttributeError, ValueError, RuntimeError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{path} does not hold RecVAE weights ({first_line[:200]})") from None
+    check_finite_weights(state_dict, path)
     model.eval()
     return model
 
@@ -284,9 +286,10 @@ class FitInputs(NamedTuple):
 
 
 def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, metric_ks=None, eval_batch_size=500,
-                     **hyperparameters) -> FitInputs:
+                     item_shards: int = 1, **hyperparameters) -> FitInputs:
     """Validate fit's data and hyperparameters without training or writing anything (the CLI
-    calls it before it writes a run folder); returns them in the form fit uses."""
+    calls it before it writes a run folder), the memory training needs (this process's part of
+    item_shards) included; returns them in the form fit uses."""
     unknown = set(hyperparameters) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
@@ -296,6 +299,7 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
     if train.shape[0] == 0 or train.nnz == 0:
         raise ValueError("train has no interactions")
     n_items = train.shape[1]
+    check_memory(cfg.hidden_dim, cfg.latent_dim, n_items, device=cfg.device, training=True, item_shards=item_shards)
     if (valid_in is None) != (valid_out is None):
         raise ValueError("give both valid_in and valid_out, or neither")
     if valid_in is not None:
@@ -309,7 +313,7 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
         if valid_in is None:
             raise ValueError("patience (early stopping) needs validation data: give valid_in and valid_out")
     if metric_ks is not None:  # NDCG@100 picks the best epoch, so 100 is always among the cut-offs
-        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks)) | {SELECTION_K}))
+        metric_ks = tuple(sorted(set(check_cutoffs(metric_ks, n_items)) | {SELECTION_K}))
     if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size <= 0:
         raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
     return FitInputs(cfg, train, valid_in, valid_out, patience, metric_ks, eval_batch_size)
@@ -379,13 +383,23 @@ def _resume(run: _Training, path: Path) -> None:
         raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
                          "checkpoint's (another file, other ids, or another split)")
     try:
+        state = check_train_state(ckpt["state"], path)
+        expected = run.model.state_dict()
+        check_weights_like(ckpt["model"], expected, "model", path)
+        best = ckpt["best_model"]
+        if best is not None:
+            check_weights_like(best, expected, "best_model", path)
         run.model.load_state_dict(ckpt["model"])
         run.encoder_opt.load_state_dict(ckpt["optimizers"][0])
         run.decoder_opt.load_state_dict(ckpt["optimizers"][1])
-        run.state = TrainState(**ckpt["state"])
-        run.best_state = ckpt["best_model"]
+        check_optimizer_moments(run.encoder_opt, "encoder optimiser", path)
+        check_optimizer_moments(run.decoder_opt, "decoder optimiser", path)
+        run.state = TrainState(**state)
+        run.best_state = best
         _restore_rng(ckpt["rng"], run.rng)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        if isinstance(exc, RunFolderError):
+            raise
         raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
 

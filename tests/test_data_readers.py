@@ -162,6 +162,11 @@ def test_parquet_matches_csv(tmp_path):
     (pa.table({"userId": [1, 2], "movieId": [1, 2], "rating": ["4", "five"]}), {}, ["rating column", "not numeric"]),
     (pa.table({"a": [1], "b": [2]}), {}, ["no user column", "'a', 'b'"]),
     (pa.table({"userId": [1.5], "movieId": [1]}), {}, ["user column", "double"]),
+    (pa.table({"userId": [[1, 2], [3]], "movieId": [1, 2]}), {}, ["user column 'userId' of x.parquet", "list"]),
+    (pa.table({"userId": [1, 2], "movieId": [{"a": 1}, {"a": 2}]}), {}, ["item column 'movieId' of x.parquet",
+                                                                       "struct"]),
+    (pa.table({"userId": pa.array([1, 2**64 - 1], pa.uint64()), "movieId": [1, 2]}), {},
+     ["user id 18446744073709551615 (column 'userId') on row 2 of x.parquet", "int64 range"]),
 ])
 def test_bad_parquet(tmp_path, table, kwargs, words):
     pq.write_table(table, tmp_path / "x.parquet")
@@ -169,6 +174,26 @@ def test_bad_parquet(tmp_path, table, kwargs, words):
         load_interactions(tmp_path / "x.parquet", **kwargs)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_uint64_parquet_ids_within_int64_are_read(tmp_path):
+    pq.write_table(pa.table({"userId": pa.array([2**63 - 1, 1], pa.uint64()), "movieId": [1, 2]}),
+                   tmp_path / "x.parquet")
+    assert load_interactions(tmp_path / "x.parquet").user_ids.tolist() == [1, 2**63 - 1]
+
+
+def test_nul_byte_in_a_csv_id_is_named_with_its_line_and_column(tmp_path):
+    (tmp_path / "ratings.csv").write_bytes(b"userId,movieId\n1,2\n3,4\x005\n")
+    with pytest.raises(DataError, match=r"item id with a NUL byte \(column 'movieId'\) on line 3 of ratings.csv"):
+        load_interactions(tmp_path / "ratings.csv")
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "ratings.csv")
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_interactions(tmp_path / "ratings.csv")
 
 
 def test_reading_is_not_slower_than_a_second_for_a_small_file(tmp_path):

@@ -358,3 +358,21 @@ def test_update_prior_copies_the_encoder():
         torch.testing.assert_close(fast.state_dict()[key], value, rtol=0, atol=0)
     for p in fast.prior.encoder_old.parameters():
         assert not p.requires_grad
+
+
+def test_a_loss_on_an_empty_batch_is_refused_not_nan():
+    fast = RecVAE(8, 4, 10)
+    empty = sp.csr_matrix((0, 10), dtype=np.float32)
+    with pytest.raises(ValueError, match="the batch has no users"):
+        fast(empty)
+    with pytest.raises(ValueError, match="the batch has no users"):
+        fast(torch.zeros(0, 10))
+    assert fast(empty, calculate_loss=False).shape == (0, 10)  # scoring no users is fine
+
+
+@pytest.mark.parametrize("args, name", [((8, 4, 2.5), "input_dim"), ((8.0, 4, 10), "hidden_dim"),
+                                        ((8, "4", 10), "latent_dim"), ((8, 4, 0), "input_dim"),
+                                        ((8, 4, None), "input_dim")])
+def test_bad_sizes_are_named(args, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {args[['hidden_dim', 'latent_dim', 'input_dim'].index(name)]!r}"):
+        RecVAE(*args)

@@ -159,6 +159,20 @@ def test_bad_metrics_file_is_named_with_line_and_cause(tmp_path, lines, message)
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # nothing written
 
 
+def test_deeply_nested_json_is_one_clear_error(synthetic_run, tmp_path, capsys):
+    deep = "[" * 200_000 + "]" * 200_000
+    run = _write_metrics(tmp_path / "run", ['{"epoch": 1, "x": ' + deep + "}"])
+    with pytest.raises(report.ReportError, match="metrics.jsonl, line 1: JSON nested too deeply"):
+        report.write_report(run)
+    (tmp_path / "second").mkdir()
+    run = _copy_run(synthetic_run, tmp_path / "second")
+    (run / report.SUMMARY_NAME).write_text(deep)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.json: JSON nested too deeply" in err[0]
+    assert not (run / report.PNG_NAME).exists()
+
+
 def test_missing_run_folder_and_files(tmp_path):
     with pytest.raises(report.ReportError, match="run folder not found"):
         report.write_report(tmp_path / "nope")

@@ -19,7 +19,7 @@ optuna = pytest.importorskip("optuna")
 
 from recvae_fast import data  # noqa: E402
 from recvae_fast.cli import main  # noqa: E402
-from recvae_fast.tune import load_space, parse_space, tune  # noqa: E402
+from recvae_fast.tuning import load_space, parse_space, tune  # noqa: E402
 
 from helpers import write_taste_ratings  # noqa: E402
 
@@ -177,7 +177,7 @@ def test_toml_and_yaml_space_files_read_as_json(tmp_path):
 
 
 def test_default_space_holds_the_defaults():
-    from recvae_fast.tune import _default_params
+    from recvae_fast.tuning import _default_params
 
     params = _default_params(parse_space())
     assert params == {"gamma": 0.005, "latent_dim": 200, "hidden_dim": 600, "lr": 5e-4, "dropout_rate": 0.5,

@@ -140,6 +140,8 @@ class _Source:
             raise DataError(f"data file not found: {path}")
         if path.is_dir():
             raise DataError(f"{path} is a directory, not a data file")
+        if not path.is_file():  # a FIFO, device or socket: opening or reading it could block forever
+            raise DataError(f"{path} is not a regular file (a FIFO, device or socket), not a data file")
         try:
             with open(path, "rb") as f:
                 magic = f.read(4)
@@ -241,9 +243,21 @@ class _Columns:
                keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(code of each kept row, sorted distinct ids of the kept rows) of an id column, the ids of
         every row checked and normalised."""
+        name = self.source.path.name
+        value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)
+                or pa.types.is_integer(value_type)):
+            raise DataError(f"the {role} column {label} of {name} holds {column.type}, not integers or strings")
         if column.null_count:
             k = _first_true(pc.is_null(column))
             raise DataError(f"missing {role} id (column {label}) on {self.where(k)}")
+        if pa.types.is_uint64(value_type):
+            beyond = pc.greater(column if value_type == column.type else column.cast(value_type),
+                                pa.scalar(np.iinfo(np.int64).max, pa.uint64()))
+            if pc.any(beyond).as_py():
+                k = _first_true(beyond)
+                raise DataError(f"{role} id {column[k].as_py()} (column {label}) on {self.where(k)} is beyond the "
+                                "int64 range of integer ids")
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             ints = _exact_ints(column)
             if ints is not None:
@@ -266,6 +280,9 @@ class _Columns:
                 entry = int(np.argmax(lengths))
                 raise DataError(f"{role} id of {int(lengths[entry])} characters (column {label}) on "
                                 f"{self.where(row_of(entry))}: ids are at most {MAX_ID_LENGTH} characters")
+            nul = np.flatnonzero(pc.match_substring(dictionary, "\x00").to_numpy(zero_copy_only=False))
+            if nul.size:
+                raise DataError(f"{role} id with a NUL byte (column {label}) on {self.where(row_of(int(nul[0])))}")
             dictionary = pc.utf8_trim_whitespace(dictionary)
             empty = np.flatnonzero(pc.equal(dictionary, "").to_numpy(zero_copy_only=False))
             if empty.size:

@@ -118,6 +118,29 @@ def csr_from_arrays(z, prefix: str, source: str) -> sp.csr_matrix:
     return m
 
 
+def _check_ids_hash(folder: Path, stored_hash: np.ndarray) -> None:
+    items_path, users_path = folder / ITEMS_NAME, folder / USERS_NAME
+    for path in (items_path, users_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found (a split needs {SPLIT_NAME}, {ITEMS_NAME} and {USERS_NAME})")
+    try:
+        items_bytes, users_bytes = items_path.read_bytes(), users_path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the split's id files in {folder}: {exc}") from None
+    if stored_hash.dtype != np.uint8 or stored_hash.tobytes().hex() != _sha256(items_bytes, users_bytes):
+        raise DataError(f"{items_path.name} / {users_path.name} in {folder} were not written with its "
+                        f"{SPLIT_NAME} (changed, or from another save)")
+
+
+def check_ids_files(folder) -> None:
+    """items.json and users.json in `folder` are the ones written with its split.npz (the hash that
+    split.npz names), without reading the matrices; a DataError naming the files otherwise."""
+    folder = Path(folder)
+    with open_npz(folder / SPLIT_NAME) as z:
+        stored_hash = np.asarray(z["ids_sha256"])
+    _check_ids_hash(folder, stored_hash)
+
+
 def load_split(folder):
     """The split saved in `folder` by `save_split`, validated (see the module docstring)."""
     from .split import Split
@@ -135,13 +158,7 @@ def load_split(folder):
     if not isinstance(users, dict) or set(users) != set(_USER_PARTS):
         raise DataError(f"{users_path}: expected an object with the keys train, valid and test")
     user_maps = {part: IdMap.from_json_list(users[part], "user", f"{users_path.name} ({part})") for part in _USER_PARTS}
-    try:
-        items_bytes, users_bytes = items_path.read_bytes(), users_path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read the split's id files in {folder}: {exc}") from None
-    if stored_hash.dtype != np.uint8 or stored_hash.tobytes().hex() != _sha256(items_bytes, users_bytes):
-        raise DataError(f"{items_path.name} / {users_path.name} in {folder} were not written with its "
-                        f"{SPLIT_NAME} (changed, or from another save)")
+    _check_ids_hash(folder, stored_hash)
 
     n_items = len(items)
     for name, m in matrices.items():

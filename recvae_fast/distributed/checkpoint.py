@@ -11,13 +11,18 @@ group, into a single-device RecVAE. (ShardedTensor, not DTensor: DTensor's Shard
 rank to ceil(I / S), which can leave a rank empty, e.g. 9 items over 4 ranks as 3, 3, 3, 0, where
 ShardedTensor takes any row ranges. torch announces ShardedTensor's deprecation with a FutureWarning.)
 The training state that is not a tensor (epoch, history, the
-numpy generator, the configuration) is JSON in `train_state.json` inside the subfolder. DCP unpickles
-its `.metadata` file; before DCP reads it, `read_metadata` unpickles it with an allow-list of the
-classes DCP's metadata is made of, so a crafted checkpoint cannot run code.
+numpy generator, the configuration) is JSON in `train_state.json` inside the subfolder.
+
+Loading admits tensors only, so a crafted checkpoint cannot run code: the `.metadata` file (a pickle)
+is unpickled once, by `read_metadata`, with an allow-list of the classes DCP's tensor metadata is made
+of, and must describe tensors alone, each stored in one of the checkpoint's own `.distcp` files; DCP is
+handed that checked metadata (it never unpickles the file itself) through a reader that refuses any
+read but a tensor's. (DCP's other kind of entry, bytes, is loaded with an unrestricted torch.load.)
 """
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -27,12 +32,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.metadata import TensorProperties as DCPTensorProperties
+from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from ..atomic import atomic_write_text
+from ..data.ids import read_json
 from ..model import RecVAE
 from ..optim import RowSparseAdam
 from .mesh import ItemLayout
@@ -44,36 +56,131 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 _STEP_FOLDER = re.compile(r"step-\d{6}")
 
 
+# What DCP's metadata of tensors is made of; BytesStorageMetadata (a non-tensor entry) is left out.
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                 "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    for name in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+                 "StorageMeta", "_MEM_FORMAT_ENCODING")
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
 }
+_DATA_FILE = re.compile(r"__\d+_\d+\.distcp")  # the files DCP's FileSystemWriter names, in the folder itself
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's tensor metadata")
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, torch.Size) and all(isinstance(n, int) and n >= 0 for n in value)
+
+
+def _chunks_problem(size: torch.Size, chunks: list) -> str | None:
+    """Why `chunks` do not tile a tensor of `size` exactly once (None: they do); DCP would leave the
+    part of a tensor that no chunk covers as it was."""
+    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in chunks]
+    for offsets, sizes in boxes:
+        if any(o + n > s for o, n, s in zip(offsets, sizes, size)):
+            return "a chunk lies outside the tensor"
+    for j, (a_off, a_size) in enumerate(boxes):
+        for b_off, b_size in boxes[:j]:
+            if all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a_off, a_size, b_off, b_size)):
+                return "two chunks overlap"
+    if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size):
+        return "its chunks do not cover the tensor"
+    return None
+
+
+def _metadata_problem(metadata) -> str | None:
+    """Why `metadata` is not DCP metadata of tensors stored in the checkpoint's own files (None: it is)."""
+    if not isinstance(metadata, Metadata):
+        return f"it holds a {type(metadata).__name__}, not DCP's Metadata"
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        return "its entries or their storage are not tables"
+    for key, entry in entries.items():
+        if not isinstance(key, str) or not isinstance(entry, TensorStorageMetadata):
+            return f"entry {key!r} is a {type(entry).__name__}, not a tensor (only tensors are loaded)"
+        if not (_is_size(entry.size) and isinstance(entry.properties, DCPTensorProperties)
+                and isinstance(entry.properties.dtype, torch.dtype) and isinstance(entry.chunks, list)
+                and all(isinstance(c, ChunkStorageMetadata) and _is_size(c.offsets) and _is_size(c.sizes)
+                        and len(c.offsets) == len(c.sizes) == len(entry.size) for c in entry.chunks)):
+            return f"entry {key!r} has a malformed size, dtype or chunk list"
+        problem = _chunks_problem(entry.size, entry.chunks)
+        if problem is not None:
+            return f"entry {key!r}: {problem}"
+        if not all(MetadataIndex(key, c.offsets) in storage for c in entry.chunks):
+            return f"entry {key!r} has a chunk stored nowhere"
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            return f"a storage record is a {type(info).__name__}, not a tensor's place in a file"
+        if index.fqn not in entries:
+            return f"storage record {index.fqn!r} belongs to no entry"
+        if not (isinstance(info.relative_path, str) and _DATA_FILE.fullmatch(info.relative_path)):
+            return f"entry {index.fqn!r} is stored in {info.relative_path!r}, not in a data file of this checkpoint"
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (info.offset, info.length)):
+            return f"entry {index.fqn!r} has a malformed offset or length"
+        if info.transform_descriptors:
+            return f"entry {index.fqn!r} asks for transforms ({info.transform_descriptors!r:.80}), which are not used here"
+    if metadata.storage_meta is not None and not isinstance(metadata.storage_meta, StorageMeta):
+        return "its storage description is malformed"
+    return None
 
 
 def read_metadata(path) -> Metadata:
-    """The DCP metadata of checkpoint folder `path`, unpickled with an allow-list of DCP's own classes;
-    a file holding anything else is refused with an error naming it."""
+    """The DCP metadata of checkpoint folder `path`, unpickled with an allow-list of DCP's own classes
+    and checked to describe tensors only, each in one of the folder's data files; anything else is
+    refused with a ValueError naming the file."""
     metadata_file = Path(path) / ".metadata"
     try:
         with open(metadata_file, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file: {exc}") from None
-    if not isinstance(metadata, Metadata):
-        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, KeyError, IndexError,
+            MemoryError, RecursionError) as exc:
+        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    problem = _metadata_problem(metadata)
+    if problem is not None:
+        raise ValueError(f"{metadata_file} is not a torch.distributed.checkpoint metadata file of tensors: {problem}")
     return metadata
+
+
+class _TensorReader(FileSystemReader):
+    """DCP's file reader for tensors only: it hands DCP the metadata read_metadata checked (DCP's own
+    reader would unpickle the file without restriction) and refuses any read that is not a tensor's."""
+
+    def __init__(self, path, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never falls back to per-rank metadata files
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            if item.type != LoadItemType.TENSOR:
+                raise ValueError(f"{self.path}: entry {item.storage_index.fqn!r} is not a tensor; only tensors are loaded")
+        return super().read_data(plan, planner)
+
+
+def _load_tensors(state: dict, path: Path, metadata: Metadata, **kwargs) -> None:
+    """dcp.load of the tensors of `state` from checkpoint folder `path`, whose checked metadata is given."""
+    try:
+        dcp.load(state, storage_reader=_TensorReader(path, metadata), **kwargs)
+    except (CheckpointException, ValueError, RuntimeError, AssertionError, KeyError, OSError) as exc:
+        # CheckpointException (a BaseException) carries each failing rank's traceback: its first error suffices
+        failures = getattr(exc, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else exc
+        detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise ValueError(f"{path} does not hold this model's tensors ({detail})") from None
 
 
 def _sharded(rows: torch.Tensor, layout: ItemLayout) -> ShardedTensor:
@@ -212,19 +319,20 @@ def load_checkpoint(path, model: ShardedRecVAE, optimizers=(), with_best: bool =
     when both the checkpoint and the model are on CUDA). Returns (the JSON training state, the best
     parameters by name, or None without with_best or when the checkpoint has none)."""
     path = Path(path)
-    saved_keys = read_metadata(path).state_dict_metadata
+    metadata = read_metadata(path)
+    saved_keys = metadata.state_dict_metadata
     _add_optimizer_state(model, optimizers, saved_keys)
     with_best = with_best and "best.decoder.weight" in saved_keys  # a run without validation has none
     best = {name: torch.empty_like(p) for name, (p, _) in _model_entries(model).items()} if with_best else None
     rng_states = {k: v for k, v in _rng_states(model).items() if k in saved_keys} if with_rng else None
     state = checkpoint_tensors(model, optimizers, best, rng_states)
-    dcp.load(state, checkpoint_id=path)  # fills every tensor, and every ShardedTensor's rows, in place
+    _load_tensors(state, path, metadata)  # fills every tensor, and every ShardedTensor's rows, in place
     _int_steps_back(optimizers, model, state)
     if with_rng and "rng" in state:
         torch.set_rng_state(state["rng"])
         if "rng.cuda" in state:
             torch.cuda.set_rng_state(state["rng.cuda"], model.decoder.weight.device)
-    return json.loads((path / TRAIN_STATE_NAME).read_text(encoding="utf-8")), best
+    return read_json(path / TRAIN_STATE_NAME), best
 
 
 def load_into_recvae(path, best: bool = False) -> RecVAE:
@@ -236,15 +344,17 @@ def load_into_recvae(path, best: bool = False) -> RecVAE:
     shapes = {k[len(prefix):]: md.size for k, md in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     if "decoder.weight" not in shapes or "encoder.fc1.weight_t" not in shapes:
         raise ValueError(f"{path} holds no {'best ' if best else ''}RecVAE parameters")
+    dtype = metadata.state_dict_metadata[prefix + "decoder.weight"].properties.dtype
+    if len(shapes["decoder.weight"]) != 2 or len(shapes["encoder.fc1.weight_t"]) != 2 or not dtype.is_floating_point:
+        raise ValueError(f"{path} holds no {'best ' if best else ''}RecVAE parameters (malformed shapes or dtype)")
     n_items, latent_dim = shapes["decoder.weight"]
     hidden_dim = shapes["encoder.fc1.weight_t"][1]
     model = RecVAE(hidden_dim, latent_dim, n_items)
-    dtype = metadata.state_dict_metadata[prefix + "decoder.weight"].properties.dtype
     model = model.to(dtype)
     state = {prefix + name: p.detach() for name, p in model.named_parameters()}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        _load_tensors(state, path, metadata, no_dist=True)
     model.eval()
     return model
 

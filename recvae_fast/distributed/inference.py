@@ -97,7 +97,7 @@ def evaluate_sharded(model: ShardedRecVAE, fold_in, heldout, batch_size: int = 5
     """As recvae_fast.evaluate (which calls this for a ShardedRecVAE): {"ndcg@100", "recall@20",
     "recall@50", "n_users"} or, with `ks`, NDCG@k and Recall@k for every k in ks; the same on every rank."""
     n_items = model.layout.n_items
-    deepest = max(metric_cutoffs(ks))  # checks ks
+    deepest = max(metric_cutoffs(ks, n_items))  # checks ks
     fold_in = as_user_matrix("fold_in", fold_in, n_items)
     heldout = as_user_matrix("heldout", heldout, n_items)
     if fold_in.shape[0] != heldout.shape[0]:

@@ -28,10 +28,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import posterior_cache, workspace
-from ..runfolder import RunFolderBusy, RunLock, fingerprint
+from ..runfolder import RunFolderBusy, RunFolderError, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
                         epoch_line, fc1_grad_is_row_sparse, make_optimizers)
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..validation import check_train_state
+from .checkpoint import TRAIN_STATE_NAME, latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
 from .model import INITS, ShardView, ShardedRecVAE
@@ -239,7 +240,8 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     with contextlib.ExitStack() as lock:
         error = None
         try:
-            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, **hyperparameters)
+            inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, item_shards=item_shards,
+                                      **hyperparameters)
             if init not in INITS:
                 raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
             if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
@@ -278,12 +280,15 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
     if resume:
         path = latest_checkpoint(checkpoint_dir)
         saved, best_state = load_checkpoint(path, model, (encoder_opt, decoder_opt), with_best=True, with_rng=True)
-        if saved["config"] != config:
+        if not isinstance(saved, dict) or saved.get("config") != config:
             raise ValueError(f"{path} was written with other hyperparameters")
         if saved.get("data_fingerprint", data_fingerprint) != data_fingerprint:
             raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
-        state = TrainState(**saved["state"])
-        rng.bit_generator.state = saved["numpy_rng"]
+        state = TrainState(**check_train_state(saved.get("state"), path / TRAIN_STATE_NAME))
+        try:
+            rng.bit_generator.state = saved["numpy_rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFolderError(f"{path / TRAIN_STATE_NAME}: numpy_rng is not a generator state ({exc})") from None
     # The old-posterior cache (recvae_fast.posterior_cache): every rank keeps all users, its data
     # group's parts of each batch gathered, so that each rank's cache fills in one pass.
     cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0])
