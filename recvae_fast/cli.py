@@ -953,8 +953,9 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         result = args.run_command(args)
     except KeyboardInterrupt:
-        print("recvae-fast: interrupted (a run folder keeps its last finished epoch; continue with --resume)",
-              file=sys.stderr)
+        how = ("a study keeps its finished trials; the same command continues it" if args.command == "tune"
+               else "a run folder keeps its last finished epoch; continue with --resume")
+        print(f"recvae-fast: interrupted ({how})", file=sys.stderr)
         return 130
     except (UsageError, ValueError, RunFolderBusy, OSError) as exc:  # ValueError covers DataError, RunFolderError
         print(f"recvae-fast: error: {_one_line(exc)}", file=sys.stderr)

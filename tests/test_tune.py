@@ -353,3 +353,14 @@ def test_run_lock_waits_for_its_holder_when_asked(tmp_path):
     with RunLock(tmp_path, wait_s=30):
         waited = time.monotonic() - t0
     assert 0.5 < waited < 10
+
+
+def test_ctrl_c_says_the_same_command_continues_the_study(ratings_file, tmp_path, monkeypatch, capsys):
+    from recvae_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_tune", interrupted)
+    assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out")]) == 130
+    assert "the same command continues it" in capsys.readouterr().err
