@@ -548,6 +548,15 @@ def epoch_line(record: dict, n_epochs: int, elapsed_s: float) -> str:
     return " | ".join(parts)
 
 
+def write_epoch_line(record: dict, n_epochs: int, started: float, state: TrainState, patience: int | None) -> None:
+    """epoch_line on stderr (above any progress bar), with the early stop when this epoch made it."""
+    line = epoch_line(record, n_epochs, time.perf_counter() - started)
+    if _stopped_early(state, patience):
+        line += (f" | early stop: no better validation NDCG@100 for {patience} epochs "
+                 f"(best epoch {state.best_epoch})")
+    tqdm.write(line, file=sys.stderr)
+
+
 def timedelta_text(seconds: float) -> str:
     """12.3 s, 4:05 or 1:02:03 (h:mm:ss)."""
     if seconds < 60:
@@ -598,11 +607,7 @@ def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, prog
             if log_path is not None:
                 _write_log(log_path, run.state.history)
             if progress:
-                line = epoch_line(record, cfg.n_epochs, time.perf_counter() - started)
-                if _stopped_early(run.state, inputs.patience):
-                    line += (f" | early stop: no better validation NDCG@100 for {inputs.patience} epochs "
-                             f"(best epoch {run.state.best_epoch})")
-                tqdm.write(line, file=sys.stderr)
+                write_epoch_line(record, cfg.n_epochs, started, run.state, inputs.patience)
             if callback is not None:
                 callback(record)
     finally:

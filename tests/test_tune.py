@@ -326,7 +326,9 @@ def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
 
 def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
     out = tmp_path / "out"
-    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 6})
+    # 40 epochs a trial: the first trial outlasts the spawned worker's start (a fresh interpreter's
+    # imports), so both workers take trials.
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 40})
     assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "4", "--jobs", "2", "--space", str(space),
                  *TINY]) == 0
     study = _load(out)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import posterior_cache, workspace
 from ..runfolder import RunFolderBusy, RunFolderError, RunLock, fingerprint
 from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
-                        epoch_line, fc1_grad_is_row_sparse, make_optimizers)
+                        fc1_grad_is_row_sparse, make_optimizers, write_epoch_line)
 from ..validation import check_train_state
 from .checkpoint import TRAIN_STATE_NAME, latest_checkpoint, load_checkpoint, save_checkpoint
 from .inference import evaluate_sharded
@@ -352,11 +352,7 @@ def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bo
             if log_path is not None:
                 _write_log(log_path, state.history)
             if progress and is_writer:
-                line = epoch_line(record, cfg.n_epochs, time.perf_counter() - started)
-                if _stopped_early(state, inputs.patience):
-                    line += (f" | early stop: no better validation NDCG@100 for {inputs.patience} epochs "
-                             f"(best epoch {state.best_epoch})")
-                tqdm.write(line, file=sys.stderr)
+                write_epoch_line(record, cfg.n_epochs, started, state, inputs.patience)
             if callback is not None:
                 callback(record)
     finally:
