@@ -62,9 +62,9 @@ SYNTHETIC_EPOCHS = 10
 # train's table without --topk: the paper's metrics (summary.json has every cut-off's).
 PAPER_COLUMNS = [f"ndcg@{k}" for k in PAPER_METRICS["ndcg_ks"]] + [f"recall@{k}" for k in PAPER_METRICS["recall_ks"]]
 EVAL_BATCH_SIZE = 500  # users scored at a time when --eval-batch-size is not given
-# Flags that shape the result besides the data and TrainConfig: saved in run.json's "training",
-# reused by --resume, changed only with --force. --threads and --eval-batch-size change only speed.
-TRAINING_OPTIONS = ("patience", "topk")
+# Flags that shape the result besides the data and TrainConfig (validation.TRAINING_OPTION_RULES): saved
+# in run.json's "training", reused by --resume, changed only with --force. --threads and
+# --eval-batch-size change only speed.
 # --threads above this many per CPU only oversubscribes; tens of thousands abort torch's thread pools.
 MAX_THREADS_PER_CPU = 4
 # --flag -> TrainConfig field, for the hyperparameters (saved in run.json, reused by --resume).
@@ -149,7 +149,7 @@ def _given_hyperparameters(args) -> dict:
 
 
 def _training_options(args) -> dict:
-    """run.json's "training": the TRAINING_OPTIONS of this run."""
+    """run.json's "training": patience and the metric cut-offs of this run (validation.TRAINING_OPTION_RULES)."""
     return {"patience": args.patience, "topk": list(args.topk) if args.topk is not None else None}
 
 
@@ -187,10 +187,8 @@ def _resume_settings(out: Path, args, item_shards: int | None = None) -> tuple[s
     for flag, name in HYPER_FLAGS.items():
         if name in given and name != "n_epochs" and given[name] != config.get(name):
             differ.append(f"{_flag(flag)} {getattr(args, flag)} (the run's: {config.get(name)})")
-    training = saved.get("training")
+    training = saved.get("training")  # checked by check_run_description
     if training is not None:
-        if not isinstance(training, dict) or set(training) != set(TRAINING_OPTIONS):
-            raise RunFolderError(f"{out / RUN_NAME} has no valid training settings ({', '.join(TRAINING_OPTIONS)})")
         saved_topk = tuple(training["topk"]) if training["topk"] is not None else None
         for name, saved_value in (("patience", training["patience"]), ("topk", saved_topk)):
             value = getattr(args, name)

@@ -126,11 +126,19 @@ DATA_OPTION_RULES = {
 }
 
 
+# The settings besides the data and the hyperparameters that shape a run (run.json's "training").
+TRAINING_OPTION_RULES = {
+    "patience": (_optional(lambda v: _is_int(v) and v >= 1), "an integer >= 1 or null"),
+    "topk": (_optional(lambda v: isinstance(v, list) and v != [] and all(_is_int(k) and k >= 1 for k in v)),
+             "a non-empty list of integers >= 1, or null"),
+}
+
+
 def check_run_description(saved, path, run_format: int, config_fields) -> tuple[str, dict, dict]:
     """(source, data options, config) of a run.json, every field checked: the format, `source`
     ("synthetic" or an absolute path), `data` (DATA_OPTION_RULES), `config` (a table of known
     hyperparameter names; their values are checked by TrainConfig.validate), `split_fingerprint`
-    (a string) and `item_shards` (null or an integer >= 1)."""
+    (a string), `item_shards` (null or an integer >= 1) and `training` (TRAINING_OPTION_RULES)."""
     if not isinstance(saved, dict) or saved.get("format") != run_format:
         raise RunFolderError(f"{path} is not a run description of format {run_format}")
     source, options, config = saved.get("source"), saved.get("data"), saved.get("config")
@@ -151,5 +159,12 @@ def check_run_description(saved, path, run_format: int, config_fields) -> tuple[
     shards = saved.get("item_shards")
     if shards is not None and not (_is_int(shards) and shards >= 1):
         raise RunFolderError(f"{path}: item_shards must be an integer >= 1 or null, got {_shown(shards)}")
+    training = saved.get("training")  # absent in a run.json written before it was saved
+    if training is not None:
+        if not isinstance(training, dict) or set(training) != set(TRAINING_OPTION_RULES):
+            raise RunFolderError(f"{path}: training must be a table of {', '.join(TRAINING_OPTION_RULES)}")
+        for name, (rule, words) in TRAINING_OPTION_RULES.items():
+            if not rule(training[name]):
+                raise RunFolderError(f"{path}: training.{name} must be {words}, got {_shown(training[name])}")
     return source, options, dict(config)
 

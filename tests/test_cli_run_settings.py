@@ -82,7 +82,7 @@ def test_force_without_resume_and_a_corrupt_training_entry_are_refused(ratings_f
     (out / "run.json").write_text(json.dumps({**run, "training": {"patience": 1}}))
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 2
-    assert "has no valid training settings (patience, topk)" in capsys.readouterr().err
+    assert "training must be a table of patience, topk" in capsys.readouterr().err
 
 
 def test_training_starts_with_the_data_line_and_summary_gives_both_models_the_same_cutoffs(ratings_file, tmp_path,

@@ -291,6 +291,10 @@ def test_a_model_of_nans_is_refused(run_copy, tmp_path, capsys):
     ("source", "relative/ratings.csv", "source must be 'synthetic' or a data file's absolute path"),
     ("item_shards", "2", "item_shards must be an integer"),
     ("config.hidden_dim", "8", "config: hidden_dim must be a positive integer"),
+    ("training", [1], "training must be a table of patience, topk"),
+    ("training.topk", "xyz", "training.topk must be a non-empty list of integers >= 1"),
+    ("training.topk", [10, 2.5], "training.topk must be a non-empty list of integers >= 1"),
+    ("training.patience", 1.5, "training.patience must be an integer >= 1 or null"),
 ])
 def test_malformed_run_json_fields_are_one_line(run_copy, tmp_path, capsys, field, value, message):
     description = json.loads((run_copy / "run.json").read_text())
