@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -261,32 +262,46 @@ def test_the_pruner_stops_trials_that_trail(ratings_file, tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- kills and several processes
 
 
-def _wait_for_running_trial(out, timeout=120.0):
-    """The number of a trial that is running and has reported at least one epoch."""
+def _running_trial(out):
+    """The number of a trial that runs and has reported at least one epoch, or None. The study file is
+    read read-only: a reader that opened it through Optuna would create the schema itself, racing the
+    tune process that is creating it."""
+    try:
+        with sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True, timeout=60) as db:
+            row = db.execute("SELECT number FROM trials WHERE state = 'RUNNING' AND EXISTS (SELECT 1 FROM "
+                             "trial_intermediate_values v WHERE v.trial_id = trials.trial_id) "
+                             "ORDER BY number LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # no file or no tables yet
+        return None
+    return None if row is None else row[0]
+
+
+def _wait_for_running_trial(process, out, stderr_path, timeout=120.0):
+    """The number of a trial that runs and has reported at least one epoch; an AssertionError with
+    the tune process's errors when it ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (out / "study.db").is_file():
-            try:
-                running = [t for t in _load(out).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                           if t.intermediate_values]
-            except KeyError:  # the study is not created yet
-                running = []
-            if running:
-                return running[0].number
+        number = _running_trial(out)
+        if number is not None:
+            return number
+        assert process.poll() is None, f"tune ended (exit {process.returncode}) before a trial was seen " \
+                                       f"running: {stderr_path.read_text()[-2000:]}"
         time.sleep(0.05)
     raise AssertionError("no trial started")
 
 
 def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path):
-    # 10 epochs: a trial lasts long enough to be killed in the middle of it.
-    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 10})
+    # 40 epochs: a trial lasts long enough (seconds) to be stopped in the middle of it.
+    space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 40})
     out = tmp_path / "out"
     command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     while True:  # stop the process while a trial runs (a trial may finish before the stop lands: then go on)
-        killed = _wait_for_running_trial(out)
+        killed = _wait_for_running_trial(process, out, stderr_path)
         process.send_signal(signal.SIGSTOP)
-        if _load(out).trials[killed].state == optuna.trial.TrialState.RUNNING:
+        if _running_trial(out) == killed:
             break
         process.send_signal(signal.SIGCONT)
     process.send_signal(signal.SIGKILL)
