@@ -91,7 +91,7 @@ def report(line: str) -> None:
 
 
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_block_rule_near_the_best_block(phase):
+def test_block_rule_near_the_best_block(phase, bench_record):
     n_items = 20_108
     batch, z, weight, bias = nll_inputs(n_items)
     rule = nll_block_size(N_USERS, 4, keep_probs=phase == "decoder")  # 20k items: kept within budget
@@ -102,6 +102,7 @@ def test_block_rule_near_the_best_block(phase):
             times[b] = min(times[b], best_time(nll_step(batch, z, weight, bias, phase, b), 2))
     best_block = min(times, key=times.get)
     ratio = times[rule] / times[best_block]
+    bench_record(rule_block=rule, best_block=best_block, rule_s=times[rule], best_s=times[best_block], rule_over_best=ratio)
     report(
         f"{phase} NLL fwd+bwd, {n_items} items: rule block {rule} {times[rule] * 1e3:.1f} ms, best block "
         f"{best_block} {times[best_block] * 1e3:.1f} ms, rule/best {ratio:.3f}; all: "
@@ -181,6 +182,28 @@ def describe_step_floor(floor: dict, n_items: int) -> str:
     return text
 
 
+STEP_KEYS = {"ours, prior cached": "cached_step", "ours": "step", "authors": "authors_step"}
+
+
+def step_values(times: dict, floor: dict) -> dict:
+    """A step bench's figures for its record: each step's seconds, the authors' step / ours, ours /
+    its step floor and / the NLL floor, and the floors."""
+    values = {}
+    for name in sorted(times, key=list(STEP_KEYS).index):
+        key = STEP_KEYS[name]
+        if name != "authors" and "authors" in times:
+            values[f"{key}_speedup"] = times["authors"] / times[name]
+        values[f"{key}_s"] = times[name]
+        if name != "authors":
+            step_floor_s = floor["cached step floor" if name.endswith("prior cached") else "step floor"]
+            values[f"{key}_over_step_floor"] = times[name] / step_floor_s
+            values[f"{key}_over_nll_floor"] = times[name] / floor["floor"]
+    values.update(nll_floor_s=floor["floor"], step_floor_s=floor["step floor"])
+    if "cached step floor" in floor:
+        values["cached_step_floor_s"] = floor["cached step floor"]
+    return values
+
+
 def describe_steps(times: dict, floor: dict, n_items: int) -> tuple[str, dict]:
     """One text for the timed steps against the floors and the authors, and each step's ratio to
     its step floor (the cached encoder step's floor leaves out the prior's products)."""
@@ -201,13 +224,14 @@ def describe_steps(times: dict, floor: dict, n_items: int) -> tuple[str, dict]:
 
 
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_step_vs_floor_ml20m(phase):
+def test_step_vs_floor_ml20m(phase, bench_record):
     n_items = 20_108
     _, z, weight, bias = nll_inputs(n_items)
     floor_parts = step_floor_parts(z, weight, bias, HIDDEN, phase)
     steps = model_step(n_items, phase)
     times = interleaved_best({**floor_parts, **steps}, rounds=5)  # floors and steps in the same rounds
     text, over_floor = describe_steps({name: times[name] for name in steps}, floors(times), n_items)
+    bench_record(**step_values({name: times[name] for name in steps}, floors(times)))
     report(f"{phase} step, {n_items} items: {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name
@@ -215,13 +239,14 @@ def test_step_vs_floor_ml20m(phase):
 
 
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_nll_vs_floor_1m_items(phase):
+def test_nll_vs_floor_1m_items(phase, bench_record):
     n_items = 1_000_000
     batch, z, weight, bias = nll_inputs(n_items)
     blocks = (512, 1024, 2048)  # a shorter sweep: each pass here takes seconds
     times = interleaved_best({**nll_floor_parts(z, weight, bias, phase, blocks),
                               "op": nll_step(batch, z, weight, bias, phase)}, rounds=2)
     floor, op_s = floors(times), times["op"]
+    bench_record(op_s=op_s, nll_floor_s=floor["floor"], op_over_nll_floor=op_s / floor["floor"])
     report(
         f"{phase} NLL fwd+bwd, {n_items} items: {op_s * 1e3:.0f} ms, floor {floor['floor'] * 1e3:.0f} ms "
         f"(logits {floor['logits'] * 1e3:.0f}, second product {floor['second product'] * 1e3:.0f}, "
@@ -232,7 +257,7 @@ def test_nll_vs_floor_1m_items(phase):
 
 @pytest.mark.skipif(not FULL_1M, reason="whole-model steps at 1M items need ~21 GiB: set RECVAE_BENCH_FULL_1M=1")
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_step_vs_floor_1m_items_full_model(phase):
+def test_step_vs_floor_1m_items_full_model(phase, bench_record):
     n_items = 1_000_000
     # One at a time, each freed before the next (together they would not fit in 24 GiB): the
     # authors' step (peak ~20 GiB in the encoder phase, ~19 GiB in the decoder phase; its step
@@ -244,6 +269,7 @@ def test_step_vs_floor_1m_items_full_model(phase):
     steps = model_step(n_items, phase, with_authors=False)
     times = interleaved_best(steps, rounds=2)
     text, over_floor = describe_steps({**times, "authors": authors_s}, floor, n_items)
+    bench_record(**step_values({**times, "authors": authors_s}, floor))
     report(f"{phase} step, {n_items} items (the authors' step timed first, alone): {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name

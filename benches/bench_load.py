@@ -115,7 +115,7 @@ def same_matrix(ours, pandas_result) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-def test_load_vs_pandas(files, kind, compare_speed):
+def test_load_vs_pandas(files, kind, compare_speed, bench_record):
     path = files[0] if kind == "csv" else files[1]
     assert same_matrix(load_interactions(path, rating_threshold=THRESHOLD), pandas_load(path, THRESHOLD))
     ratio = compare_speed(lambda: load_interactions(path, rating_threshold=THRESHOLD),
@@ -123,6 +123,8 @@ def test_load_vs_pandas(files, kind, compare_speed):
                           floor=CSV_FLOOR if kind == "csv" else PARQUET_FLOOR, rounds=3, warmup=1)
     ours_mib, ours_s = peak_memory_mib("ours", path)
     pandas_mib, pandas_s = peak_memory_mib("pandas", path)
+    bench_record(file_mib=path.stat().st_size / 2**20, ours_alone_s=ours_s, ours_peak_mib=ours_mib,
+                 pandas_alone_s=pandas_s, pandas_peak_mib=pandas_mib)
     print(f"\n{kind}, {N_ROWS:,} rows ({path.stat().st_size / 2 ** 20:.0f} MiB): speed-up {ratio:.2f}x; alone in a "
           f"fresh process: ours {ours_s:.2f} s, peak +{ours_mib:.0f} MiB; pandas {pandas_s:.2f} s, "
           f"peak +{pandas_mib:.0f} MiB")

@@ -80,13 +80,15 @@ def steps(phase: str) -> dict:
 
 
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_step_bf16_mixed_vs_float32(phase):
+def test_step_bf16_mixed_vs_float32(phase, bench_record):
     timed = {**steps(phase), **bf16_step_floor_parts(phase)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowPrecisionWarning)
         times = interleaved_best(timed, rounds=3)
     fp32, bf16 = times["32-true"], times["bf16-mixed"]
     floor = floors(times)
+    bench_record(bf16_speedup=fp32 / bf16, fp32_s=fp32, bf16_s=bf16, bf16_over_fp32=bf16 / fp32,
+                 bf16_step_floor_s=floor["step floor"], bf16_over_step_floor=bf16 / floor["step floor"])
     report(f"{phase} step, {N_ITEMS} items: 32-true {fp32 * 1e3:.1f} ms, bf16-mixed {bf16 * 1e3:.1f} ms, "
            f"bf16/fp32 time {bf16 / fp32:.2f} (speed-up {fp32 / bf16:.2f}x); bf16 step floor "
            f"{floor['step floor'] * 1e3:.1f} ms (logits {floor['logits'] * 1e3:.1f}, second product "
@@ -98,7 +100,7 @@ def test_step_bf16_mixed_vs_float32(phase):
         assert bf16 / floor["step floor"] <= MAX_STEP_OVER_FLOOR
 
 
-def test_scoring_bf16_mixed_vs_float32():
+def test_scoring_bf16_mixed_vs_float32(bench_record):
     gen = torch.Generator().manual_seed(0)
     mu = torch.randn(N_USERS, LATENT, generator=gen)
     weight = torch.randn(N_ITEMS, LATENT, generator=gen) / LATENT**0.5
@@ -109,6 +111,7 @@ def test_scoring_bf16_mixed_vs_float32():
         "bf16-mixed": lambda: blocked_topk(mu, weight, bias, seen, K, product_dtype=torch.bfloat16),
     }, rounds=5)
     fp32, bf16 = times["32-true"], times["bf16-mixed"]
+    bench_record(bf16_speedup=fp32 / bf16, fp32_s=fp32, bf16_s=bf16, bf16_over_fp32=bf16 / fp32)
     report(f"scoring + masked top-{K}, {N_ITEMS} items, B {N_USERS}: 32-true {fp32 * 1e3:.1f} ms, bf16-mixed "
            f"{bf16 * 1e3:.1f} ms, bf16/fp32 time {bf16 / fp32:.2f} (speed-up {fp32 / bf16:.2f}x); {cpu_flags_text()}")
     if BF16_UNITS:

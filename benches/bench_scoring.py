@@ -39,7 +39,7 @@ def authors_topk(mu, weight, bias, seen, k):
 # argpartition's int64 index array of the same shape): the run peaks at 8.5 GiB, over the default
 # budget (benches/conftest.py).
 @pytest.mark.parametrize("n_items", [20_108, pytest.param(1_000_000, marks=pytest.mark.big_shape(gib=9))])
-def test_scoring_topk_vs_authors_and_floor(n_items):
+def test_scoring_topk_vs_authors_and_floor(n_items, bench_record):
     gen = torch.Generator().manual_seed(0)
     mu = torch.randn(N_USERS, LATENT, generator=gen)
     weight = torch.randn(n_items, LATENT, generator=gen) / LATENT**0.5
@@ -58,6 +58,8 @@ def test_scoring_topk_vs_authors_and_floor(n_items):
     floor_block = min(blocks, key=lambda b: best["floor", b])
     floor_s = best["floor", floor_block]
     ratio = best["authors"] / best["ours"]
+    bench_record(speedup=ratio, ours_s=best["ours"], authors_s=best["authors"], floor_s=floor_s,
+                 ours_over_floor=best["ours"] / floor_s, block=scoring_block_size(N_USERS), floor_block=floor_block)
     print(
         f"\n[scoring] {N_USERS} users × {n_items} items, top-{K}: ours {best['ours'] * 1e3:.1f} ms "
         f"(block {scoring_block_size(N_USERS)}), authors {best['authors'] * 1e3:.1f} ms ({ratio:.2f}x), "

@@ -124,12 +124,14 @@ def _worker(rank, world_size, init_file, out_file):
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4])
-def test_weak_scaling(tmp_path, n_shards):
+def test_weak_scaling(tmp_path, n_shards, bench_record):
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)  # lazy import paid before forking
     out_file = tmp_path / "result.json"
     mp.start_processes(_worker, args=(n_shards, str(tmp_path / "pg_init"), str(out_file)), nprocs=n_shards,
                        join=True, start_method="fork")
     result = json.loads(out_file.read_text())
+    bench_record(n_items=result["n_items"], **{f"{phase}_{key}": value for phase in ("encoder", "decoder")
+                                               for key, value in result[phase].items()})
     lines = [f"{n_shards} shard(s), {result['n_items']:,} items ({ITEMS_PER_SHARD:,} per shard), B {N_USERS}, "
              f"H {HIDDEN}, K {LATENT}, float32"]
     for phase in ("encoder", "decoder"):
@@ -148,7 +150,7 @@ def test_weak_scaling(tmp_path, n_shards):
 INIT_ITEMS, INIT_SHARDS, INIT_ROUNDS = 100_000, 4, 3
 
 
-def test_initialisation_cost():
+def test_initialisation_cost(bench_record):
     """What ShardedRecVAE's two initialisations cost one rank (one shard of INIT_SHARDS over INIT_ITEMS
     items, H 600, K 200, float32, no process group needed to build one), timed alternately beside the
     one-device RecVAE(H, K, INIT_ITEMS) construction: "one-device" draws all I × (2H + K + 1) numbers as
@@ -170,6 +172,7 @@ def test_initialisation_cost():
             times[name].append(time.perf_counter() - t0)
     numbers = INIT_ITEMS * (2 * HIDDEN + LATENT + 1)
     base = statistics.median(times["one-device RecVAE"])
+    bench_record(**{name.replace(" ", "_").replace("-", "_") + "_s": statistics.median(t) for name, t in times.items()})
     lines = [f"initialisation, {INIT_ITEMS:,} items, shard 2 of {INIT_SHARDS}, H {HIDDEN}, K {LATENT}, float32, "
              f"1 thread, median of {INIT_ROUNDS}:"]
     for name, t in times.items():

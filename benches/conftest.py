@@ -17,16 +17,24 @@ given; the skip message says how much memory they need.
 Every skip's reason is printed in the summary (as with `-rs`). `pytest benches/ -m quick` runs the
 QUICK subset: one side-by-side bench per CPU op at the 20k-item (ML-20M) shape, under three minutes
 on the 2-core development machine (measured in RESULTS.md).
+
+Records: every bench's figures are written as one JSON line when it ends (the `bench_record`
+fixture; compare_speed fills it), and the whole run and the quick subset each as one line in
+benches/results/runs.jsonl; benches/records.py describes a record and where it goes
+(RECVAE_FAST_BENCH_RECORDS=off writes none, =DIR writes them elsewhere).
 """
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from pathlib import Path
 
 import pytest
+import records
 
 DEFAULT_MEMORY_LIMIT_GIB = 8
+_START = pytest.StashKey[float]()
 # The quick subset (`-m quick`): bench file :: test id.
 QUICK = (
     "bench_csr_transpose.py::test_group_by_item_vs_torch_sort",
@@ -47,6 +55,7 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)  # before the terminal reporter reads the report characters
 def pytest_configure(config):
+    config.stash[_START] = time.perf_counter()
     config.addinivalue_line("markers", "big_shape(gib): needs more host memory than the default 8 GiB budget")
     config.addinivalue_line("markers", "quick: the quick subset of the benches (pytest benches/ -m quick)")
     # A skipped ratio (loaded machine, missing CUDA, memory budget) says why in the summary, even under -q.
@@ -106,12 +115,39 @@ def _machine_is_loaded() -> bool:
     return os.getloadavg()[0] > (os.cpu_count() or 1)
 
 
+class BenchFigures:
+    """What one bench measured: `comparison` (fast_s, reference_s, ratio, floor, set by
+    compare_speed) and named `values`, added by calling it: bench_record(encoder_step_s=...)."""
+
+    def __init__(self):
+        self.comparison: dict = {}
+        self.values: dict = {}
+
+    def __call__(self, **values) -> None:
+        self.values.update(values)
+
+
 @pytest.fixture
-def compare_speed(benchmark, request):
+def bench_record(request):
+    """The bench's figures, written as one record (benches/records.py) when the bench ends: after
+    a failed or skipped judgement too, since the figure was measured."""
+    figures = BenchFigures()
+    yield figures
+    if not (figures.comparison or figures.values):
+        return
+    callspec = getattr(request.node, "callspec", None)
+    params = {**records.module_constants(request.module), **records.jsonable(callspec.params if callspec else {})}
+    found = dict(figures.comparison, **({"values": figures.values} if figures.values else {}))
+    record = records.make_record(request.node.nodeid.rsplit("/", 1)[-1], params, **found)
+    records.append(record, request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture
+def compare_speed(benchmark, request, bench_record):
     """compare_speed(fast, reference, floor, rounds=5, warmup=1, sync=None) -> speed-up.
 
-    Records both medians and the ratio in the pytest-benchmark table (extra_info) and in the
-    summary printed at the end of the run; asserts the ratio >= floor.
+    Records both medians and the ratio in the pytest-benchmark table (extra_info), in the
+    summary printed at the end of the run and in the bench's record; asserts the ratio >= floor.
     """
 
     def run(fast, reference, floor: float, rounds: int = 5, warmup: int = 1, sync=None):
@@ -122,6 +158,7 @@ def compare_speed(benchmark, request):
         # One extra timed call so that the pytest-benchmark table has the fast path's row.
         benchmark.pedantic(fast, rounds=1, iterations=1)
         _RESULTS.append((request.node.name, fast_s, ref_s, ratio, floor))
+        bench_record.comparison.update(fast_s=fast_s, reference_s=ref_s, ratio=ratio, floor=floor)
         if ratio < floor and _machine_is_loaded() and os.environ.get("RECVAE_FAST_BENCH_STRICT") != "1":
             pytest.skip(f"speed-up {ratio:.2f}x below its floor {floor}x, not judged: the machine is loaded "
                         f"(1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
@@ -137,9 +174,37 @@ def pytest_terminal_summary(terminalreporter):
 
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     terminalreporter.write_line(f"peak host memory of this run (ru_maxrss): {peak_gib:.2f} GiB")
+    _record_run(terminalreporter, peak_gib)
     if not _RESULTS:
         return
     terminalreporter.section("speed-ups against the reference (median seconds)")
     terminalreporter.write_line(f"{'bench':60s} {'fast':>10s} {'reference':>10s} {'ratio':>7s} {'floor':>6s}")
     for name, fast_s, ref_s, ratio, floor in _RESULTS:
         terminalreporter.write_line(f"{name:60s} {fast_s:10.4f} {ref_s:10.4f} {ratio:6.2f}x {floor:5.1f}x")
+
+
+def _run_selection(config) -> str | None:
+    """'all' for `pytest benches/`, 'quick' for `pytest benches/ -m quick`; None for any other
+    selection (a file, -k, another marker), whose run is not recorded."""
+    benches = Path(__file__).resolve().parent
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    if config.option.keyword or paths != [benches] or config.option.collectonly:
+        return None
+    return {"": "all", "quick": "quick"}.get(config.option.markexpr)
+
+
+def _record_run(terminalreporter, peak_gib: float) -> None:
+    """One record of a whole run or quick subset: wall time, outcome counts, peak memory."""
+    config = terminalreporter.config
+    selection = _run_selection(config)
+    if selection is None:
+        return
+    counts = {outcome: len(terminalreporter.stats.get(outcome, [])) for outcome in ("passed", "skipped", "failed", "error")}
+    if not any(counts.values()):
+        return
+    params = {"selection": selection, "big_shapes": bool(config.getoption("--big-shapes"))
+              or os.environ.get("RECVAE_FAST_BENCH_BIG") == "1",
+              "strict": os.environ.get("RECVAE_FAST_BENCH_STRICT") == "1"}
+    values = {"wall_s": round(time.perf_counter() - config.stash[_START], 1), **counts, "peak_gib": round(peak_gib, 2)}
+    figure = "pytest benches/" + (" -m quick" if selection == "quick" else "")
+    records.append(records.make_record(figure, params, values=values), "runs")
