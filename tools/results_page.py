@@ -29,8 +29,8 @@ TOPICS = (
     ("Loading data", ("bench_load",)),
     ("Item sharding", ("bench_sharding",)),
     ("torch.compile", ("bench_compile",)),
-    ("Mixed precision", ("bench_mixed_precision",)),
-    ("Model quality", ("quality",)),
+    ("Mixed precision", ("bench_mixed_precision", "quality_mixed_precision")),
+    ("Model quality", ("quality_main_job", "quality_small_catalogue")),
     ("Tuning", (TUNING,)),
 )
 COMPARISON = ("fast_s", "reference_s", "ratio", "floor")
@@ -100,7 +100,7 @@ def cell(key: str, value) -> str:
     if isinstance(value, str):
         return value.replace("|", "\\|")
     if key.endswith("_s"):
-        return f"{value * 1e3:,.1f} ms" if value < 1 else f"{value:,.2f} s"
+        return f"{value * 1e3:,.1f} ms" if value < 1 else f"{value:,.2f} s" if value < 100 else f"{value:,.0f} s"
     if key.endswith("_gib"):
         return f"{value:.2f} GiB"
     if key.endswith("_mib"):
@@ -111,7 +111,16 @@ def cell(key: str, value) -> str:
         return f"{value:g}×"
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.4g}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else \
+        f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
+def heading(key: str) -> str:
+    """A column's heading: the key without its unit suffix (the cells carry the unit)."""
+    for suffix in ("_s", "_gib", "_mib"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return key.replace("_over_", " / ").replace("_", " ")
 
 
 def where(record: dict) -> str:
@@ -121,7 +130,7 @@ def where(record: dict) -> str:
     if m.get("cores") is not None:
         parts.append(f"{m['cores']} cores")
     if m.get("torch_threads") is not None:
-        parts.append(f"{m['torch_threads']} torch threads")
+        parts.append(f"{m['torch_threads']} torch thread" + ("" if m["torch_threads"] == 1 else "s"))
     if "cpu_flags" in m:
         parts.append("flags " + (" ".join(m["cpu_flags"]) or "none of avx2/avx512/amx"))
     text = ", ".join(parts) + f"; torch {record.get('torch', 'unknown')}; commit {record.get('commit', 'unknown')}"
@@ -153,6 +162,7 @@ def table(stem: str, rows: list[dict]) -> list[str]:
     shown = [record for record, _ in figures]
     columns = [c for c in COMPARISON if any(c in r for r in shown)]
     value_columns = list(dict.fromkeys(k for r in shown for k in r.get("values", {})))
+    sizes = [p for p in SIZE_PARAMS if len({r.get("params", {}).get(p) for r in shown}) > 1]
     letters: dict[str, str] = {}
     body = []
     for record, group in figures:
@@ -160,9 +170,10 @@ def table(stem: str, rows: list[dict]) -> list[str]:
         name = str(record.get("figure", "?"))
         name = name.split("::", 1)[1] if name.startswith(f"{stem}.py::") else name
         values = record.get("values", {})
-        body.append([cell("", name), *(cell(c, record.get(c)) for c in columns),
+        body.append([cell("", name), *(cell(p, record.get("params", {}).get(p)) for p in sizes),
+                     *(cell(c, record.get(c)) for c in columns),
                      *(cell(c, values.get(c)) for c in value_columns), records_cell(group), letter])
-    header = ["figure", *columns, *(c.replace("_", " ") for c in value_columns), "records", "at"]
+    header = ["figure", *sizes, *map(heading, columns + value_columns), "records", "at"]
     lines = [f"### {stem}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += [""] + [f"- {letter}: {text}" for text, letter in letters.items()]
