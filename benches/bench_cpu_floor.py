@@ -163,9 +163,16 @@ def authors_best_time(n_items: int, phase: str, rounds: int) -> float:
     return seconds
 
 
+def gflops(floor: dict, n_items: int) -> dict:
+    """GFLOP/s of the NLL floor's two products and of the square product timed beside them."""
+    product_flop = 2 * N_USERS * LATENT * n_items  # each of the NLL's two products
+    return {"logits": product_flop / floor["logits"] / 1e9,
+            "second product": product_flop / floor["second product"] / 1e9,
+            "square product": 2 * SQUARE_SIDE**3 / floor["square product"] / 1e9}
+
+
 def describe_step_floor(floor: dict, n_items: int) -> str:
     ms = {k: f"{v * 1e3:.1f}" for k, v in floor.items()}
-    product_flop = 2 * N_USERS * LATENT * n_items  # each of the NLL's two products
     text = (f"NLL floor {ms['floor']} ms (logits {ms['logits']}, second product {ms['second product']}, exp "
             f"{ms['exp']}), step floor {ms['step floor']} ms (+ MLP products {ms['MLP products']}")
     if "cached step floor" in floor:
@@ -175,19 +182,18 @@ def describe_step_floor(floor: dict, n_items: int) -> str:
     if "cached step floor" in floor:
         text += f", without the prior's products {ms['cached step floor']} ms"
     if "square product" in floor:
-        square_flop = 2 * SQUARE_SIDE**3
-        text += (f"; GFLOP/s: logits {product_flop / floor['logits'] / 1e9:.0f}, second product "
-                 f"{product_flop / floor['second product'] / 1e9:.0f}, a {SQUARE_SIDE}-square product "
-                 f"{square_flop / floor['square product'] / 1e9:.0f}")
+        rate = gflops(floor, n_items)
+        text += (f"; GFLOP/s: logits {rate['logits']:.0f}, second product {rate['second product']:.0f}, a "
+                 f"{SQUARE_SIDE}-square product {rate['square product']:.0f}")
     return text
 
 
 STEP_KEYS = {"ours, prior cached": "cached_step", "ours": "step", "authors": "authors_step"}
 
 
-def step_values(times: dict, floor: dict) -> dict:
+def step_values(times: dict, floor: dict, n_items: int) -> dict:
     """A step bench's figures for its record: each step's seconds, the authors' step / ours, ours /
-    its step floor and / the NLL floor, and the floors."""
+    its step floor and / the NLL floor, the floors, and the GFLOP/s of the floor's products."""
     values = {}
     for name in sorted(times, key=list(STEP_KEYS).index):
         key = STEP_KEYS[name]
@@ -201,6 +207,8 @@ def step_values(times: dict, floor: dict) -> dict:
     values.update(nll_floor_s=floor["floor"], step_floor_s=floor["step floor"])
     if "cached step floor" in floor:
         values["cached_step_floor_s"] = floor["cached step floor"]
+    if "square product" in floor:
+        values.update({f"{name.replace(' ', '_')}_gflops": rate for name, rate in gflops(floor, n_items).items()})
     return values
 
 
@@ -231,7 +239,7 @@ def test_step_vs_floor_ml20m(phase, bench_record):
     steps = model_step(n_items, phase)
     times = interleaved_best({**floor_parts, **steps}, rounds=5)  # floors and steps in the same rounds
     text, over_floor = describe_steps({name: times[name] for name in steps}, floors(times), n_items)
-    bench_record(**step_values({name: times[name] for name in steps}, floors(times)))
+    bench_record(**step_values({name: times[name] for name in steps}, floors(times), n_items))
     report(f"{phase} step, {n_items} items: {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name
@@ -269,7 +277,7 @@ def test_step_vs_floor_1m_items_full_model(phase, bench_record):
     steps = model_step(n_items, phase, with_authors=False)
     times = interleaved_best(steps, rounds=2)
     text, over_floor = describe_steps({**times, "authors": authors_s}, floor, n_items)
-    bench_record(**step_values({**times, "authors": authors_s}, floor))
+    bench_record(**step_values({**times, "authors": authors_s}, floor, n_items))
     report(f"{phase} step, {n_items} items (the authors' step timed first, alone): {text}")
     for name, ratio in over_floor.items():
         assert ratio <= MAX_STEP_OVER_STEP_FLOOR, name
