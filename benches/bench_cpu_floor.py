@@ -102,7 +102,8 @@ def test_block_rule_near_the_best_block(phase, bench_record):
             times[b] = min(times[b], best_time(nll_step(batch, z, weight, bias, phase, b), 2))
     best_block = min(times, key=times.get)
     ratio = times[rule] / times[best_block]
-    bench_record(rule_block=rule, best_block=best_block, rule_s=times[rule], best_s=times[best_block], rule_over_best=ratio)
+    bench_record(rule_block=rule, best_block=best_block, rule_s=times[rule], best_s=times[best_block],
+                 rule_over_best=ratio)
     report(
         f"{phase} NLL fwd+bwd, {n_items} items: rule block {rule} {times[rule] * 1e3:.1f} ms, best block "
         f"{best_block} {times[best_block] * 1e3:.1f} ms, rule/best {ratio:.3f}; all: "

@@ -199,7 +199,8 @@ def _record_run(terminalreporter, peak_gib: float) -> None:
     selection = _run_selection(config)
     if selection is None:
         return
-    counts = {outcome: len(terminalreporter.stats.get(outcome, [])) for outcome in ("passed", "skipped", "failed", "error")}
+    counts = {outcome: len(terminalreporter.stats.get(outcome, []))
+              for outcome in ("passed", "skipped", "failed", "error")}
     if not any(counts.values()):
         return
     params = {"selection": selection, "big_shapes": bool(config.getoption("--big-shapes"))

@@ -223,7 +223,8 @@ def test_concurrent_writers_never_split_a_line(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     lines = (tmp_path / "bench_x.jsonl").read_text(encoding="utf-8").splitlines()
-    assert sorted((r["writer"], r["k"]) for r in map(json.loads, lines)) == [(w, k) for w in range(4) for k in range(40)]
+    written = sorted((r["writer"], r["k"]) for r in map(json.loads, lines))
+    assert written == [(w, k) for w in range(4) for k in range(40)]
 
 
 def test_a_bench_run_writes_its_record(tmp_path):

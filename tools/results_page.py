@@ -223,7 +223,8 @@ def render(records: dict[str, list[dict]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=Path, default=RECORDS, help="folder of *.jsonl records (default: %(default)s)")
+    parser.add_argument("--records", type=Path, default=RECORDS,
+                        help="folder of *.jsonl records (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=PAGE, help="the page to write (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the page differs")
     args = parser.parse_args(argv)
