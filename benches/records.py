@@ -106,7 +106,7 @@ def append(record: dict, name: str, folder: Path | None = None) -> Path | None:
     folder = records_dir() if folder is None else folder
     if folder is None:
         return None
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    line = (json.dumps(record, ensure_ascii=False, default=_plain) + "\n").encode("utf-8")
     path = folder / f"{name}.jsonl"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,6 +121,11 @@ def append(record: dict, name: str, folder: Path | None = None) -> Path | None:
         warnings.warn(f"bench record not written to {path}: {exc}", stacklevel=2)
         return None
     return path
+
+
+def _plain(value):
+    """numpy and torch scalars as Python numbers (json knows neither); anything else as its text."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def module_constants(module) -> dict:

@@ -202,6 +202,14 @@ def test_records_off_or_elsewhere(monkeypatch, tmp_path):
     assert records.records_dir() == ROOT / "benches" / "results"
 
 
+def test_numpy_and_torch_scalars_are_written_as_numbers(tmp_path):
+    import numpy as np
+    import torch
+
+    path = records.append({"values": {"block": np.int64(4096), "ratio": torch.tensor(2.5)}}, "bench_x", tmp_path)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"values": {"block": 4096, "ratio": 2.5}}
+
+
 def test_an_unwritable_folder_is_a_warning(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
