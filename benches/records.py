@@ -9,8 +9,8 @@ A record:
   (its upper-case int, float, str and bool globals);
 - fast_s, reference_s, ratio, floor: a side-by-side comparison (median seconds of each side, the
   ratio reference / fast, the floor it is judged against), where the bench makes one;
-- values: the bench's other figures by name (seconds end in _s, memory in _gib / _mib, ratios of
-  a time to a floor in _over_floor, speed-ups in _speedup);
+- values: the bench's other figures by name (seconds end in _s, memory in _gib / _mib, rates in
+  _gflops, speed-ups in _speedup; a_over_b is one time over another, such as a step over its floor);
 - machine: cpu (the kernel's model name), cores, torch_threads (when written), cpu_flags (avx2,
   avx512*, amx*), cpu_capability (torch's), load_avg (1-minute load average when written);
 - torch, python: versions;
