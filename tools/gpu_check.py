@@ -162,7 +162,7 @@ def model_steps(tiny: bool) -> list[tuple]:
     from batches import user_item_batch
 
     from recvae_fast import RecVAE
-    from recvae_fast.reference import VAE
+    from recvae_fast.testing.reference import VAE
     from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,7 +273,7 @@ def mixed_precision_check(tiny: bool) -> list[tuple]:
     from batches import user_item_batch
 
     from recvae_fast import RecVAE, recommend
-    from recvae_fast.reference import VAE
+    from recvae_fast.testing.reference import VAE
     from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
