@@ -1,9 +1,8 @@
 """torch.compile (Inductor, CPU, fullgraph=True) against eager: one training step at the ML-20M shape.
 
-Shape: 20,108 items, batch 500, 75 items per user, H 600, K 200, float32, the plain torch ops
-(RECVAE_FAST_BACKEND=torch, what RecVAE runs on CPU tensors). A step is what `train_step` does:
-zero the phase's gradients, the loss (`RecVAE.loss_terms` on a canonical CSRBatch), backward, Adam
-step. "fast" is the step with the loss compiled, "reference" the same step eager; the ratio is
+Shape: 20,108 items, batch 500, 75 items per user, H 600, K 200, float32, the ops RecVAE runs on
+CPU tensors. A step is what `train_step` does: zero the phase's gradients, the loss
+(`RecVAE.loss_terms` on a canonical CSRBatch), backward, Adam step. "fast" is the step with the loss compiled, "reference" the same step eager; the ratio is
 eager time / compiled time, and its floor guards against compile becoming much slower than eager.
 The encoder step uses the dense fc1 gradient: the row-sparse one (sparse=True embedding_bag) fails
 to compile (Inductor, torch 2.13). Before timing, the compiled loss and gradients are checked
@@ -18,11 +17,6 @@ from recvae_fast.training import TrainConfig, make_optimizers
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 20_108, 500, 75, 600, 200
 FLOORS = {"encoder": 0.7, "decoder": 0.7}
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
 
 
 def phase_loss(model, batch, phase, cfg, keep_mask=None, eps=None):

@@ -11,7 +11,7 @@ Encoder steps are timed two ways: with the prior's old-encoder posterior compute
 the authors' code does), and read from fit's cache (recvae_fast.posterior_cache: how fit runs
 every encoder step after its first pass), the latter against a floor without the prior's products.
 Reported: step / NLL floor, step / step floor (goal ≤ 1.5), and the authors' step / ours (the
-reference dense VAE, recvae_fast.reference, with its own Adam); and the GFLOP/s of the floor's two
+reference dense VAE, recvae_fast.testing.reference, with its own Adam); and the GFLOP/s of the floor's two
 NLL products beside a square product's, timed in the same rounds (the machine's GEMM rate).
 
 Shapes: B 500, ~75 items per user, H 600, K 200, float32, torch's threads.
@@ -45,7 +45,7 @@ from cpu_floor import (SQUARE_SIDE, SWEEP, apply_bench_threads, best_time, floor
 
 from recvae_fast import RecVAE, torch_ops
 from recvae_fast.cache_blocks import nll_block_size
-from recvae_fast.reference import VAE
+from recvae_fast.testing.reference import VAE
 from recvae_fast.sparse import as_csr_batch
 from recvae_fast.training import TrainConfig, fc1_grad_is_row_sparse, make_optimizers, train_step
 
@@ -134,7 +134,7 @@ def model_step(n_items: int, phase: str, with_authors: bool = True) -> dict:
 
 
 def authors_step(ratings, n_items: int, phase: str, cfg: TrainConfig, state_dict=None):
-    """The authors' training step for the phase: the reference dense VAE (recvae_fast.reference)
+    """The authors' training step for the phase: the reference dense VAE (recvae_fast.testing.reference)
     on the dense ratings, with its own Adam over the phase's half; weights from state_dict if given."""
     ref = VAE(HIDDEN, LATENT, n_items)
     if state_dict is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from batches import user_item_batch
 
-from recvae_fast.reference import VAE
+from recvae_fast.testing.reference import VAE
 from recvae_fast.training import fit
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, BATCH, N_EPOCHS = 20_108, 1_500, 75, 500, 2

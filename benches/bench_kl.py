@@ -1,7 +1,7 @@
 """The composite prior's KL term, forward + backward in mu and logvar, B 500, K 200, float32, CPU:
 CompositePrior.kl (model._KLPerUser; on the CPU its forward is one C++ pass per row,
 recvae_fast::composite_prior_kl) against the authors' expression through autograd
-(recvae_fast.reference: log_norm_pdf minus the reference prior's log-density, summed over k), and
+(recvae_fast.testing.reference: log_norm_pdf minus the reference prior's log-density, summed over k), and
 against _KLPerUser's torch-ops forward (USE_CPP_KL off: what CUDA runs). Correctness:
 tests/test_kl_terms.py and tests/test_op_composite_prior_kl.py.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recvae_fast import model as model_module
-from recvae_fast import reference
+from recvae_fast.testing import reference
 from recvae_fast.model import CompositePrior
 
 N_USERS, LATENT = 500, 200

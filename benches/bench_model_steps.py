@@ -12,7 +12,7 @@ import torch
 from batches import user_item_batch
 
 from recvae_fast import RecVAE
-from recvae_fast.reference import VAE
+from recvae_fast.testing.reference import VAE
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, HIDDEN, LATENT = 20_108, 500, 75, 600, 200

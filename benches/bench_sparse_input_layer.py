@@ -10,7 +10,7 @@ CUDA: 20k and 1M items. Its floors are conservative placeholders, not measured: 
 recorded in benches/RESULTS.md, set them below it with room for noise. CPU: 20,108 and 100k items
 (the dense reference at 1M items would take minutes per call on two cores).
 Correctness is tested in tests/test_op_sparse_input_layer.py, tests/test_model.py and
-benches/gpu_check_sparse_input_layer.py.
+tools/gpu_check_sparse_input_layer.py.
 """
 from __future__ import annotations
 

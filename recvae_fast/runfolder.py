@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -27,7 +26,8 @@ import scipy.sparse as sp
 
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .data.ids import read_json  # noqa: F401  (JSON of a run folder: DataError naming the file)
-from .data.storage import ITEMS_NAME, SPLIT_NAME, USERS_NAME  # noqa: F401  (the split's files, Split.save)
+from .data.split import ITEMS_NAME, SPLIT_NAME, USERS_NAME  # noqa: F401  (the split's files, Split.save)
+from .hashing import Digest
 
 MODEL_NAME = "model.pt"  # the best model, a state_dict in the authors' format
 CHECKPOINT_NAME = "checkpoint.pt"  # everything `--resume` needs, with the epochs' history
@@ -181,20 +181,20 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
 def fingerprint(*arrays) -> str:
     """sha256 over the given matrices and arrays (sparse: shape, indptr, indices, data; numpy:
     dtype, shape, bytes; anything else: its JSON). Equal fingerprints mean the same data."""
-    digest = hashlib.sha256()
+    digest = Digest()
     for a in arrays:
         if a is None:
-            digest.update(b"none|")
+            digest.raw(b"none|")
         elif sp.issparse(a):
             m = sp.csr_matrix(a)
             m.sort_indices()
-            digest.update(f"csr{m.shape}|".encode())
+            digest.raw(f"csr{m.shape}|".encode())
             for part in (m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(np.float32)):
-                digest.update(np.ascontiguousarray(part).tobytes())
+                digest.raw(np.ascontiguousarray(part).tobytes())
         elif isinstance(a, np.ndarray) and a.dtype != object:
-            digest.update(f"{a.dtype.str}{a.shape}|".encode())
-            digest.update(np.ascontiguousarray(a).tobytes())
+            digest.raw(f"{a.dtype.str}{a.shape}|".encode())
+            digest.raw(np.ascontiguousarray(a).tobytes())
         else:
-            digest.update(json.dumps(np.asarray(a).tolist() if isinstance(a, np.ndarray) else a).encode())
-        digest.update(b"#")
+            digest.raw(json.dumps(np.asarray(a).tolist() if isinstance(a, np.ndarray) else a).encode())
+        digest.raw(b"#")
     return digest.hexdigest()

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from recvae_fast import RecVAE
-from recvae_fast.reference import VAE
+from recvae_fast.testing.reference import VAE
 
 
 def random_ratings(n_users: int, n_items: int, seed: int = 0, binary: bool = False, max_items: int = 40):

@@ -19,6 +19,7 @@ from recvae_fast.data import (
     synthetic_dataset,
 )
 from recvae_fast.data.ids import STRING_IDS
+from recvae_fast.data.split import ids_hash
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,6 @@ def test_id_files_from_another_save_are_detected(tmp_path, split):
 def forge(folder, split, items=None, users=None, **arrays):
     """Write a split folder whose JSON files and hash agree, with some arrays replaced: what an
     attacker (or a buggy tool) could produce."""
-    from recvae_fast.data import storage
-
     split.save(folder)
     items_bytes = json.dumps(split.item_ids.tolist() if items is None else items).encode()
     users_obj = {"train": split.train_user_ids.tolist(), "valid": split.valid_user_ids.tolist(),
@@ -127,7 +126,7 @@ def forge(folder, split, items=None, users=None, **arrays):
     users_bytes = json.dumps(users_obj).encode()
     (folder / "items.json").write_bytes(items_bytes)
     (folder / "users.json").write_bytes(users_bytes)
-    digest = np.frombuffer(bytes.fromhex(storage._sha256(items_bytes, users_bytes)), dtype=np.uint8)
+    digest = np.frombuffer(bytes.fromhex(ids_hash(items_bytes, users_bytes)), dtype=np.uint8)
     rewrite_npz(folder / "split.npz", ids_sha256=digest, **arrays)
 
 

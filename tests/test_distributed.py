@@ -47,7 +47,6 @@ def spawn(worker, world_size: int, tmp_path, *args, timeout_s: float = 60) -> No
 
 
 def _bootstrap(rank, world_size, init_file, timeout_s, worker, args):
-    os.environ["RECVAE_FAST_BACKEND"] = "torch"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))

@@ -21,11 +21,6 @@ N_ITEMS = 37  # not a multiple of anything; k = 30 leaves heavy users fewer than
 TIED_ITEMS = (3, 11, 12, 29)  # identical decoder rows: these items always score exactly the same
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RECVAE_FAST_BACKEND", "torch")
-
-
 def _model(dtype, seed):
     torch.manual_seed(seed)
     model = RecVAE(13, 7, N_ITEMS).to(dtype).eval()

@@ -1,10 +1,10 @@
 """Offline GPU compile guard: the Triton kernels compile for sm_90 (and sm_80), fit shared memory
-and stay under the spill budget (benches/compile_check.py says what is checked and why).
+and stay under the spill budget (tools/compile_check.py says what is checked and why).
 
-Runs benches/compile_check.py once per session in a subprocess (the kernels must be compiled, not
+Runs tools/compile_check.py once per session in a subprocess (the kernels must be compiled, not
 interpreted, so TRITON_INTERPRET is removed there). Default level "quick": one variant per kernel,
 its largest tiles; RECVAE_FAST_COMPILE_CHECK=sample or full runs more. Skipped only when the
-installed triton has no ptxas. The triton 3.6 run: benches/compile_check_triton36.sh.
+installed triton has no ptxas. The triton 3.6 run: tools/compile_check_triton36.sh.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def compile_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benches", "compile_check.py"), "--level", LEVEL, "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "tools", "compile_check.py"), "--level", LEVEL, "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=3600,
     )
     if not out.exists():

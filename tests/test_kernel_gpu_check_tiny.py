@@ -1,4 +1,4 @@
-"""benches/gpu_check.py (the one prepared GPU check) runs end to end on the CPU with --tiny, under
+"""tools/gpu_check.py (the one prepared GPU check) runs end to end on the CPU with --tiny, under
 the Triton interpreter: a broken script would otherwise be found only on a GPU machine, where each
 minute counts."""
 from __future__ import annotations
@@ -16,14 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = [
     pytest.mark.interpreter,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run benches/gpu_check.py itself"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run tools/gpu_check.py itself"),
     pytest.mark.skipif(interpreter_numpy_problem() is not None, reason=str(interpreter_numpy_problem())),
 ]
 
 
 def test_gpu_check_tiny_runs_and_passes_on_the_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "gpu_check.py"), "--tiny"],
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--tiny"],
                          env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     out = run.stdout

@@ -1,5 +1,5 @@
 """CompositePrior.kl: Σ_k [log q(z|x) − log p(z)] per user with its gradients in mu and logvar
-written out (model._KLPerUser), against the reference's (recvae_fast.reference) log_norm_pdf and
+written out (model._KLPerUser), against the reference's (recvae_fast.testing.reference) log_norm_pdf and
 CompositePrior through autograd, on odd shapes; every test on both routes of its forward (the C++
 recvae_fast::composite_prior_kl, the CPU default, and torch ops; the op alone:
 test_op_composite_prior_kl.py)."""
@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from recvae_fast import reference
+from recvae_fast.testing import reference
 from recvae_fast import model as model_module
 from recvae_fast.model import CompositePrior
 
@@ -54,7 +54,7 @@ class _GivenOldPosterior(torch.nn.Module):
 
 
 def _expression(prior, mu, logvar, eps, old):
-    """The authors' loss terms (recvae_fast.reference), sharing `prior`'s parameters: the
+    """The authors' loss terms (recvae_fast.testing.reference), sharing `prior`'s parameters: the
     reparameterised z, then log q − log p summed over k."""
     ref = reference.CompositePrior(4, mu.shape[-1], 5)
     ref.mu_prior, ref.logvar_prior = prior.mu_prior, prior.logvar_prior

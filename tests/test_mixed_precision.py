@@ -18,7 +18,7 @@ from helpers import grads_by_authors_name, model_pair, pinned_noise, random_rati
 
 from recvae_fast import RecVAE, precision, recommend, torch_ops
 from recvae_fast import model as model_mod
-from recvae_fast.reference import swish
+from recvae_fast.testing.reference import swish
 from recvae_fast.sparse import as_csr_batch
 from recvae_fast.training import TrainConfig
 

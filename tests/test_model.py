@@ -10,8 +10,9 @@ import scipy.sparse as sp
 import torch
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
 
-from recvae_fast import RecVAE, model, reference
-from recvae_fast.reference import VAE, log_norm_pdf, swish
+from recvae_fast import RecVAE, model
+from recvae_fast.testing import reference
+from recvae_fast.testing.reference import VAE, log_norm_pdf, swish
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 

@@ -27,7 +27,7 @@ def _quiet_slow_warning():
 def test_fit_bf16_mixed_matches_float32_ndcg():
     """Mean test NDCG@100 over 3 seeds within 0.005 of float32's (a smaller synthetic set than the
     CLI's, with fewer items and clearer tastes, so that 6 short fits learn well past popularity;
-    benches/quality_mixed_precision.py runs the CLI's main job)."""
+    tools/quality_mixed_precision.py runs the CLI's main job)."""
     interactions = data_mod.synthetic_dataset(n_users=2000, n_items=300, seed=0, n_topics=8, noise=0.1,
                                               mean_items_per_user=30)
     ndcg = {name: [] for name in precision.PRECISIONS}

@@ -19,9 +19,7 @@ TINY_SYNTHETIC = ["train", "synthetic", "--epochs", "2", "--hidden-dim", "8", "-
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RECVAE_FAST_BACKEND", "torch")
-        assert main([*TINY_SYNTHETIC, "--out", str(out)]) == 0
+    assert main([*TINY_SYNTHETIC, "--out", str(out)]) == 0
     return out
 
 

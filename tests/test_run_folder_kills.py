@@ -3,7 +3,6 @@ second writer is refused while it runs, and resuming ends exactly where an unint
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -60,8 +59,8 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start_train(args, env):
-    return subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", *args], env=env,
+def _start_train(args):
+    return subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
 
@@ -95,8 +94,6 @@ def _holds_lock(run, proc):
 def test_kills_at_random_points_leave_a_resumable_run(ratings_file, tmp_path, capsys):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    env = {**os.environ, "RECVAE_FAST_BACKEND": "torch"}
-    os.environ["RECVAE_FAST_BACKEND"] = "torch"
     reference, run = tmp_path / "reference", tmp_path / "killed"
     assert main(["train", str(ratings_file), "--out", str(reference), *TRAIN]) == 0
     capsys.readouterr()
@@ -105,7 +102,7 @@ def test_kills_at_random_points_leave_a_resumable_run(ratings_file, tmp_path, ca
     for attempt, sig in enumerate([signal.SIGINT, signal.SIGKILL, signal.SIGKILL]):
         args = ["--out", str(run), "--resume", "--no-progress"] if (run / "run.json").exists() \
             else [str(ratings_file), "--out", str(run), *TRAIN]
-        proc = _start_train(args, env)
+        proc = _start_train(args)
         started = _wait_until(_holds_lock(run, proc), proc)
         if attempt == 0 and started and _wait_until((run / "run.json").exists, proc):
             # While it trains, a second writer is refused with the holder's pid.

@@ -1,15 +1,16 @@
 """Data: interaction files, the paper's preprocessing and strong-generalisation split, the
-embedded synthetic dataset, and the split's storage in a run folder.
+embedded synthetic dataset, and the split's files in a run folder.
 
 Modules, top-down:
 - `ids`: original user/item ids and `IdMap`, the one map between ids and matrix positions;
+- `npz`: CSR matrices in .npz archives, written atomically and validated on reading (no pickle);
 - `interactions`: `Interactions`, a CSR users × items matrix with its ids;
 - `layout`: a text file's separator, header and user/item/rating columns, detected;
 - `readers`: `load_interactions` for CSV/TSV, MovieLens, RecBole .inter and Parquet files (pyarrow),
   and `has_rating_column`;
 - `preprocess`: drop users (and items) with too few interactions;
-- `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` /
-  `Split.fingerprint` implemented in `storage` (a run folder's split.npz, items.json, users.json);
+- `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` (a run
+  folder's split.npz, items.json, users.json) and `Split.fingerprint`;
 - `synthetic`: `synthetic_dataset`.
 
 Every problem with the input raises `DataError` (a ValueError) with one line that names it.

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write_text
 from .errors import DataError
 from .ids import IdMap, ids_from_arrays, ids_to_arrays, normalize_ids, read_json
-from .storage import csr_from_arrays, open_npz
+from .npz import csr_from_arrays, csr_to_arrays, open_npz, save_npz
 
 
 def canonical_csr(matrix) -> sp.csr_matrix:
@@ -109,10 +109,8 @@ class Interactions:
 
     def save(self, path) -> None:
         """Matrix and ids in one .npz file, atomically, no pickle (read with `Interactions.load`)."""
-        m = self.matrix
-        arrays = dict(indptr=m.indptr, indices=m.indices, data=m.data, shape=np.array(m.shape, dtype=np.int64),
-                      **ids_to_arrays(self.user_ids, "user"), **ids_to_arrays(self.item_ids, "item"))
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        save_npz(path, {**csr_to_arrays(self.matrix), **ids_to_arrays(self.user_ids, "user"),
+                        **ids_to_arrays(self.item_ids, "item")})
 
     @classmethod
     def load(cls, path) -> "Interactions":
@@ -137,13 +135,6 @@ def load_id_maps(path) -> tuple[np.ndarray, np.ndarray]:
     users = IdMap.from_json_list(payload["user_ids"], "user", path.name)
     items = IdMap.from_json_list(payload["item_ids"], "item", path.name)
     return users.ids, items.ids
-
-
-def from_triples(users: np.ndarray, items: np.ndarray, values: np.ndarray | None, binary: bool) -> Interactions:
-    """Interactions from parallel id/value arrays; duplicates summed (or set to 1 if binary)."""
-    user_ids, rows = np.unique(users, return_inverse=True)
-    item_ids, cols = np.unique(items, return_inverse=True)
-    return from_codes(rows.reshape(-1), cols.reshape(-1), values, binary, user_ids, item_ids)
 
 
 def from_codes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None, binary: bool,

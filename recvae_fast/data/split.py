@@ -1,16 +1,37 @@
 """The strong-generalisation split (Liang et al. 2018, as RecVAE uses it): held-out users for
 validation and test, items restricted to those seen in training, each held-out user's items split
-into fold-in and held-out parts. `Split.save` / `Split.load` store it in a run folder (storage.py)."""
+into fold-in and held-out parts.
+
+`Split.save` stores it in a run folder as three files, each written atomically, none needing pickle:
+- split.npz: the five CSR matrices as plain numeric arrays (`<name>_indptr`, `<name>_indices`,
+  `<name>_data`, `<name>_shape`, see npz.py) and `ids_sha256`, the SHA-256 of the two JSON files
+  below as written together with it (so a split.npz next to another save's JSON files is detected);
+- items.json: column -> original item id, a JSON list (the model's columns);
+- users.json: {"train": [...], "valid": [...], "test": [...]}, the original user id of each row.
+
+`Split.load` validates everything before returning: array kinds and shapes, CSR structure (index
+ranges, sorted unique columns per row), finite values, that all matrices share the item columns,
+and that the id counts match the matrices. Every failure is a DataError naming the file.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from ..atomic import atomic_write_bytes
+from ..hashing import Digest
 from .errors import DataError
-from .ids import IdMap
+from .ids import IdMap, read_json
 from .interactions import Interactions, canonical_csr
+from .npz import csr_from_arrays, csr_to_arrays, open_npz, save_npz
+
+SPLIT_NAME, ITEMS_NAME, USERS_NAME = "split.npz", "items.json", "users.json"
+_USER_PARTS = {"train": "train_user_ids", "valid": "valid_user_ids", "test": "test_user_ids"}
+
 
 @dataclass(eq=False)
 class Split:
@@ -40,26 +61,74 @@ class Split:
         return IdMap(self.item_ids, "item")
 
     def save(self, folder) -> None:
-        """Write the split into `folder` (split.npz, items.json, users.json), each file atomically,
-        no pickle; `Split.load(folder)` reads it back."""
-        from .storage import save_split
-
-        save_split(self, folder)
+        """Write the split into `folder` (which must exist): items.json, users.json, then
+        split.npz, which names the JSON files' hash; each file atomically, no pickle.
+        `Split.load(folder)` reads it back."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"cannot save the split: {folder} is not a folder")
+        items, users = self._ids_json()
+        arrays = {"ids_sha256": np.frombuffer(bytes.fromhex(ids_hash(items, users)), dtype=np.uint8)}
+        for name in self.MATRICES:
+            arrays.update(csr_to_arrays(getattr(self, name), f"{name}_"))
+        atomic_write_bytes(folder / ITEMS_NAME, items)
+        atomic_write_bytes(folder / USERS_NAME, users)
+        save_npz(folder / SPLIT_NAME, arrays)
 
     @classmethod
     def load(cls, folder) -> "Split":
         """Read a split written by `save`, validating every array and id (DataError naming the
-        file and the problem otherwise)."""
-        from .storage import load_split
+        file and the problem otherwise; see the module docstring)."""
+        folder = Path(folder)
+        split_path, items_path, users_path = folder / SPLIT_NAME, folder / ITEMS_NAME, folder / USERS_NAME
+        with open_npz(split_path) as z:
+            matrices = {name: csr_from_arrays(z, f"{name}_", split_path.name) for name in cls.MATRICES}
+            stored_hash = np.asarray(z["ids_sha256"])
+        _check_ids_files_exist(folder)
+        items = IdMap.load_json(items_path, "item")
+        users = read_json(users_path)
+        if not isinstance(users, dict) or set(users) != set(_USER_PARTS):
+            raise DataError(f"{users_path}: expected an object with the keys train, valid and test")
+        user_maps = {part: IdMap.from_json_list(users[part], "user", f"{users_path.name} ({part})")
+                     for part in _USER_PARTS}
+        _check_ids_hash(folder, stored_hash)
 
-        return load_split(folder)
+        n_items = len(items)
+        for name, m in matrices.items():
+            if m.shape[1] != n_items:
+                raise DataError(f"{split_path.name}: {name} has {m.shape[1]} columns but {items_path.name} "
+                                f"has {n_items} item ids")
+        for part, names in (("train", ("train",)), ("valid", ("valid_in", "valid_out")),
+                            ("test", ("test_in", "test_out"))):
+            for name in names:
+                if matrices[name].shape[0] != len(user_maps[part]):
+                    raise DataError(f"{split_path.name}: {name} has {matrices[name].shape[0]} rows but "
+                                    f"{users_path.name} has {len(user_maps[part])} {part} user ids")
+        all_users = np.concatenate([user_maps[p].ids.astype(object) for p in _USER_PARTS])
+        if len(set(all_users.tolist())) != all_users.size:
+            raise DataError(f"{users_path}: a user is in more than one of train, valid and test")
+        return cls(**matrices, item_ids=items.ids, **{attr: user_maps[part].ids for part, attr in _USER_PARTS.items()})
 
     def fingerprint(self) -> str:
         """A short stable hash of the matrices (shapes, structure, values) and all ids: equal
-        for equal splits, different when any of them differs (for resume checks)."""
-        from .storage import split_fingerprint
+        for equal splits, different when any of them differs (for resume checks). 16 hex digits
+        of SHA-256 over every matrix (shape, indptr, indices, float32 values) and the ids as JSON:
+        stable across runs and machines, independent of index dtypes."""
+        digest = Digest()
+        for name in self.MATRICES:
+            m = getattr(self, name)
+            for arr in (np.array(m.shape, dtype="<i8"), m.indptr.astype("<i8"), m.indices.astype("<i8"),
+                        m.data.astype("<f4")):
+                digest.sized(arr.tobytes(), arr.size)
+        for blob in self._ids_json():
+            digest.sized(blob)
+        return digest.hexdigest()[:16]
 
-        return split_fingerprint(self)
+    def _ids_json(self) -> tuple[bytes, bytes]:
+        """items.json's and users.json's bytes."""
+        items = json.dumps(self.item_ids.tolist()).encode("utf-8")
+        users = json.dumps({part: getattr(self, attr).tolist() for part, attr in _USER_PARTS.items()})
+        return items, users.encode("utf-8")
 
     def __repr__(self) -> str:
         return (f"Split({self.n_items} items; train {self.train.shape[0]} users, valid "
@@ -139,3 +208,34 @@ def split_strong_generalization(
         test_user_ids=interactions.user_ids[test_rows],
     )
 
+
+def ids_hash(items_json: bytes, users_json: bytes) -> str:
+    """The SHA-256 that split.npz stores (`ids_sha256`) of the items.json and users.json written with it."""
+    return Digest().sized(items_json).sized(users_json).hexdigest()
+
+
+def _check_ids_files_exist(folder: Path) -> None:
+    for path in (folder / ITEMS_NAME, folder / USERS_NAME):
+        if not path.is_file():
+            raise DataError(f"{path} not found (a split needs {SPLIT_NAME}, {ITEMS_NAME} and {USERS_NAME})")
+
+
+def _check_ids_hash(folder: Path, stored_hash: np.ndarray) -> None:
+    items_path, users_path = folder / ITEMS_NAME, folder / USERS_NAME
+    _check_ids_files_exist(folder)
+    try:
+        items_bytes, users_bytes = items_path.read_bytes(), users_path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the split's id files in {folder}: {exc}") from None
+    if stored_hash.dtype != np.uint8 or stored_hash.tobytes().hex() != ids_hash(items_bytes, users_bytes):
+        raise DataError(f"{items_path.name} / {users_path.name} in {folder} were not written with its "
+                        f"{SPLIT_NAME} (changed, or from another save)")
+
+
+def check_ids_files(folder) -> None:
+    """items.json and users.json in `folder` are the ones written with its split.npz (the hash that
+    split.npz names), without reading the matrices; a DataError naming the files otherwise."""
+    folder = Path(folder)
+    with open_npz(folder / SPLIT_NAME) as z:
+        stored_hash = np.asarray(z["ids_sha256"])
+    _check_ids_hash(folder, stored_hash)

@@ -1,7 +1,7 @@
 """GPU check of the fused multinomial NLL (kernels/multinomial_nll.py).
 
-    python benches/gpu_check_multinomial_nll.py            # on a CUDA machine
-    python benches/gpu_check_multinomial_nll.py --tiny     # anywhere: tiny sizes (interpreter on CPU)
+    python tools/gpu_check_multinomial_nll.py            # on a CUDA machine
+    python tools/gpu_check_multinomial_nll.py --tiny     # anywhere: tiny sizes (interpreter on CPU)
 
 1. Correctness: the Triton op against the dense path in float64 at 1M items (loss, dz, dWd, dbd).
 2. Speed and memory, B = 500, K = 200, ~75 items per user, at 20k / 1M / 3M items, per float32
@@ -14,7 +14,7 @@
    Goal: fused all within 1.3x of the three products; extra peak memory (max_memory_allocated
    over what was allocated before the call) under 1% of the dense path's.
 The first call at each shape includes Triton's autotuning (warm-up, not timed).
-`main(tiny)` is the entry point for benches/gpu_check.py; it returns the rows it printed, and
+`main(tiny)` is the entry point for tools/gpu_check.py; it returns the rows it printed, and
 `main(...)[0]` is ("ok", bool) — False when the float64 check failed (as in the sparse-input script).
 """
 from __future__ import annotations

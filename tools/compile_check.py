@@ -14,10 +14,10 @@ little next to a tile's loads; hundreds of bytes mean an accumulator does not fi
 than the loads themselves. 64 bytes = 16 fp32 words per thread admits the first and rejects the
 second.
 
-    python benches/compile_check.py                   # the sample (~26 variants)
-    python benches/compile_check.py --level quick     # one variant per kernel (the test suite's default)
-    python benches/compile_check.py --level full --json out.json   # every variant, sm_90 and sm_80
-    benches/compile_check_triton36.sh [--level ...]   # the same under triton 3.6 (.venv36)
+    python tools/compile_check.py                   # the sample (~26 variants)
+    python tools/compile_check.py --level quick     # one variant per kernel (the test suite's default)
+    python tools/compile_check.py --level full --json out.json   # every variant, sm_90 and sm_80
+    tools/compile_check_triton36.sh [--level ...]   # the same under triton 3.6 (.venv36)
 
 Levels. Sample (default): sm_90; K 200 and 1000 (the default latent size and the largest
 supported; 512 for fp64, its limit); H 600; the multinomial-NLL forward and dW backward with their

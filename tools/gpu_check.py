@@ -1,7 +1,7 @@
 """The one GPU check: both Triton ops, then whole training steps, against the references.
 
-    python benches/gpu_check.py            # on a CUDA machine (one call, a few minutes)
-    python benches/gpu_check.py --tiny     # anywhere: tiny sizes, Triton interpreter on the CPU
+    python tools/gpu_check.py            # on a CUDA machine (one call, a few minutes)
+    python tools/gpu_check.py --tiny     # anywhere: tiny sizes, Triton interpreter on the CPU
 
 0. Warm-up: every kernel variant the later parts launch is compiled (and autotuned) once on small
    inputs, with a progress line, so that the timed parts find them in the cache; then the
@@ -39,7 +39,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+# Its sibling checks (gpu_check_*.py) and the benches' random batches (benches/batches.py).
+sys.path[:0] = [TOOLS, os.path.join(os.path.dirname(TOOLS), "benches")]
 
 
 def _median_ms(fn, reps: int, sync) -> float:
@@ -160,7 +162,7 @@ def model_steps(tiny: bool) -> list[tuple]:
     from batches import user_item_batch
 
     from recvae_fast import RecVAE
-    from recvae_fast.reference import VAE
+    from recvae_fast.testing.reference import VAE
     from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,7 +273,7 @@ def mixed_precision_check(tiny: bool) -> list[tuple]:
     from batches import user_item_batch
 
     from recvae_fast import RecVAE, recommend
-    from recvae_fast.reference import VAE
+    from recvae_fast.testing.reference import VAE
     from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

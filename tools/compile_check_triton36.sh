@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline GPU compile check (benches/compile_check.py) under triton 3.6, the version the GPU
+# The offline GPU compile check (tools/compile_check.py) under triton 3.6, the version the GPU
 # machines run (with torch 2.11). Uses the venv .venv36 at the repository root; create it once:
 #   python3 -m venv .venv36
 #   cp .venv/lib/python3.*/site-packages/base.pth .venv36/lib/python3.*/site-packages/  # torch, if shared
@@ -19,4 +19,4 @@ case "$version" in
     3.6.*) ;;
     *) echo "compile_check_triton36.sh: .venv36 has triton $version, expected 3.6.x" >&2; exit 2 ;;
 esac
-exec env -u TRITON_INTERPRET "$python" "$root/benches/compile_check.py" "$@"
+exec env -u TRITON_INTERPRET "$python" "$root/tools/compile_check.py" "$@"

@@ -1,7 +1,7 @@
 """GPU check of the sparse encoder input layer (kernels/sparse_input_layer.py).
 
-    python benches/gpu_check_sparse_input_layer.py            # on a CUDA machine
-    python benches/gpu_check_sparse_input_layer.py --tiny     # anywhere: tiny sizes (interpreter on CPU)
+    python tools/gpu_check_sparse_input_layer.py            # on a CUDA machine
+    python tools/gpu_check_sparse_input_layer.py --tiny     # anywhere: tiny sizes (interpreter on CPU)
 
 1. Correctness, dropout 0.5 with the mask from `dropout_keep_mask`, weighted input with an empty
    and a one-item user and popular (power-law) items:
@@ -25,7 +25,7 @@
 3. Optimizer step at 1M items: torch.optim.Adam (foreach, fused) on the dense grad vs
    adam_step_row_sparse_ (exact Adam, one pass over param and moments) on the row-sparse grad.
 The first call at each shape includes Triton's autotuning (warm-up, not timed).
-`main(tiny)` is the entry point for benches/gpu_check.py; it returns the rows it printed, and
+`main(tiny)` is the entry point for tools/gpu_check.py; it returns the rows it printed, and
 `main(...)[0]` is ("ok", bool) — False when a correctness check failed.
 """
 from __future__ import annotations

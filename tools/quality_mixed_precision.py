@@ -2,8 +2,8 @@
 defaults) per seed and precision, the same seed giving both precisions the same split, weights
 and batches, so that only the arithmetic differs. Prints each run and the means.
 
-    python benches/quality_mixed_precision.py                  # embedded synthetic data, seeds 0 1 2
-    python benches/quality_mixed_precision.py ml-100k.inter --rating-threshold 3.5 --epochs 20 --hidden-dim 64
+    python tools/quality_mixed_precision.py                  # embedded synthetic data, seeds 0 1 2
+    python tools/quality_mixed_precision.py ml-100k.inter --rating-threshold 3.5 --epochs 20 --hidden-dim 64
 """
 from __future__ import annotations
 

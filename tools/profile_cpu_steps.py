@@ -1,6 +1,6 @@
 """Where a CPU training step's time goes, by op (torch.profiler), for benches/RESULTS.md.
 
-    python benches/profile_cpu_steps.py --items 20108 --phase encoder [--nll-only] [--threads 1]
+    python tools/profile_cpu_steps.py --items 20108 --phase encoder [--nll-only] [--threads 1]
 
 One warm-up step, then one profiled step: the whole train_step (the other half frozen, fc1's
 gradient layout as fit chooses it; in the encoder phase with the prior's old posterior from fit's
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))  # the benches' step builders
 from bench_cpu_floor import model_step, nll_inputs, nll_step  # noqa: E402
 
 
