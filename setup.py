@@ -22,18 +22,20 @@ def cpp_extension(module: str, source: str, *flags: str, headers: tuple[str, ...
 
 
 simd_flags = ("-fopenmp-simd", "-fno-trapping-math")
-shared_headers = ("fast_exp.h", "column_sums.h")
+# checks.h (argument checks, float32/float64 dispatch) is included by every extension.
+checks = ("checks.h",)
+row_kernels = ("checks.h", "fast_exp.h", "column_sums.h")
 ext_modules = [
-    cpp_extension("_topk", "topk_masked.cpp"),
+    cpp_extension("_topk", "topk_masked.cpp", headers=checks),
     # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA contraction,
     # so the rounding stays that of torch's separate multiply and add.
-    cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off"),
-    cpp_extension("_sparse_rows", "sparse_rows.cpp"),
+    cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off", headers=checks),
+    cpp_extension("_sparse_rows", "sparse_rows.cpp", headers=checks),
     # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
     # -fno-trapping-math: fast_exp.h's floor() vectorises (it changes no value, only FP exception flags).
-    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=shared_headers),
-    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=shared_headers),
-    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags, headers=("fast_exp.h",)),
+    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=row_kernels),
+    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=row_kernels),
+    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags, headers=("checks.h", "fast_exp.h")),
 ]
 
 setup(
