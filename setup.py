@@ -1,6 +1,7 @@
 """Build script for recvae_fast.
 
-`kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
+`kernels/` (the Triton kernels) installs as the subpackage `recvae_fast.kernels` (kernels/__init__.py
+says why it is a top-level folder).
 The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the NLL's per-block
 forward and decoder-backward steps, the encoder's swish + LayerNorm) are compiled with pybind11
 only; they take raw buffers, so the build never needs torch.
@@ -44,8 +45,7 @@ setup(
     description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
     python_requires=">=3.11",
     packages=["recvae_fast", "recvae_fast.data", "recvae_fast.distributed", "recvae_fast.kernels"],
-    # The top-level kernels/ folder is installed as the subpackage recvae_fast.kernels (an editable
-    # install maps it too, so `import recvae_fast.kernels.X` resolves to kernels/X.py).
+    # kernels/ is the subpackage recvae_fast.kernels (kernels/__init__.py explains the mapping).
     package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
