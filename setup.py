@@ -7,6 +7,7 @@ forward and decoder-backward steps, the encoder's swish + LayerNorm) are compile
 only; they take raw buffers, so the build never needs torch.
 """
 import os
+import re
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -14,29 +15,36 @@ from setuptools import setup
 openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
 
 
-def cpp_extension(module: str, source: str, *flags: str, headers: tuple[str, ...] = ()) -> Pybind11Extension:
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def local_headers(source: str) -> list[str]:
+    """The csrc/ headers that csrc/<source> includes (`#include "x.h"`, read from the file, so the
+    list cannot fall behind): the build depends on them, and editing one rebuilds the extension.
+    (The headers include no csrc/ header themselves.)"""
+    with open(os.path.join(ROOT, "csrc", source), encoding="utf-8") as f:
+        return [f"csrc/{name}" for name in re.findall(r'^#include "([^"]+)"', f.read(), flags=re.MULTILINE)]
+
+
+def cpp_extension(module: str, source: str, *flags: str) -> Pybind11Extension:
     """recvae_fast.<module> from csrc/<source> (and the csrc/ headers it includes): C++17, -O3,
     OpenMP unless RECVAE_FAST_NO_OPENMP."""
-    return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17,
-                             depends=[f"csrc/{h}" for h in headers],
+    return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17, depends=local_headers(source),
                              extra_compile_args=["-O3", *flags, *openmp], extra_link_args=openmp)
 
 
 simd_flags = ("-fopenmp-simd", "-fno-trapping-math")
-# checks.h (argument checks, float32/float64 dispatch) is included by every extension.
-checks = ("checks.h",)
-row_kernels = ("checks.h", "fast_exp.h", "column_sums.h")
 ext_modules = [
-    cpp_extension("_topk", "topk_masked.cpp", headers=checks),
+    cpp_extension("_topk", "topk_masked.cpp"),
     # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA contraction,
     # so the rounding stays that of torch's separate multiply and add.
-    cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off", headers=checks),
-    cpp_extension("_sparse_rows", "sparse_rows.cpp", headers=checks),
+    cpp_extension("_row_sparse_adam", "row_sparse_adam.cpp", "-fno-math-errno", "-ffp-contract=off"),
+    cpp_extension("_sparse_rows", "sparse_rows.cpp"),
     # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
     # -fno-trapping-math: fast_exp.h's floor() vectorises (it changes no value, only FP exception flags).
-    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=row_kernels),
-    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=row_kernels),
-    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags, headers=("checks.h", "fast_exp.h")),
+    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags),
+    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags),
+    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags),
 ]
 
 setup(
