@@ -1,28 +1,39 @@
 """Build script for recvae_fast.
 
-`kernels/` (the Triton ops, one per file) installs as the subpackage `recvae_fast.kernels`.
+`kernels/` (the Triton kernels) installs as the subpackage `recvae_fast.kernels` (kernels/__init__.py
+says why it is a top-level folder).
 The C++ extensions in csrc/ (masked top-k, row-sparse Adam step, CSR row sums, the NLL's per-block
 forward and decoder-backward steps, the encoder's swish + LayerNorm) are compiled with pybind11
 only; they take raw buffers, so the build never needs torch.
 """
 import os
+import re
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 openmp = [] if os.environ.get("RECVAE_FAST_NO_OPENMP") else ["-fopenmp"]
 
 
-def cpp_extension(module: str, source: str, *flags: str, headers: tuple[str, ...] = ()) -> Pybind11Extension:
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def local_headers(source: str) -> list[str]:
+    """The csrc/ headers that csrc/<source> includes (`#include "x.h"`, read from the file, so the
+    list cannot fall behind): the build depends on them, and editing one rebuilds the extension.
+    (The headers include no csrc/ header themselves.)"""
+    with open(os.path.join(ROOT, "csrc", source), encoding="utf-8") as f:
+        return [f"csrc/{name}" for name in re.findall(r'^#include "([^"]+)"', f.read(), flags=re.MULTILINE)]
+
+
+def cpp_extension(module: str, source: str, *flags: str) -> Pybind11Extension:
     """recvae_fast.<module> from csrc/<source> (and the csrc/ headers it includes): C++17, -O3,
     OpenMP unless RECVAE_FAST_NO_OPENMP."""
-    return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17,
-                             depends=[f"csrc/{h}" for h in headers],
+    return Pybind11Extension(f"recvae_fast.{module}", [f"csrc/{source}"], cxx_std=17, depends=local_headers(source),
                              extra_compile_args=["-O3", *flags, *openmp], extra_link_args=openmp)
 
 
 simd_flags = ("-fopenmp-simd", "-fno-trapping-math")
-shared_headers = ("fast_exp.h", "column_sums.h")
 ext_modules = [
     cpp_extension("_topk", "topk_masked.cpp"),
     # -fno-math-errno lets the row loop's sqrt vectorise (it changes no value); no FMA contraction,
@@ -31,9 +42,9 @@ ext_modules = [
     cpp_extension("_sparse_rows", "sparse_rows.cpp"),
     # -fopenmp-simd: the `omp simd` reductions vectorise even in a build without OpenMP;
     # -fno-trapping-math: fast_exp.h's floor() vectorises (it changes no value, only FP exception flags).
-    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags, headers=shared_headers),
-    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags, headers=shared_headers),
-    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags, headers=("fast_exp.h",)),
+    cpp_extension("_nll_blocks", "nll_blocks.cpp", *simd_flags),
+    cpp_extension("_swish_layer_norm", "swish_layer_norm.cpp", *simd_flags),
+    cpp_extension("_composite_prior_kl", "composite_prior_kl.cpp", *simd_flags),
 ]
 
 setup(
@@ -41,9 +52,9 @@ setup(
     version="0.1.0",
     description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
     python_requires=">=3.11",
-    packages=["recvae_fast", "recvae_fast.data", "recvae_fast.distributed", "recvae_fast.kernels", "recvae_fast.testing"],
-    # The top-level kernels/ folder is installed as the subpackage recvae_fast.kernels (an editable
-    # install maps it too, so `import recvae_fast.kernels.X` resolves to kernels/X.py).
+    # Every package under recvae_fast/, found rather than listed (a new subpackage cannot be left out),
+    # plus kernels/, the subpackage recvae_fast.kernels (kernels/__init__.py explains the mapping).
+    packages=[*find_packages(include=["recvae_fast", "recvae_fast.*"]), "recvae_fast.kernels"],
     package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -19,6 +19,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
 #include "fast_exp.h"
 
 #include <cmath>
@@ -117,17 +118,19 @@ KL_TARGETS double kl_row_f64(KL_ROW_ARGS(double)) { return kl_row<double>(mu, lo
 inline double kl_row_any(KL_ROW_ARGS(float)) { return kl_row_f32(mu, logvar, eps, old_mu, old_logvar, f, K, slope_out, dz_out); }
 inline double kl_row_any(KL_ROW_ARGS(double)) { return kl_row_f64(mu, logvar, eps, old_mu, old_logvar, f, K, slope_out, dz_out); }
 
-[[noreturn]] void fail(const std::string& what) { throw py::value_error("composite_prior_kl: " + what); }
+constexpr const char* FN = "composite_prior_kl";
+
+[[noreturn]] void fail(const std::string& what) { checks::value_error(FN, what); }
 
 // a's data after checking it: B × K like mu (rows ≥ 0), or 1-D with `cols` entries (rows < 0;
 // `count` names them in the message).
 template <class T>
 T* data_of(const py::array& a, const char* name, int64_t rows, int64_t cols, bool writable, const char* count = "K") {
-    if (!a.dtype().is(py::dtype::of<T>())) throw py::type_error(std::string("composite_prior_kl: ") + name + " has a different dtype than mu");
-    const bool ok = rows < 0 ? a.ndim() == 1 && a.shape(0) == cols : a.ndim() == 2 && a.shape(0) == rows && a.shape(1) == cols;
+    checks::same_dtype(FN, a, name, py::dtype::of<T>(), "mu");
+    const bool ok = rows < 0 ? checks::has_shape(a, {cols}) : checks::has_shape(a, {rows, cols});
     if (!ok) fail(std::string(name) + (rows < 0 ? std::string(" must have ") + count + " entries" : " must be B × K like mu"));
-    if (!(a.flags() & py::array::c_style)) fail(std::string(name) + " must be contiguous");
-    if (writable && !a.writeable()) fail(std::string(name) + " must be writable");
+    checks::contiguous(FN, a, name);
+    if (writable) checks::writable(FN, a, name);
     return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
@@ -155,12 +158,8 @@ void run(const py::array& mu_a, const py::array& logvar_a, const py::array& eps_
     for (const py::object& out : {py::object(kl_a), slope_obj, dz_obj}) {
         if (out.is_none()) continue;
         const py::array o = py::cast<py::array>(out);
-        const char* o0 = static_cast<const char*>(o.data());
-        for (const py::array& in : inputs) {
-            const char* i0 = static_cast<const char*>(in.data());
-            if (o.nbytes() && in.nbytes() && o0 < i0 + in.nbytes() && i0 < o0 + o.nbytes())
-                fail("kl, slope and dz must not overlap the inputs");
-        }
+        for (const py::array& in : inputs)
+            if (checks::overlap(o, in)) fail("kl, slope and dz must not overlap the inputs");
     }
     Fixed<T> f{};
     const double half_log_2pi = 0.9189385332046727418;
@@ -191,14 +190,10 @@ void composite_prior_kl(py::array mu, py::array logvar, py::array eps, py::array
                         py::array old_mu, py::array old_logvar, py::array uniform_logvar, py::sequence log_weights,
                         py::array kl, py::object slope, py::object dz, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (mu.dtype().is(py::dtype::of<float>()))
-        run<float>(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, kl, slope,
-                   dz, n_threads);
-    else if (mu.dtype().is(py::dtype::of<double>()))
-        run<double>(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights, kl, slope,
-                    dz, n_threads);
-    else
-        throw py::type_error("composite_prior_kl: mu must be float32 or float64");
+    checks::dispatch_float(FN, "mu", mu.dtype(), [&](auto element) {
+        run<decltype(element)>(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights,
+                               kl, slope, dz, n_threads);
+    });
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
 #include "column_sums.h"
 #include "fast_exp.h"
 
@@ -61,22 +62,21 @@ struct CsrCursor {
 
     CsrCursor(py::array indptr_, py::array indices_, py::array values_)
         : indptr(indptr_), indices(indices_), values(values_) {
+        const char* fn = "CsrCursor";
         const auto i64 = py::dtype::of<int64_t>();
-        if (indptr.ndim() != 1 || indptr.shape(0) < 1 || !indptr.dtype().is(i64) || !(indptr.flags() & py::array::c_style))
-            throw py::value_error("CsrCursor: indptr must be a contiguous 1-D int64 array of B + 1 entries");
-        if (indices.ndim() != 1 || !indices.dtype().is(i64) || !(indices.flags() & py::array::c_style))
-            throw py::value_error("CsrCursor: indices must be a contiguous 1-D int64 array");
-        const auto dt = values.dtype();
-        if (!dt.is(py::dtype::of<float>()) && !dt.is(py::dtype::of<double>()))
-            throw py::type_error("CsrCursor: values must be float32 or float64");
-        if (values.ndim() != 1 || values.shape(0) != indices.shape(0) || !(values.flags() & py::array::c_style))
-            throw py::value_error("CsrCursor: values must be contiguous, one per index");
+        if (indptr.ndim() != 1 || indptr.shape(0) < 1 || !indptr.dtype().is(i64) || !checks::is_c_contiguous(indptr))
+            checks::value_error(fn, "indptr must be a contiguous 1-D int64 array of B + 1 entries");
+        if (indices.ndim() != 1 || !indices.dtype().is(i64) || !checks::is_c_contiguous(indices))
+            checks::value_error(fn, "indices must be a contiguous 1-D int64 array");
+        checks::float_dtype(fn, "values", values.dtype());
+        if (!checks::has_shape(values, {indices.shape(0)}) || !checks::is_c_contiguous(values))
+            checks::value_error(fn, "values must be contiguous, one per index");
         n_rows = indptr.shape(0) - 1;
         const int64_t* ptr = static_cast<const int64_t*>(indptr.data());
         const int64_t nnz = indices.shape(0);
-        if (ptr[0] != 0 || ptr[n_rows] != nnz) throw py::value_error("CsrCursor: indptr must run from 0 to nnz");
+        if (ptr[0] != 0 || ptr[n_rows] != nnz) checks::value_error(fn, "indptr must run from 0 to nnz");
         for (int64_t r = 0; r < n_rows; ++r)
-            if (ptr[r + 1] < ptr[r]) throw py::value_error("CsrCursor: indptr must not decrease");
+            if (ptr[r + 1] < ptr[r]) checks::value_error(fn, "indptr must not decrease");
         cursor.assign(ptr, ptr + n_rows);
     }
 
@@ -220,25 +220,25 @@ inline void grad_row_any(GRAD_ROW_ARGS(double)) {
 
 // ---------------------------------------------------------------------------- checks and bindings
 
-[[noreturn]] void fail(const char* fn, const std::string& what) { throw py::value_error(std::string(fn) + ": " + what); }
+using checks::value_error;
 
 // A B × width block with contiguous rows (any row stride ≥ width); returns the row stride.
 int64_t check_block(const char* fn, const char* name, const py::array& a, const py::dtype& dt, bool writable) {
-    if (a.ndim() != 2) fail(fn, std::string(name) + " must be 2-D");
-    if (!a.dtype().is(dt)) throw py::type_error(std::string(fn) + ": " + name + " has a different dtype than the block");
+    if (a.ndim() != 2) value_error(fn, std::string(name) + " must be 2-D");
+    checks::same_dtype(fn, a, name, dt, "the block");
     const int64_t n_rows = a.shape(0), width = a.shape(1), item = int64_t(dt.itemsize());
-    if (n_rows > 0 && width > 1 && a.strides(1) != item) fail(fn, std::string(name) + " must have contiguous rows");
+    if (n_rows > 0 && width > 1 && a.strides(1) != item) value_error(fn, std::string(name) + " must have contiguous rows");
     if (n_rows > 1 && (a.strides(0) % item != 0 || a.strides(0) / item < width))
-        fail(fn, std::string(name) + " rows must not overlap");
-    if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+        value_error(fn, std::string(name) + " rows must not overlap");
+    if (writable) checks::writable(fn, a, name);
     return n_rows > 1 ? a.strides(0) / item : width;
 }
 
 void check_vector(const char* fn, const py::array& a, const char* name, int64_t n, const py::dtype& dt, bool writable) {
-    if (a.ndim() != 1 || a.shape(0) != n) fail(fn, std::string(name) + " must be 1-D with " + std::to_string(n) + " entries");
-    if (!a.dtype().is(dt)) throw py::type_error(std::string(fn) + ": " + name + " has a different dtype than the block");
-    if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be contiguous");
-    if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+    if (!checks::has_shape(a, {n})) value_error(fn, std::string(name) + " must be 1-D with " + std::to_string(n) + " entries");
+    checks::same_dtype(fn, a, name, dt, "the block");
+    checks::contiguous(fn, a, name);
+    if (writable) checks::writable(fn, a, name);
 }
 
 // The optional per-column bias: None, or `width` values.
@@ -252,16 +252,10 @@ const T* optional_vector(const char* fn, const py::object& obj, const char* name
 
 template <class T>
 Nonzeros<T> nonzeros_of(const char* fn, CsrCursor& nz, int64_t n_rows, const py::dtype& dt) {
-    if (nz.n_rows != n_rows) fail(fn, "nonzeros must have one CSR row per block row");
-    if (!nz.values.dtype().is(dt)) throw py::type_error(std::string(fn) + ": nonzeros' values have a different dtype than the block");
+    if (nz.n_rows != n_rows) value_error(fn, "nonzeros must have one CSR row per block row");
+    if (!nz.values.dtype().is(dt)) checks::type_error(fn, "nonzeros' values have a different dtype than the block");
     return {static_cast<const int64_t*>(nz.indptr.data()), static_cast<const int64_t*>(nz.indices.data()),
             static_cast<const T*>(nz.values.data()), nz.cursor.data()};
-}
-
-bool is_f32(const char* fn, const py::dtype& dt) {
-    if (dt.is(py::dtype::of<float>())) return true;
-    if (dt.is(py::dtype::of<double>())) return false;
-    throw py::type_error(std::string(fn) + ": the block must be float32 or float64");
 }
 
 template <class T>
@@ -279,7 +273,7 @@ void softmax_block(py::array& logits, const py::object& bias_obj, py::array& run
     T* target = nullptr;
     if (nonzeros) {
         nz = nonzeros_of<T>(fn, *nonzeros, n_rows, dt);
-        if (target_obj.is_none()) fail(fn, "nonzeros need a target array");
+        if (target_obj.is_none()) value_error(fn, "nonzeros need a target array");
         py::array t = py::cast<py::array>(target_obj);
         check_vector(fn, t, "target", n_rows, dt, true);
         target = static_cast<T*>(t.mutable_data());
@@ -300,10 +294,9 @@ void softmax_block(py::array& logits, const py::object& bias_obj, py::array& run
 void online_softmax_block(py::array logits, py::object bias, py::array run_max, py::array run_sum, py::array rescale,
                           CsrCursor* nonzeros, int64_t block_start, py::object target, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (is_f32("online_softmax_block", logits.dtype()))
-        softmax_block<float>(logits, bias, run_max, run_sum, rescale, nonzeros, block_start, target, n_threads);
-    else
-        softmax_block<double>(logits, bias, run_max, run_sum, rescale, nonzeros, block_start, target, n_threads);
+    checks::dispatch_float("online_softmax_block", "the block", logits.dtype(), [&](auto element) {
+        softmax_block<decltype(element)>(logits, bias, run_max, run_sum, rescale, nonzeros, block_start, target, n_threads);
+    });
 }
 
 template <class T>
@@ -315,7 +308,7 @@ void grad_block(const py::array& block, py::array& g_out, const py::object& bias
     const int64_t in_stride = check_block(fn, "block", block, dt, false);
     const int64_t n_rows = block.shape(0), width = block.shape(1);
     const int64_t out_stride = check_block(fn, "g_out", g_out, dt, true);
-    if (g_out.shape(0) != n_rows || g_out.shape(1) != width) fail(fn, "g_out must have the block's shape");
+    if (g_out.shape(0) != n_rows || g_out.shape(1) != width) value_error(fn, "g_out must have the block's shape");
     const T* bias = optional_vector<T>(fn, bias_obj, "bias", width, dt);
     const T* shift = optional_vector<T>(fn, shift_obj, "row_shift", n_rows, dt);
     check_vector(fn, row_scale, "row_scale", n_rows, dt, false);
@@ -341,10 +334,10 @@ void grad_block(const py::array& block, py::array& g_out, const py::object& bias
 void decoder_grad_block(py::array block, py::array g_out, py::object bias, py::object row_shift, py::array row_scale,
                         py::array row_grad, CsrCursor& nonzeros, int64_t block_start, py::array grad_bias, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (is_f32("decoder_grad_block", block.dtype()))
-        grad_block<float>(block, g_out, bias, row_shift, row_scale, row_grad, nonzeros, block_start, grad_bias, n_threads);
-    else
-        grad_block<double>(block, g_out, bias, row_shift, row_scale, row_grad, nonzeros, block_start, grad_bias, n_threads);
+    checks::dispatch_float("decoder_grad_block", "the block", block.dtype(), [&](auto element) {
+        grad_block<decltype(element)>(block, g_out, bias, row_shift, row_scale, row_grad, nonzeros, block_start, grad_bias,
+                                      n_threads);
+    });
 }
 
 }  // namespace

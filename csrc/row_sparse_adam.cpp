@@ -20,6 +20,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -104,34 +106,34 @@ void step_rows(T* param, T* exp_avg, T* exp_avg_sq, const T* values, const int64
     }
 }
 
+constexpr const char* FN = "adam_step_row_sparse";
+
 void check_2d(const py::array& a, const char* name, int64_t rows, int64_t cols, const py::dtype& dt, bool writable) {
     const std::string n(name);
-    if (a.ndim() != 2) throw py::value_error("adam_step_row_sparse: " + n + " must be 2-D");
-    if (a.shape(0) != rows || a.shape(1) != cols)
-        throw py::value_error("adam_step_row_sparse: " + n + " must have shape (" + std::to_string(rows) + ", " +
-                              std::to_string(cols) + "), got (" + std::to_string(a.shape(0)) + ", " +
-                              std::to_string(a.shape(1)) + ")");
-    if (!a.dtype().is(dt)) throw py::type_error("adam_step_row_sparse: " + n + " has a different dtype than param");
-    if (!(a.flags() & py::array::c_style)) throw py::value_error("adam_step_row_sparse: " + n + " must be C-contiguous");
-    if (writable && !a.writeable()) throw py::value_error("adam_step_row_sparse: " + n + " must be writable");
+    if (a.ndim() != 2) checks::value_error(FN, n + " must be 2-D");
+    if (!checks::has_shape(a, {rows, cols}))
+        checks::value_error(FN, n + " must have shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                    "), got (" + std::to_string(a.shape(0)) + ", " + std::to_string(a.shape(1)) + ")");
+    checks::same_dtype(FN, a, n, dt, "param");
+    checks::contiguous(FN, a, n, "C-contiguous");
+    if (writable) checks::writable(FN, a, n);
 }
 
 // Updates param, exp_avg and exp_avg_sq in place. rows: int64 [U] in [0, I); values: [U, H].
 void adam_step_row_sparse(py::array param, py::array exp_avg, py::array exp_avg_sq,
                           py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows, py::array values,
                           double lr, double beta1, double beta2, double eps, int64_t step, int n_threads) {
-    if (param.ndim() != 2) throw py::value_error("adam_step_row_sparse: param must be 2-D");
+    if (param.ndim() != 2) checks::value_error(FN, "param must be 2-D");
     const int64_t n_rows = param.shape(0), hidden = param.shape(1);
     const py::dtype dt = param.dtype();
-    const bool is_f32 = dt.is(py::dtype::of<float>()), is_f64 = dt.is(py::dtype::of<double>());
-    if (!is_f32 && !is_f64) throw py::type_error("adam_step_row_sparse: param must be float32 or float64");
+    checks::float_dtype(FN, "param", dt);
     check_2d(param, "param", n_rows, hidden, dt, true);
     check_2d(exp_avg, "exp_avg", n_rows, hidden, dt, true);
     check_2d(exp_avg_sq, "exp_avg_sq", n_rows, hidden, dt, true);
-    if (rows.ndim() != 1) throw py::value_error("adam_step_row_sparse: rows must be 1-D");
+    if (rows.ndim() != 1) checks::value_error(FN, "rows must be 1-D");
     const int64_t n_grad = rows.shape(0);
     check_2d(values, "values", n_grad, hidden, dt, false);
-    if (step < 1) throw py::value_error("adam_step_row_sparse: step counts from 1");
+    if (step < 1) checks::value_error(FN, "step counts from 1");
     if (n_threads < 1) n_threads = 1;
 
     // first[r]: r's first position in values; next[k]: the next position with the same row as k.
@@ -139,23 +141,20 @@ void adam_step_row_sparse(py::array param, py::array exp_avg, py::array exp_avg_
     const int64_t* rp = rows.data();
     for (int64_t k = 0; k < n_grad; ++k)
         if (rp[k] < 0 || rp[k] >= n_rows)
-            throw py::value_error("adam_step_row_sparse: gradient row " + std::to_string(rp[k]) + " outside [0, " +
-                                  std::to_string(n_rows) + ")");
+            checks::value_error(FN, "gradient row " + std::to_string(rp[k]) + " outside [0, " + std::to_string(n_rows) + ")");
     for (int64_t k = n_grad - 1; k >= 0; --k) {  // backwards, so that each chain is in input order
         next[size_t(k)] = first[size_t(rp[k])];
         first[size_t(rp[k])] = k;
     }
     if (n_rows == 0 || hidden == 0) return;
 
-    py::gil_scoped_release release;
-    if (is_f32)
-        step_rows<float>(static_cast<float*>(param.mutable_data()), static_cast<float*>(exp_avg.mutable_data()),
-                         static_cast<float*>(exp_avg_sq.mutable_data()), static_cast<const float*>(values.data()),
-                         first.data(), next.data(), n_rows, hidden, lr, beta1, beta2, eps, step, n_threads);
-    else
-        step_rows<double>(static_cast<double*>(param.mutable_data()), static_cast<double*>(exp_avg.mutable_data()),
-                          static_cast<double*>(exp_avg_sq.mutable_data()), static_cast<const double*>(values.data()),
-                          first.data(), next.data(), n_rows, hidden, lr, beta1, beta2, eps, step, n_threads);
+    checks::dispatch_float(FN, "param", dt, [&](auto element) {
+        using T = decltype(element);
+        py::gil_scoped_release release;
+        step_rows<T>(static_cast<T*>(param.mutable_data()), static_cast<T*>(exp_avg.mutable_data()),
+                     static_cast<T*>(exp_avg_sq.mutable_data()), static_cast<const T*>(values.data()), first.data(),
+                     next.data(), n_rows, hidden, lr, beta1, beta2, eps, step, n_threads);
+    });
 }
 
 }  // namespace

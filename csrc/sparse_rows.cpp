@@ -15,6 +15,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -78,23 +80,23 @@ void run(const int64_t* indptr, const int64_t* cols, const T* weights, const T* 
         sum_row_any(out + r * width, cols, weights, indptr[r], indptr[r + 1], indptr[n_rows], table, width);
 }
 
-[[noreturn]] void fail_in(const char* fn, const std::string& what) { throw py::value_error(std::string(fn) + ": " + what); }
-[[noreturn]] void fail(const std::string& what) { fail_in("weighted_row_sums", what); }
+using checks::value_error;
+[[noreturn]] void fail(const std::string& what) { value_error("weighted_row_sums", what); }
 
 // A CSR matrix's structure: indptr [n_rows + 1] from 0 to nnz, non-decreasing; every col in [0, n_cols).
 void check_csr(const char* fn, const int64_t* ip, int64_t n_rows, const int64_t* cp, int64_t nnz, int64_t n_cols) {
-    if (ip[0] != 0 || ip[n_rows] != nnz) fail_in(fn, "indptr must start at 0 and end at the number of cols");
+    if (ip[0] != 0 || ip[n_rows] != nnz) value_error(fn, "indptr must start at 0 and end at the number of cols");
     for (int64_t r = 0; r < n_rows; ++r)
-        if (ip[r + 1] < ip[r]) fail_in(fn, "indptr must be non-decreasing (row " + std::to_string(r) + ")");
+        if (ip[r + 1] < ip[r]) value_error(fn, "indptr must be non-decreasing (row " + std::to_string(r) + ")");
     for (int64_t n = 0; n < nnz; ++n)
         if (cp[n] < 0 || cp[n] >= n_cols)
-            fail_in(fn, "col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_cols) + ")");
+            value_error(fn, "col " + std::to_string(cp[n]) + " outside [0, " + std::to_string(n_cols) + ")");
 }
 
 void check_array(const py::array& a, const char* name, int ndim, const py::dtype& dt) {
     if (a.ndim() != ndim) fail(std::string(name) + " must be " + std::to_string(ndim) + "-D");
-    if (!a.dtype().is(dt)) throw py::type_error(std::string("weighted_row_sums: ") + name + " has a different dtype than table");
-    if (!(a.flags() & py::array::c_style)) fail(std::string(name) + " must be C-contiguous");
+    checks::same_dtype("weighted_row_sums", a, name, dt, "table");
+    checks::contiguous("weighted_row_sums", a, name, "C-contiguous");
 }
 
 // out [R, H] is written in place (it must not overlap the inputs). indptr int64 [R + 1], cols int64
@@ -103,12 +105,11 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
                        py::array weights, py::array table, py::array out, int n_threads) {
     if (table.ndim() != 2) fail("table must be 2-D");
     const py::dtype dt = table.dtype();
-    const bool is_f32 = dt.is(py::dtype::of<float>()), is_f64 = dt.is(py::dtype::of<double>());
-    if (!is_f32 && !is_f64) throw py::type_error("weighted_row_sums: table must be float32 or float64");
+    checks::float_dtype("weighted_row_sums", "table", dt);
     check_array(table, "table", 2, dt);
     check_array(weights, "weights", 1, dt);
     check_array(out, "out", 2, dt);
-    if (!out.writeable()) fail("out must be writable");
+    checks::writable("weighted_row_sums", out, "out");
     if (indptr.ndim() != 1 || indptr.shape(0) < 1) fail("indptr must be 1-D with at least one entry");
     if (cols.ndim() != 1) fail("cols must be 1-D");
     const int64_t n_rows = indptr.shape(0) - 1, nnz = cols.shape(0), n_table = table.shape(0),
@@ -122,13 +123,12 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
     if (n_rows == 0 || width == 0) return;
     if (n_threads < 1) n_threads = 1;
 
-    py::gil_scoped_release release;
-    if (is_f32)
-        run<float>(ip, cp, static_cast<const float*>(weights.data()), static_cast<const float*>(table.data()),
-                   static_cast<float*>(out.mutable_data()), n_rows, width, n_threads);
-    else
-        run<double>(ip, cp, static_cast<const double*>(weights.data()), static_cast<const double*>(table.data()),
-                    static_cast<double*>(out.mutable_data()), n_rows, width, n_threads);
+    checks::dispatch_float("weighted_row_sums", "table", dt, [&](auto element) {
+        using T = decltype(element);
+        py::gil_scoped_release release;
+        run<T>(ip, cp, static_cast<const T*>(weights.data()), static_cast<const T*>(table.data()),
+               static_cast<T*>(out.mutable_data()), n_rows, width, n_threads);
+    });
 }
 
 // The transpose of a CSR matrix with n_cols columns, by a counting sort over the columns, into
@@ -139,30 +139,24 @@ void weighted_row_sums(py::array_t<int64_t, py::array::c_style> indptr, py::arra
 // op's checks; benches/bench_csr_transpose.py).
 // The outputs are plain arrays checked here (an array_t would be converted into a copy, and the
 // results written there lost), and must not overlap the inputs.
-bool overlap(const py::array& a, const py::array& b) {
-    const char *a0 = static_cast<const char*>(a.data()), *b0 = static_cast<const char*>(b.data());
-    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-}
-
 void csr_transpose(py::array_t<int64_t, py::array::c_style> indptr, py::array_t<int64_t, py::array::c_style> cols,
                    py::array weights, py::array col_ptr, py::array rows, py::array weights_t) {
-    const auto tfail = [](const std::string& what) { fail_in("csr_transpose", what); };
+    const char* fn = "csr_transpose";
+    const auto tfail = [fn](const std::string& what) { value_error(fn, what); };
     const py::dtype dt = weights.dtype();
-    if (!dt.is(py::dtype::of<float>()) && !dt.is(py::dtype::of<double>()))
-        throw py::type_error("csr_transpose: weights must be float32 or float64");
-    if (!weights_t.dtype().is(dt)) throw py::type_error("csr_transpose: weights_t must have weights' dtype");
+    checks::float_dtype(fn, "weights", dt);
+    if (!weights_t.dtype().is(dt)) checks::type_error(fn, "weights_t must have weights' dtype");
     const auto i64 = py::dtype::of<int64_t>();
-    if (!col_ptr.dtype().is(i64) || !rows.dtype().is(i64)) throw py::type_error("csr_transpose: col_ptr and rows must be int64");
-    if (!(col_ptr.flags() & py::array::c_style) || !(rows.flags() & py::array::c_style))
-        tfail("col_ptr and rows must be contiguous");
+    if (!col_ptr.dtype().is(i64) || !rows.dtype().is(i64)) checks::type_error(fn, "col_ptr and rows must be int64");
+    if (!checks::is_c_contiguous(col_ptr) || !checks::is_c_contiguous(rows)) tfail("col_ptr and rows must be contiguous");
     const py::array inputs[] = {indptr, cols, weights};
     for (const py::array& out : {col_ptr, rows, weights_t})
         for (const py::array& in : inputs)
-            if (overlap(out, in)) tfail("the outputs must not overlap the inputs");
+            if (checks::overlap(out, in)) tfail("the outputs must not overlap the inputs");
     if (indptr.ndim() != 1 || indptr.shape(0) < 1) tfail("indptr must be 1-D with at least one entry");
     if (cols.ndim() != 1 || weights.ndim() != 1 || rows.ndim() != 1 || weights_t.ndim() != 1 || col_ptr.ndim() != 1)
         tfail("cols, weights, col_ptr, rows and weights_t must be 1-D");
-    if (!(weights.flags() & py::array::c_style) || !(weights_t.flags() & py::array::c_style))
+    if (!checks::is_c_contiguous(weights) || !checks::is_c_contiguous(weights_t))
         tfail("weights and weights_t must be contiguous");
     if (!col_ptr.writeable() || !rows.writeable() || !weights_t.writeable()) tfail("the outputs must be writable");
     const int64_t n_rows = indptr.shape(0) - 1, nnz = cols.shape(0), n_cols = col_ptr.shape(0) - 1;

@@ -22,6 +22,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
 #include "column_sums.h"
 #include "fast_exp.h"
 
@@ -155,16 +156,16 @@ inline void backward_row_any(const double* dy, const double* s, double m, double
 
 // ---------------------------------------------------------------------------- checks and bindings
 
-[[noreturn]] void fail(const char* fn, const std::string& what) { throw py::value_error(std::string(fn) + ": " + what); }
+using checks::value_error;
 
 template <class T>
 T* data_of(const char* fn, const py::array& a, const char* name, std::vector<int64_t> shape, bool writable) {
-    if (!a.dtype().is(py::dtype::of<T>())) throw py::type_error(std::string(fn) + ": " + name + " has a different dtype than pre");
-    if (a.ndim() != int64_t(shape.size())) fail(fn, std::string(name) + " has the wrong number of dimensions");
+    checks::same_dtype(fn, a, name, py::dtype::of<T>(), "pre");
+    if (a.ndim() != int64_t(shape.size())) value_error(fn, std::string(name) + " has the wrong number of dimensions");
     for (size_t d = 0; d < shape.size(); ++d)
-        if (a.shape(d) != shape[d]) fail(fn, std::string(name) + " has the wrong shape");
-    if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be contiguous");
-    if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+        if (a.shape(d) != shape[d]) value_error(fn, std::string(name) + " has the wrong shape");
+    checks::contiguous(fn, a, name);
+    if (writable) checks::writable(fn, a, name);
     return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
@@ -179,7 +180,7 @@ void run_forward(const py::array& pre, const py::object& linear_bias, const py::
                  const py::array& beta, double eps, py::array& y, const py::object& s_out, py::array& mean,
                  py::array& rstd, int n_threads) {
     const char* fn = "swish_layer_norm_forward";
-    if (pre.ndim() != 2) fail(fn, "pre must be 2-D");
+    if (pre.ndim() != 2) value_error(fn, "pre must be 2-D");
     const int64_t B = pre.shape(0), H = pre.shape(1);
     const T* p = data_of<T>(fn, pre, "pre", {B, H}, false);
     const T* res = optional_data<T>(fn, residual, "residual", {B, H}, false);
@@ -189,7 +190,7 @@ void run_forward(const py::array& pre, const py::object& linear_bias, const py::
     T* out = data_of<T>(fn, y, "y", {B, H}, true);
     T* m = data_of<T>(fn, mean, "mean", {B}, true);
     T* r = data_of<T>(fn, rstd, "rstd", {B}, true);
-    if (H == 0) fail(fn, "rows must not be empty");
+    if (H == 0) value_error(fn, "rows must not be empty");
     py::gil_scoped_release release;
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -203,9 +204,8 @@ void run_backward(const py::array& dy, const py::array& s, const py::array& mean
                   const py::array& gamma, py::array& ds, py::array& grad_gamma, py::array& grad_beta,
                   py::array& grad_linear_bias, int n_threads) {
     const char* fn = "swish_layer_norm_backward";
-    if (dy.ndim() != 2) fail(fn, "dy must be 2-D");
+    if (dy.ndim() != 2) value_error(fn, "dy must be 2-D");
     const int64_t B = dy.shape(0), H = dy.shape(1);
-    if (!dy.dtype().is(py::dtype::of<T>())) throw py::type_error(std::string(fn) + ": dy must be float32 or float64");
     const T* g = data_of<T>(fn, dy, "dy", {B, H}, false);
     const T* sv = data_of<T>(fn, s, "s", {B, H}, false);
     const T* m = data_of<T>(fn, mean, "mean", {B}, false);
@@ -227,28 +227,21 @@ void run_backward(const py::array& dy, const py::array& s, const py::array& mean
         for (int64_t j = 0; j < H; ++j) targets[k][j] = T(column_sums[size_t(k * H + j)]);
 }
 
-bool is_f32(const char* fn, const py::array& a) {
-    if (a.dtype().is(py::dtype::of<float>())) return true;
-    if (a.dtype().is(py::dtype::of<double>())) return false;
-    throw py::type_error(std::string(fn) + ": pre must be float32 or float64");
-}
-
 void forward(py::array pre, py::object linear_bias, py::object residual, py::array gamma, py::array beta, double eps,
              py::array y, py::object s_out, py::array mean, py::array rstd, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (is_f32("swish_layer_norm_forward", pre))
-        run_forward<float>(pre, linear_bias, residual, gamma, beta, eps, y, s_out, mean, rstd, n_threads);
-    else
-        run_forward<double>(pre, linear_bias, residual, gamma, beta, eps, y, s_out, mean, rstd, n_threads);
+    checks::dispatch_float("swish_layer_norm_forward", "pre", pre.dtype(), [&](auto element) {
+        run_forward<decltype(element)>(pre, linear_bias, residual, gamma, beta, eps, y, s_out, mean, rstd, n_threads);
+    });
 }
 
+// dy has the dtype of the forward's output, hence of pre: the dtype error names pre.
 void backward(py::array dy, py::array s, py::array mean, py::array rstd, py::array gamma, py::array ds,
               py::array grad_gamma, py::array grad_beta, py::array grad_linear_bias, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (is_f32("swish_layer_norm_backward", dy))
-        run_backward<float>(dy, s, mean, rstd, gamma, ds, grad_gamma, grad_beta, grad_linear_bias, n_threads);
-    else
-        run_backward<double>(dy, s, mean, rstd, gamma, ds, grad_gamma, grad_beta, grad_linear_bias, n_threads);
+    checks::dispatch_float("swish_layer_norm_backward", "pre", dy.dtype(), [&](auto element) {
+        run_backward<decltype(element)>(dy, s, mean, rstd, gamma, ds, grad_gamma, grad_beta, grad_linear_bias, n_threads);
+    });
 }
 
 }  // namespace

@@ -26,6 +26,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -46,6 +48,8 @@
 namespace py = pybind11;
 
 namespace {
+
+constexpr const char* FN = "topk_masked";  // the prefix of every error message
 
 // ---------------------------------------------------------------- element types
 
@@ -480,12 +484,12 @@ DType parse_dtype(const std::string& name, const py::buffer_info& info) {
         d = DType::BF16;
         want = 2;
     } else {
-        throw py::type_error("topk_masked: unsupported score dtype '" + name +
-                             "' (expected float32, float64, float16 or bfloat16)");
+        checks::type_error(FN, "unsupported score dtype '" + name +
+                               "' (expected float32, float64, float16 or bfloat16)");
     }
     if (size_t(info.itemsize) != want)
-        throw py::type_error("topk_masked: score buffer item size " + std::to_string(info.itemsize) +
-                             " does not match dtype " + name);
+        checks::type_error(FN, "score buffer item size " + std::to_string(info.itemsize) +
+                               " does not match dtype " + name);
     const std::string& f = info.format;
     bool ok;
     switch (d) {
@@ -494,7 +498,7 @@ DType parse_dtype(const std::string& name, const py::buffer_info& info) {
         case DType::F16: ok = (f == "e"); break;
         default: ok = (f == "h" || f == "H" || f == "e"); break;  // bfloat16 travels as 16-bit ints
     }
-    if (!ok) throw py::type_error("topk_masked: score buffer format '" + f + "' does not match dtype " + name);
+    if (!ok) checks::type_error(FN, "score buffer format '" + f + "' does not match dtype " + name);
     return d;
 }
 
@@ -551,9 +555,9 @@ struct Workspace {
 class State {
   public:
     State(int64_t n_rows, int64_t k, int64_t cap) : n_rows_(n_rows), k_(k), cap_(cap) {
-        if (n_rows < 0) throw py::value_error("topk_masked: n_rows must be >= 0");
-        if (k <= 0) throw py::value_error("topk_masked: k must be >= 1");
-        if (cap < 0 || cap > k) throw py::value_error("topk_masked: internal capacity out of range");
+        if (n_rows < 0) checks::value_error(FN, "n_rows must be >= 0");
+        if (k <= 0) checks::value_error(FN, "k must be >= 1");
+        if (cap < 0 || cap > k) checks::value_error(FN, "internal capacity out of range");
         room_ = cap + std::max<int64_t>(cap, 64);
         ent_.reset(new Entry<double>[size_t(n_rows * room_)]);  // uninitialised: rows start empty
         rows_.assign(size_t(n_rows), RowState{});
@@ -568,23 +572,23 @@ class State {
         py::buffer_info info = scores.request();
         const DType d = parse_dtype(dtype, info);
         if (info.ndim != 2)
-            throw py::value_error("topk_masked: scores must be 2-D, got " + std::to_string(info.ndim) + "-D");
+            checks::value_error(FN, "scores must be 2-D, got " + std::to_string(info.ndim) + "-D");
         if (info.shape[0] != n_rows_)
-            throw py::value_error("topk_masked: scores have " + std::to_string(info.shape[0]) +
-                                  " rows, expected " + std::to_string(n_rows_));
-        if (item_offset < 0) throw py::value_error("topk_masked: item_offset must be >= 0");
+            checks::value_error(FN, "scores have " + std::to_string(info.shape[0]) +
+                                    " rows, expected " + std::to_string(n_rows_));
+        if (item_offset < 0) checks::value_error(FN, "item_offset must be >= 0");
         const int64_t n_cols = info.shape[1];
         if (indptr.ndim() != 1 || indptr.shape(0) != n_rows_ + 1)
-            throw py::value_error("topk_masked: seen indptr must have n_rows + 1 = " + std::to_string(n_rows_ + 1) +
-                                  " entries");
-        if (indices.ndim() != 1) throw py::value_error("topk_masked: seen indices must be 1-D");
+            checks::value_error(FN, "seen indptr must have n_rows + 1 = " + std::to_string(n_rows_ + 1) +
+                                    " entries");
+        if (indices.ndim() != 1) checks::value_error(FN, "seen indices must be 1-D");
         const int64_t* ip = indptr.data();
         const int64_t* ind = indices.data();
         const int64_t nnz = indices.shape(0);
         if (ip[0] < 0 || ip[n_rows_] > nnz)
-            throw py::value_error("topk_masked: seen indptr is inconsistent with its indices");
+            checks::value_error(FN, "seen indptr is inconsistent with its indices");
         for (int64_t r = 0; r < n_rows_; ++r)
-            if (ip[r + 1] < ip[r]) throw py::value_error("topk_masked: seen indptr must be non-decreasing");
+            if (ip[r + 1] < ip[r]) checks::value_error(FN, "seen indptr must be non-decreasing");
 
         // bias: one value per column, added to its scores in the type they are compared in
         // (float64 for float64 scores, float32 otherwise).
@@ -596,12 +600,12 @@ class State {
             const bool ok_type = bias_array && (want_f64 ? bias_array.dtype().is(py::dtype::of<double>())
                                                          : bias_array.dtype().is(py::dtype::of<float>()));
             if (!ok_type)
-                throw py::type_error(std::string("topk_masked: bias must be a ") + (want_f64 ? "float64" : "float32") +
-                                     " array for " + dtype + " scores");
+                checks::type_error(FN, std::string("bias must be a ") + (want_f64 ? "float64" : "float32") +
+                                       " array for " + dtype + " scores");
             if (bias_array.ndim() != 1 || bias_array.shape(0) != info.shape[1] ||
-                !(bias_array.flags() & py::array::c_style))
-                throw py::value_error("topk_masked: bias must be a contiguous 1-D array of " +
-                                      std::to_string(info.shape[1]) + " values, one per score column");
+                !checks::is_c_contiguous(bias_array))
+                checks::value_error(FN, "bias must be a contiguous 1-D array of " +
+                                        std::to_string(info.shape[1]) + " values, one per score column");
             bias_data = bias_array.data();
         }
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton ops: dtypes, tile configs, the CUDA device guard, batch checks."""
+"""Helpers shared by the Triton ops: dtypes, tile configs, the CUDA device guard, batch checks, and
+the JIT helpers that several kernels call (the tile product, the K-chunked logits tile)."""
 from __future__ import annotations
 
 import contextlib
@@ -89,3 +90,35 @@ def interpreter_numpy_problem() -> str | None:
         return (f"the Triton {triton.__version__} interpreter needs numpy<2.4 (found {numpy.__version__}); "
                 "pip install 'numpy<2.4' or use triton>=3.7")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# JIT helpers called from several kernels
+# ----------------------------------------------------------------------------------------------
+# The interpreter's tl.dot multiplies bf16 operands as raw integers (numpy has no bf16), so there
+# the operands are widened to fp32 first: the same numbers a bf16 MMA with fp32 accumulation gives.
+_WIDEN_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """tl.dot(a, b) with input_precision PREC ("ieee" or "tf32"), bf16 widened under the interpreter."""
+    if _WIDEN_BF16 and a.dtype == tl.bfloat16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def logits_by_k_chunks(z_rows, w_rows, b_mask, i_mask, K, KC: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_I: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """z·Wᵀ for a [BLOCK_B × BLOCK_I] tile, K in chunks of KC (keeps FMA-path registers bounded)."""
+    logits = tl.zeros([BLOCK_B, BLOCK_I], dtype=ACC)
+    for k0 in range(0, K, KC):
+        offs_c = k0 + tl.arange(0, KC)
+        c_mask = offs_c < K
+        zc = tl.load(z_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
+        wc = tl.load(w_rows + offs_c[None, :], mask=i_mask[:, None] & c_mask[None, :], other=0.0)
+        logits += mm(zc, tl.trans(wc), DOT_PREC).to(ACC)
+    return logits

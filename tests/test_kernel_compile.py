@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import recvae_fast.kernels.multinomial_nll as mnll
+import recvae_fast.kernels.nll_configs as nll_configs
 from recvae_fast.sparse import as_csr_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,12 +76,12 @@ def test_prune_keeps_a_config_for_every_supported_k(kind, dtype, smem_limit, arc
     esize = torch.empty(0, dtype=dtype).element_size()
     fma_lists = (True, False) if dtype == torch.float32 else (dtype == torch.float64,)
     for fma in fma_lists:
-        for k in (1, 16, 64, 200, 256, 257, 600, 1000, mnll.MAX_K[dtype]):
-            if k > mnll.MAX_K[dtype]:
+        for k in (1, 16, 64, 200, 256, 257, 600, 1000, nll_configs.MAX_K[dtype]):
+            if k > nll_configs.MAX_K[dtype]:
                 continue
             for wide in (True, False):
-                kept = mnll.fitting_configs(mnll.GPU_CONFIGS[kind, fma], mnll._block_k(k), esize, wide, stationary,
-                                            streamed, smem_limit, arch, fma)
+                kept = nll_configs.fitting_configs(nll_configs.GPU_CONFIGS[kind, fma], nll_configs.block_k(k), esize, wide,
+                                                   stationary, streamed, smem_limit, arch, fma)
                 assert kept, f"{kind} {dtype} fma={fma} K={k} wide={wide}: no config fits sm_{arch}"
 
 

@@ -23,6 +23,9 @@ from helpers import DEVICE, triton_problem
 
 TRITON_PROBLEM = triton_problem()
 mnll = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.multinomial_nll")
+nll_configs = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.nll_configs")
+nll_forward = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.nll_forward")
+nll_backward = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.nll_backward")
 # Marks of every Triton test: run under the interpreter, skipped (with the reason) where it cannot.
 TRITON_MARKS = [pytest.mark.interpreter, pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))]
 triton_only = pytest.mark.interpreter if TRITON_PROBLEM is None else pytest.mark.skip(reason=TRITON_PROBLEM)
@@ -237,7 +240,7 @@ def test_float32_tf32_path_runs(tf32_precision):
 def test_each_gradient_alone_prepares_only_what_is_needed(flags, monkeypatch):
     x, batch, z, w, b, g = make_case(11, 140, 8, seed=4)
     calls = {"forward_dz": [], "backward_w": []}
-    real_forward, real_backward = mnll._forward, mnll._backward_w
+    real_forward, real_backward = mnll._forward, mnll.backward_w
 
     def spy_forward(*args):
         calls["forward_dz"].append(args[6])
@@ -248,7 +251,7 @@ def test_each_gradient_alone_prepares_only_what_is_needed(flags, monkeypatch):
         return real_backward(*args)
 
     monkeypatch.setattr(mnll, "_forward", spy_forward)
-    monkeypatch.setattr(mnll, "_backward_w", spy_backward)
+    monkeypatch.setattr(mnll, "backward_w", spy_backward)
     out, grads, ref, ref_grads = run_both(mnll.multinomial_nll, z, w, b, batch, x, g, flags=flags)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert len(grads) == sum(flags)
@@ -334,7 +337,7 @@ def test_validation_errors():
 def test_autotune_keys_bucket_the_batch_size():
     """B enters the keys as a power-of-two bucket: the last, smaller batch of an epoch and the
     evaluation batches reuse the tuning instead of re-tuning for each new size."""
-    for tuner in (*mnll._FWD.values(), *mnll._BWD.values()):
+    for tuner in (*nll_forward._FWD.values(), *nll_backward._BWD.values()):
         assert "B_BUCKET" in tuner.keys and "B" not in tuner.keys
     from recvae_fast.kernels._common import size_bucket
 
@@ -347,11 +350,11 @@ def test_tensor_core_large_k_configs(dtype, monkeypatch, tf32_precision):
     """The K-chunked 16-row tensor-core configs that GPUs use for K > 256, forced here (the
     interpreter otherwise runs one whole-K config): K = 70 (three chunks of 32, the last partial),
     odd B and I, all gradients."""
-    fwd_cfg = [c for c in mnll.GPU_CONFIGS["fwd", False] if c.kwargs["KC"]][-1]
-    bwd_cfg = [c for c in mnll.GPU_CONFIGS["bwd", False] if c.kwargs["KC"]][-1]
+    fwd_cfg = [c for c in nll_configs.GPU_CONFIGS["fwd", False] if c.kwargs["KC"]][-1]
+    bwd_cfg = [c for c in nll_configs.GPU_CONFIGS["bwd", False] if c.kwargs["KC"]][-1]
     assert fwd_cfg.kwargs["BLOCK_B"] == 16 and bwd_cfg.kwargs["BLOCK_I"] == 16
-    monkeypatch.setattr(mnll._FWD[False], "configs", [fwd_cfg])
-    monkeypatch.setattr(mnll._BWD[False], "configs", [bwd_cfg])
+    monkeypatch.setattr(nll_forward._FWD[False], "configs", [fwd_cfg])
+    monkeypatch.setattr(nll_backward._BWD[False], "configs", [bwd_cfg])
     x, batch, z, w, b, g = make_case(19, 301, 70, dtype=dtype, seed=21)
     out, grads, ref, ref_grads = run_both(mnll.multinomial_nll, z, w, b, batch, x, g)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

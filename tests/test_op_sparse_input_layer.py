@@ -23,6 +23,9 @@ from helpers import DEVICE, triton_problem
 
 TRITON_PROBLEM = triton_problem()
 sil = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.sparse_input_layer")
+sil_forward = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.sparse_input_forward")
+sil_backward = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.sparse_input_backward")
+sil_atomic = None if TRITON_PROBLEM else importlib.import_module("recvae_fast.kernels.sparse_input_backward_atomic")
 # Marks of every Triton test: run under the interpreter, skipped (with the reason) where it cannot.
 TRITON_MARKS = [pytest.mark.interpreter, pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))]
 triton_only = pytest.mark.interpreter if TRITON_PROBLEM is None else pytest.mark.skip(reason=TRITON_PROBLEM)
@@ -516,16 +519,16 @@ def test_atomic_launch_discards_the_autotuning_trials(monkeypatch):
             else:
                 out += 1.0
 
-    monkeypatch.setattr(sil, "_bwd_atomic", TuningScatter())
+    monkeypatch.setattr(sil_atomic, "_bwd_atomic", TuningScatter())
     grad_out = torch.ones(2, 3)
     indptr, rows, coef = torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.ones(2)
     for _ in range(2):  # the tuning call and a cached one give the same result
-        out = sil._launch_bwd_atomic(torch.zeros(4, 3), grad_out, indptr, rows, coef)
+        out = sil_atomic.launch(torch.zeros(4, 3), grad_out, indptr, rows, coef)
         assert torch.equal(out, torch.ones(4, 3))
 
 
 @triton_only
 def test_autotune_keys_are_layout_and_size_buckets():
-    assert sil._fwd.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET"]
-    assert sil._bwd.keys == ["H", "R_BUCKET", "NNZ_BUCKET"]
-    assert sil._bwd_atomic.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET", "R_BUCKET"]
+    assert sil_forward._fwd.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET"]
+    assert sil_backward._bwd.keys == ["H", "R_BUCKET", "NNZ_BUCKET"]
+    assert sil_atomic._bwd_atomic.keys == ["H", "USERS_BUCKET", "NNZ_BUCKET", "R_BUCKET"]

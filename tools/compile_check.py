@@ -55,6 +55,7 @@ HIDDEN = 600
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -62,13 +63,22 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from kernels import multinomial_nll as mnll  # noqa: E402
+from kernels import dropout_mask, nll_backward, nll_configs, nll_forward, nll_gather  # noqa: E402
 from kernels import row_sparse_adam as rsa  # noqa: E402
-from kernels import sparse_input_layer as sil  # noqa: E402
+from kernels import sparse_input_backward, sparse_input_backward_atomic, sparse_input_configs  # noqa: E402
+from kernels import sparse_input_forward  # noqa: E402
+
+# The JIT function of each kernel name the variants use.
+KERNEL_FUNCTIONS = {
+    "nll_fwd": nll_forward._fwd_kernel, "nll_bwd": nll_backward._bwd_w_kernel, "nll_gather": nll_gather._gather_kernel,
+    "sil_fwd": sparse_input_forward._fwd_kernel, "sil_bwd": sparse_input_backward._bwd_kernel,
+    "sil_bwd_atomic": sparse_input_backward_atomic._bwd_atomic_kernel, "row_sparse_adam": rsa._adam_kernel,
+    "keep_mask": dropout_mask._keep_mask_kernel,
+}
 
 # dtype name → (triton pointer type of the data, accumulation pointer type, element size, DOT_PREC)
 # The NLL's K values are capped at the dtype's MAX_K (fp64: 512), so the limit itself is checked.
-_NLL_MAX_K = {"fp64": mnll.MAX_K[mnll.torch.float64], "default": mnll.MAX_K[mnll.torch.float32]}
+_NLL_MAX_K = {"fp64": nll_configs.MAX_K[torch.float64], "default": nll_configs.MAX_K[torch.float32]}
 _DTYPES = {
     "fp32-ieee": ("fp32", "fp32", 4, "ieee"),
     "tf32": ("fp32", "fp32", 4, "tf32"),
@@ -100,7 +110,8 @@ class Variant:
         return f"{self.kernel} {self.dtype} sm_{self.arch}{k} [{flags}] {{{cfg},w={self.num_warps},s={self.num_stages}}}"
 
 
-def _variant(kernel, fn, dtype, arch, k, flags, cfg, sig, const):
+def _variant(kernel, dtype, arch, k, flags, cfg, sig, const):
+    fn = KERNEL_FUNCTIONS[kernel]
     sig = dict(sig)
     const = dict(const)
     meta = dict(cfg.kwargs) if isinstance(cfg, triton.Config) else dict(cfg)
@@ -126,11 +137,11 @@ def nll_variants(arch, k_values, dtypes, wide_only):
         fma = prec == "ieee"
         max_k = _NLL_MAX_K.get(dtype, _NLL_MAX_K["default"])
         for k in sorted({min(k, max_k) for k in k_values}):
-            block_k = mnll._block_k(k)
+            block_k = nll_configs.block_k(k)
             for wide in ((True,) if wide_only else (True, False)):
                 for kind, stationary, streamed in (("fwd", "BLOCK_B", "BLOCK_I"), ("bwd", "BLOCK_I", "BLOCK_B")):
-                    kept = mnll.fitting_configs(mnll.GPU_CONFIGS[kind, fma], block_k, esize, wide, stationary,
-                                                streamed, SMEM_LIMIT[arch], arch, fma)
+                    kept = nll_configs.fitting_configs(nll_configs.GPU_CONFIGS[kind, fma], block_k, esize, wide,
+                                                       stationary, streamed, SMEM_LIMIT[arch], arch, fma)
                     if not kept:
                         out.append(("no-config", f"nll_{kind} {dtype} sm_{arch} K={k} wide={wide}"))
                         continue
@@ -143,20 +154,20 @@ def nll_variants(arch, k_values, dtypes, wide_only):
                             const = dict(flags, ACC=_ACC_TL[acc], BLOCK_K=block_k)
                             if not wide:
                                 const["A_PART"] = None
-                            out.append(_variant("nll_fwd", mnll._fwd_kernel, dtype, arch, k, flags, cfg, sig, const))
+                            out.append(_variant("nll_fwd", dtype, arch, k, flags, cfg, sig, const))
                         else:
                             flags = dict(HAS_BIAS=True, NEED_W=wide, NEED_B=True, DOT_PREC=prec)
                             sig = dict(Z=f"*{ptr}", W=f"*{ptr}", BIAS=f"*{ptr}", LSE=f"*{acc}", GN=f"*{acc}",
                                        DW=f"*{ptr}", DB=f"*{ptr}", CSC_PTR="*i64", CSC_USER="*i64", CSC_ITEM="*i64",
                                        CSC_COEF=f"*{acc}", B="i32", I="i32", K="i32", n_gran="i32", stride_z="i32",
                                        stride_w="i32", B_BUCKET="i32")
-                            const = dict(flags, ACC=_ACC_TL[acc], GRAN=mnll._CSC_GRAN, BLOCK_K=block_k)
+                            const = dict(flags, ACC=_ACC_TL[acc], GRAN=nll_configs.CSC_GRAN, BLOCK_K=block_k)
                             if not wide:
                                 const["DW"] = None
-                            out.append(_variant("nll_bwd", mnll._bwd_w_kernel, dtype, arch, k, flags, cfg, sig, const))
+                            out.append(_variant("nll_bwd", dtype, arch, k, flags, cfg, sig, const))
             if dtype != "tf32":  # the gather has no dot: fp32-ieee covers fp32
                 for store_xw in (True, False):
-                    block_k = mnll._block_k(k)
+                    block_k = nll_configs.block_k(k)
                     flags = dict(HAS_BIAS=True, STORE_XW=store_xw)
                     sig = dict(Z=f"*{ptr}", W=f"*{ptr}", BIAS=f"*{ptr}", INDPTR="*i64", INDICES="*i64",
                                VALUES=f"*{ptr}", XDOT=f"*{acc}", NSUM=f"*{acc}", XW=f"*{acc}", K="i32",
@@ -164,8 +175,8 @@ def nll_variants(arch, k_values, dtypes, wide_only):
                     const = dict(flags, ACC=_ACC_TL[acc], BLOCK_K=block_k)
                     if not store_xw:
                         const["XW"] = None
-                    cfg = triton.Config({"BLOCK_NZ": mnll._gather_block_nz(block_k)}, num_warps=4, num_stages=1)
-                    out.append(_variant("nll_gather", mnll._gather_kernel, dtype, arch, k, flags, cfg, sig, const))
+                    cfg = triton.Config({"BLOCK_NZ": nll_configs.gather_block_nz(block_k)}, num_warps=4, num_stages=1)
+                    out.append(_variant("nll_gather", dtype, arch, k, flags, cfg, sig, const))
     return out
 
 
@@ -189,28 +200,28 @@ def sil_variants(arch, dtypes, all_flags):
                 const["SCALE"] = None
             if not aux:
                 const["COEF"] = const["ROWS"] = None
-            for cfg in sil.GPU_CONFIGS["fwd"]:
-                out.append(_variant("sil_fwd", sil._fwd_kernel, dtype, arch, None, flags, cfg, sig, const))
+            for cfg in sparse_input_configs.GPU_CONFIGS["fwd"]:
+                out.append(_variant("sil_fwd", dtype, arch, None, flags, cfg, sig, const))
         # segment backward: SEG is the int32 sorted item ids (dense) or the int64 unique inverse (row-sparse)
         for layout, seg in (("dense", "i32"), ("row_sparse", "i64")):
             flags = dict(layout=layout)
             sig = dict(DW=f"*{ptr}", DH=f"*{ptr}", PERM="*i64", SEG=f"*{seg}", COEF=f"*{acc}", ROWS="*i32",
                        SEGPTR="*i64", R="i32", H="i32", stride_dw="i32", stride_dh="i32", R_BUCKET="i32",
                        NNZ_BUCKET="i32")
-            for cfg in sil.GPU_CONFIGS["bwd"]:
-                out.append(_variant("sil_bwd", sil._bwd_kernel, dtype, arch, None, flags, cfg, sig,
+            for cfg in sparse_input_configs.GPU_CONFIGS["bwd"]:
+                out.append(_variant("sil_bwd", dtype, arch, None, flags, cfg, sig,
                                     dict(ACC=_ACC_TL[acc])))
         # atomic backward adds into an accumulation-dtype buffer
         sig = dict(DW=f"*{acc}", DH=f"*{ptr}", INDPTR="*i64", OUTROW="*i64", COEF=f"*{acc}", H="i32",
                    stride_dw="i32", stride_dh="i32", USERS_BUCKET="i32", NNZ_BUCKET="i32", R_BUCKET="i32")
-        for cfg in sil.GPU_CONFIGS["bwd_atomic"]:
-            out.append(_variant("sil_bwd_atomic", sil._bwd_atomic_kernel, dtype, arch, None, {}, cfg, sig, {}))
+        for cfg in sparse_input_configs.GPU_CONFIGS["bwd_atomic"]:
+            out.append(_variant("sil_bwd_atomic", dtype, arch, None, {}, cfg, sig, {}))
         sig = dict(P=f"*{ptr}", M=f"*{ptr}", V=f"*{ptr}", G=f"*{ptr}", GROW="*i32", HYPER=f"*{acc}", R="i32",
                    H="i32", stride_p="i32", stride_m="i32", stride_v="i32", stride_g="i32")
         cfg = triton.Config({"BLOCK_R": rsa._BLOCK_R, "BLOCK_H": rsa._BLOCK_H}, num_warps=rsa._NUM_WARPS, num_stages=1)
-        out.append(_variant("row_sparse_adam", rsa._adam_kernel, dtype, arch, None, {}, cfg, sig, {}))
+        out.append(_variant("row_sparse_adam", dtype, arch, None, {}, cfg, sig, {}))
     cfg = triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)
-    out.append(_variant("keep_mask", sil._keep_mask_kernel, "u8", arch, None, {}, cfg,
+    out.append(_variant("keep_mask", "u8", arch, None, {}, cfg,
                         dict(OUT="*u8", n="i32", seed="i64", p="fp32"), {}))
     return out
 
@@ -302,9 +313,7 @@ def compile_variant(v: Variant) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = {"nll_fwd": mnll._fwd_kernel, "nll_bwd": mnll._bwd_w_kernel, "nll_gather": mnll._gather_kernel,
-          "sil_fwd": sil._fwd_kernel, "sil_bwd": sil._bwd_kernel, "sil_bwd_atomic": sil._bwd_atomic_kernel,
-          "row_sparse_adam": rsa._adam_kernel, "keep_mask": sil._keep_mask_kernel}[v.kernel]
+    fn = KERNEL_FUNCTIONS[v.kernel]
     record = {"name": v.name(), **{k: val for k, val in asdict(v).items() if k not in ("signature", "constexprs")}}
     # torch allocations are 16-byte aligned: tell the compiler, as the launcher does for real tensors
     pointers = [i for i, n in enumerate(fn.arg_names) if v.signature[n].startswith("*") and v.constexprs.get(n, 0) is not None]
