@@ -431,7 +431,7 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     process.wait()
     study = _load(out)
     assert study.trials[killed].state == optuna.trial.TrialState.RUNNING  # killed mid-trial
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     study = _load(out)
     states = _states(study)
