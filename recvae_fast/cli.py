@@ -856,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between a running trial's heartbeats; a trial silent for twice as long is rerun")
     p.add_argument("--finalists", type=int, default=FINALISTS,
-                   help="the best trials (and the defaults' trial) trained again with fresh seeds on the validation "
-                        "users; the best mean wins (0: the best single search score wins)")
+                   help="the best trials, and the trial of train's configuration, trained again with fresh seeds on "
+                        "the validation users; the best mean wins; 0: the best single search score wins")
     p.add_argument("--finalist-seeds", type=int, default=FINALIST_SEEDS, help="fresh seeds for each finalist")
     _add_data_options(p)
     _add_split_options(p)
