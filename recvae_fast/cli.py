@@ -45,7 +45,7 @@ from .runfolder import (
 )
 from .runs import histories_matrix, load_run
 from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, timedelta_text
-from .tuning import import_optuna, tune
+from .tuning import FINALIST_SEEDS, FINALISTS, import_optuna, tune
 from .validation import DATA_OPTION_RULES, check_run_description
 
 RUN_FILES = (MODEL_NAME, CHECKPOINT_NAME, ITEMS_NAME, USERS_NAME, RUN_NAME, SPLIT_NAME, LOG_NAME, SUMMARY_NAME)
@@ -648,7 +648,9 @@ def cmd_tune(args) -> dict:
         import_optuna()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    for name in ("trials", "jobs", "heartbeat"):
+    if args.finalists < 0:
+        raise UsageError(f"--finalists must be >= 0, got {args.finalists}")
+    for name in ("trials", "jobs", "heartbeat", "finalist_seeds"):
         if getattr(args, name) < 1:
             raise UsageError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
@@ -657,7 +659,8 @@ def cmd_tune(args) -> dict:
     cfg, split, _ = _checked_split(args, out, source, options, config, None)
     result = tune(split, out, args.trials, space=args.space, config=asdict(cfg), storage=args.storage,
                   study_name=args.study_name, n_jobs=args.jobs, eval_batch_size=_eval_batch_size(args),
-                  progress="trials" if args.no_progress else True, heartbeat_s=args.heartbeat)
+                  progress="trials" if args.no_progress else True, heartbeat_s=args.heartbeat,
+                  finalists=args.finalists, finalist_seeds=args.finalist_seeds)
     best = out / f"trial-{result.best_trial}"
     with RunLock(best, wait_s=600):  # another worker of the study may be training it
         summary = read_json(best / SUMMARY_NAME) if (best / SUMMARY_NAME).is_file() else _train(
@@ -852,6 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="worker processes; more may join with the same command")
     p.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between a running trial's heartbeats; a trial silent for twice as long is rerun")
+    p.add_argument("--finalists", type=int, default=FINALISTS,
+                   help="the best trials, and the trial of train's configuration, trained again with fresh seeds on "
+                        "the validation users; the best mean wins; 0: the best single search score wins")
+    p.add_argument("--finalist-seeds", type=int, default=FINALIST_SEEDS, help="fresh seeds for each finalist")
     _add_data_options(p)
     _add_split_options(p)
     p.add_argument("--seed", type=int, default=None, help=f"split and training seed, >= 0 (default: {d.seed})")

@@ -11,6 +11,13 @@ a database server) can work on it at once. A running trial records a heartbeat; 
 process died (no heartbeat for a grace period) is marked failed and run again with the same
 parameters, so the study still ends with n_trials finished (complete or pruned) trials.
 
+The best of many single-seed validation scores overstates its trial (its seed was lucky as often as
+its configuration was good), so the search's winner is not taken as it is: the best few complete
+trials (the default configuration always among them) are trained again with fresh seeds on the
+validation users, and the one with the best mean validation NDCG@100 over those seeds is chosen.
+Each of those runs is stored in the study (a study user attribute) once it ends, so a study killed
+during that stage resumes with the runs still missing.
+
 Optuna is an optional extra (pip install "recvae_fast[tune]"); it is imported when a search
 starts, never with the package.
 """
@@ -64,6 +71,12 @@ DEFAULT_SPACE = {
     "dropout_rate": {"low": 0.1, "high": 0.8},
     "n_epochs": {"low": 10, "high": 50},
 }
+# The final selection's defaults: the best complete trials retrained (the defaults' trial added), and
+# the fresh training seeds each one is scored with (the trial's own seed + 1, + 2, ...).
+FINALISTS = 3
+FINALIST_SEEDS = 3
+FINALIST_PREFIX = "finalist:"  # study user attribute "finalist:TRIAL:SEED" -> that run's scores
+
 # The median pruner's defaults: it prunes once this many trials have completed, and never before a
 # trial's fifth epoch (a slow start is not yet a bad trial).
 PRUNER_STARTUP_TRIALS = 5
@@ -248,6 +261,11 @@ class TuneResult:
     files: dict = field(default_factory=dict)  # what was written: trials.csv, the plots
     notes: list = field(default_factory=list)  # plots that could not be drawn, and why
     wall_time_s: float = 0.0
+    # The final selection (empty without one): each finalist's trial, search score, seeds, their
+    # validation NDCG@100 and its mean over them, best mean first; best_trial is the first.
+    finalists: list = field(default_factory=list)
+    search_best_trial: int | None = None  # the trial with the best single-seed score of the search
+    best_mean: float | None = None  # the chosen trial's mean validation NDCG@100 over the fresh seeds
 
     def record(self) -> dict:
         """The JSON-friendly summary (the table left out)."""
@@ -427,20 +445,88 @@ def _work(search: _Search, worker: int, progress: bool | str, threads: int | Non
     finally:
         bar.close()
 
+# ----------------------------------------------------------------------------- the final selection
 
-def _write_table(study, space: dict, path: Path) -> str:
-    """trials.csv (every trial, best first) and the same as a text table."""
+
+def _finalist_trials(study, finalists: int) -> list:
+    """The `finalists` best complete trials by search score (ties: the earlier trial), and the
+    defaults' trial when it completed and is not among them."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    chosen = sorted(complete, key=lambda t: (-t.value, t.number))[:finalists]
+    defaults = [t for t in complete if t.user_attrs.get("default_config")][:1]
+    return chosen + [t for t in defaults if t not in chosen]
+
+
+def _seed_score(job: tuple) -> tuple[int, float, int]:
+    """(job index, best validation NDCG@100, its epoch) of one training of a finalist's config."""
+    index, split, config, eval_batch_size, threads = job
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _, history = fit(split.train, split.valid_in, split.valid_out, progress=False, eval_batch_size=eval_batch_size,
+                     **config)
+    best = max(history, key=lambda r: r[OBJECTIVE])
+    return index, best[OBJECTIVE], best["epoch"]
+
+
+def _select(study, search: _Search, finalists: int, finalist_seeds: int, n_jobs: int, threads: int | None,
+            progress: bool | str) -> list:
+    """Train each finalist with `finalist_seeds` fresh seeds on the validation users (runs stored in
+    the study are reused; each new one is stored when it ends) and return the finalists, best mean
+    validation NDCG@100 first (ties: the earlier trial). The trial's own search score is left out
+    of its mean: it is the score it was picked for."""
+    candidates = _finalist_trials(study, finalists)
+    base_seed = int(search.config.get("seed", 0))
+    seeds = [base_seed + i for i in range(1, finalist_seeds + 1)]
+    stored = study.user_attrs
+    todo = [(t, seed) for t in candidates for seed in seeds if f"{FINALIST_PREFIX}{t.number}:{seed}" not in stored]
+    jobs = [(i, search.split, {**t.user_attrs["config"], "seed": seed, "device": search.config.get("device", "cpu")},
+             search.eval_batch_size, threads) for i, (t, seed) in enumerate(todo)]
+
+    def store(result: tuple) -> None:
+        index, value, epoch = result
+        trial, seed = todo[index]
+        study.set_user_attr(f"{FINALIST_PREFIX}{trial.number}:{seed}", {OBJECTIVE: value, "best_epoch": epoch})
+        if progress:
+            print(f"finalist trial {trial.number}, seed {seed}: {OBJECTIVE.replace('_', ' ')} {value:.4f} "
+                  f"(search: {trial.value:.4f})", file=sys.stderr, flush=True)
+
+    if n_jobs > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(n_jobs, len(jobs))) as pool:
+            for result in pool.imap_unordered(_seed_score, jobs):
+                store(result)
+    else:
+        for job in jobs:
+            store(_seed_score(job))
+    stored = study.user_attrs  # as stored now, this process's runs and any other's
+    rows = []
+    for t in candidates:
+        values = [stored[f"{FINALIST_PREFIX}{t.number}:{seed}"][OBJECTIVE] for seed in seeds]
+        rows.append({"trial": t.number, OBJECTIVE: t.value, "default_config": bool(t.user_attrs.get("default_config")),
+                     "seeds": seeds, f"{OBJECTIVE}_seeds": values, "mean": sum(values) / len(values)})
+    return sorted(rows, key=lambda row: (-row["mean"], row["trial"]))
+
+
+
+def _write_table(study, space: dict, path: Path, finalists: list) -> str:
+    """trials.csv (every trial, best first: the finalists by their mean over fresh seeds, then the
+    others by their search score) and the same as a text table."""
     from optuna.trial import TrialState
 
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3,
              TrialState.FAIL: 4}
     searched = [name for name, spec in space.items() if "value" not in spec]
 
+    means = {f["trial"]: f["mean"] for f in finalists}
+    chosen = finalists[0]["trial"] if finalists else None
+
     def key(t):
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else -1.0
-        return order[t.state], -(t.value if t.state == TrialState.COMPLETE else last), t.number
+        return (t.number not in means, -means.get(t.number, 0.0), order[t.state],
+                -(t.value if t.state == TrialState.COMPLETE else last), t.number)
 
-    header = ["trial", "state", OBJECTIVE, "epochs", "seconds", *searched, "note"]
+    header = ["trial", "state", OBJECTIVE, "epochs", "seconds", *searched, f"{OBJECTIVE}_seeds_mean", "note"]
     trials = study.get_trials(deepcopy=False)
     rerun = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     rows = []
@@ -452,10 +538,13 @@ def _write_table(study, space: dict, path: Path) -> str:
             note = "process died or failed; rerun" if t.number in rerun else "failed"
         elif t.user_attrs.get("default_config"):
             note = "the defaults"
+        if t.number in means:
+            note = "; ".join(filter(None, ["chosen" if t.number == chosen else "finalist", note]))
         rows.append([t.number, t.state.name.lower(), f"{t.value:.4f}" if t.value is not None else "",
                      f"{reported}/{epochs}" if epochs else str(reported),
                      f"{t.duration.total_seconds():.1f}" if t.duration else "",
-                     *(_short(t.params[name]) if name in t.params else "" for name in searched), note])
+                     *(_short(t.params[name]) if name in t.params else "" for name in searched),
+                     f"{means[t.number]:.4f}" if t.number in means else "", note])
 
     def write(f):
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -509,7 +598,7 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
          config: dict | None = None, storage: str | None = None, study_name: str = "recvae", n_jobs: int = 1,
          eval_batch_size: int = 500, progress: bool | str = True, heartbeat_s: int = HEARTBEAT_S,
          pruner_startup_trials: int = PRUNER_STARTUP_TRIALS, pruner_warmup_epochs: int = PRUNER_WARMUP_EPOCHS,
-         ) -> TuneResult:
+         finalists: int = FINALISTS, finalist_seeds: int = FINALIST_SEEDS) -> TuneResult:
     """Search RecVAE's hyperparameters on `split` (a data.Split) until the study holds n_trials
     finished (complete or pruned) trials; return the best one (TuneResult.best_config: pass it to
     `fit`, then evaluate on the test users once).
@@ -525,12 +614,18 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
     (stderr); "trials", the lines only; False, nothing. heartbeat_s: a running trial records a
     heartbeat this often, and counts as dead after twice as long without one. Every input is
     checked before anything is written.
+
+    finalists, finalist_seeds: the final selection. The `finalists` best complete trials, and the
+    defaults' trial, are each trained again with `finalist_seeds` fresh seeds (the config's seed + 1,
+    + 2, ...) on the validation users; the best mean over those seeds wins (TuneResult.finalists).
+    finalists=0: no such stage, the best single-seed search score wins.
     """
     t0 = time.perf_counter()
     optuna = import_optuna()
     for name, value, least in (("n_trials", n_trials, 1), ("n_jobs", n_jobs, 1), ("heartbeat_s", heartbeat_s, 1),
                                ("pruner_startup_trials", pruner_startup_trials, 0),
-                               ("pruner_warmup_epochs", pruner_warmup_epochs, 0)):
+                               ("pruner_warmup_epochs", pruner_warmup_epochs, 0), ("finalists", finalists, 0),
+                               ("finalist_seeds", finalist_seeds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if progress not in (True, False, "trials"):
@@ -591,15 +686,18 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
         raise RuntimeError(f"{len(failed)} worker process(es) failed (exit codes {failed}); see their errors above")
 
     study = optuna.load_study(study_name=study_name, storage=_storage(optuna, url, heartbeat_s))
-    best = _best_or_none(study)
-    if best is None:
+    search_best = _best_or_none(study)
+    if search_best is None:
         raise ValueError(f"study {study_name!r} has no complete trial (every trial was pruned or failed)")
+    chosen = _select(study, search, finalists, finalist_seeds, n_jobs, threads, progress) if finalists else []
+    best = study.trials[chosen[0]["trial"]] if chosen else search_best
     with RunLock(out, wait_s=LOCK_WAIT_S):
-        table = _write_table(study, space, out / TRIALS_NAME)
+        table = _write_table(study, space, out / TRIALS_NAME, chosen)
         plots, notes = _write_plots(optuna, study, out)
     states = {}
     for trial in study.get_trials(deepcopy=False):
         states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
     best_config = {**best.user_attrs["config"], "device": config.get("device", TrainConfig().device)}
     return TuneResult(study_name, shown, n_trials, states, best.number, best.value, best_config, table,
-                      {"trials": str(out / TRIALS_NAME), **plots}, notes, time.perf_counter() - t0)
+                      {"trials": str(out / TRIALS_NAME), **plots}, notes, time.perf_counter() - t0, chosen,
+                      search_best.number, chosen[0]["mean"] if chosen else None)

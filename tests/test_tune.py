@@ -82,27 +82,36 @@ def test_tune_writes_the_study_the_table_plots_and_the_best_run(study_dir, capsy
     study = _load(study_dir)
     assert sum(t.state.is_finished() for t in study.trials) == 5
     record = json.loads((study_dir / "tune.json").read_text())
-    assert record["best_trial"] == study.best_trial.number
-    assert record["best_value"] == pytest.approx(study.best_value)
-    # The table: every trial, best first.
+    # The chosen trial: the finalist with the best mean over fresh seeds (three by default).
+    assert record["search_best_trial"] == study.best_trial.number
+    assert record["best_trial"] == record["finalists"][0]["trial"]
+    assert record["best_mean"] == pytest.approx(record["finalists"][0]["mean"])
+    chosen = study.trials[record["best_trial"]]
+    assert record["best_value"] == pytest.approx(chosen.value)
+    # The table: every trial, best first (the finalists by their mean, then the others).
     with open(study_dir / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(study.trials)
-    assert int(rows[0]["trial"]) == study.best_trial.number
-    values = [float(r["valid_ndcg@100"]) for r in rows if r["state"] == "complete"]
+    assert int(rows[0]["trial"]) == chosen.number and rows[0]["note"] == "chosen"
+    finalists = rows[:len(record["finalists"])]
+    assert [int(r["trial"]) for r in finalists] == [f["trial"] for f in record["finalists"]]
+    assert [float(r["valid_ndcg@100_seeds_mean"]) for r in finalists] == \
+        [round(f["mean"], 4) for f in record["finalists"]]
+    values = [float(r["valid_ndcg@100"]) for r in rows[len(finalists):] if r["state"] == "complete"]
     assert values == sorted(values, reverse=True)
+    assert not any(r["valid_ndcg@100_seeds_mean"] for r in rows[len(finalists):])
     for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png"):
         assert (study_dir / name).stat().st_size > 1000, name
     # The best trial's run folder is a normal run folder, trained with the trial's settings.
     best = study_dir / f"trial-{record['best_trial']}"
     run = json.loads((best / "run.json").read_text())
-    assert {k: run["config"][k] for k in study.best_trial.params} == study.best_trial.params
+    assert {k: run["config"][k] for k in chosen.params} == chosen.params
     assert data.Split.load(best).fingerprint() == data.Split.load(study_dir).fingerprint()
     summary = json.loads((best / "summary.json").read_text())
     assert summary["test"] == record["test"]
     # Its retrained best epoch scores what the trial scored on the validation users.
     history = [json.loads(line) for line in (best / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["valid_ndcg@100"] for r in history) == pytest.approx(study.best_value, rel=1e-4)
+    assert max(r["valid_ndcg@100"] for r in history) == pytest.approx(chosen.value, rel=1e-4)
 
 
 def test_best_run_folder_works_with_evaluate_and_recommend(study_dir, ratings_file, tmp_path, capsys):
@@ -225,9 +234,17 @@ def test_without_optuna_tune_says_how_to_install_it(ratings_file, tmp_path, monk
 
 
 def test_bad_counts(ratings_file, tmp_path, capsys):
-    for flag in ("--trials", "--jobs", "--heartbeat"):
-        assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), flag, "0"]) == 2
-        assert f"{flag} must be >= 1" in capsys.readouterr().err
+    for flag, value, message in (("--trials", "0", ">= 1"), ("--jobs", "0", ">= 1"), ("--heartbeat", "0", ">= 1"),
+                                 ("--finalist-seeds", "0", ">= 1"), ("--finalists", "-1", ">= 0")):
+        assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be {message}, got {value}" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+        main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), "--finalists", "two"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--finalists: invalid int value: 'two'" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -243,7 +260,7 @@ def test_the_pruner_stops_trials_that_trail(ratings_file, tmp_path, monkeypatch)
     torch.set_num_threads(1)
     try:
         result = tune(split, tmp_path, 10, space=space, progress=False, pruner_startup_trials=2,
-                      pruner_warmup_epochs=1)
+                      pruner_warmup_epochs=1, finalists=0)
     finally:
         torch.set_num_threads(threads)
     study = _load(tmp_path)
@@ -256,7 +273,111 @@ def test_the_pruner_stops_trials_that_trail(ratings_file, tmp_path, monkeypatch)
         earlier = [c.intermediate_values[last] for c in complete if c.number < t.number]
         assert t.intermediate_values[last] < np.median(earlier)
     assert result.states == {"complete": len(complete), "pruned": len(pruned)}
-    assert result.best_value == max(c.value for c in complete)
+    assert result.best_value == max(c.value for c in complete)  # finalists=0: the search's best wins
+    assert result.finalists == [] and result.best_trial == result.search_best_trial == study.best_trial.number
+
+
+# ----------------------------------------------------------------------------- the final selection
+
+# Small fixed sizes; lr and gamma searched around their defaults: the space holds the default
+# configuration (its lr and gamma), which the study's first trial runs.
+DEFAULTS_SPACE = {"latent_dim": 8, "hidden_dim": 16, "n_epochs": 3, "batch_size": 64,
+                  "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "gamma": {"low": 1e-3, "high": 5e-2, "log": True},
+                  "dropout_rate": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tiny_split(ratings_file):
+    inter = data.preprocess(data.load_interactions(str(ratings_file), rating_threshold=3.5), min_items_per_user=5)
+    return data.split_strong_generalization(inter, n_heldout_users=40, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _valid_score(split, config: dict) -> float:
+    from recvae_fast import fit
+
+    _, history = fit(split.train, split.valid_in, split.valid_out, progress=False, **config)
+    return max(r["valid_ndcg@100"] for r in history)
+
+
+def test_finalists_are_the_best_trials_and_the_defaults_retrained_with_fresh_seeds(tiny_split, tmp_path,
+                                                                                   one_thread):
+    result = tune(tiny_split, tmp_path, 6, space=DEFAULTS_SPACE, config={"seed": 5}, progress=False,
+                  finalists=2, finalist_seeds=2)
+    study = _load(tmp_path)
+    complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                      key=lambda t: -t.value)
+    defaults = study.trials[0]
+    assert defaults.user_attrs["default_config"] and defaults.params == {"lr": 5e-4, "gamma": 0.005}
+    expected = {t.number for t in complete[:2]} | {defaults.number}
+    assert {f["trial"] for f in result.finalists} == expected
+    for finalist in result.finalists:
+        trial = study.trials[finalist["trial"]]
+        assert finalist["seeds"] == [6, 7]  # fresh: the study's seed is 5
+        assert finalist["valid_ndcg@100"] == trial.value
+        assert finalist["default_config"] == (trial.number == defaults.number)
+        assert finalist["mean"] == pytest.approx(np.mean(finalist["valid_ndcg@100_seeds"]))
+        for seed, value in zip(finalist["seeds"], finalist["valid_ndcg@100_seeds"]):
+            assert study.user_attrs[f"finalist:{trial.number}:{seed}"]["valid_ndcg@100"] == value
+    # Each score is a training of the trial's configuration with that seed (checked for one run).
+    first = result.finalists[-1]
+    config = {**study.trials[first["trial"]].user_attrs["config"], "seed": first["seeds"][1]}
+    assert _valid_score(tiny_split, config) == pytest.approx(first["valid_ndcg@100_seeds"][1], rel=1e-5)
+    # The best mean wins; its configuration (with the study's seed) is the result.
+    means = [f["mean"] for f in result.finalists]
+    assert means == sorted(means, reverse=True)
+    assert result.best_trial == result.finalists[0]["trial"] and result.best_mean == means[0]
+    assert result.search_best_trial == complete[0].number
+    assert result.best_config == {**study.trials[result.best_trial].user_attrs["config"], "device": "cpu"}
+    assert result.best_config["seed"] == 5
+
+
+def test_a_final_selection_cut_short_resumes_with_the_missing_runs(tiny_split, tmp_path, one_thread, monkeypatch):
+    """A process that dies during the final selection leaves the runs it finished in the study; the
+    same call again trains only the others, and ends as an uninterrupted selection would."""
+    from recvae_fast import tuning
+
+    real = tuning._seed_score
+    calls = []
+
+    def dies_after_two(job):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill: nothing after this run is stored
+        calls.append(job[2]["seed"])
+        return real(job)
+
+    monkeypatch.setattr(tuning, "_seed_score", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, finalists=2, finalist_seeds=2)
+    stored = [key for key in _load(tmp_path / "a").user_attrs if key.startswith("finalist:")]
+    assert len(stored) == 2
+    monkeypatch.setattr(tuning, "_seed_score", lambda job: calls.append(job[2]["seed"]) or real(job))
+    resumed = tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, finalists=2,
+                   finalist_seeds=2)
+    n_finalists = len(resumed.finalists)
+    assert n_finalists in (2, 3) and len(calls) == 2 * n_finalists  # two before the kill, the rest after
+    assert len(_load(tmp_path / "a").trials) == 5  # no trial added
+    monkeypatch.setattr(tuning, "_seed_score", real)
+    whole = tune(tiny_split, tmp_path / "b", 5, space=DEFAULTS_SPACE, progress=False, finalists=2, finalist_seeds=2)
+    assert [f["trial"] for f in whole.finalists] == [f["trial"] for f in resumed.finalists]
+    for a, b in zip(whole.finalists, resumed.finalists):
+        assert a["valid_ndcg@100_seeds"] == pytest.approx(b["valid_ndcg@100_seeds"], rel=1e-5)
+    assert whole.best_trial == resumed.best_trial
+
+
+@pytest.mark.parametrize("name, value", [("finalists", -1), ("finalists", 1.5), ("finalists", True),
+                                         ("finalist_seeds", 0), ("finalist_seeds", "3")])
+def test_bad_finalist_counts_are_refused_before_anything_is_written(name, value, tiny_split, tmp_path):
+    with pytest.raises(ValueError, match=f"^{name} must be an integer >= {0 if name == 'finalists' else 1}, got"):
+        tune(tiny_split, tmp_path / "out", 3, space=TINY_SPACE, progress=False, **{name: value})
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- kills and several processes
@@ -294,7 +415,9 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     # 40 epochs: a trial lasts long enough (seconds) to be stopped in the middle of it.
     space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 40})
     out = tmp_path / "out"
-    command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1")
+    # One finalist run: the final selection is tested on its own below.
+    command = _tune_command(ratings_file, out, space, 3, "--heartbeat", "1", "--finalists", "1",
+                            "--finalist-seeds", "1")
     stderr_path = tmp_path / "stderr.txt"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -308,7 +431,7 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     process.wait()
     study = _load(out)
     assert study.trials[killed].state == optuna.trial.TrialState.RUNNING  # killed mid-trial
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     study = _load(out)
     states = _states(study)
@@ -317,13 +440,15 @@ def test_a_study_killed_mid_trial_resumes_with_all_trials(ratings_file, tmp_path
     rerun = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert len(rerun) == 1 and rerun[0].state.is_finished() and rerun[0].params == study.trials[killed].params
     assert "process died or failed; rerun" in (out / "trials.csv").read_text()
-    assert json.loads((out / "tune.json").read_text())["best_trial"] == study.best_trial.number
+    record = json.loads((out / "tune.json").read_text())
+    assert record["search_best_trial"] == study.best_trial.number
+    assert record["best_trial"] == record["finalists"][0]["trial"]
 
 
 def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
     space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 8})
     out = tmp_path / "out"
-    command = _tune_command(ratings_file, out, space, 6)
+    command = _tune_command(ratings_file, out, space, 6, "--finalists", "1", "--finalist-seeds", "1")
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     results = [p.communicate(timeout=300) for p in processes]
@@ -335,7 +460,7 @@ def test_two_processes_share_one_sqlite_study(ratings_file, tmp_path):
     workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in finished}
     assert workers == {str(p.pid) for p in processes}
     record = json.loads((out / "tune.json").read_text())
-    assert record["best_trial"] == study.best_trial.number
+    assert record["search_best_trial"] == study.best_trial.number
     assert all(f"trial-{record['best_trial']}" in out_text for out_text, _ in results)
 
 
@@ -345,11 +470,13 @@ def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
     # imports), so both workers take trials.
     space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 40})
     assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "4", "--jobs", "2", "--space", str(space),
-                 *TINY]) == 0
+                 "--finalists", "1", "--finalist-seeds", "2", *TINY]) == 0
     study = _load(out)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == len(study.trials) and 4 <= len(finished) <= 5  # one study, shared out
     assert len({t.user_attrs["worker"] for t in finished}) == 2
+    # The final selection's two runs (one finalist, the defaults' trial is not in this space) are stored.
+    assert len([key for key in study.user_attrs if key.startswith("finalist:")]) == 2
 
 
 def test_run_lock_waits_for_its_holder_when_asked(tmp_path):

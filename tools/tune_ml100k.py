@@ -1,17 +1,18 @@
 """The README's tuning figures: `recvae-fast tune` on MovieLens-100K (killed with SIGKILL in the
-middle of a trial, then started again with the same command), then its best trial's configuration
+middle of a trial, then started again with the same command; its final selection retrains the best
+trials and the defaults with fresh seeds on the validation users), then the chosen configuration
 and the defaults, each trained with three seeds on the study's split and scored on its test users
-(which the search never saw). Appends one JSON line to benches/results/tune_ml100k.jsonl.
+(which neither the search nor the selection saw). Appends one JSON line to
+benches/results/tune_ml100k.jsonl.
 
 MovieLens-100K as RecBole ships it, read by the project's own RecBole .inter reader:
 
     pip download --no-deps recbole==1.2.1 -d /tmp/recbole
     unzip -o /tmp/recbole/recbole-1.2.1-py3-none-any.whl 'recbole/dataset_example/ml-100k/*' -d /tmp/recbole
-    python benches/tune_ml100k.py /tmp/recbole/recbole/dataset_example/ml-100k/ml-100k.inter --out runs/tune-ml100k
+    python tools/tune_ml100k.py /tmp/recbole/recbole/dataset_example/ml-100k/ml-100k.inter --out runs/tune-ml100k
 
-The study uses benches/tune_ml100k_space.toml and two worker processes of one torch thread each.
-
-Not collected by pytest (no bench_ prefix): it takes minutes.
+The study uses tools/tune_ml100k_space.toml and two worker processes of one torch thread each. It
+takes minutes; run it from the repository root.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from recvae_fast import data
 from recvae_fast.training import TrainConfig
 
 SEEDS = (0, 1, 2)
-RECORD = Path(__file__).parent / "results" / "tune_ml100k.jsonl"
+RECORD = Path(__file__).parent.parent / "benches" / "results" / "tune_ml100k.jsonl"
 SPACE = Path(__file__).parent / "tune_ml100k_space.toml"
 
 
@@ -106,12 +107,17 @@ def main() -> None:
     split = data.Split.load(args.out)
     defaults = asdict(TrainConfig())
     best = {k: v for k, v in summary["best_config"].items() if k != "seed"}
-    jobs = [(args.out, {**config, "seed": seed}) for seed in SEEDS for config in (defaults, best)]
+    # The chosen configuration may be the defaults' own: each distinct (config, seed) is trained once.
+    same = {k: v for k, v in best.items() if k != "device"} == {k: v for k, v in defaults.items()
+                                                                 if k not in ("seed", "device")}
+    configs = {"defaults": defaults} if same else {"defaults": defaults, "best": best}
+    jobs = [(args.out, {**config, "seed": seed}) for seed in SEEDS for config in configs.values()]
     t1 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         scores = pool.map(test_ndcg, jobs, chunksize=1)
     seeds_wall_s = time.perf_counter() - t1
-    figures = {"defaults": scores[0::2], "best": scores[1::2]}
+    figures = {name: scores[i::len(configs)] for i, name in enumerate(configs)}
+    figures.setdefault("best", figures["defaults"])
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
@@ -124,7 +130,9 @@ def main() -> None:
         "space": [line for line in SPACE.read_text().splitlines() if line and not line.startswith("#")],
         "study_wall_s": round(study_wall_s, 1), "kill": kill, "trials": summary["states"],
         "seed_runs_wall_s": round(seeds_wall_s, 1),
-        "best_trial": summary["best_trial"], "best_valid_ndcg@100": summary["best_value"],
+        "search_best_trial": summary["search_best_trial"], "finalists": summary["finalists"],
+        "best_trial": summary["best_trial"], "best_is_defaults": same, "best_valid_ndcg@100": summary["best_value"],
+        "best_valid_ndcg@100_seeds_mean": summary["best_mean"],
         "best_config": {k: summary["best_config"][k] for k in ("gamma", "latent_dim", "hidden_dim", "lr",
                                                                  "dropout_rate", "n_epochs")},
         "best_run_test_ndcg@100": summary["test"]["ndcg@100"],
