@@ -10,7 +10,8 @@ from .settings import eval_batch_size, scoring_precision
 
 def run(args) -> dict:
     trained = load_run(args.run)  # every file read safely
-    split = data_mod.Split.load(trained.folder)  # validated: array kinds, CSR structure, ids (DataError naming the file)
+    # Validated: array kinds, CSR structure, ids (a DataError naming the file).
+    split = data_mod.Split.load(trained.folder)
     if split.n_items != trained.model.input_dim:
         raise RunFolderError(f"{trained.folder / SPLIT_NAME} has {split.n_items} items, "
                              f"{trained.folder / MODEL_NAME} {trained.model.input_dim}")
