@@ -9,6 +9,10 @@ INTERRUPTED = "recvae-fast: interrupted"
 
 def main(argv=None) -> int:
     try:
+        # numpy before torch: torch imports it from C++, where a Ctrl-C is swallowed and leaves numpy
+        # half-imported (a RecursionError at its next use instead of this exit).
+        import numpy  # noqa: F401
+
         from .cli import main as cli_main
     except KeyboardInterrupt:
         # Nothing has been read or written yet. A half-imported torch can hang or re-raise the signal

@@ -40,6 +40,7 @@ def recommend(
     exclude_seen: bool = True,
     batch_size: int = 500,
     precision: str = precision_mod.DEFAULT_PRECISION,
+    exclude=None,
 ) -> TopK:
     """Top-k items per user (rows of `interactions`, a users × items scipy matrix).
 
@@ -50,11 +51,15 @@ def recommend(
     pass the same users and all get the whole result (recvae_fast.distributed.recommend_sharded).
     precision: "32-true" or "bf16-mixed" (recvae_fast.precision: the encoder under autocast, the
     scores' products with bf16 operands, the top-k exact on the float32 scores they give).
+    exclude: a users × items scipy matrix of more items never returned, its stored entries whatever
+    their values (e.g. every item a user rated, where `interactions` holds only the liked ones).
     """
     product_dtype = precision_mod.autocast_dtype(precision)
     if not isinstance(model, RecVAE) and _is_sharded(model):
         from .distributed import recommend_sharded
 
+        if exclude is not None:
+            raise ValueError("exclude is not supported for an item-sharded model")
         if product_dtype is not None:
             raise ValueError("precision 'bf16-mixed' is not supported for an item-sharded model; use '32-true'")
         return recommend_sharded(model, interactions, k, exclude_seen, batch_size)
@@ -65,6 +70,10 @@ def recommend(
     batch_size = _check_batch_size(batch_size)
     interactions = as_user_matrix("interactions", interactions, n_items)
     n_users = interactions.shape[0]
+    if exclude is not None:
+        if not sp.issparse(exclude) or exclude.shape != interactions.shape:
+            raise ValueError(f"exclude must be a scipy.sparse matrix of the interactions' shape {interactions.shape}")
+        exclude = _pattern(exclude)
     was_training = model.training
     model.eval()
     weight, bias = model.decoder.weight, model.decoder.bias
@@ -81,12 +90,21 @@ def recommend(
             with precision_mod.autocast(precision, weight.device):
                 mu, _ = model.encode(rows)
             seen = rows if exclude_seen else sp.csr_matrix(rows.shape, dtype=np.float32)
+            if exclude is not None:
+                seen = _pattern(seen) + exclude[start : start + batch_size]
             scores, ids = _topk_of_scores(mu, weight, bias, seen, k, item_chunk, product_dtype)
             out_ids[start : start + len(ids)] = ids
             out_scores[start : start + len(ids)] = scores
     finally:
         model.train(was_training)
     return TopK(out_scores, out_ids)
+
+
+def _pattern(matrix) -> sp.csr_matrix:
+    """A CSR matrix of ones where `matrix` stores an entry (an explicit zero included): a sum of
+    patterns has an entry wherever one of them has, which a sum of values may cancel."""
+    csr = sp.csr_matrix(matrix)
+    return sp.csr_matrix((np.ones(csr.nnz, dtype=np.float32), csr.indices, csr.indptr), shape=csr.shape)
 
 
 def _scores(mu, weight, bias, product_dtype):

@@ -41,24 +41,36 @@ SELECTION_K = 100  # validation NDCG@100 picks the best epoch (and drives early 
 
 @dataclass
 class TrainConfig:
-    hidden_dim: int = 600
-    latent_dim: int = 200
-    batch_size: int = 500
-    n_epochs: int = 50
-    n_enc_epochs: int = 3
-    n_dec_epochs: int = 1
-    lr: float = 5e-4
-    gamma: float | None = 0.005
-    beta: float | None = None
-    dropout_rate: float = 0.5
-    not_alternating: bool = False
+    """fit's hyperparameters. Each field's metadata describes it for the command line, which makes a
+    flag of every field: "help" (what it does), and where they differ from the field's, "flag" (the
+    flag's name), "default_help" (the default in words) and "choices" (flag value -> field value)."""
+    hidden_dim: int = field(default=600, metadata={"help": "encoder hidden layer width"})
+    latent_dim: int = field(default=200, metadata={"help": "latent dimension"})
+    batch_size: int = field(default=500, metadata={"help": "training users per step"})
+    n_epochs: int = field(default=50, metadata={"help": "epochs to train; with --resume: train up to this",
+                                                "flag": "epochs", "default_help": "50, the authors'"})
+    n_enc_epochs: int = field(default=3, metadata={"help": "encoder passes over the users per epoch"})
+    n_dec_epochs: int = field(default=1, metadata={"help": "decoder passes over the users per epoch"})
+    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    gamma: float | None = field(default=0.005, metadata={"help": "KL weight gamma * n_u"})
+    beta: float | None = field(default=None, metadata={"help": "constant KL weight, replacing gamma",
+                                                       "default_help": "none, gamma is used"})
+    dropout_rate: float = field(default=0.5, metadata={"help": "input dropout of the encoder passes"})
+    not_alternating: bool = field(default=False, metadata={
+        "help": "step encoder and decoder together, one pass per epoch", "default_help": "off, they alternate"})
     # fc1's gradient layout: True row-sparse + exact RowSparseAdam (recvae_fast.optim), False dense +
     # fused Adam, None chooses by measurement (see fc1_grad_is_row_sparse).
-    sparse_fc1_grad: bool | None = None
-    seed: int = 0
-    device: str = "cpu"
+    sparse_fc1_grad: bool | None = field(default=None, metadata={
+        "help": "fc1 gradient layout: row-sparse (with an exact row-sparse Adam) or dense; auto picks row-sparse "
+                "on the CPU for large catalogues",
+        "flag": "fc1_grad", "default_help": "auto", "choices": {"auto": None, "dense": False, "row-sparse": True}})
+    seed: int = field(default=0, metadata={"help": "split and training seed, >= 0"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     # "32-true" or "bf16-mixed" (recvae_fast.precision): the steps' and validation's autocast.
-    precision: str = precision_mod.DEFAULT_PRECISION
+    precision: str = field(default=precision_mod.DEFAULT_PRECISION, metadata={
+        "help": "32-true (float32) or bf16-mixed (bf16 products with float32 accumulation, float32 softmax, KL, "
+                "LayerNorm statistics, weights and optimiser; fast only with AMX, AVX512-BF16 or a GPU's tensor "
+                "cores, slower elsewhere)"})
 
     def validate(self) -> None:
         for name in ("hidden_dim", "latent_dim", "batch_size", "n_epochs", "n_enc_epochs", "n_dec_epochs"):

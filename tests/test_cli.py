@@ -298,7 +298,7 @@ def test_an_unexpected_error_is_a_bug_and_keeps_its_traceback(trained_run, monke
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli, "evaluate", broken)
+    monkeypatch.setattr(cli.evaluate, "evaluate", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["evaluate", str(trained_run)])
 
@@ -330,7 +330,7 @@ def test_ctrl_c_exits_130_with_one_line(trained_run, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "evaluate", interrupted)
+    monkeypatch.setattr(cli.evaluate, "evaluate", interrupted)
     assert main(["evaluate", str(trained_run)]) == 130
     assert _error_line(capsys).startswith("recvae-fast: interrupted")
 
@@ -426,10 +426,12 @@ def test_help_of_every_subcommand_names_every_default_and_what_each_flag_does(mo
 
 
 def test_synthetic_defaults_to_a_short_run_and_other_data_to_the_authors_schedule(ratings_file):
-    from recvae_fast.cli import SYNTHETIC_EPOCHS, _new_run_settings, build_parser
+    from recvae_fast.cli import build_parser
+    from recvae_fast.cli.parser import SYNTHETIC_EPOCHS
+    from recvae_fast.cli.settings import new_run_settings
 
     def epochs(*argv):
-        return _new_run_settings(build_parser().parse_args(["train", *argv, "--out", "x"]))[1]["n_epochs"]
+        return new_run_settings(build_parser().parse_args(["train", *argv, "--out", "x"])).config["n_epochs"]
 
     assert SYNTHETIC_EPOCHS == 10
     assert epochs() == epochs("synthetic") == SYNTHETIC_EPOCHS
@@ -521,18 +523,20 @@ def test_json_prints_the_summary_instead_of_the_table(trained_run, ratings_file,
 
 
 def _spy(monkeypatch, name: str) -> list:
-    """Replace recvae_fast.cli.<name> by a wrapper recording (threads, batch_size) at each call."""
+    """Replace the scoring function `name` of the command `name` (recvae_fast.cli.<name>.<name>) by a
+    wrapper recording (threads, batch_size) at each call."""
     import torch
 
     from recvae_fast import cli
 
-    calls, real = [], getattr(cli, name)
+    command = getattr(cli, name)
+    calls, real = [], getattr(command, name)
 
     def spy(*args, **kwargs):
         calls.append((torch.get_num_threads(), kwargs.get("batch_size")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, name, spy)
+    monkeypatch.setattr(command, name, spy)
     return calls
 
 

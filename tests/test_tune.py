@@ -505,6 +505,6 @@ def test_ctrl_c_says_the_same_command_continues_the_study(ratings_file, tmp_path
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_tune", interrupted)
+    monkeypatch.setattr(cli.tune, "run", interrupted)
     assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out")]) == 130
     assert "the same command continues it" in capsys.readouterr().err
