@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from ..atomic import atomic_write_text
 from .errors import DataError
 from .ids import IdMap, ids_from_arrays, ids_to_arrays, normalize_ids, read_json
-from .npz import csr_from_arrays, csr_to_arrays, open_npz, save_npz
+from .npz import csr_from_arrays, open_npz, save_npz
 
 
 def canonical_csr(matrix) -> sp.csr_matrix:
@@ -109,7 +109,9 @@ class Interactions:
 
     def save(self, path) -> None:
         """Matrix and ids in one .npz file, atomically, no pickle (read with `Interactions.load`)."""
-        save_npz(path, {**csr_to_arrays(self.matrix), **ids_to_arrays(self.user_ids, "user"),
+        m = self.matrix  # its own index dtype (int32 below 2**31 entries): half the bytes of int64
+        save_npz(path, {"indptr": m.indptr, "indices": m.indices, "data": m.data,
+                        "shape": np.array(m.shape, dtype=np.int64), **ids_to_arrays(self.user_ids, "user"),
                         **ids_to_arrays(self.item_ids, "item")})
 
     @classmethod
