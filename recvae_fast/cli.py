@@ -36,7 +36,7 @@ import torch
 from . import __version__
 from . import data as data_mod
 from .atomic import atomic_write_text, write_output
-from .inference import evaluate, recommend
+from .api import evaluate, fit, recommend
 from .metrics import PAPER_METRICS, metric_cutoffs, popularity_baseline
 from .precision import DEFAULT_PRECISION, PRECISIONS, check_precision
 from .runfolder import (
@@ -44,7 +44,7 @@ from .runfolder import (
     RunFolderBusy, RunFolderError, RunLock, check_regular_files, read_json, save_tensors, write_json,
 )
 from .runs import histories_matrix, load_run
-from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit, timedelta_text
+from .training import SELECTION_K, TrainConfig, check_fit_inputs, timedelta_text
 from .tuning import import_optuna, tune
 from .validation import DATA_OPTION_RULES, check_run_description
 
