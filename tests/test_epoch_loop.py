@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +221,28 @@ def test_one_device_and_sharded_fit_train_through_the_one_loop(monkeypatch, tmp_
                                          for record in _untimed(one.history)]
     for key, value in one.model.state_dict().items():
         torch.testing.assert_close(full[key], value, rtol=1e-9, atol=1e-11, msg=key)
+
+
+def test_the_one_device_fit_refuses_a_process_group(monkeypatch):
+    """Inside a group, recvae_fast.fit trains the sharded model; training.fit, one device's, says so
+    rather than train one copy per process."""
+    monkeypatch.setattr(training, "process_group_size", lambda: 2)
+    with pytest.raises(ValueError, match="inside a torch.distributed group .* train with recvae_fast.fit"):
+        training.fit(random_ratings(12, 9, seed=3), n_epochs=1, progress=False)
+
+
+def test_one_device_fit_evaluate_recommend_leave_distributed_unimported():
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import random_ratings
+import recvae_fast
+train = random_ratings(12, 9, seed=3)
+model = recvae_fast.fit(train, hidden_dim=4, latent_dim=2, n_epochs=1, progress=False).model
+recvae_fast.evaluate(model, train, train)
+recvae_fast.recommend(model, train, k=3)
+print(sorted(m for m in sys.modules if m.startswith("recvae_fast.distributed")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
