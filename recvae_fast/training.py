@@ -536,7 +536,8 @@ class OneDeviceRunner:
         batch = model.as_batch(self.inputs.train[rows])
         with precision_mod.autocast(cfg.precision, cfg.device):
             posterior, old_posterior = posterior_cache.step_posteriors(
-                self.posterior_cache, fill, phase, rows, lambda source: posterior_cache.posterior_of(model, batch, source))
+                self.posterior_cache, fill, phase, rows,
+                lambda source: posterior_cache.posterior_of(model, batch, source))
         return train_step(model, batch, optimizers, cfg, phase, posterior=posterior, old_posterior=old_posterior)
 
     def batch_posterior(self, rows, source):

@@ -251,7 +251,8 @@ class ShardedRunner:
         if not isinstance(saved, dict) or saved.get("config") != self.config:
             raise ValueError(f"{path} was written with other hyperparameters")
         if saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
-            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
+            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
+                             "checkpoint's")
         self.state = TrainState(**check_train_state(saved.get("state"), path / checkpoint.TRAIN_STATE_NAME))
         try:
             self.rng.bit_generator.state = saved["numpy_rng"]
