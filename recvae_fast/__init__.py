@@ -9,8 +9,8 @@ from importlib import import_module
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "RecVAE": "model", "fit": "training", "load_model": "training", "evaluate": "inference",
-    "recommend": "inference", "topk_masked": "topk", "TopK": "topk", "TopKAccumulator": "topk",
+    "RecVAE": "model", "fit": "api", "load_model": "training", "evaluate": "api", "recommend": "api",
+    "topk_masked": "topk", "TopK": "topk", "TopKAccumulator": "topk",
     "RowSparseAdam": "optim", "load_run": "runs", "TrainedRun": "runs", "recommend_for_items": "runs",
     "tune": "tuning",
 }

@@ -1,4 +1,5 @@
-"""Scoring in user batches: `recommend` and `evaluate`.
+"""Scoring in user batches on one device: `recommend` and `evaluate` (recvae_fast.recommend and
+recvae_fast.evaluate, in recvae_fast.api, run these for a RecVAE).
 
 Scores are z = mu(fold-in) against the decoder, the user's own items excluded, and the best k
 kept. Users go in batches, and items in chunks once a batch's score block would pass
@@ -20,13 +21,7 @@ from .topk import TopK, TopKAccumulator, check_k, topk_masked
 SCORES_PER_BLOCK = 1 << 25  # 128 MiB of float32 scores at most per block
 
 
-def _is_sharded(model) -> bool:
-    from .distributed import ShardedRecVAE  # torch.distributed is imported only for such a model
-
-    return isinstance(model, ShardedRecVAE)
-
-
-def _check_batch_size(batch_size) -> int:
+def check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
@@ -42,32 +37,13 @@ def recommend(
     precision: str = precision_mod.DEFAULT_PRECISION,
     exclude=None,
 ) -> TopK:
-    """Top-k items per user (rows of `interactions`, a users × items scipy matrix).
-
-    Returns TopK(scores float32 U × k, items int64 U × k), numpy arrays in torch.topk's order (as
-    topk_masked), best first, ties to the lower item index. With exclude_seen, a user's own items
-    are never returned; a user with fewer than k eligible items gets −inf / −1 padding.
-    A ShardedRecVAE (from fit in a process group) is scored on every rank of its group, which all
-    pass the same users and all get the whole result (recvae_fast.distributed.recommend_sharded).
-    precision: "32-true" or "bf16-mixed" (recvae_fast.precision: the encoder under autocast, the
-    scores' products with bf16 operands, the top-k exact on the float32 scores they give).
-    exclude: a users × items scipy matrix of more items never returned, its stored entries whatever
-    their values (e.g. every item a user rated, where `interactions` holds only the liked ones).
-    """
+    """recvae_fast.recommend (which documents it) for a RecVAE: U × k best items, in user batches."""
     product_dtype = precision_mod.autocast_dtype(precision)
-    if not isinstance(model, RecVAE) and _is_sharded(model):
-        from .distributed import recommend_sharded
-
-        if exclude is not None:
-            raise ValueError("exclude is not supported for an item-sharded model")
-        if product_dtype is not None:
-            raise ValueError("precision 'bf16-mixed' is not supported for an item-sharded model; use '32-true'")
-        return recommend_sharded(model, interactions, k, exclude_seen, batch_size)
     n_items = model.input_dim
     k = check_k(k)
     if k > n_items:
         raise ValueError(f"k={k} is larger than the catalogue ({n_items} items)")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     interactions = as_user_matrix("interactions", interactions, n_items)
     n_users = interactions.shape[0]
     if exclude is not None:
@@ -139,23 +115,10 @@ def evaluate(
     ks=None,
     precision: str = precision_mod.DEFAULT_PRECISION,
 ) -> dict:
-    """Strong-generalisation metrics: {"ndcg@100", "recall@20", "recall@50", "n_users"}, or with
-    `ks` (metric cut-offs) "ndcg@k" and "recall@k" for every k in ks, then "n_users".
-
-    Users are scored from their fold-in items, which are excluded from the ranking; users with
-    no held-out items are skipped (and not counted in n_users). A ShardedRecVAE is evaluated on
-    every rank of its group, each getting the metrics (recvae_fast.distributed.evaluate_sharded).
-    precision: as in `recommend`.
-    """
+    """recvae_fast.evaluate (which documents it) for a RecVAE: the metrics of its top-k."""
     precision_mod.check_precision(precision)
-    if not isinstance(model, RecVAE) and _is_sharded(model):
-        if precision != precision_mod.DEFAULT_PRECISION:
-            raise ValueError("precision 'bf16-mixed' is not supported for an item-sharded model; use '32-true'")
-        from .distributed import evaluate_sharded
-
-        return evaluate_sharded(model, fold_in, heldout, batch_size, ks)
     n_items = model.input_dim
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     deepest = max(metric_cutoffs(ks, n_items))  # checks ks
     fold_in = as_user_matrix("fold_in", fold_in, n_items)
     heldout = as_user_matrix("heldout", heldout, n_items)

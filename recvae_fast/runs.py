@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .api import recommend
 from .data import IdMap
 from .data.split import check_ids_files
-from .inference import recommend
 from .model import RecVAE
 from .runfolder import ITEMS_NAME, MODEL_NAME, RUN_FORMAT, RUN_NAME, SPLIT_NAME, RunFolderError, read_json
 from .training import TrainConfig, load_model

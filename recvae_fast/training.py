@@ -1,4 +1,4 @@
-"""`fit`: the authors' training schedule around RecVAE, with checkpoints that resume exactly.
+"""Training RecVAE: the authors' schedule in one epoch loop, with checkpoints that resume exactly.
 
 Alternating mode (default), per epoch: n_enc_epochs shuffled passes that step only the encoder
 (dropout 0.5), update_prior(), then n_dec_epochs passes that step only the decoder (dropout 0).
@@ -7,9 +7,15 @@ Unlike the authors' loop, the part not being trained is frozen (requires_grad Fa
 gradient is computed for it, and a decoder pass skips the KL, which does not touch the decoder.
 The prior's old-encoder posterior of each user is computed once per epoch, not in every encoder
 step (recvae_fast.posterior_cache).
+
+`run_epochs` is that loop, for one device and for the item-sharded mesh alike: it drives an
+EpochRunner (steps, validation, best weights, checkpoints, who writes). Here: the one-device
+runner and `fit`, which trains with it; recvae_fast.distributed.training holds the mesh's runner,
+and recvae_fast.api.fit (recvae_fast.fit) chooses between the two.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +24,7 @@ import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -144,7 +150,8 @@ class TrainState:
     posterior_fill: dict | None = None
 
 
-def _set_phase(model: RecVAE, train_encoder: bool, train_decoder: bool) -> None:
+def set_phase(model, train_encoder: bool, train_decoder: bool) -> None:
+    """Freeze the part of `model` (a RecVAE or a ShardedRecVAE) that a phase does not train."""
     model.encoder.requires_grad_(train_encoder)
     model.decoder.requires_grad_(train_decoder)
 
@@ -169,7 +176,7 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str, *
     """One optimisation step on a canonical batch. phase: "encoder", "decoder" or "both".
     posterior (decoder phase) and old_posterior: as RecVAE.loss_terms, when the caller has them."""
     dropout_rate = 0.0 if phase == "decoder" else cfg.dropout_rate
-    _set_phase(model, phase != "decoder", phase != "encoder")
+    set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with precision_mod.autocast(cfg.precision, cfg.device):  # parameters, gradients and Adam stay float32
@@ -183,39 +190,6 @@ def train_step(model: RecVAE, batch, optimizers, cfg: TrainConfig, phase: str, *
     if kld is not None:
         out["kld"] = kld.item()
     return out
-
-
-def _run_passes(run: _Training, train, optimizers, phase, n_passes, desc, bars) -> dict:
-    """n_passes shuffled passes over the users; returns the phase's losses averaged over all batches.
-    bars: the run's overall progress bar (advanced per batch; each pass gets a bar beneath it), or
-    None for no bars. An empty old-posterior cache is filled by the first of these passes: from
-    the encoder in a decoder phase (right after update_prior), else from the old encoder."""
-    model, cfg, rng, cache = run.model, run.cfg, run.rng, run.posterior_cache
-    sums: dict[str, float] = {}
-    n_batches = 0
-    model.train()
-    for k in range(n_passes):
-        fill = posterior_cache.pass_fill(cache, phase)
-        if fill is not None:
-            run.state.posterior_fill = posterior_cache.fill_record(fill, rng)
-        users = rng.permutation(train.shape[0])
-        starts = range(0, len(users), cfg.batch_size)
-        pass_bar = tqdm(starts, desc=f"{desc} {phase} {k + 1}/{n_passes}", leave=False, position=1,
-                        disable=bars is None, file=sys.stderr)
-        for start in pass_bar:
-            rows = np.sort(users[start : start + cfg.batch_size])
-            batch = model.as_batch(train[rows])
-            with precision_mod.autocast(cfg.precision, cfg.device):
-                posterior, old_posterior = posterior_cache.step_posteriors(
-                    cache, fill, phase, rows, lambda source: posterior_cache.posterior_of(model, batch, source))
-            step = train_step(model, batch, optimizers, cfg, phase, posterior=posterior, old_posterior=old_posterior)
-            for key, value in step.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_batches += 1
-            if bars is not None:
-                bars.update(1)
-    workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
-    return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
 
 
 class FitResult(NamedTuple):
@@ -331,221 +305,188 @@ def check_fit_inputs(train, valid_in=None, valid_out=None, *, patience=None, met
     return FitInputs(cfg, train, valid_in, valid_out, patience, metric_ks, eval_batch_size)
 
 
-# ----------------------------------------------------------------------------- fit in parts
+def check_progress(progress) -> None:
+    if progress not in (True, False, "epochs"):
+        raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
 
 
-@dataclass
-class _Training:
-    """The state of one training run: what a checkpoint saves and a resume restores."""
+def process_group_size() -> int:
+    """The number of processes of the initialised torch.distributed group, 1 without one."""
+    import torch.distributed as dist  # only when asked: most runs never need it
 
-    cfg: TrainConfig
-    model: RecVAE
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+class EpochRunner(Protocol):
+    """What `run_epochs`, the one epoch loop, needs from a way of training: one device
+    (OneDeviceRunner, below) or the item-sharded mesh (recvae_fast.distributed.training).
+
+    The loop owns the schedule (passes, phases, update_prior, the old-posterior cache's reset),
+    validation bookkeeping (best epoch, early stop), the history, the log and epoch lines and the
+    order of the writes; a runner owns its model, its steps and its files. Every rank of a mesh
+    runs the loop; `is_writer` (rank 0 there) alone writes the log, the bars and the epoch lines."""
+
+    inputs: FitInputs
+    model: torch.nn.Module  # has encoder, decoder and update_prior(), as RecVAE
     encoder_opt: torch.optim.Optimizer
     decoder_opt: torch.optim.Optimizer
-    rng: np.random.Generator
-    row_sparse_fc1: bool
-    data_fingerprint: str
+    rng: np.random.Generator  # the user order of every pass and the cache's fill records
     posterior_cache: posterior_cache.PosteriorCache | None
-    state: TrainState = field(default_factory=TrainState)
-    best_state: dict | None = None
+    state: TrainState
+    epoch_fields: dict  # what every epoch record holds after its number (fc1_grad, the mesh's shape)
+    is_writer: bool
+
+    def step(self, rows: np.ndarray, phase: str, optimizers: list, fill) -> dict:
+        """One optimisation step on the batch of users `rows` (sorted); fill: the pass's cache fill
+        (posterior_cache.pass_fill); returns the batch's losses as floats (train_step's)."""
+
+    def batch_posterior(self, rows: np.ndarray, source: str):
+        """(rows, (mu, logvar) of those users from `source`): a resumed run refills its cache with it."""
+
+    def evaluate(self) -> dict:
+        """The validation metrics of the model now (inputs.valid_in / valid_out)."""
+
+    def snapshot_best(self) -> None:
+        """Keep the weights now as the best so far (written with the next checkpoint)."""
+
+    def restore_best(self) -> None:
+        """Put the kept best weights back into the model, if any were kept."""
+
+    def save_checkpoint(self) -> None:
+        """Write everything a resume needs (nothing without a checkpoint folder)."""
+
+    def load_checkpoint(self) -> Path:
+        """Restore model, optimisers, rng, state and best weights from the newest checkpoint after
+        checking it was written for the same data and hyperparameters; returns the path read."""
 
 
-def _start(inputs: FitInputs) -> _Training:
-    cfg, train = inputs.cfg, inputs.train
-    precision_mod.warn_if_slow(cfg.precision, cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).to(check_device(cfg.device))
-    row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
-    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, row_sparse_fc1)
-    data_fp = fingerprint(train, inputs.valid_in, inputs.valid_out)
-    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0])
-    return _Training(cfg, model, encoder_opt, decoder_opt, rng, row_sparse_fc1, data_fp, cache)
-
-
-def _checkpoint(run: _Training) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": asdict(run.cfg),
-        "data_fingerprint": run.data_fingerprint,
-        "model": run.model.state_dict(),
-        "optimizers": [run.encoder_opt.state_dict(), run.decoder_opt.state_dict()],
-        "rng": _rng_states(run.rng),
-        "state": asdict(run.state),
-        "best_model": run.best_state,
-    }
-
-
-def _resume(run: _Training, path: Path) -> None:
-    """Restore `run` from the checkpoint at `path` after checking that it was written for the same
-    data (fingerprint of train and validation) and hyperparameters (n_epochs may differ)."""
-    ckpt = load_tensors(path, map_location=run.model.decoder.weight.device)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise RunFolderError(f"{path} is not a recvae_fast training checkpoint of format {CHECKPOINT_FORMAT} "
-                             f"(found {found!r})")
-    saved_cfg = {k: v for k, v in ckpt["config"].items() if k != "n_epochs"}
-    saved_cfg.setdefault("precision", precision_mod.DEFAULT_PRECISION)  # written before precision existed
-    now_cfg = {k: v for k, v in asdict(run.cfg).items() if k != "n_epochs"}
-    if saved_cfg != now_cfg:
-        diff = sorted(k for k in now_cfg.keys() | saved_cfg.keys() if saved_cfg.get(k) != now_cfg.get(k))
-        raise ValueError(f"{path} was written with other hyperparameters: "
-                         + ", ".join(f"{k} {saved_cfg.get(k)!r} (now {now_cfg.get(k)!r})" for k in diff))
-    if ckpt.get("data_fingerprint") != run.data_fingerprint:
-        raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
-                         "checkpoint's (another file, other ids, or another split)")
-    try:
-        state = check_train_state(ckpt["state"], path)
-        expected = run.model.state_dict()
-        check_weights_like(ckpt["model"], expected, "model", path)
-        best = ckpt["best_model"]
-        if best is not None:
-            check_weights_like(best, expected, "best_model", path)
-        run.model.load_state_dict(ckpt["model"])
-        run.encoder_opt.load_state_dict(ckpt["optimizers"][0])
-        run.decoder_opt.load_state_dict(ckpt["optimizers"][1])
-        check_optimizer_moments(run.encoder_opt, "encoder optimiser", path)
-        check_optimizer_moments(run.decoder_opt, "decoder optimiser", path)
-        run.state = TrainState(**state)
-        run.best_state = best
-        _restore_rng(ckpt["rng"], run.rng)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        if isinstance(exc, RunFolderError):
-            raise
-        raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
-
-
-def _passes_per_epoch(cfg: TrainConfig) -> int:
+def passes_per_epoch(cfg: TrainConfig) -> int:
     return 1 if cfg.not_alternating else cfg.n_enc_epochs + cfg.n_dec_epochs
 
 
-def _train_epoch(run: _Training, train: sp.csr_matrix, epoch: int, bars) -> dict:
+def run_passes(runner: EpochRunner, phase: str, n_passes: int, optimizers: list, desc: str, bars) -> dict:
+    """n_passes shuffled passes over the users (every rank draws the same order: one seed); returns
+    the phase's losses averaged over all batches. bars: the run's overall progress bar (advanced per
+    batch; each pass gets a bar beneath it), or None for no bars. An empty old-posterior cache is
+    filled by the first of these passes: from the encoder in a decoder phase (right after
+    update_prior), else from the old encoder."""
+    cfg, rng, cache = runner.inputs.cfg, runner.rng, runner.posterior_cache
+    sums: dict[str, float] = {}
+    n_batches = 0
+    runner.model.train()
+    for k in range(n_passes):
+        fill = posterior_cache.pass_fill(cache, phase)
+        if fill is not None:
+            runner.state.posterior_fill = posterior_cache.fill_record(fill, rng)
+        users = rng.permutation(runner.inputs.train.shape[0])
+        starts = range(0, len(users), cfg.batch_size)
+        pass_bar = tqdm(starts, desc=f"{desc} {phase} {k + 1}/{n_passes}", leave=False, position=1,
+                        disable=bars is None, file=sys.stderr)
+        for start in pass_bar:
+            step = runner.step(np.sort(users[start : start + cfg.batch_size]), phase, optimizers, fill)
+            for key, value in step.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_batches += 1
+            if bars is not None:
+                bars.update(1)
+    workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
+    return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
+
+
+def train_epoch(runner: EpochRunner, epoch: int, bars) -> dict:
     """One epoch of the schedule (see the module docstring); returns its record without metrics.
-    bars: the overall progress bar, or None (see _run_passes)."""
-    cfg, model = run.cfg, run.model
+    bars: the overall progress bar, or None (see run_passes)."""
+    cfg, model = runner.inputs.cfg, runner.model
     t0 = time.perf_counter()
-    record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if run.row_sparse_fc1 else "dense"}
+    record: dict = {"epoch": epoch + 1, **runner.epoch_fields}
     desc = f"epoch {epoch + 1}"
     if cfg.not_alternating:
-        record.update(_run_passes(run, train, [run.encoder_opt, run.decoder_opt], "both", 1, desc, bars))
+        record.update(run_passes(runner, "both", 1, [runner.encoder_opt, runner.decoder_opt], desc, bars))
     else:
-        record.update(_run_passes(run, train, [run.encoder_opt], "encoder", cfg.n_enc_epochs, desc, bars))
+        record.update(run_passes(runner, "encoder", cfg.n_enc_epochs, [runner.encoder_opt], desc, bars))
         model.update_prior()
-        if run.posterior_cache is not None:  # the old encoder changed: the next pass refills the cache
-            run.posterior_cache.clear()
-            run.state.posterior_fill = None
-        record.update(_run_passes(run, train, [run.decoder_opt], "decoder", cfg.n_dec_epochs, desc, bars))
-    users_seen = train.shape[0] * _passes_per_epoch(cfg)
-    _set_phase(model, True, True)
+        if runner.posterior_cache is not None:  # the old encoder changed: the next pass refills the cache
+            runner.posterior_cache.clear()
+            runner.state.posterior_fill = None
+        record.update(run_passes(runner, "decoder", cfg.n_dec_epochs, [runner.decoder_opt], desc, bars))
+    users_seen = runner.inputs.train.shape[0] * passes_per_epoch(cfg)
+    set_phase(model, True, True)
     record["train_time_s"] = time.perf_counter() - t0
     record["users_per_s"] = users_seen / record["train_time_s"]
     return record
 
 
-def _validate_epoch(run: _Training, inputs: FitInputs, record: dict) -> None:
-    """Add the validation metrics to `record`; keep the weights when NDCG@100 is the best so far."""
-    from .inference import evaluate  # scoring pulls in the top-k extension
+def resume_run(runner: EpochRunner) -> None:
+    """Load the runner's checkpoint, then refill the old-posterior cache as the uninterrupted run
+    holds it (recomputed from the same batches)."""
+    path = runner.load_checkpoint()
+    cache, fill, cfg = runner.posterior_cache, runner.state.posterior_fill, runner.inputs.cfg
+    if cache is not None and fill is not None:
+        try:
+            posterior_cache.refill(cache, fill, runner.inputs.train.shape[0], cfg.batch_size, runner.batch_posterior)
+        except ValueError as exc:
+            raise RunFolderError(f"{path} is an inconsistent checkpoint ({exc})") from None
 
-    metrics = evaluate(run.model, inputs.valid_in, inputs.valid_out, batch_size=inputs.eval_batch_size,
-                       ks=inputs.metric_ks, precision=run.cfg.precision)
-    record.update({f"valid_{k}": v for k, v in metrics.items()})
-    if metrics["ndcg@100"] > run.state.best_ndcg:
-        run.state.best_ndcg, run.state.best_epoch = metrics["ndcg@100"], record["epoch"]
-        run.best_state = deepcopy(run.model.state_dict())
 
-
-def _write_log(path: Path, history: list) -> None:
+def write_log(path: Path, history: list) -> None:
     """The whole log, regenerated from the history atomically: after a kill it is the checkpoint's
     history or that history less its last epoch (then restored by the next write)."""
     atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
-def _stopped_early(state: TrainState, patience: int | None) -> bool:
+def stopped_early(state: TrainState, patience: int | None) -> bool:
     """No validation improvement in the last `patience` epochs."""
     return patience is not None and state.epoch - state.best_epoch >= patience
 
 
-def fit(
-    train,
-    valid_in=None,
-    valid_out=None,
-    *,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    log_path: str | os.PathLike | None = None,
-    patience: int | None = None,
-    progress: bool | str = True,
-    callback=None,
-    metric_ks=None,
-    eval_batch_size: int = 500,
-    item_shards: int | None = None,
-    **hyperparameters,
-) -> FitResult:
-    """Train RecVAE on a users × items scipy CSR matrix; return FitResult(model, history).
-
-    Hyperparameters (TrainConfig): hidden_dim 600, latent_dim 200, batch_size 500, n_epochs 50,
-    n_enc_epochs 3, n_dec_epochs 1, lr 5e-4, gamma 0.005 (or beta), dropout_rate 0.5,
-    not_alternating False, sparse_fc1_grad None (automatic: see fc1_grad_is_row_sparse), seed 0,
-    device "cpu", precision "32-true" (or "bf16-mixed": bf16 products under torch.autocast, float32
-    parameters, gradients, Adam state, softmax, KL and LayerNorm statistics; recvae_fast.precision;
-    on a CPU without AMX or AVX512-BF16 it runs slower than "32-true" and says so in a warning).
-    With valid_in/valid_out (fold-in and held-out parts of validation users), the model of the
-    epoch with the best validation NDCG@100 is returned; without, the last. patience=N stops
-    when validation NDCG@100 has not improved for N epochs (needs validation data).
-    Validation metrics: NDCG@100, Recall@20, Recall@50, or with metric_ks (cut-offs) NDCG@k and
-    Recall@k for every k in metric_ks and 100; scored eval_batch_size users at a time.
-    progress: True, an overall bar for the run (every batch of every epoch, with an ETA) with a bar
-    for each pass beneath it, and one line per epoch (losses, validation metrics, time); "epochs",
-    that line per epoch only; False, nothing. All of it goes to stderr; `callback(record)` gets each
-    epoch's record (the metrics.jsonl line) in any case.
-    checkpoint_dir: created if needed and locked against other writers; a checkpoint (with the
-    history) is written there atomically after every epoch; resume=True continues from it, after
-    checking the data fingerprint and the hyperparameters (n_epochs and patience may change).
-    log_path: one JSON line per epoch, rewritten atomically from the history.
-    Everything is validated before anything is written.
-    The prior's old-encoder posterior is kept per user while the old encoder is unchanged
-    (recvae_fast.posterior_cache: n_users × 2 × latent_dim numbers, up to 2 GiB), so encoder steps
-    do not run the old encoder again.
-
-    Called on every rank of an initialised torch.distributed group of more than one process (e.g.
-    under torchrun), with the same arguments, fit trains the item-sharded model instead
-    (recvae_fast.distributed.fit_sharded): item_shards (None: the world size) ranks split the items,
-    world size / item_shards is the data-parallel size; the same seed gives the weights and history
-    of one device. The returned model is then a ShardedRecVAE (this rank's rows; `evaluate` and
-    `recommend` take it, on every rank), and checkpoint_dir holds torch.distributed.checkpoint
-    checkpoints. Without a group, or in a group of one, item_shards must be None or 1.
-    """
-    import torch.distributed as dist
-
-    if progress not in (True, False, "epochs"):
-        raise ValueError(f"progress must be True, False or 'epochs', got {progress!r}")
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world_size > 1:
-        from .distributed.training import fit_sharded
-
-        if hyperparameters.get("precision", precision_mod.DEFAULT_PRECISION) != precision_mod.DEFAULT_PRECISION:
-            precision_mod.check_precision(hyperparameters["precision"])
-            raise ValueError("precision 'bf16-mixed' is not supported by the item-sharded fit (inside a "
-                             "torch.distributed group): leave it at '32-true'")
-        if metric_ks is not None or eval_batch_size != 500:
-            raise ValueError("metric_ks and eval_batch_size are not supported by the item-sharded fit (inside a "
-                             "torch.distributed group): leave them at their defaults")
-        model = fit_sharded(train, valid_in, valid_out, item_shards=world_size if item_shards is None else item_shards,
-                            checkpoint_dir=checkpoint_dir, resume=resume, log_path=log_path, patience=patience,
-                            progress=progress, callback=callback, **hyperparameters)
-        return FitResult(model, model.history)
-    if item_shards not in (None, 1):
-        raise ValueError(f"item_shards={item_shards!r} needs an initialised torch.distributed group of a multiple of "
-                         "that many processes (e.g. torchrun --nproc-per-node N); without one, leave it None")
-    inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, metric_ks=metric_ks,
-                              eval_batch_size=eval_batch_size, **hyperparameters)
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume and (ckpt_path is None or not ckpt_path.is_file()):
-        raise FileNotFoundError(f"resume asked for, but there is no checkpoint at {ckpt_path}")
-    if ckpt_path is None:
-        return _fit(inputs, None, resume, log_path, progress, callback)
-    with RunLock(checkpoint_dir):
-        return _fit(inputs, ckpt_path, resume, log_path, progress, callback)
+def run_epochs(runner: EpochRunner, *, resume: bool, log_path, progress, callback) -> list:
+    """The training loop of every fit: resume (when asked), then each epoch left trained, validated
+    (the best weights kept by NDCG@100), checkpointed, logged, shown and passed to `callback`, until
+    n_epochs or an early stop; the best weights restored at the end, the model in eval mode.
+    Returns the history (one record per epoch, resumed epochs included)."""
+    if resume:
+        resume_run(runner)
+    inputs, cfg, state = runner.inputs, runner.inputs.cfg, runner.state
+    log_path = Path(log_path) if log_path is not None and runner.is_writer else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        write_log(log_path, state.history)  # a fresh log, or the checkpoint's (repairs a kill)
+    batches_per_epoch = passes_per_epoch(cfg) * math.ceil(inputs.train.shape[0] / cfg.batch_size)
+    # The overall bar counts every batch of the epochs left; early stopping closes it short of its total.
+    bars = tqdm(total=max(0, cfg.n_epochs - state.epoch) * batches_per_epoch, desc="training", unit="batch",
+                position=0, file=sys.stderr, dynamic_ncols=True) if progress is True and runner.is_writer else None
+    started = time.perf_counter()
+    try:
+        for epoch in range(state.epoch, cfg.n_epochs):
+            if stopped_early(state, inputs.patience):
+                break
+            t0 = time.perf_counter()
+            record = train_epoch(runner, epoch, bars)
+            if inputs.valid_in is not None:
+                metrics = runner.evaluate()
+                record.update({f"valid_{k}": v for k, v in metrics.items()})
+                if metrics["ndcg@100"] > state.best_ndcg:
+                    state.best_ndcg, state.best_epoch = metrics["ndcg@100"], record["epoch"]
+                    runner.snapshot_best()
+            record["time_s"] = time.perf_counter() - t0
+            state.epoch = epoch + 1
+            state.history.append(record)
+            runner.save_checkpoint()  # the checkpoint first: the log follows it, never leads it
+            if log_path is not None:
+                write_log(log_path, state.history)
+            if progress and runner.is_writer:
+                write_epoch_line(record, cfg.n_epochs, started, state, inputs.patience)
+            if callback is not None:
+                callback(record)
+    finally:
+        if bars is not None:
+            bars.close()
+    runner.restore_best()
+    runner.model.eval()
+    return state.history
 
 
 def epoch_line(record: dict, n_epochs: int, elapsed_s: float) -> str:
@@ -563,7 +504,7 @@ def epoch_line(record: dict, n_epochs: int, elapsed_s: float) -> str:
 def write_epoch_line(record: dict, n_epochs: int, started: float, state: TrainState, patience: int | None) -> None:
     """epoch_line on stderr (above any progress bar), with the early stop when this epoch made it."""
     line = epoch_line(record, n_epochs, time.perf_counter() - started)
-    if _stopped_early(state, patience):
+    if stopped_early(state, patience):
         line += (f" | early stop: no better validation NDCG@100 for {patience} epochs "
                  f"(best epoch {state.best_epoch})")
     tqdm.write(line, file=sys.stderr)
@@ -578,54 +519,141 @@ def timedelta_text(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _fit(inputs: FitInputs, ckpt_path: Path | None, resume: bool, log_path, progress, callback) -> FitResult:
-    run = _start(inputs)
-    if resume:
-        _resume(run, ckpt_path)
-        if run.posterior_cache is not None and run.state.posterior_fill is not None:
-            def batch_posterior(rows, source):
-                with precision_mod.autocast(inputs.cfg.precision, inputs.cfg.device):  # as the run filled it
-                    batch = run.model.as_batch(inputs.train[rows])
-                    return rows, posterior_cache.posterior_of(run.model, batch, source)
+# ----------------------------------------------------------------------------- one device
 
-            try:  # the cache as the uninterrupted run holds it: recomputed from the same batches
-                posterior_cache.refill(run.posterior_cache, run.state.posterior_fill, inputs.train.shape[0],
-                                       inputs.cfg.batch_size, batch_posterior)
-            except ValueError as exc:
-                raise RunFolderError(f"{ckpt_path} is an inconsistent checkpoint ({exc})") from None
-    log_path = Path(log_path) if log_path is not None else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_log(log_path, run.state.history)  # a fresh log, or the checkpoint's (repairs a kill)
-    cfg = inputs.cfg
-    batches_per_epoch = _passes_per_epoch(cfg) * math.ceil(inputs.train.shape[0] / cfg.batch_size)
-    # The overall bar counts every batch of the epochs left; early stopping closes it short of its total.
-    bars = tqdm(total=max(0, cfg.n_epochs - run.state.epoch) * batches_per_epoch, desc="training", unit="batch",
-                position=0, file=sys.stderr, dynamic_ncols=True) if progress is True else None
-    started = time.perf_counter()
-    try:
-        for epoch in range(run.state.epoch, cfg.n_epochs):
-            if _stopped_early(run.state, inputs.patience):
-                break
-            t0 = time.perf_counter()
-            record = _train_epoch(run, inputs.train, epoch, bars)
-            if inputs.valid_in is not None:
-                _validate_epoch(run, inputs, record)
-            record["time_s"] = time.perf_counter() - t0
-            run.state.epoch = epoch + 1
-            run.state.history.append(record)
-            if ckpt_path is not None:  # the checkpoint first: the log follows it, never leads it
-                save_tensors(_checkpoint(run), ckpt_path)
-            if log_path is not None:
-                _write_log(log_path, run.state.history)
-            if progress:
-                write_epoch_line(record, cfg.n_epochs, started, run.state, inputs.patience)
-            if callback is not None:
-                callback(record)
-    finally:
-        if bars is not None:
-            bars.close()
-    if run.best_state is not None:
-        run.model.load_state_dict(run.best_state)
-    run.model.eval()
-    return FitResult(run.model, run.state.history)
+
+class OneDeviceRunner:
+    """The EpochRunner of one device: a RecVAE, its checkpoint one file (CHECKPOINT_NAME) that
+    torch.load reads with weights_only."""
+
+    is_writer = True
+
+    def __init__(self, inputs: FitInputs, checkpoint_path: Path | None):
+        cfg, train = inputs.cfg, inputs.train
+        precision_mod.warn_if_slow(cfg.precision, cfg.device)
+        torch.manual_seed(cfg.seed)  # the seed, the numpy generator, then the model's draws
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model = RecVAE(cfg.hidden_dim, cfg.latent_dim, train.shape[1]).to(check_device(cfg.device))
+        row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
+        self.encoder_opt, self.decoder_opt = make_optimizers(self.model, cfg.lr, row_sparse_fc1)
+        self.epoch_fields = {"fc1_grad": "row-sparse" if row_sparse_fc1 else "dense"}
+        self.data_fingerprint = fingerprint(train, inputs.valid_in, inputs.valid_out)
+        self.posterior_cache = posterior_cache.PosteriorCache.for_model(self.model, train.shape[0])
+        self.inputs, self.checkpoint_path = inputs, checkpoint_path
+        self.state = TrainState()
+        self.best_state: dict | None = None
+
+    def step(self, rows, phase, optimizers, fill) -> dict:
+        model, cfg = self.model, self.inputs.cfg
+        batch = model.as_batch(self.inputs.train[rows])
+        with precision_mod.autocast(cfg.precision, cfg.device):
+            posterior, old_posterior = posterior_cache.step_posteriors(
+                self.posterior_cache, fill, phase, rows,
+                lambda source: posterior_cache.posterior_of(model, batch, source))
+        return train_step(model, batch, optimizers, cfg, phase, posterior=posterior, old_posterior=old_posterior)
+
+    def batch_posterior(self, rows, source):
+        cfg = self.inputs.cfg
+        with precision_mod.autocast(cfg.precision, cfg.device):  # as the run filled it
+            batch = self.model.as_batch(self.inputs.train[rows])
+            return rows, posterior_cache.posterior_of(self.model, batch, source)
+
+    def evaluate(self) -> dict:
+        from .inference import evaluate  # scoring pulls in the top-k extension
+
+        inputs = self.inputs
+        return evaluate(self.model, inputs.valid_in, inputs.valid_out, batch_size=inputs.eval_batch_size,
+                        ks=inputs.metric_ks, precision=inputs.cfg.precision)
+
+    def snapshot_best(self) -> None:
+        self.best_state = deepcopy(self.model.state_dict())
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        save_tensors({
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.inputs.cfg),
+            "data_fingerprint": self.data_fingerprint,
+            "model": self.model.state_dict(),
+            "optimizers": [self.encoder_opt.state_dict(), self.decoder_opt.state_dict()],
+            "rng": _rng_states(self.rng),
+            "state": asdict(self.state),
+            "best_model": self.best_state,
+        }, self.checkpoint_path)
+
+    def load_checkpoint(self) -> Path:
+        """See EpochRunner; n_epochs may differ from the checkpoint's."""
+        path = self.checkpoint_path
+        ckpt = load_tensors(path, map_location=self.model.decoder.weight.device)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise RunFolderError(f"{path} is not a recvae_fast training checkpoint of format {CHECKPOINT_FORMAT} "
+                                 f"(found {found!r})")
+        saved_cfg = {k: v for k, v in ckpt["config"].items() if k != "n_epochs"}
+        saved_cfg.setdefault("precision", precision_mod.DEFAULT_PRECISION)  # written before precision existed
+        now_cfg = {k: v for k, v in asdict(self.inputs.cfg).items() if k != "n_epochs"}
+        if saved_cfg != now_cfg:
+            diff = sorted(k for k in now_cfg.keys() | saved_cfg.keys() if saved_cfg.get(k) != now_cfg.get(k))
+            raise ValueError(f"{path} was written with other hyperparameters: "
+                             + ", ".join(f"{k} {saved_cfg.get(k)!r} (now {now_cfg.get(k)!r})" for k in diff))
+        if ckpt.get("data_fingerprint") != self.data_fingerprint:
+            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
+                             "checkpoint's (another file, other ids, or another split)")
+        try:
+            state = check_train_state(ckpt["state"], path)
+            expected = self.model.state_dict()
+            check_weights_like(ckpt["model"], expected, "model", path)
+            best = ckpt["best_model"]
+            if best is not None:
+                check_weights_like(best, expected, "best_model", path)
+            self.model.load_state_dict(ckpt["model"])
+            self.encoder_opt.load_state_dict(ckpt["optimizers"][0])
+            self.decoder_opt.load_state_dict(ckpt["optimizers"][1])
+            check_optimizer_moments(self.encoder_opt, "encoder optimiser", path)
+            check_optimizer_moments(self.decoder_opt, "decoder optimiser", path)
+            self.state = TrainState(**state)
+            self.best_state = best
+            _restore_rng(ckpt["rng"], self.rng)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, RunFolderError):
+                raise
+            raise RunFolderError(f"{path} is an inconsistent checkpoint ({str(exc).splitlines()[0][:200]})") from None
+        return path
+
+
+def fit(
+    train,
+    valid_in=None,
+    valid_out=None,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_path: str | os.PathLike | None = None,
+    patience: int | None = None,
+    progress: bool | str = True,
+    callback=None,
+    metric_ks=None,
+    eval_batch_size: int = 500,
+    **hyperparameters,
+) -> FitResult:
+    """recvae_fast.fit on one device (recvae_fast.api.fit, which documents the arguments, calls it
+    outside a torch.distributed group): a RecVAE trained by run_epochs with a OneDeviceRunner;
+    checkpoint_dir holds one checkpoint file, locked against other writers."""
+    check_progress(progress)
+    if process_group_size() > 1:
+        raise ValueError("inside a torch.distributed group of more than one process, train with recvae_fast.fit "
+                         "(the item-sharded model); recvae_fast.training.fit trains on one device")
+    inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, metric_ks=metric_ks,
+                              eval_batch_size=eval_batch_size, **hyperparameters)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume and (ckpt_path is None or not ckpt_path.is_file()):
+        raise FileNotFoundError(f"resume asked for, but there is no checkpoint at {ckpt_path}")
+    with RunLock(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext():
+        runner = OneDeviceRunner(inputs, ckpt_path)
+        history = run_epochs(runner, resume=resume, log_path=log_path, progress=progress, callback=callback)
+    return FitResult(runner.model, history)

@@ -41,10 +41,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .api import fit
 from .atomic import atomic_write
 from .data import Split
 from .runfolder import SPLIT_NAME, RunLock
-from .training import SELECTION_K, TrainConfig, check_fit_inputs, fit
+from .training import SELECTION_K, TrainConfig, check_fit_inputs
 
 STUDY_DB_NAME = "study.db"  # the default storage, a SQLite file in the study folder
 TRIALS_NAME = "trials.csv"  # every trial, best first

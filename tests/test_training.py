@@ -11,7 +11,8 @@ from helpers import random_ratings
 
 import recvae_fast
 from recvae_fast import training
-from recvae_fast.training import fit, load_model
+from recvae_fast.api import fit
+from recvae_fast.training import load_model
 
 SMALL = dict(hidden_dim=16, latent_dim=6, batch_size=16, n_enc_epochs=2, n_dec_epochs=1, progress=False)
 

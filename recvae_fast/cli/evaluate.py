@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import data as data_mod
-from ..inference import evaluate
+from ..api import evaluate
 from ..runfolder import MODEL_NAME, SPLIT_NAME, RunFolderError
 from ..runs import load_run
 from .settings import eval_batch_size, scoring_precision

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from .. import data as data_mod
 from ..atomic import write_output
-from ..inference import recommend
+from ..api import recommend
 from ..runs import histories_matrix, load_run
 from .errors import UsageError
 from .parser import NEW_USER

@@ -9,10 +9,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..inference import evaluate
+from ..api import evaluate, fit
 from ..metrics import PAPER_METRICS, metric_cutoffs
 from ..runfolder import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
-from ..training import fit, timedelta_text
+from ..training import timedelta_text
 from .errors import UsageError
 from .run_folder import train_in_folder
 from .settings import eval_batch_size, new_run_settings

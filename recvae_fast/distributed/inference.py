@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from ..inference import SCORES_PER_BLOCK, _check_batch_size
+from ..inference import SCORES_PER_BLOCK, check_batch_size
 from ..metrics import metric_cutoffs, metrics_at
 from ..sparse import as_user_matrix
 from ..topk import TopK, TopKAccumulator, check_k
@@ -56,7 +56,7 @@ def recommend_sharded(model: ShardedRecVAE, interactions, k: int = 100, exclude_
     k = check_k(k)
     if k > layout.n_items:
         raise ValueError(f"k={k} is larger than the catalogue ({layout.n_items} items)")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     interactions = as_user_matrix("interactions", interactions, layout.n_items)
     n_users = interactions.shape[0]
     # Rows scored by other data ranks keep values below any result (−inf, and an item id below the −1

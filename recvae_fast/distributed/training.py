@@ -1,4 +1,5 @@
-"""Training a ShardedRecVAE: one step, and `fit_sharded`, the authors' schedule as recvae_fast.fit.
+"""Training a ShardedRecVAE: one step, the mesh's EpochRunner, and `fit_sharded`, which trains
+with it in recvae_fast.training's epoch loop (the one loop of recvae_fast.fit).
 
 Data parallelism: each global batch of users is cut into contiguous parts, one per rank of the
 "data" dimension. Each part's loss is its users' sum divided by the global batch size, so summing
@@ -15,24 +16,20 @@ then trains exactly as one device with the same seed.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from .. import posterior_cache, workspace
+from .. import posterior_cache
 from ..runfolder import RunFolderBusy, RunFolderError, RunLock, fingerprint
-from ..training import (FitInputs, TrainConfig, TrainState, _stopped_early, _write_log, check_fit_inputs,
-                        fc1_grad_is_row_sparse, make_optimizers, write_epoch_line)
+from ..training import (FitInputs, TrainConfig, TrainState, check_fit_inputs, check_progress, fc1_grad_is_row_sparse,
+                        make_optimizers, run_epochs, set_phase)
 from ..validation import check_train_state
-from .checkpoint import TRAIN_STATE_NAME, latest_checkpoint, load_checkpoint, save_checkpoint
+from . import checkpoint
 from .inference import evaluate_sharded
 from .mesh import collective_device, item_layout, make_item_mesh
 from .model import INITS, ShardView, ShardedRecVAE
@@ -116,11 +113,6 @@ def agree(error: BaseException | None) -> None:
         raise RuntimeError(f"rank(s) {ranks} failed (see their error); every rank stops")
 
 
-def _set_phase(model: ShardedRecVAE, train_encoder: bool, train_decoder: bool) -> None:
-    model.encoder.requires_grad_(train_encoder)
-    model.decoder.requires_grad_(train_decoder)
-
-
 def one_device_noise(model: ShardedRecVAE, full: ShardView, dropout_rate: float):
     """The dropout keep mask (over the batch's nonzeros, when dropout_rate > 0) and ε (B × K) that
     RecVAE.loss_terms draws for this batch, in its order, from torch's generator: every rank draws
@@ -141,7 +133,7 @@ def sharded_train_step(model: ShardedRecVAE, rows, optimizers, cfg: TrainConfig,
     as RecVAE.loss_terms takes them (None: the step computes them)."""
     layout = model.layout
     dropout = 0.0 if phase == "decoder" else cfg.dropout_rate
-    _set_phase(model, phase != "decoder", phase != "encoder")
+    set_phase(model, phase != "decoder", phase != "encoder")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     full = model.view(rows)
@@ -178,34 +170,96 @@ def _batch_posterior(layout, batch_rows: np.ndarray, part_posterior):
     return batch_rows, (whole[:, 0], whole[:, 1])
 
 
-def _run_passes(model, train, optimizers, cfg, phase, n_passes, rng, cache, state: TrainState, bar=None) -> dict:
-    """As recvae_fast.training: shuffled passes (the same order on every rank: one seed), the phase's
-    losses averaged over all batches, the old-posterior cache (or None) filled and read as there.
-    bar: the run's overall progress bar, advanced per batch (rank 0's), or None."""
-    sums: dict[str, float] = {}
-    n_batches = 0
-    model.train()
-    for _ in range(n_passes):
-        fill = posterior_cache.pass_fill(cache, phase)
-        if fill is not None:
-            state.posterior_fill = posterior_cache.fill_record(fill, rng)
-        users = rng.permutation(train.shape[0])
-        for start in range(0, len(users), cfg.batch_size):
-            rows = np.sort(users[start : start + cfg.batch_size])
+class ShardedRunner:
+    """The mesh's EpochRunner (see recvae_fast.training.EpochRunner): this rank's ShardedRecVAE and
+    its steps, DCP checkpoints (recvae_fast.distributed.checkpoint) that every rank writes and
+    reads, and rank 0 the one writer of the log, the bars and the epoch lines."""
 
-            def given_posteriors(view, part, rows=rows, fill=fill):
-                return posterior_cache.step_posteriors(
-                    cache, fill, phase, rows[part], lambda source: posterior_cache.posterior_of(model, view, source),
-                    lambda _, posterior: cache.put(*_batch_posterior(model.layout, rows, posterior)))
+    def __init__(self, inputs: FitInputs, item_shards: int, checkpoint_dir, initial_state: dict | None, init: str,
+                 dtype: torch.dtype | None):
+        cfg, train = inputs.cfg, inputs.train
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        layout = item_layout(make_item_mesh(item_shards, device.type), train.shape[1])
+        # As recvae_fast.training: seed, the numpy generator, then the model's draws; training draws follow.
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        model = ShardedRecVAE(layout, cfg.hidden_dim, cfg.latent_dim, seed=cfg.seed, init=init)
+        self.model = model.to(device=device, dtype=dtype or torch.get_default_dtype())
+        if initial_state is not None:
+            self.model.load_full_state_dict(initial_state)
+        row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
+        self.encoder_opt, self.decoder_opt = make_optimizers(self.model, cfg.lr, row_sparse_fc1)
+        self.epoch_fields = {"fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
+                             "item_shards": layout.n_shards, "data_parallel": layout.data_size}
+        self.config = {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}
+        self.data_fingerprint = fingerprint(train, inputs.valid_in, inputs.valid_out)
+        # The old-posterior cache (recvae_fast.posterior_cache): every rank keeps all users, its data
+        # group's parts of each batch gathered, so that each rank's cache fills in one pass.
+        self.posterior_cache = posterior_cache.PosteriorCache.for_model(self.model, train.shape[0])
+        self.inputs, self.checkpoint_dir = inputs, checkpoint_dir
+        self.state = TrainState()
+        self.best_state: dict | None = None
+        self.is_writer = dist.get_rank() == 0
 
-            step = sharded_train_step(model, train[rows], optimizers, cfg, phase, given_posteriors=given_posteriors)
-            for key, value in step.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_batches += 1
-            if bar is not None:
-                bar.update(1)
-    workspace.release()  # the phase's recycled step buffers (see recvae_fast.workspace)
-    return {f"{phase}_{key}": value / n_batches for key, value in sums.items()}
+    def step(self, rows, phase, optimizers, fill) -> dict:
+        model, cache = self.model, self.posterior_cache
+
+        def given_posteriors(view, part):
+            return posterior_cache.step_posteriors(
+                cache, fill, phase, rows[part], lambda source: posterior_cache.posterior_of(model, view, source),
+                lambda _, posterior: cache.put(*_batch_posterior(model.layout, rows, posterior)))
+
+        return sharded_train_step(model, self.inputs.train[rows], optimizers, self.inputs.cfg, phase,
+                                  given_posteriors=given_posteriors)
+
+    def batch_posterior(self, rows, source):
+        """As a step computes its part, then the data group's parts gathered."""
+        layout = self.model.layout
+        part = np.array_split(np.arange(len(rows)), layout.data_size)[layout.data_rank]
+        view = self.model.view(self.inputs.train[rows[part]])
+        return _batch_posterior(layout, rows, posterior_cache.posterior_of(self.model, view, source))
+
+    def evaluate(self) -> dict:
+        inputs = self.inputs
+        return evaluate_sharded(self.model, inputs.valid_in, inputs.valid_out, inputs.eval_batch_size, inputs.metric_ks)
+
+    def snapshot_best(self) -> None:
+        self.best_state = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.copy_(self.best_state[name])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        train_state = {"config": self.config, "data_fingerprint": self.data_fingerprint, "state": asdict(self.state),
+                       "numpy_rng": self.rng.bit_generator.state}
+        checkpoint.save_checkpoint(self.checkpoint_dir, self.state.epoch, self.model,
+                                   (self.encoder_opt, self.decoder_opt), train_state, self.best_state)
+
+    def load_checkpoint(self) -> Path:
+        """The newest complete checkpoint; n_epochs may differ from its own."""
+        path = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        saved, self.best_state = checkpoint.load_checkpoint(path, self.model, (self.encoder_opt, self.decoder_opt),
+                                                            with_best=True, with_rng=True)
+        if not isinstance(saved, dict) or saved.get("config") != self.config:
+            raise ValueError(f"{path} was written with other hyperparameters")
+        if saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the "
+                             "checkpoint's")
+        self.state = TrainState(**check_train_state(saved.get("state"), path / checkpoint.TRAIN_STATE_NAME))
+        try:
+            self.rng.bit_generator.state = saved["numpy_rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFolderError(f"{path / checkpoint.TRAIN_STATE_NAME}: numpy_rng is not a generator state "
+                                 f"({exc})") from None
+        return path
 
 
 def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, checkpoint_dir=None, resume: bool = False,
@@ -240,129 +294,19 @@ def fit_sharded(train, valid_in=None, valid_out=None, *, item_shards: int, check
     with contextlib.ExitStack() as lock:
         error = None
         try:
+            check_progress(progress)
             inputs = check_fit_inputs(train, valid_in, valid_out, patience=patience, item_shards=item_shards,
                                       **hyperparameters)
             if init not in INITS:
                 raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-            if resume and (checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None):
+            if resume and (checkpoint_dir is None or checkpoint.latest_checkpoint(checkpoint_dir) is None):
                 raise FileNotFoundError(f"resume asked for, but there is no complete checkpoint in {checkpoint_dir}")
             if checkpoint_dir is not None and dist.is_initialized() and dist.get_rank() == 0:
                 lock.enter_context(RunLock(checkpoint_dir))  # one run per folder, as recvae_fast.fit
         except (TypeError, ValueError, OSError, RunFolderBusy) as exc:
             error = exc
         agree(error)
-        return _fit_sharded(inputs, item_shards, checkpoint_dir, resume, log_path, progress, callback, initial_state,
-                            init, dtype)
-
-
-def _fit_sharded(inputs: FitInputs, item_shards: int, checkpoint_dir, resume: bool, log_path, progress,
-                 callback, initial_state: dict | None, init: str, dtype: torch.dtype | None) -> ShardedRecVAE:
-    cfg, train, valid_in, valid_out = inputs.cfg, inputs.train, inputs.valid_in, inputs.valid_out
-
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    mesh = make_item_mesh(item_shards, device.type)
-    layout = item_layout(mesh, train.shape[1])
-    # As recvae_fast.training: seed, the numpy generator, then the model's draws; training draws follow.
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = ShardedRecVAE(layout, cfg.hidden_dim, cfg.latent_dim, seed=cfg.seed, init=init)
-    model = model.to(device=device, dtype=dtype or torch.get_default_dtype())
-    if initial_state is not None:
-        model.load_full_state_dict(initial_state)
-    row_sparse_fc1 = fc1_grad_is_row_sparse(cfg, train)
-    encoder_opt, decoder_opt = make_optimizers(model, cfg.lr, row_sparse_fc1)
-    config = {k: v for k, v in asdict(cfg).items() if k != "n_epochs"}
-    data_fingerprint = fingerprint(train, valid_in, valid_out)
-    state, best_state = TrainState(), None
-    if resume:
-        path = latest_checkpoint(checkpoint_dir)
-        saved, best_state = load_checkpoint(path, model, (encoder_opt, decoder_opt), with_best=True, with_rng=True)
-        if not isinstance(saved, dict) or saved.get("config") != config:
-            raise ValueError(f"{path} was written with other hyperparameters")
-        if saved.get("data_fingerprint", data_fingerprint) != data_fingerprint:
-            raise ValueError(f"{path} was trained on other data: train/validation matrices differ from the checkpoint's")
-        state = TrainState(**check_train_state(saved.get("state"), path / TRAIN_STATE_NAME))
-        try:
-            rng.bit_generator.state = saved["numpy_rng"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunFolderError(f"{path / TRAIN_STATE_NAME}: numpy_rng is not a generator state ({exc})") from None
-    # The old-posterior cache (recvae_fast.posterior_cache): every rank keeps all users, its data
-    # group's parts of each batch gathered, so that each rank's cache fills in one pass.
-    cache = posterior_cache.PosteriorCache.for_model(model, train.shape[0])
-    if cache is not None and state.posterior_fill is not None:  # a resume: the cache as the run kept it
-        def batch_posterior(rows, source):  # as a step computes its part, then the group's parts gathered
-            part = np.array_split(np.arange(len(rows)), layout.data_size)[layout.data_rank]
-            view = model.view(train[rows[part]])
-            return _batch_posterior(layout, rows, posterior_cache.posterior_of(model, view, source))
-
-        posterior_cache.refill(cache, state.posterior_fill, train.shape[0], cfg.batch_size, batch_posterior)
-
-    is_writer = dist.get_rank() == 0
-    log_path = Path(log_path) if log_path is not None and is_writer else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_log(log_path, state.history)  # a fresh log, or the checkpoint's
-    # Rank 0's overall bar counts every batch of the epochs left (as recvae_fast.fit's), on stderr.
-    batches = (1 if cfg.not_alternating else cfg.n_enc_epochs + cfg.n_dec_epochs) \
-        * math.ceil(train.shape[0] / cfg.batch_size) * max(0, cfg.n_epochs - state.epoch)
-    bar = tqdm(total=batches, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True) \
-        if progress is True and is_writer else None
-    started = time.perf_counter()
-    try:
-        for epoch in range(state.epoch, cfg.n_epochs):
-            if _stopped_early(state, inputs.patience):
-                break
-            t0 = time.perf_counter()
-            record: dict = {"epoch": epoch + 1, "fc1_grad": "row-sparse" if row_sparse_fc1 else "dense",
-                            "item_shards": layout.n_shards, "data_parallel": layout.data_size}
-            if cfg.not_alternating:
-                record.update(_run_passes(model, train, [encoder_opt, decoder_opt], cfg, "both", 1, rng, cache,
-                                          state, bar))
-                passes = 1
-            else:
-                record.update(_run_passes(model, train, [encoder_opt], cfg, "encoder", cfg.n_enc_epochs, rng,
-                                          cache, state, bar))
-                model.update_prior()
-                if cache is not None:  # the old encoder changed: the next pass refills the cache
-                    cache.clear()
-                    state.posterior_fill = None
-                record.update(_run_passes(model, train, [decoder_opt], cfg, "decoder", cfg.n_dec_epochs, rng,
-                                          cache, state, bar))
-                passes = cfg.n_enc_epochs + cfg.n_dec_epochs
-            _set_phase(model, True, True)
-            record["train_time_s"] = time.perf_counter() - t0
-            record["users_per_s"] = train.shape[0] * passes / record["train_time_s"]
-            if valid_in is not None:
-                metrics = evaluate_sharded(model, valid_in, valid_out)
-                record.update({f"valid_{k}": v for k, v in metrics.items()})
-                if metrics["ndcg@100"] > state.best_ndcg:
-                    state.best_ndcg, state.best_epoch = metrics["ndcg@100"], epoch + 1
-                    best_state = {name: p.detach().clone() for name, p in model.named_parameters()}
-            record["time_s"] = time.perf_counter() - t0
-            state.epoch = epoch + 1
-            state.history.append(record)
-            if checkpoint_dir is not None:  # the checkpoint first: the log follows it, never leads it
-                train_state = {"config": config, "data_fingerprint": data_fingerprint, "state": asdict(state),
-                               "numpy_rng": rng.bit_generator.state}
-                save_checkpoint(checkpoint_dir, epoch + 1, model, (encoder_opt, decoder_opt), train_state,
-                                best_state)
-            if log_path is not None:
-                _write_log(log_path, state.history)
-            if progress and is_writer:
-                write_epoch_line(record, cfg.n_epochs, started, state, inputs.patience)
-            if callback is not None:
-                callback(record)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if best_state is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(best_state[name])
-    model.eval()
-    model.history = state.history
-    return model
+        runner = ShardedRunner(inputs, item_shards, checkpoint_dir, initial_state, init, dtype)
+        runner.model.history = run_epochs(runner, resume=resume, log_path=log_path, progress=progress,
+                                          callback=callback)
+        return runner.model
