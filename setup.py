@@ -41,7 +41,7 @@ setup(
     version="0.1.0",
     description="Fast RecVAE: sparse encoder input, fused softmax cross-entropy decoder, masked top-k",
     python_requires=">=3.11",
-    packages=["recvae_fast", "recvae_fast.data", "recvae_fast.distributed", "recvae_fast.kernels"],
+    packages=["recvae_fast", "recvae_fast.data", "recvae_fast.distributed", "recvae_fast.kernels", "recvae_fast.ops"],
     # The top-level kernels/ folder is installed as the subpackage recvae_fast.kernels (an editable
     # install maps it too, so `import recvae_fast.kernels.X` resolves to kernels/X.py).
     package_dir={"recvae_fast": "recvae_fast", "recvae_fast.kernels": "kernels"},
