@@ -48,8 +48,8 @@ class SparseInputLinear(nn.Module):
     def forward(
         self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl: str | None = None
     ) -> torch.Tensor:
-        return sparse_input_layer(batch, self.weight_t, self.bias, dropout_rate, keep_mask, sparse_grad=self.sparse_grad,
-                                  impl=impl_for("sparse_input_layer", impl))
+        return sparse_input_layer(batch, self.weight_t, self.bias, dropout_rate, keep_mask,
+                                  sparse_grad=self.sparse_grad, impl=impl_for("sparse_input_layer", impl))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight_t = self.weight_t if keep_vars else self.weight_t.detach()

@@ -1,5 +1,5 @@
-"""The CPU multinomial NLL (recvae_fast.ops.multinomial_nll, impl "cpp" and "torch") streams item blocks: values and every gradient
-against the dense reference −(log_softmax(z·Wᵀ + b)·X).sum(−1), at awkward block boundaries
+"""The CPU multinomial NLL (recvae_fast.ops.multinomial_nll, impl "cpp" and "torch") streams item
+blocks: values and every gradient against the dense reference −(log_softmax(z·Wᵀ + b)·X).sum(−1), at awkward block boundaries
 (items not a multiple of the block, a last block of one item, one block larger than the
 catalogue, one item per block), with empty and one-item users, in float32 and float64, with the
 decoder-phase probabilities kept from forward and recomputed in backward."""

@@ -1,6 +1,6 @@
 """The registered ops (recvae_fast.ops, namespace recvae_fast::): torch.library.opcheck per
-op on CPU tensors, in their "torch" and "cpp" forms (schema, fake implementation, autograd registration, AOT dispatch), values and
-gradients against plain dense torch, the profiler sees them by name, and RecVAE's training loss
+op on CPU tensors, in their "torch" and "cpp" forms (schema, fake implementation, autograd
+registration, AOT dispatch), values and gradients against plain dense torch, the profiler sees them by name, and RecVAE's training loss
 compiles with torch.compile(fullgraph=True) (Inductor, CPU) to the eager loss and gradients."""
 from __future__ import annotations
 

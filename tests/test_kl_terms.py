@@ -1,6 +1,6 @@
 """CompositePrior.kl: Σ_k [log q(z|x) − log p(z)] per user with its gradients in mu and logvar
-written out (the op recvae_fast.ops.composite_prior_kl), against the reference's (recvae_fast.reference) log_norm_pdf and
-CompositePrior through autograd, on odd shapes; every test on both implementations of its forward
+written out (the op recvae_fast.ops.composite_prior_kl), against the reference's
+(recvae_fast.reference) log_norm_pdf and CompositePrior through autograd, on odd shapes; every test on both implementations of its forward
 (impl "cpp": recvae_fast::composite_prior_kl, the CPU default, and impl "torch"; the C++ op alone:
 test_op_composite_prior_kl.py)."""
 from __future__ import annotations
@@ -106,8 +106,8 @@ def test_kl_with_zero_noise_is_at_the_mean_and_without_grad_needs_no_slope(kl_ro
     torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, impl=kl_route, old_posterior=old), expected,
                                rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, impl=kl_route, old_posterior=old), expected, rtol=1e-12,
-                                   atol=1e-12)
+        torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, impl=kl_route, old_posterior=old), expected,
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_kl_falls_back_to_the_expression_when_the_prior_needs_a_gradient(kl_route):

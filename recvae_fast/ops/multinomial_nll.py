@@ -340,13 +340,13 @@ def _decoder_grads_cpp(grad_nll, z, weight, bias, batch, lse, kept, kept_max, bl
         g_block = g_buffer[: n_users * width].view(n_users, width)
         if kept.numel():
             _nll_blocks.decoder_grad_block(prob_blocks[k].view(n_users, width).numpy(), g_block.numpy(), None, None,
-                                     block_scales[k], row_grad, cursor, start,
-                                     grad_b_array[start : start + width], n_threads)
+                                           block_scales[k], row_grad, cursor, start,
+                                           grad_b_array[start : start + width], n_threads)
         else:  # recomputed into G's buffer: exp(z·Wdᵀ + bd − lse)·scale in place
             _mm_into(g_block, z_prod, weight_blocks[k].t(), product_dtype)
-            _nll_blocks.decoder_grad_block(g_block.numpy(), g_block.numpy(), bias_array[start : start + width], lse_array,
-                                     scale_array, row_grad, cursor, start,
-                                     grad_b_array[start : start + width], n_threads)
+            _nll_blocks.decoder_grad_block(g_block.numpy(), g_block.numpy(), bias_array[start : start + width],
+                                           lse_array, scale_array, row_grad, cursor, start,
+                                           grad_b_array[start : start + width], n_threads)
         _mm_into(grad_w[start : start + width], g_block.t(), z_prod, product_dtype)
     left = _unvisited(cursor, batch, z.dtype)
     if left is not None:  # the −g·x part of what the walk missed, added to dWd and dbd directly
