@@ -90,3 +90,21 @@ def test_op_opcheck():
     args = _op_args(5, 4, torch.float64)
     torch.library.opcheck(torch.ops.recvae_fast.composite_prior_kl.default, (*args, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_entry_point_refuses_what_it_cannot_differentiate_or_run():
+    """The op's entry point: differentiable in mu and logvar only, "cpp" on one CPU dtype; the
+    default then takes torch ops for mixed dtypes, and gives the same value as "cpp" on one."""
+    from recvae_fast.ops.composite_prior_kl import composite_prior_kl
+
+    args = _op_args(6, 4, torch.float64)
+    want = composite_prior_kl(*args, impl="cpp")
+    torch.testing.assert_close(composite_prior_kl(*args, impl="torch"), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="differentiable in mu and logvar only"):
+        composite_prior_kl(*args[:2], args[2].clone().requires_grad_(), *args[3:])
+    mixed = [*args[:5], args[5].float(), *args[6:]]
+    with pytest.raises(TypeError, match="one device in one dtype"):
+        composite_prior_kl(*mixed, impl="cpp")
+    torch.testing.assert_close(composite_prior_kl(*mixed), composite_prior_kl(*mixed, impl="torch"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="composite_prior_kl has no implementation 'triton'"):
+        composite_prior_kl(*args, impl="triton")
