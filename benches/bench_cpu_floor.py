@@ -43,7 +43,8 @@ from batches import user_item_batch
 from cpu_floor import (SQUARE_SIDE, SWEEP, apply_bench_threads, best_time, floors, interleaved_best, nll_floor_parts,
                        step_floor_parts)
 
-from recvae_fast import RecVAE, torch_ops
+from recvae_fast import RecVAE
+from recvae_fast.ops.multinomial_nll import NLLOptions, multinomial_nll
 from recvae_fast.cache_blocks import nll_block_size
 from recvae_fast.testing.reference import VAE
 from recvae_fast.sparse import as_csr_batch
@@ -76,9 +77,9 @@ def nll_step(batch, z, weight, bias, phase: str, block: int | None = None):
 
     def run():
         if block is None:
-            out = torch_ops.multinomial_nll(z, weight, bias, batch)
+            out = multinomial_nll(z, weight, bias, batch)
         else:
-            out = torch_ops.multinomial_nll_blocked(z, weight, bias, batch, block)
+            out = multinomial_nll(z, weight, bias, batch, options=NLLOptions(item_block=block))
         out.mean().backward()
         for t in (z, weight, bias):
             t.grad = None

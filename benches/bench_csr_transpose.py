@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from batches import user_item_batch
 
-from recvae_fast import custom_ops  # noqa: F401 - registers recvae_fast::csr_transpose
+from recvae_fast.ops.sparse_rows import csr_transpose
 from recvae_fast.sparse import as_csr_batch
 
 N_USERS, N_ITEMS, PER_USER = 500, 20_108, 75
@@ -26,7 +26,7 @@ def test_group_by_item_vs_torch_sort(compare_speed):
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(rows, minlength=N_USERS).cumsum(0)])
 
     def cpp():
-        return torch.ops.recvae_fast.csr_transpose(indptr, indices, coef, N_ITEMS)
+        return csr_transpose(indptr, indices, coef, N_ITEMS)
 
     def torch_sort():
         row_ids = torch.repeat_interleave(torch.arange(N_USERS), indptr[1:] - indptr[:-1], output_size=indices.numel())

@@ -8,7 +8,7 @@ param and moments in one pass (on the CPU: the C++ extension recvae_fast._row_sp
 
 - step: the optimizer step alone, on the same touched rows (fast: RowSparseAdam on the row-sparse
   gradient; reference: torch.optim.Adam(fused=True) on the dense one, what training uses).
-- grad+step: fc1 forward + backward (recvae_fast.torch_ops, dropout 0.5, B = 500, ~75 items per
+- grad+step: fc1 forward + backward (recvae_fast.ops.sparse_input_layer, impl "cpp", dropout 0.5, B = 500, ~75 items per
   user) and then the step; the part of an encoder step that depends on the layout.
 CPU, float32, H = 600, at 1M items (the issue's size) and at 20,108 (ML-20M). At 20,108 items the
 two layouts now take the same time (a batch touches most rows): its floors only guard that path
@@ -21,7 +21,7 @@ import pytest
 import torch
 from batches import user_item_batch
 
-from recvae_fast import torch_ops
+from recvae_fast.ops.sparse_input_layer import sparse_input_layer
 from recvae_fast.optim import RowSparseAdam
 from recvae_fast.sparse import as_csr_batch
 
@@ -57,7 +57,7 @@ def layer(request):
 def _backward(layer, layout):
     w = layer["w"][layout]
     w.grad = None
-    out = torch_ops.sparse_input_layer(layer["batch"], w, layer["b"], P, sparse_grad=layout == "sparse")
+    out = sparse_input_layer(layer["batch"], w, layer["b"], P, sparse_grad=layout == "sparse", impl="cpp")
     out.backward(layer["g"])
 
 

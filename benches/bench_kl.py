@@ -1,8 +1,8 @@
 """The composite prior's KL term, forward + backward in mu and logvar, B 500, K 200, float32, CPU:
-CompositePrior.kl (model._KLPerUser; on the CPU its forward is one C++ pass per row,
-recvae_fast::composite_prior_kl) against the authors' expression through autograd
-(recvae_fast.testing.reference: log_norm_pdf minus the reference prior's log-density, summed over k), and
-against _KLPerUser's torch-ops forward (USE_CPP_KL off: what CUDA runs). Correctness:
+CompositePrior.kl (the op recvae_fast.ops.composite_prior_kl; impl "cpp", the CPU default: its
+forward is one C++ pass per row, recvae_fast::composite_prior_kl) against the authors' expression
+through autograd (recvae_fast.testing.reference: log_norm_pdf minus the reference prior's log-density,
+summed over k), and against its impl "torch" (torch ops: what CUDA runs). Correctness:
 tests/test_kl_terms.py and tests/test_op_composite_prior_kl.py.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recvae_fast import model as model_module
 from recvae_fast.testing import reference
 from recvae_fast.model import CompositePrior
 
@@ -44,16 +43,12 @@ def case():
     return prior, ref, mu, logvar, eps, (old_mu, old_logvar), weights
 
 
-def _ours(case, cpp: bool):
+def _ours(case, impl: str):
     prior, _, mu, logvar, eps, old, weights = case
 
     def run():
-        model_module.USE_CPP_KL = cpp
-        try:
-            mu.grad = logvar.grad = None
-            (prior.kl(None, mu, logvar, eps, old_posterior=old) * weights).sum().backward()
-        finally:
-            model_module.USE_CPP_KL = True
+        mu.grad = logvar.grad = None
+        (prior.kl(None, mu, logvar, eps, impl=impl, old_posterior=old) * weights).sum().backward()
 
     return run
 
@@ -70,8 +65,8 @@ def _authors(case):
 
 
 def test_kl_vs_the_authors_expression(compare_speed, case):
-    compare_speed(_ours(case, cpp=True), _authors(case), FLOOR_VS_AUTHORS, rounds=20, warmup=3)
+    compare_speed(_ours(case, "cpp"), _authors(case), FLOOR_VS_AUTHORS, rounds=20, warmup=3)
 
 
 def test_kl_cpp_forward_vs_torch_ops(compare_speed, case):
-    compare_speed(_ours(case, cpp=True), _ours(case, cpp=False), FLOOR_VS_TORCH_OPS, rounds=20, warmup=3)
+    compare_speed(_ours(case, "cpp"), _ours(case, "torch"), FLOOR_VS_TORCH_OPS, rounds=20, warmup=3)

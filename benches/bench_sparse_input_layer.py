@@ -2,7 +2,7 @@
 
 B = 500 users, H = 600, ~75 items per user, float32, dropout 0.5.
 - fast: the op RecVAE runs on the device: on CUDA the Triton kernel
-  (kernels/sparse_input_layer.sparse_input_layer), on the CPU recvae_fast.torch_ops (embedding_bag
+  (kernels/sparse_input_layer.sparse_input_layer), on the CPU recvae_fast.ops.sparse_input_layer (impl "cpp": embedding_bag
   over the nonzeros); then backward, with dW1 dense or row-sparse (sparse COO).
 - reference: x dense B × I (given, not timed) → x/‖x‖ → dropout → addmm(b1, ·, W1) → backward,
   the authors' first layer.
@@ -66,7 +66,7 @@ def test_sparse_input_layer_vs_dense_first_layer(inputs, layout, compare_speed):
     if DEVICE == "cuda":
         from recvae_fast.kernels.sparse_input_layer import sparse_input_layer
     else:
-        from recvae_fast.torch_ops import sparse_input_layer
+        from recvae_fast.ops.sparse_input_layer import sparse_input_layer  # impl "cpp", the CPU default
 
     (floor, rounds), = [(c[2], c[3]) for c in CASES[DEVICE] if c[0] == inputs["n_items"] and c[1] == layout]
     batch, w, b, g, x, norm = (inputs[k] for k in ("batch", "w", "b", "g", "x", "norm"))

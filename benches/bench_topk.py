@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recvae_fast.topk import topk_masked
+from recvae_fast.ops.topk_masked import topk_masked
 
 N_USERS = 500
 K = 100

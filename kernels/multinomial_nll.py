@@ -243,7 +243,7 @@ def _validate(z, weight, bias, batch) -> None:
     devices = {z.device, weight.device} | ({bias.device} if bias is not None else set())
     if len(devices) != 1:
         raise ValueError(f"z, weight, bias and the batch must be on one device, got {sorted(map(str, devices))}")
-    check_runs_here(z.device, "multinomial_nll", "recvae_fast.torch_ops.multinomial_nll")
+    check_runs_here(z.device, "multinomial_nll", "recvae_fast.ops.multinomial_nll with impl \"cpp\" or \"torch\"")
 
 
 def multinomial_nll(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch) -> torch.Tensor:

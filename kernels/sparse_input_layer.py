@@ -77,7 +77,7 @@ def _validate(batch, weight_t, bias, keep_mask):
                 f"keep_mask must be bool [{batch.nnz}] (one per nonzero) on {device}, got "
                 f"{keep_mask.dtype} {tuple(keep_mask.shape)} on {keep_mask.device}"
             )
-    check_runs_here(device, "sparse_input_layer", "recvae_fast.torch_ops.sparse_input_layer")
+    check_runs_here(device, "sparse_input_layer", "recvae_fast.ops.sparse_input_layer with impl \"cpp\" or \"torch\"")
 
 
 

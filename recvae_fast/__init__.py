@@ -10,7 +10,7 @@ from importlib import import_module
 # public name -> the module that defines it
 _EXPORTS = {
     "RecVAE": "model", "fit": "api", "load_model": "training", "evaluate": "api", "recommend": "api",
-    "topk_masked": "topk", "TopK": "topk", "TopKAccumulator": "topk",
+    "topk_masked": "ops.topk_masked", "TopK": "ops.topk_masked", "TopKAccumulator": "ops.topk_masked",
     "RowSparseAdam": "optim", "load_run": "runs", "TrainedRun": "runs", "recommend_for_items": "runs",
     "tune": "tuning",
 }

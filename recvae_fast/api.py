@@ -12,7 +12,7 @@ import os
 from . import inference, training
 from . import precision as precision_mod
 from .model import RecVAE
-from .topk import TopK
+from .ops.topk_masked import TopK
 
 
 def fit(

@@ -1,5 +1,5 @@
 """Item block sizes for the CPU paths that stream a catalogue: the multinomial NLL
-(recvae_fast.torch_ops) and blocked scoring (recvae_fast.scoring).
+(recvae_fast.ops.multinomial_nll) and blocked scoring (recvae_fast.scoring).
 
 Each block is a B × block tile of logits (or scores) that every step of the per-block pipeline
 (product, max, exp, sum, second product, or the top-k merge) reads again; the tile is sized to

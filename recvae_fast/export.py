@@ -39,7 +39,7 @@ from torch import nn
 from . import precision as precision_mod
 from .model import Encoder
 from .atomic import write_output
-from .topk import TopK, check_k
+from .ops.topk_masked import TopK, check_k
 
 SCORER_FORMAT = "recvae_fast.scorer/1"
 METADATA_FILE = "recvae_fast_scorer.json"  # stored in the .pt2 archive's extra files
@@ -64,6 +64,8 @@ class FoldInScorer(nn.Module):
     Built from a RecVAE state_dict (the authors' keys), so it depends only on the stored weights.
     """
 
+    LAYER_IMPL = "torch"  # the layer tails in torch ops: the program must not call recvae_fast's own ops
+
     def __init__(self, state_dict: dict, k: int, product_dtype: torch.dtype | None = None):
         super().__init__()
         self.product_dtype = product_dtype
@@ -76,8 +78,7 @@ class FoldInScorer(nn.Module):
         # The authors' residual stack after fc1 and its heads (scoring uses z = mu).
         dtype = state_dict["decoder.weight"].dtype
         # In the model's dtype before loading (loading into float32 layers would round float64 weights).
-        # Its layer tails in torch ops: the program must not call recvae_fast's own ops.
-        self.layers = Encoder(hidden_dim, latent_dim, 0, fc1=_GivenInputLayer(), fused_tails=False).to(dtype)
+        self.layers = Encoder(hidden_dim, latent_dim, 0, fc1=_GivenInputLayer()).to(dtype)
         self.layers.load_state_dict({
             name[len("encoder."):]: value for name, value in state_dict.items()
             if name.startswith("encoder.") and not name.startswith("encoder.fc1.")
@@ -104,11 +105,11 @@ class FoldInScorer(nn.Module):
         h1_pre = F.embedding_bag(indices, self.fc1_weight_t, indptr, mode="sum", per_sample_weights=coef,
                                  include_last_offset=True) + self.fc1_bias
         if self.product_dtype is None:
-            mu, _ = self.layers(h1_pre, 0.0)
+            mu, _ = self.layers(h1_pre, 0.0, impl=self.LAYER_IMPL)
             scores = torch.addmm(self.decoder_bias, mu, self.decoder_weight.t()).float()
         else:
             with torch.autocast("cpu", dtype=self.product_dtype):
-                mu, _ = self.layers(h1_pre, 0.0)
+                mu, _ = self.layers(h1_pre, 0.0, impl=self.LAYER_IMPL)
             scores = torch.mm(mu.to(self.product_dtype), self.decoder_weight.t()).float() + self.decoder_bias
         ineligible = (copies > 0) | torch.isnan(scores)
         return masked_topk(scores, ineligible, self.k)

@@ -16,7 +16,7 @@ from .metrics import metric_cutoffs, metrics_at
 from .model import RecVAE
 from .scoring import blocked_topk
 from .sparse import as_user_matrix
-from .topk import TopK, TopKAccumulator, check_k, topk_masked
+from .ops.topk_masked import TopK, TopKAccumulator, check_k, topk_masked
 
 SCORES_PER_BLOCK = 1 << 25  # 128 MiB of float32 scores at most per block
 

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .sparse import as_user_matrix
-from .topk import check_k
+from .ops.topk_masked import check_k
 
 __all__ = [
     "ndcg_at_k",

@@ -2,8 +2,9 @@
 
 Same constructor, forward, losses, `update_prior()` and state_dict keys/shapes as the authors'
 code. Inside, fc1 is stored I × H (`weight_t`) so that the sparse input layer gathers whole rows,
-and the multinomial likelihood is computed fused with the decoder (recvae_fast.ops). The layers
-are written here; recvae_fast.reference is the separate dense oracle the tests compare against.
+and the multinomial likelihood is computed fused with the decoder. The model calls only the ops of
+recvae_fast.ops (each op's implementations live there); recvae_fast.testing.reference is the separate
+dense oracle the tests compare against.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import custom_ops as _custom_ops  # noqa: F401 - registers recvae_fast::swish_layer_norm
-from . import ops
+from .ops.composite_prior_kl import LOG_2PI, composite_prior_kl
+from .ops.dispatch import check_model_impl, impl_for
+from .ops.multinomial_nll import multinomial_nll
+from .ops.sparse_input_layer import sparse_input_layer
+from .ops.swish_layer_norm import swish_layer_norm
 from .sparse import CSRBatch, as_csr_batch
 
 MIXTURE_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)
-LOG_2PI = math.log(2 * math.pi)
 
 
 class SparseInputLinear(nn.Module):
@@ -46,9 +48,8 @@ class SparseInputLinear(nn.Module):
     def forward(
         self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl: str | None = None
     ) -> torch.Tensor:
-        return ops.sparse_input_layer(
-            batch, self.weight_t, self.bias, dropout_rate, keep_mask, sparse_grad=self.sparse_grad, impl=impl
-        )
+        return sparse_input_layer(batch, self.weight_t, self.bias, dropout_rate, keep_mask,
+                                  sparse_grad=self.sparse_grad, impl=impl_for("sparse_input_layer", impl))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight_t = self.weight_t if keep_vars else self.weight_t.detach()
@@ -82,38 +83,6 @@ class SparseInputLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features} (stored transposed)"
 
 
-def swish(x: torch.Tensor) -> torch.Tensor:
-    """x·sigmoid(x), as torch's one fused op (silu) rather than a sigmoid and a multiply."""
-    return F.silu(x)
-
-
-# False: the encoder's layer tails take torch ops on the CPU too (tests compare both routes).
-USE_CPP_SWISH_LAYER_NORM = True
-
-
-def _fused_tail(x: torch.Tensor) -> bool:
-    """Whether recvae_fast::swish_layer_norm (C++, CPU float32/float64) runs the layer tail for x."""
-    return USE_CPP_SWISH_LAYER_NORM and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-
-
-def swish_layer_norm(pre: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear | None = None,
-                     residual: torch.Tensor | None = None, *, allow_fused: bool = True) -> torch.Tensor:
-    """norm(swish(linear(pre) + residual)), or norm(swish(pre)) without linear and residual. On the
-    CPU the tail after the linear layer's product is one C++ pass per row (unless allow_fused is
-    False: torch ops only); elsewhere torch ops."""
-    if not (allow_fused and _fused_tail(pre) and norm.weight is not None and norm.bias is not None):
-        out = pre if linear is None else linear(pre)
-        return norm(swish(out if residual is None else out + residual))
-    if linear is not None:  # the product alone: its bias is added in the fused pass, not copied in
-        pre, linear_bias = F.linear(pre, linear.weight), linear.bias
-    else:
-        linear_bias = None
-    keep_s = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (pre, linear_bias, residual, norm.weight, norm.bias))
-    y, *_ = torch.ops.recvae_fast.swish_layer_norm(pre, linear_bias, residual, norm.weight, norm.bias, norm.eps, keep_s)
-    return y
-
-
 def check_posterior(name: str, posterior, shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, logvar), each of `shape` (batch × latent_dim) and of like's dtype and device, or a
     ValueError naming `name`."""
@@ -141,77 +110,16 @@ def log_norm_pdf(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tor
     return -0.5 * (logvar + LOG_2PI + (x - mu).pow(2) / logvar.exp())
 
 
-# False: the KL term takes torch ops on the CPU too (tests compare both routes).
-USE_CPP_KL = True
-
-
-def _cpp_kl(*tensors: torch.Tensor) -> bool:
-    """Whether recvae_fast::composite_prior_kl (C++, one CPU dtype, float32/float64) takes these."""
-    first = tensors[0]
-    return (USE_CPP_KL and first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
-            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
-
-
-class _KLPerUser(torch.autograd.Function):
-    """Σ_k [log q(z|x) − log p(z)] per user for z = mu + eps·σ (σ = exp(logvar/2)) and the composite
-    prior's three Gaussians (N(prior_mean, e^prior_logvar), N(old_mu, e^old_logvar) and
-    N(prior_mean, e^uniform_logvar): means m_c, log-variances lv_c), with the gradients in
-    mu and logvar written out. The expression's autograd graph is some 60 elementwise ops on B × K;
-    this is about 30 (8.0 against 3.3 ms, forward + backward, at B 500, K 200 on 2 CPU threads).
-    - log q(z|x) = −(logvar + log 2π + eps²)/2 exactly, since z − mu = eps·σ.
-    - With r_c the components' responsibilities and S = Σ_c r_c·(z − m_c)/exp(lv_c) = −d log p/dz:
-      d/dmu = S (log q's terms in mu cancel) and d/dlogvar = (eps·σ·S − 1)/2.
-    keep_slope: compute S for backward (False when no gradient is wanted). On the CPU the forward is
-    one C++ pass per row (recvae_fast::composite_prior_kl): forward + backward 3.5 → 1.6 ms at that
-    shape."""
-
-    @staticmethod
-    def forward(ctx, mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights,
-                keep_slope: bool):
-        if _cpp_kl(mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar):
-            kl, slope, dz = torch.ops.recvae_fast.composite_prior_kl(
-                mu, logvar, eps, prior_mean, prior_logvar, old_mu, old_logvar, uniform_logvar, log_weights,
-                keep_slope)
-            if keep_slope:
-                ctx.save_for_backward(slope, dz)
-            return kl
-        dz = torch.exp(logvar * 0.5).mul_(eps)  # z − mu
-        z = mu + dz
-        log_q = (logvar + eps * eps).sum(-1).mul_(-0.5)  # without its −K·log(2π)/2, added below
-        components, slopes = [], []
-        gaussians = ((prior_mean, prior_logvar), (old_mu, old_logvar), (prior_mean, uniform_logvar))
-        for c, (mean, log_var) in enumerate(gaussians):
-            d = z - mean
-            slope = d * torch.exp(-log_var)
-            components.append(torch.addcmul(log_var, d, slope).mul_(-0.5).add_(log_weights[c] - 0.5 * LOG_2PI))
-            slopes.append(slope)
-        components = torch.stack(components)
-        log_p = torch.logsumexp(components, 0)
-        kl = log_q.sub_(log_p.sum(-1)).sub_(0.5 * LOG_2PI * mu.shape[-1])
-        if keep_slope:
-            responsibilities = components.sub_(log_p).exp_()
-            ctx.save_for_backward((responsibilities * torch.stack(slopes)).sum(0), dz)
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        slope, dz = ctx.saved_tensors
-        g = grad_kl[:, None]
-        return (g * slope, (dz * slope - 1).mul_(0.5).mul_(g)) + (None,) * 9
-
-
 class Encoder(nn.Module):
     """q(z|x): fc1 on the CSR batch, then four residual blocks (block k adds every earlier block's
     output to its linear layer's), each swish then LayerNorm (eps 0.1), and the mu / logvar heads.
     Modules are named fc1..fc5, ln1..ln5, fc_mu, fc_logvar, as in the authors' checkpoints.
-    fused_tails=False keeps the layer tails in torch ops (for a graph that must run with torch alone)."""
+    `impl` as a RecVAE's (recvae_fast.ops.dispatch.impl_for): "torch" keeps every op in torch ops."""
 
     N_LAYERS = 5
 
-    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1, *, fc1=None,
-                 fused_tails: bool = True):
+    def __init__(self, hidden_dim: int, latent_dim: int, input_dim: int, eps: float = 1e-1, *, fc1=None):
         super().__init__()
-        self.fused_tails = fused_tails
         # fc1 may be given (the item-sharded model passes its shard of the input layer).
         self.fc1 = SparseInputLinear(input_dim, hidden_dim) if fc1 is None else fc1
         self.ln1 = nn.LayerNorm(hidden_dim, eps=eps)
@@ -223,11 +131,11 @@ class Encoder(nn.Module):
 
     def forward(self, batch: CSRBatch, dropout_rate: float, keep_mask: torch.Tensor | None = None, impl=None):
         rate = dropout_rate if self.training else 0.0
-        fused = self.fused_tails
-        h = swish_layer_norm(self.fc1(batch, rate, keep_mask, impl=impl), self.ln1, allow_fused=fused)
+        tail_impl = impl_for("swish_layer_norm", impl)
+        h = swish_layer_norm(self.fc1(batch, rate, keep_mask, impl=impl), self.ln1, impl=tail_impl)
         earlier_sum = h  # h1 + ... + h(k-1), kept as a running sum: one add per block, not k - 1
         for k in range(2, self.N_LAYERS + 1):
-            h = swish_layer_norm(h, getattr(self, f"ln{k}"), getattr(self, f"fc{k}"), earlier_sum, allow_fused=fused)
+            h = swish_layer_norm(h, getattr(self, f"ln{k}"), getattr(self, f"fc{k}"), earlier_sum, impl=tail_impl)
             if k < self.N_LAYERS:
                 earlier_sum = earlier_sum + h
         # Under autocast the heads' products come out in bf16: the posterior goes on in h's dtype
@@ -259,8 +167,8 @@ class CompositePrior(nn.Module):
            old_posterior=None) -> torch.Tensor:
         """Σ_k [log q(z|x) − log p(z)] per user [B], for z = mu + eps·exp(logvar/2) (eps zeros: z = mu)
         and q(z|x) = N(mu, exp(logvar)); old_posterior as in forward. Differentiable in mu and
-        logvar through _KLPerUser's written-out gradients, or through the plain expression when
-        anything else needs a gradient (the prior's parameters, the old posterior, eps)."""
+        logvar through the op composite_prior_kl's written-out gradients, or through the plain
+        expression when anything else needs a gradient (the prior's parameters, the old posterior, eps)."""
         if old_posterior is None:
             old_posterior = self.old_posterior(batch, impl)
         post_mu, post_logvar = check_posterior("old_posterior", old_posterior, mu.shape, mu)
@@ -269,9 +177,8 @@ class CompositePrior(nn.Module):
             z = eps * torch.exp(0.5 * logvar) + mu
             return (log_norm_pdf(z, mu, logvar) - self(batch, z, impl, (post_mu, post_logvar))).sum(dim=-1)
         log_weights = [math.log(w) for w in self.mixture_weights]
-        keep_slope = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
-        return _KLPerUser.apply(mu, logvar, eps, self.mu_prior, self.logvar_prior, post_mu, post_logvar,
-                                self.logvar_uniform_prior, log_weights, keep_slope)
+        return composite_prior_kl(mu, logvar, eps, self.mu_prior, self.logvar_prior, post_mu, post_logvar,
+                                  self.logvar_uniform_prior, log_weights, impl=impl_for("composite_prior_kl", impl))
 
     def forward(self, batch: CSRBatch, z: torch.Tensor, impl=None, old_posterior=None) -> torch.Tensor:
         """log p(z) per user. old_posterior: old_posterior(batch) when the caller already has it
@@ -360,9 +267,10 @@ class RecVAE(nn.Module):
     """RecVAE(hidden_dim, latent_dim, input_dim), call-compatible with the authors' `VAE`.
 
     `user_ratings` may be a torch sparse CSR (or COO) tensor, a scipy.sparse matrix, a dense
-    tensor, or a `CSRBatch`. `impl` picks the implementation of the two fused ops ("torch",
-    "triton", or None: the default for the parameters' device; see recvae_fast.ops); it can be
-    changed at any time (`model.impl = "torch"`). Parameters that do not require grad cost no
+    tensor, or a `CSRBatch`. `impl` picks the implementation of its ops ("torch": torch ops only,
+    "cpp", "triton", or None: each op's default for the parameters' device); each op runs it if it
+    has one of that name, else its default (recvae_fast.ops.dispatch). It can be changed at any time
+    (`model.impl = "torch"`). Parameters that do not require grad cost no
     gradient work: freeze the decoder in encoder phases and the encoder in decoder phases
     (recvae_fast.fit does).
     """
@@ -383,9 +291,7 @@ class RecVAE(nn.Module):
 
     @impl.setter
     def impl(self, impl: str | None) -> None:
-        for op in ("sparse_input_layer", "multinomial_nll"):
-            ops.check_impl(op, impl)
-        self._impl = impl
+        self._impl = check_model_impl(impl)
 
     def as_batch(self, user_ratings) -> CSRBatch:
         """Validate and convert user ratings to this model's canonical CSR batch."""
@@ -463,7 +369,8 @@ class RecVAE(nn.Module):
         if eps is None and self.training:
             eps = torch.randn_like(mu)  # what reparameterize would draw
         z = self.reparameterize(mu, logvar, eps)
-        mll = -ops.multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch, impl=self.impl).mean()
+        mll = -multinomial_nll(z, self.decoder.weight, self.decoder.bias, batch,
+                               impl=impl_for("multinomial_nll", self.impl)).mean()
         if not with_kl:
             return mll, None
         noise = eps if self.training else torch.zeros_like(mu)  # in eval z = mu

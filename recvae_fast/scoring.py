@@ -1,7 +1,7 @@
 """Blocked scoring on the CPU: the masked top-k of mu·Wdᵀ + bd without a users × items score matrix.
 
 Each item block's B × block scores are computed into one reused buffer and merged into the running
-top-k (the C++ kernel of recvae_fast.topk) right away, while the block is still in cache; the
+top-k (the C++ kernel of recvae_fast.ops.topk_masked) right away, while the block is still in cache; the
 result equals `topk_masked` on the whole score matrix (same tie rule: lower item index first; seen
 items never returned; -inf / -1 padding). Scores are ranked in float32, as `recommend` does.
 """
@@ -12,7 +12,7 @@ import torch
 
 from .cache_blocks import item_block_size
 from .precision import lowp_mm
-from .topk import TopK, _check_threads, _ext, _seen_csr, check_k
+from .ops.topk_masked import TopK, _check_threads, _ext, _seen_csr, check_k
 
 # The merge into the running top-k costs a small fixed amount per row and block, so scoring blocks
 # are this many times the NLL's cache block. A/B at B 500 on the 2-core development machine

@@ -1,5 +1,5 @@
-"""The CPU multinomial NLL (recvae_fast.torch_ops) streams item blocks: values and every gradient
-against the dense reference −(log_softmax(z·Wᵀ + b)·X).sum(−1), at awkward block boundaries
+"""The CPU multinomial NLL (recvae_fast.ops.multinomial_nll, impl "cpp" and "torch") streams item
+blocks: values and every gradient against the dense reference −(log_softmax(z·Wᵀ + b)·X).sum(−1), at awkward block boundaries
 (items not a multiple of the block, a last block of one item, one block larger than the
 catalogue, one item per block), with empty and one-item users, in float32 and float64, with the
 decoder-phase probabilities kept from forward and recomputed in backward."""
@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import random_ratings
 
-from recvae_fast import torch_ops
+from recvae_fast.ops import multinomial_nll as nll_module
+from recvae_fast.ops.multinomial_nll import NLLOptions, multinomial_nll
 from recvae_fast.cache_blocks import nll_block_size
 from recvae_fast.sparse import CSRBatch, as_csr_batch
 
@@ -50,10 +51,21 @@ def assert_match(out, grads, ref, ref_grads, dtype):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
-@pytest.fixture(params=[True, False], ids=["cpp-blocks", "torch-blocks"])
-def block_route(request, monkeypatch):
-    """The per-block steps of forward and decoder backward: C++ (CPU default) or torch ops (elsewhere)."""
-    monkeypatch.setattr(torch_ops, "USE_CPP_BLOCKS", request.param)
+@pytest.fixture(params=["cpp", "torch"], ids=["cpp-blocks", "torch-blocks"])
+def block_route(request):
+    """The implementation: the per-block steps of forward and decoder backward in C++ (CPU
+    default) or torch ops."""
+    return request.param
+
+
+def blocked(impl, item_block, keep_probs=None):
+    """multinomial_nll with `impl` and an explicit item block (and kept probabilities forced or not)."""
+    options = NLLOptions(item_block=item_block, keep_probs=keep_probs)
+
+    def nll(z, w, b, batch):
+        return multinomial_nll(z, w, b, batch, impl=impl, options=options)
+
+    return nll
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -64,9 +76,7 @@ def test_values_and_gradients_at_block_boundaries(dtype, block, phase, keep_prob
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, dtype)
     assert batch.row_sums()[0] == 0 and batch.indptr[2] - batch.indptr[1] == 1  # an empty and a one-item user
 
-    def nll(z, w, b, batch):
-        return torch_ops.multinomial_nll_blocked(z, w, b, batch, block, keep_probs=keep_probs)
-
+    nll = blocked(block_route, block, keep_probs)
     assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, nll), dtype)
 
 
@@ -75,9 +85,7 @@ def test_large_logits_stay_finite_and_exact(keep_probs, block_route):
     """Logits of ±hundreds: the running max and the per-block exp(m − LSE) scale must not overflow."""
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=3, z_scale=300.0)
 
-    def nll(z, w, b, batch):
-        return torch_ops.multinomial_nll_blocked(z, w, b, batch, 4, keep_probs=keep_probs)
-
+    nll = blocked(block_route, 4, keep_probs)
     out, grads, ref, ref_grads = run_both(batch, x, z, w, b, g, FLAGS["all"], torch.float64, nll)
     assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
     assert_match(out, grads, ref, ref_grads, torch.float64)
@@ -85,31 +93,32 @@ def test_large_logits_stay_finite_and_exact(keep_probs, block_route):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("phase", list(FLAGS))
-def test_default_block_rule_with_several_blocks(dtype, phase):
-    """multinomial_nll itself (the machine's block size), on a batch wide enough for several
-    blocks and a partial last one."""
+def test_default_block_rule_with_several_blocks(dtype, phase, block_route):
+    """multinomial_nll with its default options (the machine's block size), on a batch wide enough
+    for several blocks and a partial last one."""
     n_users = 700
     block = nll_block_size(n_users, torch.tensor([], dtype=dtype).element_size(), keep_probs=phase != "encoder")
     n_items = 2 * block + 3
     batch, x, z, w, b, g = make_case(n_users, n_items, dtype, seed=1)
-    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, torch_ops.multinomial_nll), dtype)
+    assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], dtype, blocked(block_route, 0)), dtype)
 
 
-def test_probabilities_kept_only_within_the_budget(monkeypatch):
-    """Within KEPT_PROBS_BYTES the decoder phase keeps each block's probabilities for backward;
-    past it (budget 0 here) it keeps none and recomputes; both match the reference."""
+def test_probabilities_kept_only_within_the_budget(block_route):
+    """Within NLLOptions.kept_probs_bytes the decoder phase keeps each block's probabilities for
+    backward; past it (budget 0 here) it keeps none and recomputes; both match the reference."""
     batch, x, z, w, b, g = make_case(N_USERS, N_ITEMS, torch.float64, seed=2)
     for budget, kept_values in ((1 << 30, N_USERS * N_ITEMS), (0, 0)):
-        monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", budget)
+        options = NLLOptions(kept_probs_bytes=budget)
+
+        def nll(z, w, b, batch):
+            return multinomial_nll(z, w, b, batch, impl=block_route, options=options)
+
         leaves = [t.clone().requires_grad_(f) for t, f in zip((z, w, b), FLAGS["decoder"])]
-        out = torch_ops.multinomial_nll(*leaves, batch)
-        assert saved_kept(out).numel() == kept_values
-        assert_match(
-            *run_both(batch, x, z, w, b, g, FLAGS["decoder"], torch.float64, torch_ops.multinomial_nll), torch.float64
-        )
+        assert saved_kept(nll(*leaves, batch)).numel() == kept_values
+        assert_match(*run_both(batch, x, z, w, b, g, FLAGS["decoder"], torch.float64, nll), torch.float64)
     leaves = [t.clone().requires_grad_(f) for t, f in zip((z, w, b), FLAGS["encoder"])]
-    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", 1 << 30)
-    assert saved_kept(torch_ops.multinomial_nll(*leaves, batch)).numel() == 0  # encoder phase: nothing kept
+    out = multinomial_nll(*leaves, batch, impl=block_route, options=NLLOptions(kept_probs_bytes=1 << 30))
+    assert saved_kept(out).numel() == 0  # encoder phase: nothing kept
 
 
 def saved_kept(nll):
@@ -117,16 +126,16 @@ def saved_kept(nll):
     return nll.grad_fn.saved_tensors[8]
 
 
-def test_no_grad_and_all_users_empty():
+def test_no_grad_and_all_users_empty(block_route):
     batch, x, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
     with torch.no_grad():
-        out = torch_ops.multinomial_nll_blocked(z, w, b, batch, 5)
+        out = blocked(block_route, 5)(z, w, b, batch)
     ref = -(torch.log_softmax(z @ w.T + b, dim=-1) * x).sum(-1)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     empty = as_csr_batch(torch.zeros(4, N_ITEMS, dtype=torch.float64), N_ITEMS, dtype=torch.float64)
     zz = torch.randn(4, LATENT, dtype=torch.float64, requires_grad=True)
     ww = w.clone().requires_grad_()
-    out = torch_ops.multinomial_nll_blocked(zz, ww, b, empty, 8)
+    out = blocked(block_route, 8)(zz, ww, b, empty)
     assert torch.equal(out, torch.zeros(4, dtype=torch.float64))
     gz, gw = torch.autograd.grad(out.sum(), (zz, ww))
     assert torch.equal(gz, torch.zeros_like(gz)) and torch.equal(gw, torch.zeros_like(gw))
@@ -145,7 +154,7 @@ def test_rows_not_sorted_by_item(phase, keep_probs, block_route):
     assert not torch.equal(reversed_rows.indices, batch.indices)
 
     def nll(z, w, b, _batch):
-        return torch_ops.multinomial_nll_blocked(z, w, b, reversed_rows, 6, keep_probs=keep_probs)
+        return blocked(block_route, 6, keep_probs)(z, w, b, reversed_rows)
 
     assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], torch.float64, nll), torch.float64)
 
@@ -163,7 +172,7 @@ def test_strided_inputs(phase, keep_probs, block_route):
     def nll(z, w, b, batch):
         zs, ws, bs = widened(z), widened(w), widened(b)
         assert not (zs.is_contiguous() or ws.is_contiguous() or bs.is_contiguous())
-        return torch_ops.multinomial_nll_blocked(zs, ws, bs, batch, 6, keep_probs=keep_probs)
+        return blocked(block_route, 6, keep_probs)(zs, ws, bs, batch)
 
     assert_match(*run_both(batch, x, z, w, b, g, FLAGS[phase], torch.float64, nll), torch.float64)
 
@@ -173,13 +182,17 @@ def test_items_out_of_range_raise(block_route):
     bad = CSRBatch(batch.indptr, torch.where(batch.indices == batch.indices.max(), N_ITEMS + 3, batch.indices),
                    batch.values, N_ITEMS)
     with pytest.raises((IndexError, RuntimeError), match="out of range|out of bounds|idx < num_embeddings"):
-        torch_ops.multinomial_nll_blocked(z, w, b, bad, 6)
+        blocked(block_route, 6)(z, w, b, bad)
 
 
-def test_bad_block_raises():
+def test_bad_options_raise():
+    for bad in (dict(item_block=-1), dict(item_block=2.5), dict(item_block=True), dict(keep_probs="yes"),
+                dict(kept_probs_fraction=1.5), dict(kept_probs_bytes=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            NLLOptions(**bad)
     batch, _, z, w, b, _ = make_case(N_USERS, N_ITEMS, torch.float64)
-    with pytest.raises(ValueError, match="item_block must be >= 1"):
-        torch_ops.multinomial_nll_blocked(z, w, b, batch, 0)
+    with pytest.raises(ValueError, match="impl 'triton' takes none"):
+        multinomial_nll(z, w, b, batch, impl="triton", options=NLLOptions(item_block=4))
 
 
 def test_block_rule_fills_half_of_l2(monkeypatch):
@@ -196,15 +209,14 @@ def test_block_rule_fills_half_of_l2(monkeypatch):
 
 
 def test_kept_probabilities_budget_is_an_eighth_of_memory(monkeypatch):
-    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", None)
-    monkeypatch.setattr(torch_ops, "_memory_bytes", lambda device: 24 << 30)
-    assert torch_ops.kept_probs_budget(torch.device("cpu")) == 3 << 30
-    monkeypatch.setattr(torch_ops, "KEPT_PROBS_BYTES", 12345)
-    assert torch_ops.kept_probs_budget(torch.device("cpu")) == 12345
+    monkeypatch.setattr(nll_module, "_memory_bytes", lambda device: 24 << 30)
+    assert NLLOptions().kept_probs_budget(torch.device("cpu")) == 3 << 30
+    assert NLLOptions(kept_probs_fraction=0.5).kept_probs_budget(torch.device("cpu")) == 12 << 30
+    assert NLLOptions(kept_probs_bytes=12345).kept_probs_budget(torch.device("cpu")) == 12345
 
 
 def test_memory_bytes_reads_the_machine():
-    assert torch_ops._memory_bytes(torch.device("cpu")) >= 1 << 30
+    assert nll_module._memory_bytes(torch.device("cpu")) >= 1 << 30
 
 
 def test_kept_blocks_are_twice_the_rule(monkeypatch):

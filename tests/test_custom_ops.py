@@ -1,6 +1,6 @@
-"""The registered ops (recvae_fast.custom_ops, namespace recvae_fast::): torch.library.opcheck per
-op on CPU tensors (schema, fake implementation, autograd registration, AOT dispatch), values and
-gradients against plain dense torch, the profiler sees them by name, and RecVAE's training loss
+"""The registered ops (recvae_fast.ops, namespace recvae_fast::): torch.library.opcheck per
+op on CPU tensors, in their "torch" and "cpp" forms (schema, fake implementation, autograd
+registration, AOT dispatch), values and gradients against plain dense torch, the profiler sees them by name, and RecVAE's training loss
 compiles with torch.compile(fullgraph=True) (Inductor, CPU) to the eager loss and gradients."""
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 from helpers import model_pair, pinned_noise, random_ratings
 
-from recvae_fast import RecVAE, custom_ops, optim, torch_ops
+from recvae_fast import RecVAE, optim
+from recvae_fast.ops.multinomial_nll import multinomial_nll
+from recvae_fast.ops.sparse_input_layer import sparse_input_layer
+from recvae_fast.ops.topk_masked import topk_masked
 from recvae_fast.sparse import as_csr_batch
-from recvae_fast.topk import topk_masked
 
 N_USERS, N_ITEMS, HIDDEN, LATENT = 11, 37, 7, 5
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -31,22 +33,28 @@ def leaf(*shape, dtype=torch.float64, seed=0, requires_grad=True):
 # ----------------------------------------------------------------------------- sparse input layer
 
 
-def sparse_input_layer_args(dtype=torch.float64, sparse_grad=False):
+# The registered "torch" and "cpp" forms of the ops that have both (a flag of the op).
+CPP_FLAG = pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "torch"])
+
+
+def sparse_input_layer_args(dtype=torch.float64, sparse_grad=False, cpp=True):
     batch, _ = csr_case(dtype)
     coef = (batch.values / 3).requires_grad_()
     return (batch.indptr, batch.indices, coef, leaf(N_ITEMS, HIDDEN, dtype=dtype, seed=1),
-            leaf(HIDDEN, dtype=dtype, seed=2), sparse_grad)
+            leaf(HIDDEN, dtype=dtype, seed=2), sparse_grad, cpp)
 
 
-def test_opcheck_sparse_input_layer():
-    torch.library.opcheck(torch.ops.recvae_fast.sparse_input_layer.default, sparse_input_layer_args())
+@CPP_FLAG
+def test_opcheck_sparse_input_layer(cpp):
+    torch.library.opcheck(torch.ops.recvae_fast.sparse_input_layer.default, sparse_input_layer_args(cpp=cpp))
 
 
+@CPP_FLAG
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense_grad", "sparse_grad"])
-def test_sparse_input_layer_matches_dense(dtype, sparse_grad):
-    indptr, indices, coef, weight_t, bias, _ = sparse_input_layer_args(dtype, sparse_grad)
-    out = torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad)
+def test_sparse_input_layer_matches_dense(dtype, sparse_grad, cpp):
+    indptr, indices, coef, weight_t, bias, _, _ = sparse_input_layer_args(dtype, sparse_grad)
+    out = torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad, cpp)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, (coef, weight_t, bias), upstream)
     # Dense reference: C (B × I, coefficients at the nonzeros) @ W + b.
@@ -66,13 +74,14 @@ def test_sparse_input_layer_matches_dense(dtype, sparse_grad):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
+@CPP_FLAG
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense_grad", "sparse_grad"])
-def test_sparse_input_layer_with_no_nonzeros(sparse_grad):
+def test_sparse_input_layer_with_no_nonzeros(sparse_grad, cpp):
     """Every user empty: h1_pre = b1, and the weight gradient is zero (no rows at all when sparse)."""
     weight_t, bias = leaf(N_ITEMS, HIDDEN, seed=1), leaf(HIDDEN, seed=2)
     coef = torch.zeros(0, dtype=torch.float64, requires_grad=True)
     indptr, indices = torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    out = torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad)
+    out = torch.ops.recvae_fast.sparse_input_layer(indptr, indices, coef, weight_t, bias, sparse_grad, cpp)
     assert torch.equal(out, bias.detach().expand(3, HIDDEN))
     grad_coef, grad_weight, grad_bias = torch.autograd.grad(out.sum(), (coef, weight_t, bias))
     assert grad_coef.shape == (0,) and torch.equal(grad_bias, torch.full((HIDDEN,), 3.0, dtype=torch.float64))
@@ -84,14 +93,14 @@ def test_sparse_input_layer_with_no_nonzeros(sparse_grad):
 # ----------------------------------------------------------------------------- multinomial NLL
 
 
-def nll_args(want_grad_z, keep_probs, block, dtype=torch.float64, decoder_grad=True):
+def nll_args(want_grad_z, keep_probs, block, dtype=torch.float64, decoder_grad=True, cpp=True):
     """Arguments of recvae_fast::multinomial_nll; z requires grad iff want_grad_z, Wd and bd iff
-    decoder_grad (as the op's wrapper, torch_ops.multinomial_nll_blocked, sets the flags)."""
+    decoder_grad (as the op's entry point, recvae_fast.ops.multinomial_nll, sets the flags)."""
     batch, _ = csr_case(dtype)
     return (leaf(N_USERS, LATENT, dtype=dtype, seed=3, requires_grad=want_grad_z),
             leaf(N_ITEMS, LATENT, dtype=dtype, seed=4, requires_grad=decoder_grad),
             leaf(N_ITEMS, dtype=dtype, seed=5, requires_grad=decoder_grad),
-            batch.indptr, batch.indices, batch.values, block, want_grad_z, keep_probs)
+            batch.indptr, batch.indices, batch.values, block, want_grad_z, keep_probs, cpp)
 
 
 # (want_grad_z, keep_probs, decoder_grad): the encoder phase, the decoder phase with the
@@ -100,31 +109,35 @@ NLL_CASES = {"encoder": (True, False, False), "decoder_kept": (False, True, True
              "decoder_recomputed": (False, False, True), "all": (True, True, True), "none": (False, False, False)}
 
 
+@CPP_FLAG
 @pytest.mark.parametrize("block", [0, 4, N_ITEMS, N_ITEMS + 3])
 @pytest.mark.parametrize("case", list(NLL_CASES))
-def test_opcheck_multinomial_nll(block, case):
+def test_opcheck_multinomial_nll(block, case, cpp):
     want_grad_z, keep_probs, decoder_grad = NLL_CASES[case]
-    args = nll_args(want_grad_z, keep_probs, block, decoder_grad=decoder_grad)
+    args = nll_args(want_grad_z, keep_probs, block, decoder_grad=decoder_grad, cpp=cpp)
     torch.library.opcheck(torch.ops.recvae_fast.multinomial_nll.default, args)
 
 
+@CPP_FLAG
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_opcheck_multinomial_nll_decoder_backward(keep_probs):
-    args = nll_args(False, keep_probs, 4)
+def test_opcheck_multinomial_nll_decoder_backward(keep_probs, cpp):
+    args = nll_args(False, keep_probs, 4, cpp=cpp)
     with torch.no_grad():
         _, lse, _, kept, kept_max, block_used = torch.ops.recvae_fast.multinomial_nll(*args)
     z, weight, bias, indptr, indices, values = (t.detach() for t in args[:6])
     grad_nll = leaf(N_USERS, seed=6, requires_grad=False)
     torch.library.opcheck(
         torch.ops.recvae_fast.multinomial_nll_decoder_backward.default,
-        (grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used),
+        (grad_nll, z, weight, bias, indptr, indices, values, lse, kept, kept_max, block_used, cpp),
     )
 
 
+@CPP_FLAG
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_multinomial_nll_matches_dense(dtype):
-    z, weight, bias, indptr, indices, values, block, _, _ = nll_args(True, True, 4, dtype)
-    nll, lse, *_ = torch.ops.recvae_fast.multinomial_nll(z, weight, bias, indptr, indices, values, block, True, True)
+def test_multinomial_nll_matches_dense(dtype, cpp):
+    z, weight, bias, indptr, indices, values, block, _, _, _ = nll_args(True, True, 4, dtype)
+    nll, lse, *_ = torch.ops.recvae_fast.multinomial_nll(z, weight, bias, indptr, indices, values, block, True, True,
+                                                         cpp)
     upstream = leaf(N_USERS, seed=7, requires_grad=False)
     grads = torch.autograd.grad(nll, (z, weight, bias), upstream.to(dtype))
     _, x = csr_case(torch.float64)
@@ -138,8 +151,9 @@ def test_multinomial_nll_matches_dense(dtype):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
-def test_multinomial_nll_without_grad_z_refuses_a_z_gradient():
-    args = (leaf(N_USERS, LATENT),) + nll_args(False, False, 4)[1:]
+@CPP_FLAG
+def test_multinomial_nll_without_grad_z_refuses_a_z_gradient(cpp):
+    args = (leaf(N_USERS, LATENT),) + nll_args(False, False, 4, cpp=cpp)[1:]
     nll = torch.ops.recvae_fast.multinomial_nll(*args)[0]
     with pytest.raises(RuntimeError, match="want_grad_z=False"):
         nll.sum().backward()
@@ -205,9 +219,9 @@ def loss_and_grads(loss_fn, model, batch, phase, keep_mask, eps):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def training_case(dtype, phase):
+def training_case(dtype, phase, impl="cpp"):
     ratings = random_ratings(N_USERS, N_ITEMS, seed=4, max_items=12)
-    model, _ = model_pair(HIDDEN, LATENT, N_ITEMS, dtype=dtype, impl="torch")
+    model, _ = model_pair(HIDDEN, LATENT, N_ITEMS, dtype=dtype, impl=impl)
     model.train()
     model.encoder.requires_grad_(phase == "encoder")
     model.decoder.requires_grad_(phase == "decoder")
@@ -217,10 +231,10 @@ def training_case(dtype, phase):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("phase", ["encoder", "decoder"])
-def test_compiled_loss_equals_eager(dtype, phase):
+def test_compiled_loss_equals_eager(dtype, phase, impl="cpp"):
     """fullgraph=True: no graph break anywhere in the loss; the loss and every gradient equal eager.
-    (Dense fc1 gradient: with the row-sparse one, Inductor's backward fails, see custom_ops.)"""
-    model, batch, keep_mask, eps = training_case(dtype, phase)
+    (Dense fc1 gradient: with the row-sparse one, Inductor's backward fails, see recvae_fast.ops.)"""
+    model, batch, keep_mask, eps = training_case(dtype, phase, impl)
     want_loss, want_grads = loss_and_grads(phase_loss, model, batch, phase, keep_mask, eps)
     torch._dynamo.reset()
     compiled = torch.compile(phase_loss, fullgraph=True, backend="inductor")
@@ -242,18 +256,18 @@ def test_profiler_sees_the_ops_by_name():
         assert f"recvae_fast::{op}" in names, op
 
 
-def test_the_model_ops_route_through_the_registered_ops():
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_the_model_ops_route_through_the_registered_ops(impl):
     batch, _ = csr_case()
     weight_t, bias = leaf(N_ITEMS, HIDDEN, seed=1), leaf(HIDDEN, seed=2)
-    out = torch_ops.sparse_input_layer(batch, weight_t, bias, 0.0)
+    out = sparse_input_layer(batch, weight_t, bias, 0.0, impl=impl)
     assert "recvae_fast_sparse_input_layer" in type(out.grad_fn).__name__
-    nll = torch_ops.multinomial_nll(leaf(N_USERS, LATENT), leaf(N_ITEMS, LATENT), leaf(N_ITEMS), batch)
+    nll = multinomial_nll(leaf(N_USERS, LATENT), leaf(N_ITEMS, LATENT), leaf(N_ITEMS), batch, impl=impl)
     assert "recvae_fast_multinomial_nll" in type(nll.grad_fn).__name__
-    assert custom_ops.multinomial_nll._qualname == "recvae_fast::multinomial_nll"
     encoder = RecVAE(HIDDEN, LATENT, N_ITEMS).double().encoder
-    mu, _ = encoder(batch, 0.0)
+    mu, _ = encoder(batch, 0.0, impl=impl)
     tails = [node for node in _graph_nodes(mu.grad_fn) if "recvae_fast_swish_layer_norm" in type(node).__name__]
-    assert len(tails) == 5  # one per encoder layer
+    assert len(tails) == (5 if impl == "cpp" else 0)  # C++: one per encoder layer; torch: torch ops only
 
 
 def _graph_nodes(node, seen=None):

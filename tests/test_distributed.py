@@ -26,7 +26,7 @@ from recvae_fast.distributed.checkpoint import (
 )
 from recvae_fast.distributed.inference import merge_candidates
 from recvae_fast.distributed.training import fit_sharded, sharded_train_step
-from recvae_fast.topk import topk_masked
+from recvae_fast.ops.topk_masked import topk_masked
 from recvae_fast.training import TrainConfig, make_optimizers, train_step
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -70,11 +70,12 @@ def awkward_ratings(n_users: int, n_items: int, n_shards: int, seed: int = 0) ->
 
 
 def _gradient_worker(rank, n_items, item_shards, n_users, impl=None):
-    from recvae_fast import ops
+    from recvae_fast.distributed import model as sharded_model
     from recvae_fast.distributed.training import reduce_gradients, sharded_backward
 
-    kernels_used, import_kernel = [], ops.import_kernel
-    ops.import_kernel = lambda module, name: kernels_used.append(name) or import_kernel(module, name)  # this process only
+    kernels_used, import_kernel = [], sharded_model.import_kernel
+    # the shard's ops fetch their kernels there; patched in this process only
+    sharded_model.import_kernel = lambda module, name: kernels_used.append(name) or import_kernel(module, name)
     single, _ = model_pair(H, K, n_items)
     ratings = awkward_ratings(n_users, n_items, item_shards)
     dense_mask, keep, eps = pinned_noise(single, ratings, K, torch.float64)
@@ -131,14 +132,14 @@ def test_triton_impl_loss_terms_and_gradients_equal_one_device(tmp_path, world_s
     spawn(_gradient_worker, world_size, tmp_path, n_items, item_shards, 9, impl, timeout_s=120)
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=TRITON_MARKS)])
+@pytest.mark.parametrize("impl", ["cpp", "torch", pytest.param("triton", marks=TRITON_MARKS)])
 def test_shard_parts_equal_dense_parts(impl):
     """The per-shard parts of the likelihood and fc1's per-shard gather, each implementation, against
     dense float64 autograd: values and the gradients of z, Wd, bd (likelihood; encoder-phase path with
     only z needing one too) and of W1 (dense and row-sparse). A shard of 37 items with users that have
     no item in it, one item, weights and duplicates across users."""
     from recvae_fast.distributed.model import ShardView, shard_input_gather, shard_likelihood_parts
-    from recvae_fast import ops
+    from recvae_fast.ops.dispatch import import_kernel
 
     gen = torch.Generator().manual_seed(4)
     n_users, n_items, lo, hi, hidden = 11, 83, 20, 57, 9
@@ -147,7 +148,7 @@ def test_shard_parts_equal_dense_parts(impl):
     local = view.local
     x = torch.zeros(n_users, hi - lo, dtype=torch.float64)
     x[local.row_ids(), local.indices] = local.values
-    parts = (ops.import_kernel("multinomial_nll", "multinomial_nll_parts") if impl == "triton"
+    parts = (import_kernel("multinomial_nll", "multinomial_nll_parts") if impl == "triton"
              else shard_likelihood_parts)
     g_lse, g_x = torch.randn(n_users, generator=gen, dtype=torch.float64), torch.randn(n_users, generator=gen, dtype=torch.float64)
     for decoder_grad in (True, False):

@@ -81,14 +81,16 @@ def _uninterrupted_worker(rank, folder):
         torch.save(full, Path(folder) / "uninterrupted.pt")
 
 
-def test_killed_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
+def test_killed_rank_restarts_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from test_distributed import spawn
 
     killed_run = tmp_path / "killed"
     killed_run.mkdir()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", "1", "--monitor-interval", "0.2"]
-    env = {**os.environ, "RECVAE_FAST_IMPL": "torch", "OMP_NUM_THREADS": "1"}
+    # one implementation for the killed run and the uninterrupted one (spawned from this process)
+    monkeypatch.setenv("RECVAE_FAST_IMPL", "cpp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*torchrun, __file__, str(killed_run), "--kill"], env=env, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "[rank1]" in l or "[rank0]" in l)[-4000:]

@@ -1,7 +1,7 @@
 """CompositePrior.kl: Σ_k [log q(z|x) − log p(z)] per user with its gradients in mu and logvar
-written out (model._KLPerUser), against the reference's (recvae_fast.testing.reference) log_norm_pdf and
-CompositePrior through autograd, on odd shapes; every test on both routes of its forward (the C++
-recvae_fast::composite_prior_kl, the CPU default, and torch ops; the op alone:
+written out (the op recvae_fast.ops.composite_prior_kl), against the reference's
+(recvae_fast.testing.reference) log_norm_pdf and CompositePrior through autograd, on odd shapes; every test on both implementations of its forward
+(impl "cpp": recvae_fast::composite_prior_kl, the CPU default, and impl "torch"; the C++ op alone:
 test_op_composite_prior_kl.py)."""
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import pytest
 import torch
 
 from recvae_fast.testing import reference
-from recvae_fast import model as model_module
 from recvae_fast.model import CompositePrior
 
 
-@pytest.fixture(autouse=True, params=[True, False], ids=["cpp-kl", "torch-kl"])
-def kl_route(request, monkeypatch):
-    """The KL's forward: C++ (CPU default) or torch ops (elsewhere)."""
-    monkeypatch.setattr(model_module, "USE_CPP_KL", request.param)
+@pytest.fixture(params=["cpp", "torch"], ids=["cpp-kl", "torch-kl"])
+def kl_route(request):
+    """The KL's implementation: C++ (CPU default) or torch ops."""
     return request.param
 
 
@@ -73,19 +71,20 @@ def _value_and_grads(fn, mu, logvar, weights):
 
 @pytest.mark.parametrize("n_users, latent", [(0, 3), (1, 1), (7, 13), (33, 200)])
 @pytest.mark.parametrize("spread", [1.0, 6.0])  # 6: logvar to ±20, components far apart
-def test_kl_values_and_gradients_equal_the_expression(n_users, latent, spread):
+def test_kl_values_and_gradients_equal_the_expression(n_users, latent, spread, kl_route):
     dtype = torch.float64
     prior = _prior(latent, dtype)
     mu, logvar, eps, old = _inputs(n_users, latent, dtype, spread=spread)
     weights = torch.rand(n_users, dtype=dtype)
-    fused = _value_and_grads(lambda: prior.kl(None, mu, logvar, eps, old_posterior=old), mu, logvar, weights)
+    fused = _value_and_grads(lambda: prior.kl(None, mu, logvar, eps, impl=kl_route, old_posterior=old), mu, logvar,
+                             weights)
     plain = _value_and_grads(lambda: _expression(prior, mu, logvar, eps, old), mu, logvar, weights)
     assert fused[0].shape == (n_users,)
     for a, b, name in zip(fused, plain, ("kl", "grad mu", "grad logvar"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_kl_float32_stays_close_to_float64():
+def test_kl_float32_stays_close_to_float64(kl_route):
     prior64 = _prior(200, torch.float64)
     prior32 = copy.deepcopy(prior64).float()
     mu, logvar, eps, old = _inputs(50, 200, torch.float64)
@@ -93,30 +92,31 @@ def test_kl_float32_stays_close_to_float64():
     exact = _value_and_grads(lambda: _expression(prior64, mu, logvar, eps, old), mu, logvar, weights)
     mu32, logvar32 = (t.detach().float().requires_grad_() for t in (mu, logvar))
     old32 = tuple(t.float() for t in old)
-    got = _value_and_grads(lambda: prior32.kl(None, mu32, logvar32, eps.float(), old_posterior=old32), mu32, logvar32,
-                           weights.float())
+    got = _value_and_grads(lambda: prior32.kl(None, mu32, logvar32, eps.float(), impl=kl_route, old_posterior=old32),
+                           mu32, logvar32, weights.float())
     for a, b, name in zip(got, exact, ("kl", "grad mu", "grad logvar"), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, msg=name)
 
 
-def test_kl_with_zero_noise_is_at_the_mean_and_without_grad_needs_no_slope():
+def test_kl_with_zero_noise_is_at_the_mean_and_without_grad_needs_no_slope(kl_route):
     prior = _prior(9, torch.float64)
     mu, logvar, _, old = _inputs(5, 9, torch.float64)
     zeros = torch.zeros_like(mu)
     expected = _expression(prior, mu, logvar, zeros, old)
-    torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, old_posterior=old), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, impl=kl_route, old_posterior=old), expected,
+                               rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, old_posterior=old), expected, rtol=1e-12,
-                                   atol=1e-12)
+        torch.testing.assert_close(prior.kl(None, mu, logvar, zeros, impl=kl_route, old_posterior=old), expected,
+                                   rtol=1e-12, atol=1e-12)
 
 
-def test_kl_falls_back_to_the_expression_when_the_prior_needs_a_gradient():
+def test_kl_falls_back_to_the_expression_when_the_prior_needs_a_gradient(kl_route):
     """The written-out gradients cover mu and logvar only: a prior parameter or an old posterior
     that requires grad takes the expression's autograd, so it gets its gradient."""
     prior = _prior(6, torch.float64)
     mu, logvar, eps, old = _inputs(4, 6, torch.float64)
     prior.mu_prior.requires_grad_(True)
-    prior.kl(None, mu, logvar, eps, old_posterior=old).sum().backward()
+    prior.kl(None, mu, logvar, eps, impl=kl_route, old_posterior=old).sum().backward()
     got = prior.mu_prior.grad.clone()
     prior.mu_prior.grad = None
     _expression(prior, mu, logvar, eps, old).sum().backward()
@@ -124,5 +124,5 @@ def test_kl_falls_back_to_the_expression_when_the_prior_needs_a_gradient():
     torch.testing.assert_close(got, prior.mu_prior.grad, rtol=1e-12, atol=1e-12)
     prior.mu_prior.requires_grad_(False)
     old_mu = old[0].clone().requires_grad_()
-    prior.kl(None, mu, logvar, eps, old_posterior=(old_mu, old[1])).sum().backward()
+    prior.kl(None, mu, logvar, eps, impl=kl_route, old_posterior=(old_mu, old[1])).sum().backward()
     assert old_mu.grad is not None and old_mu.grad.abs().sum() > 0

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings, triton_problem
 
-from recvae_fast import RecVAE, precision, recommend, torch_ops
-from recvae_fast import model as model_mod
+from recvae_fast import RecVAE, precision, recommend
+from recvae_fast.ops.multinomial_nll import NLLOptions, multinomial_nll
+from recvae_fast.ops.swish_layer_norm import swish_layer_norm
 from recvae_fast.testing.reference import swish
 from recvae_fast.sparse import as_csr_batch
 from recvae_fast.training import TrainConfig
@@ -69,11 +70,10 @@ def nll_values_and_grads(fn, z, weight, bias, upstream, autocast: bool):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("cpp", [True, False], ids=["cpp_blocks", "torch_blocks"])
+@pytest.mark.parametrize("impl", ["cpp", "torch"], ids=["cpp_blocks", "torch_blocks"])
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("n_users,n_items,latent,block", [(13, 301, 7, 64), (4, 97, 5, 0), (29, 1031, 33, 257)])
-def test_multinomial_nll_bf16_values_and_grads(monkeypatch, cpp, keep_probs, n_users, n_items, latent, block):
-    monkeypatch.setattr(torch_ops, "USE_CPP_BLOCKS", cpp)
+def test_multinomial_nll_bf16_values_and_grads(impl, keep_probs, n_users, n_items, latent, block):
     ratings = ratings_with_duplicates(n_users, n_items, seed=n_items)
     batch = as_csr_batch(ratings, n_items, dtype=torch.float32)
     dense64 = torch.tensor(ratings.toarray(), dtype=torch.float64)
@@ -84,7 +84,8 @@ def test_multinomial_nll_bf16_values_and_grads(monkeypatch, cpp, keep_probs, n_u
     upstream = torch.rand(n_users, generator=gen, dtype=torch.float64) + 0.5
 
     def ours(z, w, b):
-        return torch_ops.multinomial_nll_blocked(z, w, b, batch, block or 1 << 20, keep_probs=keep_probs)
+        return multinomial_nll(z, w, b, batch, impl=impl,
+                               options=NLLOptions(item_block=block or 1 << 20, keep_probs=keep_probs))
 
     got, got_grads = nll_values_and_grads(ours, z, weight, bias, upstream, autocast=True)
     ref_ac, ref_ac_grads = nll_values_and_grads(
@@ -100,47 +101,47 @@ def test_multinomial_nll_bf16_values_and_grads(monkeypatch, cpp, keep_probs, n_u
     assert not torch.equal(got, fp32)
 
 
-@pytest.mark.parametrize("cpp", [True, False], ids=["cpp_blocks", "torch_blocks"])
-def test_multinomial_nll_bf16_one_user(monkeypatch, cpp):
+@pytest.mark.parametrize("impl", ["cpp", "torch"], ids=["cpp_blocks", "torch_blocks"])
+def test_multinomial_nll_bf16_one_user(impl):
     """A batch of one one-item user (one rounding: no earned bound, bf16's): close to float32."""
-    monkeypatch.setattr(torch_ops, "USE_CPP_BLOCKS", cpp)
     batch = as_csr_batch(random_ratings(3, 97, seed=1)[1:2], 97, dtype=torch.float32)
     z, weight, bias = torch.randn(1, 5), torch.randn(97, 5), torch.randn(97)
     with autocast_bf16():
-        got = torch_ops.multinomial_nll(z, weight, bias, batch)
-    want = torch_ops.multinomial_nll(z, weight, bias, batch)
+        got = multinomial_nll(z, weight, bias, batch, impl=impl)
+    want = multinomial_nll(z, weight, bias, batch, impl=impl)
     assert got.shape == (1,) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("case", ["encoder", "decoder_kept", "decoder_recomputed", "all"])
-def test_opcheck_multinomial_nll_with_bf16_products(case):
+def test_opcheck_multinomial_nll_with_bf16_products(case, cpp):
     from test_custom_ops import NLL_CASES, nll_args
 
     want_grad_z, keep_probs, decoder_grad = NLL_CASES[case]
-    args = nll_args(want_grad_z, keep_probs, 4, dtype=torch.float32, decoder_grad=decoder_grad)
+    args = nll_args(want_grad_z, keep_probs, 4, dtype=torch.float32, decoder_grad=decoder_grad, cpp=cpp)
     torch.library.opcheck(torch.ops.recvae_fast.multinomial_nll.default, (*args, torch.bfloat16))
 
 
-def test_multinomial_nll_autocast_keeps_float64():
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_multinomial_nll_autocast_keeps_float64(impl):
     """autocast leaves float64 alone (as torch's own ops do): the op then runs in float64."""
     ratings = random_ratings(5, 40, seed=3)
     batch = as_csr_batch(ratings, 40, dtype=torch.float64)
     z, weight, bias = torch.randn(5, 4, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64), torch.zeros(
         40, dtype=torch.float64)
     with autocast_bf16():
-        got = torch_ops.multinomial_nll(z, weight, bias, batch)
+        got = multinomial_nll(z, weight, bias, batch, impl=impl)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, torch_ops.multinomial_nll(z, weight, bias, batch), rtol=0, atol=0)
+    torch.testing.assert_close(got, multinomial_nll(z, weight, bias, batch, impl=impl), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- swish + LayerNorm, KL
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["cpp_tail", "torch_tail"])
+@pytest.mark.parametrize("impl", ["cpp", "torch"], ids=["cpp_tail", "torch_tail"])
 @pytest.mark.parametrize("n_rows,width", [(1, 7), (17, 33)])
-def test_swish_layer_norm_bf16_values_and_grads(monkeypatch, fused, n_rows, width):
-    monkeypatch.setattr(model_mod, "USE_CPP_SWISH_LAYER_NORM", fused)
+def test_swish_layer_norm_bf16_values_and_grads(impl, n_rows, width):
     torch.manual_seed(width)
     linear, norm = torch.nn.Linear(width, width), torch.nn.LayerNorm(width, eps=0.1)
     with torch.no_grad():
@@ -166,7 +167,10 @@ def test_swish_layer_norm_bf16_values_and_grads(monkeypatch, fused, n_rows, widt
     def reference(x, ln, lin, r):
         return ln(swish(lin(x) + r))
 
-    got, got_grads = run(model_mod.swish_layer_norm, torch.float32, True)
+    def ours(x, ln, lin, r):
+        return swish_layer_norm(x, ln, lin, r, impl=impl)
+
+    got, got_grads = run(ours, torch.float32, True)
     ref_ac, ref_ac_grads = run(reference, torch.float32, True)
     ref64, ref64_grads = run(reference, torch.float64, False)
     assert got.dtype == torch.float32

@@ -1,5 +1,5 @@
 """RecVAE (sparse, fused) against the dense reference, through each implementation of its ops
-("torch", and "triton" under the interpreter), and the reference against hand values."""
+("cpp", "torch", and "triton" under the interpreter), and the reference against hand values."""
 from __future__ import annotations
 
 import math
@@ -11,27 +11,23 @@ import torch
 from helpers import grads_by_authors_name, model_pair, pinned_noise, random_ratings
 
 from recvae_fast import RecVAE, model
+from recvae_fast.ops import swish_layer_norm as swish_layer_norm_module
 from recvae_fast.testing import reference
 from recvae_fast.testing.reference import VAE, log_norm_pdf, swish
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 # (users, items, hidden, latent): odd sizes, smaller under the (slow) Triton interpreter.
-SHAPES = {"torch": (37, 1001, 31, 13), "triton": (9, 77, 13, 5)}
+SHAPES = {"cpp": (37, 1001, 31, 13), "torch": (37, 1001, 31, 13), "triton": (9, 77, 13, 5)}
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.fixture(params=["cpp", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def impl(request):
+    """The model's impl: "cpp" (the CPU default: every op's C++ code), "torch" (torch ops only),
+    "triton" (its two Triton ops; the layer tails and the KL keep their CPU default, C++)."""
     if request.param == "triton":
         pytest.importorskip("triton")
     return request.param
-
-
-@pytest.fixture(params=[True, False], ids=["cpp-tail", "torch-tail"])
-def tail_route(request, monkeypatch):
-    """The encoder's layer tails (swish + LayerNorm after each linear layer): the C++ op (CPU
-    default) or torch ops (elsewhere)."""
-    monkeypatch.setattr(model, "USE_CPP_SWISH_LAYER_NORM", request.param)
 
 
 # --- the reference against values computed by hand -------------------------------------------
@@ -98,7 +94,7 @@ def test_reference_needs_gamma_or_beta():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kl", [dict(gamma=0.005), dict(beta=0.2, gamma=None)])
-def test_eval_mode_matches_reference(dtype, kl, impl, tail_route):
+def test_eval_mode_matches_reference(dtype, kl, impl):
     n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=3)
     fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
@@ -115,7 +111,7 @@ def test_eval_mode_matches_reference(dtype, kl, impl, tail_route):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
-def test_training_mode_values_and_every_gradient(dtype, dropout, impl, tail_route):
+def test_training_mode_values_and_every_gradient(dtype, dropout, impl):
     n_users, n_items, hidden, latent = SHAPES[impl]
     x = random_ratings(n_users, n_items, seed=4)
     fast, ref = model_pair(hidden, latent, n_items, dtype, impl=impl)
@@ -257,8 +253,9 @@ def test_impl_choice_and_its_errors(monkeypatch):
     x = random_ratings(5, 30, seed=7)
     with pytest.raises(ValueError, match="no implementation 'bogus'"):
         RecVAE(8, 3, 30, impl="bogus")
-    with pytest.raises(ValueError, match="no implementation 'cpp'"):
-        RecVAE(8, 3, 30, impl="cpp")
+    with pytest.raises(ValueError, match="no implementation 'gpu'"):
+        RecVAE(8, 3, 30).encoder(RecVAE(8, 3, 30).as_batch(x), 0.0, impl="gpu")  # the layers check it too
+    assert RecVAE(8, 3, 30, impl="cpp").impl == "cpp"
     fast = RecVAE(8, 3, 30).double()
     with pytest.raises(ValueError, match="no implementation"):
         fast.impl = "gpu"
@@ -290,10 +287,11 @@ def test_model_is_built_apart_from_its_oracle():
         isinstance(m, torch.nn.Linear) and m.in_features == 5000 for m in fast.modules()
     )
     assert fast.encoder.fc1.weight_t.shape == (5000, 16)
-    assert model.swish is not reference.swish and model.log_norm_pdf is not reference.log_norm_pdf
+    swish = swish_layer_norm_module.swish
+    assert swish is not reference.swish and model.log_norm_pdf is not reference.log_norm_pdf
     z, mu, logvar = torch.randn(3, 3, 4, dtype=torch.float64).unbind(0)
     torch.testing.assert_close(model.log_norm_pdf(z, mu, logvar), reference.log_norm_pdf(z, mu, logvar))
-    torch.testing.assert_close(model.swish(z), reference.swish(z))
+    torch.testing.assert_close(swish(z), reference.swish(z))
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""recvae_fast::composite_prior_kl (csrc/composite_prior_kl.cpp), the KL's forward on the CPU: its
-values and gradients against the expression are in test_kl_terms.py (both routes); here, inf and
-NaN inputs give what the torch-ops route gives, the result does not depend on the thread count,
+"""recvae_fast::composite_prior_kl (csrc/composite_prior_kl.cpp), the KL's forward on the CPU (impl "cpp"):
+its values and gradients against the expression are in test_kl_terms.py (both implementations);
+here, inf and NaN inputs give what impl "torch" gives, the result does not depend on the thread count,
 bad input is refused by name before anything is written, and opcheck."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from test_kl_terms import _inputs, _prior
 
 from recvae_fast import _composite_prior_kl
-from recvae_fast import model as model_module
 
 
 def _op_args(n_users: int, latent: int, dtype, spread: float = 1.0):
@@ -23,7 +22,7 @@ def _op_args(n_users: int, latent: int, dtype, spread: float = 1.0):
             old_logvar, prior.logvar_uniform_prior.detach(), log_weights]
 
 
-def test_non_finite_inputs_give_what_torch_ops_give(monkeypatch):
+def test_non_finite_inputs_give_what_torch_ops_give():
     """inf and NaN in mu, logvar, eps or the old posterior: the C++ pass gives the torch ops' kl and
     gradients (NaN where they give NaN, ±inf where they do)."""
     prior = _prior(5, torch.float64)
@@ -33,10 +32,9 @@ def test_non_finite_inputs_give_what_torch_ops_give(monkeypatch):
         old_mu[3, 0], old_logvar[4, 4] = math.nan, math.inf
         mu[5, 0] = 1e200  # z so far out that every component's log density is −inf
     got = []
-    for route in (True, False):
-        monkeypatch.setattr(model_module, "USE_CPP_KL", route)
+    for impl in ("cpp", "torch"):
         mu.grad = logvar.grad = None
-        out = prior.kl(None, mu, logvar, eps, old_posterior=(old_mu, old_logvar))
+        out = prior.kl(None, mu, logvar, eps, impl=impl, old_posterior=(old_mu, old_logvar))
         out.sum().backward()
         got.append((out.detach(), mu.grad, logvar.grad))
     for a, b, name in zip(*got, ("kl", "grad mu", "grad logvar"), strict=True):
@@ -92,3 +90,21 @@ def test_op_opcheck():
     args = _op_args(5, 4, torch.float64)
     torch.library.opcheck(torch.ops.recvae_fast.composite_prior_kl.default, (*args, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_entry_point_refuses_what_it_cannot_differentiate_or_run():
+    """The op's entry point: differentiable in mu and logvar only, "cpp" on one CPU dtype; the
+    default then takes torch ops for mixed dtypes, and gives the same value as "cpp" on one."""
+    from recvae_fast.ops.composite_prior_kl import composite_prior_kl
+
+    args = _op_args(6, 4, torch.float64)
+    want = composite_prior_kl(*args, impl="cpp")
+    torch.testing.assert_close(composite_prior_kl(*args, impl="torch"), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="differentiable in mu and logvar only"):
+        composite_prior_kl(*args[:2], args[2].clone().requires_grad_(), *args[3:])
+    mixed = [*args[:5], args[5].float(), *args[6:]]
+    with pytest.raises(TypeError, match="one device in one dtype"):
+        composite_prior_kl(*mixed, impl="cpp")
+    torch.testing.assert_close(composite_prior_kl(*mixed), composite_prior_kl(*mixed, impl="torch"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="composite_prior_kl has no implementation 'triton'"):
+        composite_prior_kl(*args, impl="triton")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recvae_fast import _sparse_rows
-from recvae_fast import custom_ops  # noqa: F401 - registers recvae_fast::csr_row_sums
+from recvae_fast.ops.sparse_rows import csr_row_sums, csr_transpose
 
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -43,7 +43,7 @@ def dense_reference(indptr, cols, weights, table):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_matches_the_dense_product(dtype, n_rows, n_table, width, threads):
     indptr, cols, weights, table = csr_case(n_rows, n_table, width, dtype, seed=n_rows + width)
-    out = torch.ops.recvae_fast.csr_row_sums(indptr, cols, weights, table, "test", threads)
+    out = csr_row_sums(indptr, cols, weights, table, "test", threads)
     assert out.shape == (n_rows, width) and out.dtype == dtype
     torch.testing.assert_close(out.double(), dense_reference(indptr, cols, weights, table), **TOL[dtype])
     assert torch.equal(out[0], torch.zeros(width, dtype=dtype))  # the empty row
@@ -52,10 +52,10 @@ def test_matches_the_dense_product(dtype, n_rows, n_table, width, threads):
 def test_no_rows_and_no_nonzeros():
     table = torch.randn(4, 3, dtype=torch.float64)
     empty = torch.zeros(1, dtype=torch.int64)
-    out = torch.ops.recvae_fast.csr_row_sums(empty, empty[:0], table[:0, 0], table, "test", 2)
+    out = csr_row_sums(empty, empty[:0], table[:0, 0], table, "test", 2)
     assert out.shape == (0, 3)
     zeros = torch.zeros(4, dtype=torch.int64)
-    out = torch.ops.recvae_fast.csr_row_sums(zeros, zeros[:0], table[:0, 0], table, "test", 2)
+    out = csr_row_sums(zeros, zeros[:0], table[:0, 0], table, "test", 2)
     assert torch.equal(out, torch.zeros(3, 3, dtype=torch.float64))
 
 
@@ -107,12 +107,12 @@ def test_transpose_matches_a_stable_sort_by_column(dtype, n_rows, n_cols):
         indptr, cols, weights, _ = csr_case(n_rows, n_cols, 1, dtype, seed=n_rows + n_cols)  # empty rows, repeats
     else:
         indptr, cols, weights = torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)
-    out = torch.ops.recvae_fast.csr_transpose(indptr, cols, weights, n_cols)
+    out = csr_transpose(indptr, cols, weights, n_cols)
     for got, want in zip(out, transpose_reference(indptr, cols, weights, n_cols)):
         assert got.dtype == want.dtype and torch.equal(got, want)
     # transposing back gives the same matrix (each row's entries then sorted by column)
     col_ptr, rows, weights_t = out
-    back = torch.ops.recvae_fast.csr_transpose(col_ptr, rows, weights_t, n_rows)
+    back = csr_transpose(col_ptr, rows, weights_t, n_rows)
     dense = torch.zeros(n_rows, n_cols, dtype=torch.float64)
     dense_back = torch.zeros(n_rows, n_cols, dtype=torch.float64)
     row_ids = torch.repeat_interleave(torch.arange(n_rows), indptr[1:] - indptr[:-1])

@@ -1,11 +1,11 @@
-"""The multinomial NLL op (recvae_fast.ops.multinomial_nll), each implementation ("torch", and
-"triton" under the interpreter) against the dense reference.
+"""The multinomial NLL op (recvae_fast.ops.multinomial_nll), each implementation ("cpp", "torch",
+and "triton" under the interpreter) against the dense reference.
 
 The reference is logits = z·Wᵀ + b, −(log_softmax(logits)·X).sum(−1), with autograd, in float64.
-The first part tests the op's contract through `ops.multinomial_nll(..., impl=impl)`; the second
+The first part tests the op's contract through `multinomial_nll(..., impl=impl)`; the second
 part what only the Triton implementation has (bias=None, which gradients its kernels prepare, its
-validation, float32 dot precision, autotune keys, tensor-core configs). The torch
-implementation's item blocking is tested in test_cpu_blocked_nll.py. Without CUDA the kernels run
+validation, float32 dot precision, autotune keys, tensor-core configs). The cpp and torch
+implementations' item blocking is tested in test_cpu_blocked_nll.py. Without CUDA the kernels run
 in the Triton interpreter (numpy on the CPU), so the shapes here are small.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 
-from recvae_fast import ops
+from recvae_fast.ops.multinomial_nll import multinomial_nll
 from recvae_fast.sparse import CSRBatch, as_csr_batch
 
 from helpers import DEVICE, triton_problem
@@ -31,15 +31,15 @@ TRITON_MARKS = [pytest.mark.interpreter, pytest.mark.skipif(TRITON_PROBLEM is no
 triton_only = pytest.mark.interpreter if TRITON_PROBLEM is None else pytest.mark.skip(reason=TRITON_PROBLEM)
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=TRITON_MARKS)])
+@pytest.fixture(params=["cpp", "torch", pytest.param("triton", marks=TRITON_MARKS)])
 def impl(request):
     return request.param
 
 
 @pytest.fixture
 def nll(impl):
-    """ops.multinomial_nll with the implementation under test."""
-    return functools.partial(ops.multinomial_nll, impl=impl)
+    """multinomial_nll with the implementation under test."""
+    return functools.partial(multinomial_nll, impl=impl)
 
 
 def make_case(n_users, n_items, k, dtype=torch.float64, density=0.03, seed=0, z_scale=1.0, bias=True, special=True):
@@ -201,8 +201,12 @@ def test_non_contiguous_inputs(nll):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_bfloat16_matches(nll):
+def test_bfloat16_matches(nll, impl):
     x, batch, z, w, b, g = make_case(12, 200, 16, dtype=torch.bfloat16, seed=9)
+    if impl == "cpp":  # the C++ block step takes float32/float64: refused, not run in another code
+        with pytest.raises(TypeError, match="impl 'cpp' takes float32 or float64, got torch.bfloat16"):
+            nll(z, w, b, batch)
+        return
     out, grads, ref, ref_grads = run_both(nll, z, w, b, batch, x, g)
     assert out.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in grads)
     assert_close(out, ref, 2e-2)

@@ -1,9 +1,9 @@
-"""The sparse input layer op (recvae_fast.ops.sparse_input_layer), each implementation ("torch",
-and "triton" under the interpreter) against a dense torch reference.
+"""The sparse input layer op (recvae_fast.ops.sparse_input_layer), each implementation ("cpp",
+"torch", and "triton" under the interpreter) against a dense torch reference.
 
 Reference: x dense B × I, x / ‖x‖ (row-wise), times the same keep mask / (1 − p), @ W1 + b1, with
 autograd for dW1 and db1, in float64. The first part tests the op's contract through
-`ops.sparse_input_layer(..., impl=impl)`; the second part what only the Triton implementation has
+`sparse_input_layer(..., impl=impl)`; the second part what only the Triton implementation has
 (the seeded Philox mask, grad_method="atomic", half precision accumulated in float32, bias=None,
 its own validation, autotuning). Without CUDA the kernels run in the Triton interpreter (numpy on
 the CPU), so the shapes are small.
@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 
-from recvae_fast import ops
+from recvae_fast.ops.sparse_input_layer import sparse_input_layer
 from recvae_fast.sparse import CSRBatch, as_csr_batch
 
 from helpers import DEVICE, triton_problem
@@ -33,19 +33,20 @@ triton_only = pytest.mark.interpreter if TRITON_PROBLEM is None else pytest.mark
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=TRITON_MARKS)])
+@pytest.fixture(params=["cpp", "torch", pytest.param("triton", marks=TRITON_MARKS)])
 def impl(request):
     return request.param
 
 
 @pytest.fixture
 def layer(impl):
-    """ops.sparse_input_layer with the implementation under test."""
-    return functools.partial(ops.sparse_input_layer, impl=impl)
+    """sparse_input_layer with the implementation under test."""
+    return functools.partial(sparse_input_layer, impl=impl)
 
 
-# The op with each way of computing dW1: torch, and Triton's default ("segment") and "atomic".
+# The op with each way of computing dW1: C++, torch, and Triton's default ("segment") and "atomic".
 GRAD_METHODS = [
+    pytest.param("cpp", "segment", id="cpp"),
     pytest.param("torch", "segment", id="torch"),
     pytest.param("triton", "segment", marks=TRITON_MARKS, id="triton-segment"),
     pytest.param("triton", "atomic", marks=TRITON_MARKS, id="triton-atomic"),
@@ -54,7 +55,7 @@ GRAD_METHODS = [
 
 def layer_with(impl, grad_method):
     if grad_method == "segment":
-        return functools.partial(ops.sparse_input_layer, impl=impl)
+        return functools.partial(sparse_input_layer, impl=impl)
     return functools.partial(sil.sparse_input_layer, grad_method=grad_method)  # a Triton-only option
 
 
@@ -263,8 +264,9 @@ def test_row_sparse_grad_equals_dense(p, layer, impl):
     assert sparse_dw.layout == torch.sparse_coo and sparse_dw.shape == w.shape
     # Sorted rows, once each after coalescing (the Triton part checks that its gradient holds each
     # row once already): the batch's items for Triton; for torch, the items of the nonzeros that
-    # dropout kept (it skips the dropped ones; an absent row and a zero row step alike in Adam).
-    skips_dropped = impl == "torch" and p > 0
+    # dropout kept (it skips the dropped ones; an absent row and a zero row step alike in Adam); so
+    # for C++.
+    skips_dropped = impl in ("cpp", "torch") and p > 0
     used = batch.indices[keep] if skips_dropped else batch.indices
     assert not skips_dropped or used.numel() < batch.nnz
     assert torch.equal(sparse_dw.coalesce().indices()[0], torch.unique(used))

@@ -2,7 +2,8 @@
 residual)) in one pass per row, against the same composition of torch ops in float64, for the value
 and the gradient of each of its five inputs: odd widths (1, under and over one vector), 0 and 1
 rows, with and without linear_bias and residual, several threads, large |s| (the sigmoid's both
-branches, no overflow); opcheck; a gradient asked of an op run without keep_s; bad input refused."""
+branches, no overflow); opcheck; a gradient asked of an op run without keep_s; bad input refused;
+the entry point (recvae_fast.ops.swish_layer_norm) in both implementations against the same."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recvae_fast import _swish_layer_norm, custom_ops  # noqa: F401 - custom_ops registers the op
+from recvae_fast import _swish_layer_norm
+from recvae_fast.ops.swish_layer_norm import swish_layer_norm
 
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 EPS = 0.1
@@ -76,6 +78,43 @@ def test_without_keep_s_gives_the_same_value_and_refuses_a_gradient():
     assert torch.equal(y, kept) and s.numel() == 0
     with pytest.raises(RuntimeError, match="keep_s=False"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("with_linear", [True, False], ids=["linear+residual", "alone"])
+def test_entry_point_value_and_every_gradient(impl, with_linear):
+    """swish_layer_norm(pre, norm, linear, residual, impl=...): norm(swish(linear(pre) + residual))."""
+    torch.manual_seed(11)
+    width = 19
+    norm = torch.nn.LayerNorm(width, eps=EPS).double()
+    linear = torch.nn.Linear(width, width).double() if with_linear else None
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    pre = torch.randn(7, width, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(7, width, dtype=torch.float64, requires_grad=True) if with_linear else None
+    y = swish_layer_norm(pre, norm, linear, residual, impl=impl)
+    if with_linear:
+        want = reference(pre @ linear.weight.T, linear.bias, residual, norm.weight, norm.bias)
+    else:
+        want = reference(pre, None, None, norm.weight, norm.bias)
+    torch.testing.assert_close(y, want, **TOL[torch.float64])
+    leaves = [pre, norm.weight, norm.bias] + ([residual, linear.weight, linear.bias] if with_linear else [])
+    g = torch.randn(7, width, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    ran_cpp = "recvae_fast_swish_layer_norm" in type(y.grad_fn).__name__
+    assert ran_cpp == (impl == "cpp")
+
+
+def test_entry_point_refuses_what_cpp_cannot_run():
+    pre = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="elementwise_affine"):
+        swish_layer_norm(pre, torch.nn.LayerNorm(5, elementwise_affine=False), impl="cpp")
+    plain = swish_layer_norm(pre, torch.nn.LayerNorm(5, elementwise_affine=False))  # the default: torch ops
+    torch.testing.assert_close(plain, torch.nn.functional.layer_norm(torch.nn.functional.silu(pre), (5,)))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        swish_layer_norm(pre.half(), torch.nn.LayerNorm(5).half(), impl="cpp")
 
 
 def test_opcheck():

@@ -1,4 +1,4 @@
-"""The masked top-k op (recvae_fast.topk), each implementation ("cpp", "torch") against a
+"""The masked top-k op (recvae_fast.ops.topk_masked), each implementation ("cpp", "torch") against a
 brute-force numpy reference.
 
 Scores are drawn from a handful of values so that ties are everywhere (the lower item index must
@@ -17,8 +17,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import recvae_fast.topk as topk_mod
-from recvae_fast.topk import TopKAccumulator, topk_masked
+import recvae_fast.ops.topk_masked as topk_mod
+from recvae_fast.ops.topk_masked import TopKAccumulator, topk_masked
 
 NEG_INF = float("-inf")
 

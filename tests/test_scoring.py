@@ -11,7 +11,7 @@ import torch
 from helpers import random_ratings
 
 from recvae_fast.scoring import blocked_topk
-from recvae_fast.topk import topk_masked
+from recvae_fast.ops.topk_masked import topk_masked
 
 N_USERS, N_ITEMS, LATENT = 8, 41, 3
 

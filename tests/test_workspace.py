@@ -10,7 +10,9 @@ import pytest
 import torch
 from helpers import random_ratings
 
-from recvae_fast import torch_ops, workspace
+from recvae_fast import workspace
+from recvae_fast.ops.multinomial_nll import NLLOptions, multinomial_nll
+from recvae_fast.ops.sparse_input_layer import sparse_input_layer
 from recvae_fast.sparse import as_csr_batch
 
 
@@ -95,8 +97,9 @@ def _dense_nll(z, w, b, x):
     return -(torch.log_softmax(torch.addmm(b, z, w.T), dim=-1) * x).sum(-1)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "recomputed"])
-def test_nll_with_two_graphs_alive_and_accumulated_gradients(recycle_everything, keep_probs):
+def test_nll_with_two_graphs_alive_and_accumulated_gradients(recycle_everything, keep_probs, impl):
     """Decoder phase: two forwards before either backward (the first graph's kept probabilities must
     survive the second forward), then both backwards into the same, never zeroed, gradient."""
     n_users, n_items, latent = 6, 29, 4
@@ -107,8 +110,9 @@ def test_nll_with_two_graphs_alive_and_accumulated_gradients(recycle_everything,
     z1, z2 = (torch.randn(n_users, latent, generator=gen, dtype=torch.float64) for _ in range(2))
     w = torch.randn(n_items, latent, generator=gen, dtype=torch.float64).requires_grad_()
     b = torch.randn(n_items, generator=gen, dtype=torch.float64).requires_grad_()
-    out1 = torch_ops.multinomial_nll_blocked(z1, w, b, batch, 5, keep_probs=keep_probs)
-    out2 = torch_ops.multinomial_nll_blocked(z2, w, b, batch, 5, keep_probs=keep_probs)
+    options = NLLOptions(item_block=5, keep_probs=keep_probs)
+    out1 = multinomial_nll(z1, w, b, batch, impl=impl, options=options)
+    out2 = multinomial_nll(z2, w, b, batch, impl=impl, options=options)
     out1.sum().backward()
     grad_after_first = w.grad.clone()
     out2.sum().backward()
@@ -122,8 +126,9 @@ def test_nll_with_two_graphs_alive_and_accumulated_gradients(recycle_everything,
     torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "row-sparse"])
-def test_fc1_gradient_held_by_the_user_is_not_overwritten(recycle_everything, sparse_grad):
+def test_fc1_gradient_held_by_the_user_is_not_overwritten(recycle_everything, sparse_grad, impl):
     n_users, n_items, hidden = 7, 23, 6
     ratings = random_ratings(n_users, n_items, seed=9, max_items=9)
     batch = as_csr_batch(ratings, n_items, dtype=torch.float64)
@@ -133,10 +138,10 @@ def test_fc1_gradient_held_by_the_user_is_not_overwritten(recycle_everything, sp
     bias = torch.zeros(hidden, dtype=torch.float64)
     g1, g2 = (torch.randn(n_users, hidden, generator=gen, dtype=torch.float64) for _ in range(2))
     norm = x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    torch_ops.sparse_input_layer(batch, w, bias, sparse_grad=sparse_grad).backward(g1)
+    sparse_input_layer(batch, w, bias, sparse_grad=sparse_grad, impl=impl).backward(g1)
     first = w.grad  # the user keeps the first step's gradient
     w.grad = None
-    torch_ops.sparse_input_layer(batch, w, bias, sparse_grad=sparse_grad).backward(g2)
+    sparse_input_layer(batch, w, bias, sparse_grad=sparse_grad, impl=impl).backward(g2)
     second = w.grad
     for got, g in ((first, g1), (second, g2)):
         got = got.to_dense() if sparse_grad else got

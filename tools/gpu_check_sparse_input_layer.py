@@ -17,7 +17,7 @@
      fused dense dW     forward + backward, dropout 0.5, dense I × H dW1 (+ db1), segment reduction
      fused sparse dW    forward + backward, dropout 0.5, row-sparse dW1 (torch sparse COO), segment
      fused ... atomic   the same two with grad_method="atomic" (zero fill + atomic scatter)
-     torch_ops          recvae_fast.torch_ops (embedding_bag) forward + backward
+     torch_ops          recvae_fast.ops.sparse_input_layer, impl "torch" (embedding_bag) forward + backward
      dense torch        x dense → normalise → dropout → addmm → backward (x given, not timed)
    Goal (H100): fused forward + backward under 0.3 ms at 1M items, optimizer excluded.
    Per layout, the faster grad method is printed ("dense dW: segment … ms vs atomic … ms → …"):
@@ -233,7 +233,7 @@ def timed(fn, device, reps, warmup=2):
 
 def bench_size(device, n_items, reps, n_users=N_USERS, hidden=HIDDEN, per_user=ITEMS_PER_USER, with_adam=False):
     import recvae_fast.kernels.sparse_input_layer as sil
-    from recvae_fast import torch_ops
+    from recvae_fast.ops.sparse_input_layer import sparse_input_layer
 
     batch = make_batch(n_users, n_items, per_user, hidden, torch.float32, device, seed=3, weighted=False)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -254,7 +254,7 @@ def bench_size(device, n_items, reps, n_users=N_USERS, hidden=HIDDEN, per_user=I
 
     def torch_op():
         w.grad = b.grad = None
-        torch_ops.sparse_input_layer(batch, w, b, P).backward(g)
+        sparse_input_layer(batch, w, b, P, impl="torch").backward(g)
 
     rows.append(("fused fwd", timed(fused_fwd, device, reps)))
     rows.append(("fused dense dW", timed(fused(False), device, reps)))

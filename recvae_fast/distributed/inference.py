@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..inference import SCORES_PER_BLOCK, check_batch_size
 from ..metrics import metric_cutoffs, metrics_at
 from ..sparse import as_user_matrix
-from ..topk import TopK, TopKAccumulator, check_k
+from ..ops.topk_masked import TopK, TopKAccumulator, check_k
 from .mesh import collective_device
 from .model import ShardedRecVAE
 

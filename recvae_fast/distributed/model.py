@@ -8,9 +8,10 @@ replicated. Every rank sees the whole CSR batch:
 - likelihood: each rank's log-sum-exp over its items and its Σ x·logit (`shard_likelihood_parts`,
   streamed in item chunks); an all-gather of the B-sized LSEs gives the global one, an all-reduce the sum.
   dz is all-reduced (B × K) in backward; decoder and fc1 gradients stay on their rank.
-Both per-shard ops follow recvae_fast.ops' rule (`impl`): "torch" runs the registered fc1 op and
-`shard_likelihood_parts` below, "triton" the kernels (fc1's on the shard's slice, and the NLL
-kernels' `multinomial_nll_parts`).
+Both per-shard ops follow recvae_fast.ops.dispatch's rule (`impl`): "torch" and "cpp" run the
+registered fc1 op (its weight gradient in torch ops or C++) and `shard_likelihood_parts` below
+(torch ops: the parts have no C++ code), "triton" the kernels (fc1's on the shard's slice, and the
+NLL kernels' `multinomial_nll_parts`).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..cache_blocks import item_block_size
 from ..model import CompositePrior, Encoder, RecVAE, check_given_posterior
+from ..ops.dispatch import compute_dtype, import_kernel, resolve_impl
+from ..ops.sparse_input_layer import input_coefficients, weighted_row_gather
 from ..sparse import CSRBatch, as_csr_batch
-from ..torch_ops import input_coefficients
 from .mesh import ItemLayout, gather_over_shards, grad_summed_over_shards, sum_over_shards
 
 # Rows per block of the layout-independent initialisation (see ShardedRecVAE.reset_item_parameters).
@@ -78,7 +79,7 @@ class _ShardLikelihoodParts(torch.autograd.Function):
     (so dWd and dbd take one product and one sum per chunk, and no dense I × K gradient of the sparse
     part is ever built). When only z needs a gradient (an encoder step), forward also accumulates
     E_softmax[Wd]_u = Σ_i softmax_ui·Wd[i], and backward is dz = g_lse·E[Wd] + g_x·Σ_i x_ui·Wd[i] with
-    no second pass. (The per-shard partial of recvae_fast.torch_ops' multinomial NLL, same chunking; impl
+    no second pass. (The per-shard partial of recvae_fast.ops.multinomial_nll's torch block loop; impl
     "triton" runs the kernels' multinomial_nll_parts instead.)"""
 
     @staticmethod
@@ -155,10 +156,11 @@ def shard_likelihood_parts(z: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def sharded_multinomial_nll(z, weight, bias, view: ShardView, layout: ItemLayout, impl: str | None = None) -> torch.Tensor:
     """−mll per user, [B]: n_u·LSE_u − Σ_i x_ui·logit_ui, with this rank holding decoder rows [lo, hi).
-    impl: the multinomial_nll implementation for the shard's parts (recvae_fast.ops' rule)."""
+    impl: the multinomial_nll implementation for the shard's parts (recvae_fast.ops.dispatch's rule;
+    "cpp" runs the torch parts, which have no C++ code)."""
     z_here = grad_summed_over_shards(z, layout)  # dz = Σ over shards of each shard's part
-    if ops.resolve_impl("multinomial_nll", impl, z.device) == "triton":
-        parts = ops.import_kernel("multinomial_nll", "multinomial_nll_parts")
+    if resolve_impl("multinomial_nll", impl, z.device) == "triton":
+        parts = import_kernel("multinomial_nll", "multinomial_nll_parts")
     else:
         parts = shard_likelihood_parts
     shard_lse, shard_x_logit = parts(z_here, weight, bias, view.local)
@@ -169,19 +171,20 @@ def sharded_multinomial_nll(z, weight, bias, view: ShardView, layout: ItemLayout
 def shard_input_gather(local: CSRBatch, coef: torch.Tensor, weight_t: torch.Tensor, sparse_grad: bool,
                        impl: str | None = None) -> torch.Tensor:
     """Σ_{i in nz(u), in shard} coef_ui·weight_t[i] per user, [B, H], with fc1's implementations
-    (recvae_fast.ops' rule for sparse_input_layer): "torch" the registered op on the coefficients
-    (row-sparse gradient with sparse_grad); "triton" the kernel, which computes each row's
+    (recvae_fast.ops.dispatch's rule for sparse_input_layer): "torch" and "cpp" the registered op on
+    the coefficients (row-sparse gradient with sparse_grad); "triton" the kernel, which computes each row's
     coefficients from its values (x / ‖x‖): given the coefficients as values, it divides them by
     their shard-local norm r_u, which the result multiplies back (r_u = 0 only where every
     coefficient is 0, and then the row is 0 anyway)."""
-    if ops.resolve_impl("sparse_input_layer", impl, weight_t.device) == "triton":
-        kernel = ops.import_kernel("sparse_input_layer", "sparse_input_layer")
+    impl = resolve_impl("sparse_input_layer", impl, weight_t.device, compute_dtype(weight_t))
+    if impl == "triton":
+        kernel = import_kernel("sparse_input_layer", "sparse_input_layer")
         as_values = CSRBatch(local.indptr, local.indices, coef, local.n_cols)
         local_norm = torch.zeros(local.n_rows, dtype=coef.dtype, device=coef.device)
         local_norm = local_norm.index_add(0, local.row_ids(), coef * coef).sqrt()
         return kernel(as_values, weight_t, None, 0.0, sparse_grad=sparse_grad) * local_norm[:, None]
     no_bias = weight_t.new_zeros(weight_t.shape[1])
-    return torch.ops.recvae_fast.sparse_input_layer(local.indptr, local.indices, coef, weight_t, no_bias, sparse_grad)
+    return weighted_row_gather(local.indptr, local.indices, coef, weight_t, no_bias, sparse_grad, impl == "cpp")
 
 
 class ShardedInputLinear(nn.Module):
@@ -249,7 +252,7 @@ class ShardedRecVAE(nn.Module):
     left where that constructor leaves it (`seed` unused): after torch.manual_seed(s), the weights of
     one-device training with seed s. It draws all I × (2·H + K + 1) numbers on every rank (about
     12-19 ns a number on one CPU core), which one device's initialisation costs too.
-    `impl` picks the implementation of the two fused ops on the shard, as RecVAE's does (recvae_fast.ops)."""
+    `impl` picks the implementation of the ops on the shard, as RecVAE's does (recvae_fast.ops.dispatch)."""
 
     def __init__(self, layout: ItemLayout, hidden_dim: int = 600, latent_dim: int = 200, seed: int = 0,
                  impl: str | None = None, init: str = "blocked"):

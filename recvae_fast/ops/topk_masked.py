@@ -21,10 +21,12 @@ pair of arrays/tensors, or None (nothing seen). Outputs: numpy arrays for numpy 
 tensors for CPU tensor input, tensors on the same device for CUDA input; scores keep the input
 dtype, indices are int64.
 
-Implementations (`impl=`, chosen as for every op: recvae_fast.ops): "cpp", the C++ extension
+Implementations (`impl=`, chosen as for every op: recvae_fast.ops.dispatch): "cpp", the C++ extension
 ``recvae_fast._topk`` on ``torch.get_num_threads()`` threads (or ``num_threads``) with the GIL
 released, the default for CPU input; "torch", torch.topk on row chunks with an exact tie fix-up,
-the default for CUDA tensors. Both give identical results.
+the default for CUDA tensors. Both give identical results. On CPU tensors "cpp" runs as the
+registered op recvae_fast::topk_masked(scores, indptr, indices, k, num_threads) -> (scores, items)
+(no autograd).
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from . import ops
+from torch import Tensor
+
+from .dispatch import check_impl, resolve_impl
 
 __all__ = ["TopK", "TopKAccumulator", "check_k", "topk_masked"]
 
@@ -185,7 +189,7 @@ class TopK(NamedTuple):
 
 
 def _ext():
-    from . import _topk  # the C++ extension, loaded on first use, not when the package is imported
+    from .. import _topk  # the C++ extension, loaded on first use, not when the package is imported
 
     return _topk
 
@@ -195,7 +199,7 @@ def _scores_input(scores, impl: str | None, what: str):
     "numpy" | "torch", device, dtype) says what the result must look like; data is (buffer, dtype
     name) for the C++ code, a tensor for the torch code."""
     device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
-    impl = ops.resolve_impl("topk_masked", impl, device)
+    impl = resolve_impl("topk_masked", impl, device)
     if impl == "cpp" or not isinstance(scores, torch.Tensor):
         buf, name, kind, dtype = _score_buffer(scores, what)
         if impl == "cpp":
@@ -230,7 +234,7 @@ def topk_masked(scores, seen, k: int, *, impl: str | None = None, num_threads: i
     ties to the lower index, NaN never returned, short rows padded with -inf / -1.
 
     impl: "cpp" (default for CPU input; `num_threads` threads, default torch.get_num_threads()),
-    "torch" (default for CUDA tensors), or None (see recvae_fast.ops). See the module docstring
+    "torch" (default for CUDA tensors), or None (see recvae_fast.ops.dispatch). See the module docstring
     for the accepted input forms.
     """
     k = check_k(k)
@@ -241,9 +245,7 @@ def topk_masked(scores, seen, k: int, *, impl: str | None = None, num_threads: i
         vals, idx = _topk_torch(data, indptr, torch.from_numpy(indices).to(data.device), k, 0)
         return _as_output(vals, idx, form)
     nt = _check_threads(num_threads)
-    if form[0] == "torch":  # tensors go through the registered op (recvae_fast.custom_ops)
-        from . import custom_ops  # noqa: F401 - registers recvae_fast::topk_masked
-
+    if form[0] == "torch":  # tensors go through the registered op (below)
         return TopK(*torch.ops.recvae_fast.topk_masked(
             scores.detach(), torch.from_numpy(indptr), torch.from_numpy(indices), k, nt
         ))
@@ -256,6 +258,17 @@ def topk_masked_cpp(scores, indptr: np.ndarray, indices: np.ndarray, k: int, num
     state = _ext().State(buf.shape[0], k, min(k, buf.shape[1]))
     state.push(buf, name, 0, indptr, indices, num_threads)
     return _as_output(*state.result(num_threads), (kind, torch.device("cpu"), dtype))
+
+
+@torch.library.custom_op("recvae_fast::topk_masked", mutates_args=(), device_types="cpu")
+def _topk_masked_op(scores: Tensor, indptr: Tensor, indices: Tensor, k: int, num_threads: int) -> tuple[Tensor, Tensor]:
+    return tuple(topk_masked_cpp(scores, indptr.numpy(), indices.numpy(), k, num_threads))
+
+
+@_topk_masked_op.register_fake
+def _(scores, indptr, indices, k, num_threads):
+    n_rows = scores.shape[0]
+    return scores.new_empty(n_rows, k), scores.new_empty(n_rows, k, dtype=torch.int64)
 
 
 def _topk_torch(scores: torch.Tensor, indptr: np.ndarray, indices: torch.Tensor, k: int, item_offset: int):
@@ -349,7 +362,7 @@ class TopKAccumulator:
         num_threads: int | None = None,
         impl: str | None = None,
     ):
-        self.impl = ops.check_impl("topk_masked", impl)
+        self.impl = check_impl("topk_masked", impl)
         self.n_rows = operator.index(n_rows)
         if self.n_rows < 0:
             raise ValueError(f"n_rows must be >= 0, got {self.n_rows}")
