@@ -13,7 +13,7 @@ from recvae_fast.ops.sparse_rows import csr_transpose
 from recvae_fast.sparse import as_csr_batch
 
 N_USERS, N_ITEMS, PER_USER = 500, 20_108, 75
-# Measured 2026-11-29 on the 2-core CPU, three runs: 2.70–4.30× (benches/RESULTS.md); floor at half
+# Measured on the 2-core CPU, three runs: 2.70–4.30× (benches/results/bench_csr_transpose.jsonl); floor at half
 # the lowest (benches/conftest.py).
 FLOOR = 1.3
 

@@ -14,7 +14,7 @@ from recvae_fast import fit
 from recvae_fast.testing.reference import VAE
 
 N_ITEMS, N_USERS, ITEMS_PER_USER, BATCH, N_EPOCHS = 20_108, 1_500, 75, 500, 2
-FLOOR = 2.7  # half the measured ratio in RESULTS.md (5.43x, eighth session)
+FLOOR = 2.7  # half the lowest measured ratio (5.43x, benches/results/bench_fit.jsonl)
 
 
 def authors_epoch(model, opt_enc, opt_dec, train, rng, gamma=0.005):

@@ -14,7 +14,7 @@ from recvae_fast.testing import reference
 from recvae_fast.model import CompositePrior
 
 N_USERS, LATENT = 500, 200
-# Measured 2026-11-29 on the 2-core CPU, three runs: 4.39–5.84× and 1.81–2.51× (benches/RESULTS.md);
+# Measured on the 2-core CPU, three runs: 4.39–5.84× and 1.81–2.51× (benches/results/bench_kl.jsonl);
 # floors at half the lowest (benches/conftest.py).
 FLOOR_VS_AUTHORS, FLOOR_VS_TORCH_OPS = 2.2, 0.9
 

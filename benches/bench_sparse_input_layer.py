@@ -29,7 +29,7 @@ CASES = {
         (1_000_000, "dense", 4.0, 5),
         (1_000_000, "row_sparse", 8.0, 5),
     ],
-    # Measured 2026-11-28 on the 2-core CPU: 9.1-10.1x, 6.6-6.7x, 13.7-18.5x, 20.7-22.0x; floors
+    # Measured on the 2-core CPU (benches/results/bench_sparse_input_layer.jsonl): 9.1-10.1x, 6.6-6.7x, 13.7-18.5x, 20.7-22.0x; floors
     # at half the lowest (benches/conftest.py).
     "cpu": [
         (20_108, "dense", 4.5, 5),

@@ -35,6 +35,6 @@ _common holds what they share (dtypes, tile configs, device guard, batch checks,
 
 Checks: the kernel tests run the ops under the Triton interpreter against dense references;
 tests/test_kernel_compile.py compiles them offline for sm_90/sm_80 (shared memory, spills);
-benches/gpu_check.py is the one script for a GPU. The triton 3.6 interpreter needs numpy<2.4 (the
+tools/gpu_check.py is the one script for a GPU. The triton 3.6 interpreter needs numpy<2.4 (the
 tests skip with that reason otherwise).
 """

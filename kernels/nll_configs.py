@@ -12,7 +12,7 @@ more shared memory than a GPU has.
 Supported K (MAX_K): 1 ≤ K ≤ 1024 for fp32, bf16 and fp16, K ≤ 512 for fp64. The [rows, K]
 accumulator of dz (forward) and dWd (backward) stays in registers; at K = 1024 only 16-row fp32
 tiles keep it within 64 registers per thread, and fp64 (two registers a value, no tensor cores)
-spills there. benches/compile_check.py compiles the configs the prune keeps for sm_90 and sm_80
+spills there. tools/compile_check.py compiles the configs the prune keeps for sm_90 and sm_80
 and checks shared memory and spills (every one with --level full; tests/test_kernel_compile.py
 runs a sample).
 """
@@ -62,7 +62,7 @@ def _cfg(bb, bi, warps, stages, kc=0, **extra):
 # list is autotuned on its own kernel object. KC = 0: whole-K dots; KC > 0: K chunks of KC.
 # The prune (fitting_configs) keeps, for each K and dtype, the configs whose shared memory and
 # accumulator registers fit; its rules were set from sm_90 compiles with triton 3.6 and 3.9
-# (benches/compile_check.py; what was compiled and the figures are in benches/RESULTS.md).
+# (tools/compile_check.py).
 GPU_CONFIGS = {
     ("fwd", False): [
         _cfg(64, 64, 8, 2),
@@ -124,7 +124,7 @@ def fitting_configs(configs, block_k: int, elem_size: int, wide_acc: bool, stati
                     smem_limit: int, arch: int, fma: bool):
     """The configs whose tiles fit: shared memory for the resident and pipelined tiles, and at most
     registers that pass `registers_fit` when there is a [stationary rows, K] accumulator (rules set
-    from sm_90 and sm_80 compiles with triton 3.6 and 3.9, benches/compile_check.py).
+    from sm_90 and sm_80 compiles with triton 3.6 and 3.9, tools/compile_check.py).
     Whole-K configs (KC = 0) are kept only up to K = 256: beyond, the whole-K tiles spill."""
     kept = []
     for c in configs:

@@ -14,7 +14,7 @@ per module with its launcher:
   - "segment" (default), sparse_input_backward: a segment reduction over the nonzeros sorted by item;
   - "atomic", sparse_input_backward_atomic: a zero fill and an atomic scatter in CSR order.
     This is a measured alternative, not a default: its caller is
-    benches/gpu_check_sparse_input_layer.py, which times both methods on both layouts on a GPU
+    tools/gpu_check_sparse_input_layer.py, which times both methods on both layouts on a GPU
     (the choice of the default waits on that measurement) and checks the atomic gradients at 1M
     and 4M items. Why segment is the default until then: every output row is written exactly once
     (no separate zero fill: at 1M items a memset of 2.4 GB costs as much as the whole scatter),
@@ -188,7 +188,7 @@ def sparse_input_layer(
     weight_t gradient a coalesced sparse COO tensor holding only the rows of the batch's items.
     `grad_method` picks how dW1 is reduced (either layout): "segment" (default: item-sorted segment
     reduction, deterministic) or "atomic" (zero fill + atomic scatter; the summation order varies
-    run to run), kept for benches/gpu_check_sparse_input_layer.py, which times both on a GPU.
+    run to run), kept for tools/gpu_check_sparse_input_layer.py, which times both on a GPU.
     """
     if grad_method not in _GRAD_METHODS:
         raise ValueError(f"grad_method must be one of {_GRAD_METHODS}, got {grad_method!r}")

@@ -48,7 +48,7 @@ def item_block_size(n_rows: int, itemsize: int) -> int:
 
 # The decoder phase's kept blocks go to memory anyway (they are read back in backward), so its
 # blocks need not fit half of L2: twice the rule measured 1–16% faster there in every sweep at 20k
-# items (benches/RESULTS.md), while the encoder phase and recomputing keep the rule.
+# items, while the encoder phase and recomputing keep the rule.
 KEPT_BLOCK_FACTOR = 2
 
 

@@ -15,8 +15,8 @@ from .precision import lowp_mm
 from .ops.topk_masked import TopK, _check_threads, _ext, _seen_csr, check_k
 
 # The merge into the running top-k costs a small fixed amount per row and block, so scoring blocks
-# are this many times the NLL's cache block. A/B at B 500 on the 2-core development machine
-# (benches/RESULTS.md, tenth session): 4,096 items best at 20k items (35.9 ms against 37.0 at
+# are this many times the NLL's cache block. A/B at B 500 on the 2-core development machine:
+# 4,096 items best at 20k items (35.9 ms against 37.0 at
 # 2,048), 2,048 best at 1M (1,063 ms against 1,129 at 4,096); not yet a sweep in a bench.
 SCORING_BLOCK_FACTOR = 4
 

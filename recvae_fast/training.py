@@ -126,7 +126,7 @@ def fc1_grad_is_row_sparse(cfg: TrainConfig, train) -> bool:
 
     Measured on the CPU (benches/bench_fc1_optimizer.py, B 500, ~75 items per user): fc1 backward +
     Adam step 1.6x faster row-sparse at 1M items, the same speed at 20k items, where a batch touches
-    most rows. On CUDA the dense layout stays the default until a GPU run of benches/gpu_check.py
+    most rows. On CUDA the dense layout stays the default until a GPU run of tools/gpu_check.py
     measures both.
     """
     if cfg.sparse_fc1_grad is not None:

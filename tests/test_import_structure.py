@@ -1,6 +1,6 @@
 """The package's modules import one way: no module reaches itself through a chain of imports, at
 module level or inside functions (an import in a function is still a dependency; hiding a circle
-there only delays it)."""
+there only delays it), and each layer of the README's layout imports only its own and lower layers."""
 from __future__ import annotations
 
 import ast
@@ -97,3 +97,31 @@ def test_the_walker_sees_relative_absolute_and_in_function_imports():
 def test_the_package_has_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(component) for component in found)
+
+
+# The README's layout, lowest first: a module belongs to the layer of its longest listed prefix.
+LAYERS = (
+    ("recvae_fast", "recvae_fast.atomic", "recvae_fast.hashing", "recvae_fast.precision", "recvae_fast.workspace",
+     "recvae_fast.cache_blocks", "recvae_fast.sparse", "recvae_fast.posterior_cache", "recvae_fast.testing"),
+    ("recvae_fast.data",),
+    ("recvae_fast.runfolder", "recvae_fast.validation"),
+    ("recvae_fast.kernels", "recvae_fast.ops"),
+    ("recvae_fast.model", "recvae_fast.optim", "recvae_fast.metrics", "recvae_fast.scoring"),
+    ("recvae_fast.training", "recvae_fast.inference", "recvae_fast.export", "recvae_fast.report"),
+    ("recvae_fast.distributed",),
+    ("recvae_fast.api", "recvae_fast.runs", "recvae_fast.tuning"),
+    ("recvae_fast.cli", "recvae_fast.entry", "recvae_fast.__main__"),
+)
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(prefix), level) for level, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer of the layout: add it to LAYERS and to the README"
+    return max(matches)[1]
+
+
+def test_each_layer_imports_only_its_own_and_lower_layers():
+    upward = [f"{module} -> {target}" for module, targets in sorted(import_graph().items())
+              for target in sorted(targets) if layer_of(target) > layer_of(module)]
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)

@@ -5,7 +5,7 @@ figure, and a legend naming each row's machine, torch version and commit.
     python tools/results_page.py            # rewrites benches/RESULTS.md
     python tools/results_page.py --check    # exit 1 when benches/RESULTS.md is not what the records give
 
-benches/results/tune_ml100k.jsonl (written by benches/tune_ml100k.py, one line per study) has a
+benches/results/tune_ml100k.jsonl (written by tools/tune_ml100k.py, one line per study) has a
 table of its own.
 """
 from __future__ import annotations
@@ -182,7 +182,7 @@ def table(stem: str, rows: list[dict]) -> list[str]:
 
 
 def tuning_table(rows: list[dict]) -> list[str]:
-    """benches/tune_ml100k.py's study records: the latest per split and search space."""
+    """tools/tune_ml100k.py's study records: the latest per split and search space."""
     by_key: dict[tuple, dict] = {}
     for record in rows:
         users = record.get("users", {})
