@@ -1,7 +1,7 @@
 """Offline GPU compile guard: the Triton kernels compile for sm_90 (and sm_80), fit shared memory
 and stay under the spill budget (tools/compile_check.py says what is checked and why).
 
-Runs tools/compile_check.py once per session in a subprocess (the kernels must be compiled, not
+Runs tools/compile_check.py once per pytest run in a subprocess (the kernels must be compiled, not
 interpreted, so TRITON_INTERPRET is removed there). Default level "quick": one variant per kernel,
 its largest tiles; RECVAE_FAST_COMPILE_CHECK=sample or full runs more. Skipped only when the
 installed triton has no ptxas. The triton 3.6 run: tools/compile_check_triton36.sh.
