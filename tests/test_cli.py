@@ -226,6 +226,23 @@ def test_resume_refuses_a_data_file_that_changed(run_copy, ratings_file, tmp_pat
     assert _snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_resume_rewrites_damaged_split_files(damage, run_copy, capsys):
+    """The resumed run rebuilds the split from its data and checks it against run.json; split files that
+    no longer hold that split are written again, so the finished run evaluates."""
+    split_file = run_copy / "split.npz"
+    intact = split_file.read_bytes()
+    if damage == "truncate":
+        split_file.write_bytes(intact[:1000])
+    else:
+        split_file.unlink()
+    assert main(["evaluate", str(run_copy)]) == 2
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_copy), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert split_file.read_bytes() == intact
+    assert main(["evaluate", str(run_copy)]) == 0
+
+
 # ----------------------------------------------------------------------------- unsafe and corrupt files
 
 

@@ -101,6 +101,10 @@ def train_in_folder(out: Path, args, training: Training, settings: Callable[[], 
                 split.save(out)
                 write_json(out / RUN_NAME, description, indent=2)
                 atomic_write_text(out / LOG_NAME, "")
+            elif not _split_files_agree(out, split_fp):
+                # The split was rebuilt from the data and checked against run.json's fingerprint: rewrite
+                # split.npz, items.json and users.json when they are damaged, so evaluate and recommend work.
+                split.save(out)
 
         _on_writer(training, start)
         model, history = training.fit(split, cfg, out, resume_fit)
@@ -121,6 +125,14 @@ def train_in_folder(out: Path, args, training: Training, settings: Callable[[], 
             return summary
 
         return _on_writer(training, save_summary)  # every rank returns once the writer's files are written
+
+
+def _split_files_agree(out: Path, fingerprint: str) -> bool:
+    """Whether the run folder's split files load and hold the split with this fingerprint."""
+    try:
+        return data_mod.Split.load(out).fingerprint() == fingerprint
+    except data_mod.DataError:
+        return False
 
 
 def _on_writer(training: Training, write: Callable[[], object]):
