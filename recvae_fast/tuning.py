@@ -11,12 +11,13 @@ a database server) can work on it at once. A running trial records a heartbeat; 
 process died (no heartbeat for a grace period) is marked failed and run again with the same
 parameters, so the study still ends with n_trials finished (complete or pruned) trials.
 
-The best of many single-seed validation scores overstates its trial (its seed was lucky as often as
-its configuration was good), so the search's winner is not taken as it is: the best few complete
-trials (the default configuration always among them) are trained again with fresh seeds on the
-validation users, and the one with the best mean validation NDCG@100 over those seeds is chosen.
-Each of those runs is stored in the study (a study user attribute) once it ends, so a study killed
-during that stage resumes with the runs still missing.
+The best of many single-seed validation scores overstates its trial: its seed was lucky, and its
+few validation users happened to suit it, as often as its configuration was good. So the search's
+winner is not taken as it is: the best few complete trials (the default configuration always among
+them) are trained again with fresh seeds on each fold of a cross-validation over the non-test users
+(each user is a validation user in one fold), and the one with the best mean validation NDCG@100
+over those runs is chosen. Each of those runs is stored in the study (a study user attribute) once
+it ends, so a study killed during that stage resumes with the runs still missing.
 
 Optuna is an optional extra (pip install "recvae_fast[tune]"); it is imported when a search
 starts, never with the package.
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .api import fit
 from .atomic import atomic_write
-from .data import Split
+from .data import Split, cross_validation_fold
 from .runfolder import SPLIT_NAME, RunLock
 from .training import SELECTION_K, TrainConfig, check_fit_inputs
 
@@ -54,6 +55,7 @@ PLOT_NAMES = {"history": "optimization_history.png", "importances": "param_impor
 HEARTBEAT_S = 10  # a trial records that it runs this often; silent for twice as long, it counts as dead
 LOCK_WAIT_S = 600.0  # how long a process waits for another to finish writing the study folder
 OBJECTIVE = f"valid_ndcg@{SELECTION_K}"
+SELECTION_MEAN = f"{OBJECTIVE}_selection_mean"  # trials.csv's column of the final selection's means
 
 INT_PARAMS = ("hidden_dim", "latent_dim", "batch_size", "n_epochs", "n_enc_epochs", "n_dec_epochs")
 FLOAT_PARAMS = ("lr", "gamma", "beta", "dropout_rate")
@@ -72,11 +74,15 @@ DEFAULT_SPACE = {
     "dropout_rate": {"low": 0.1, "high": 0.8},
     "n_epochs": {"low": 10, "high": 50},
 }
-# The final selection's defaults: the best complete trials retrained (the defaults' trial added), and
-# the fresh training seeds each one is scored with (the trial's own seed + 1, + 2, ...).
+# The final selection's defaults: the best complete trials retrained (the defaults' trial added), on
+# each of the cross-validation folds of the non-test users, with each of the fresh training seeds (the
+# trial's own seed + 1, + 2, ...).
 FINALISTS = 3
-FINALIST_SEEDS = 3
-FINALIST_PREFIX = "finalist:"  # study user attribute "finalist:TRIAL:SEED" -> that run's scores
+FINALIST_FOLDS = 5
+FINALIST_SEEDS = 1
+# Study user attribute of one finished selection run -> its scores: "finalist:TRIAL:SEED" on the
+# study's own split (one fold), "finalist:TRIAL:fold F of K:SEED" on fold F of K.
+FINALIST_PREFIX = "finalist:"
 
 # The median pruner's defaults: it prunes once this many trials have completed, and never before a
 # trial's fifth epoch (a slow start is not yet a bad trial).
@@ -262,11 +268,11 @@ class TuneResult:
     files: dict = field(default_factory=dict)  # what was written: trials.csv, the plots
     notes: list = field(default_factory=list)  # plots that could not be drawn, and why
     wall_time_s: float = 0.0
-    # The final selection (empty without one): each finalist's trial, search score, seeds, their
-    # validation NDCG@100 and its mean over them, best mean first; best_trial is the first.
+    # The final selection (empty without one): each finalist's trial, search score, runs (fold, seed,
+    # validation NDCG@100) and their mean, best mean first; best_trial is the first.
     finalists: list = field(default_factory=list)
     search_best_trial: int | None = None  # the trial with the best single-seed score of the search
-    best_mean: float | None = None  # the chosen trial's mean validation NDCG@100 over the fresh seeds
+    best_mean: float | None = None  # the chosen trial's mean validation NDCG@100 over the selection's runs
 
     def record(self) -> dict:
         """The JSON-friendly summary (the table left out)."""
@@ -460,59 +466,73 @@ def _finalist_trials(study, finalists: int) -> list:
     return chosen + [t for t in defaults if t not in chosen]
 
 
-def _seed_score(job: tuple) -> tuple[int, float, int]:
-    """(job index, best validation NDCG@100, its epoch) of one training of a finalist's config."""
-    index, split, config, eval_batch_size, threads = job
+def _run_key(trial: int, fold: int | None, n_folds: int, seed: int) -> str:
+    where = "" if fold is None else f"fold {fold} of {n_folds}:"
+    return f"{FINALIST_PREFIX}{trial}:{where}{seed}"
+
+
+def _selection_score(job: tuple) -> tuple[int, float, int]:
+    """(job index, best validation NDCG@100, its epoch) of one training of a finalist's config, on
+    the study's split (fold None) or on a cross-validation fold of its non-test users."""
+    index, split, fold, n_folds, fold_seed, config, eval_batch_size, threads = job
     if threads is not None:
         torch.set_num_threads(threads)
-    _, history = fit(split.train, split.valid_in, split.valid_out, progress=False, eval_batch_size=eval_batch_size,
+    data = split if fold is None else cross_validation_fold(split, fold, n_folds, fold_seed)
+    _, history = fit(data.train, data.valid_in, data.valid_out, progress=False, eval_batch_size=eval_batch_size,
                      **config)
     best = max(history, key=lambda r: r[OBJECTIVE])
     return index, best[OBJECTIVE], best["epoch"]
 
 
-def _select(study, search: _Search, finalists: int, finalist_seeds: int, n_jobs: int, threads: int | None,
-            progress: bool | str) -> list:
-    """Train each finalist with `finalist_seeds` fresh seeds on the validation users (runs stored in
-    the study are reused; each new one is stored when it ends) and return the finalists, best mean
-    validation NDCG@100 first (ties: the earlier trial). The trial's own search score is left out
-    of its mean: it is the score it was picked for."""
+def _select(study, search: _Search, finalists: int, finalist_folds: int, finalist_seeds: int, n_jobs: int,
+            threads: int | None, progress: bool | str) -> list:
+    """Train each finalist on each of `finalist_folds` cross-validation folds of the non-test users
+    (1: the study's own split and validation users) with each of `finalist_seeds` fresh seeds (runs
+    stored in the study are reused; each new one is stored when it ends) and return the finalists,
+    best mean validation NDCG@100 over those runs first (ties: the earlier trial). The trial's own
+    search score is left out of its mean: it is the score it was picked for."""
     candidates = _finalist_trials(study, finalists)
     base_seed = int(search.config.get("seed", 0))
     seeds = [base_seed + i for i in range(1, finalist_seeds + 1)]
+    folds = [None] if finalist_folds == 1 else list(range(finalist_folds))
+    runs = [(fold, seed) for fold in folds for seed in seeds]
     stored = study.user_attrs
-    todo = [(t, seed) for t in candidates for seed in seeds if f"{FINALIST_PREFIX}{t.number}:{seed}" not in stored]
-    jobs = [(i, search.split, {**t.user_attrs["config"], "seed": seed, "device": search.config.get("device", "cpu")},
-             search.eval_batch_size, threads) for i, (t, seed) in enumerate(todo)]
+    todo = [(t, fold, seed) for t in candidates for fold, seed in runs
+            if _run_key(t.number, fold, finalist_folds, seed) not in stored]
+    # The folds' partition follows the study's seed, so every finalist (and a resumed study) sees the same folds.
+    jobs = [(i, search.split, fold, finalist_folds, base_seed,
+             {**t.user_attrs["config"], "seed": seed, "device": search.config.get("device", "cpu")},
+             search.eval_batch_size, threads) for i, (t, fold, seed) in enumerate(todo)]
 
     def store(result: tuple) -> None:
         index, value, epoch = result
-        trial, seed = todo[index]
-        study.set_user_attr(f"{FINALIST_PREFIX}{trial.number}:{seed}", {OBJECTIVE: value, "best_epoch": epoch})
+        trial, fold, seed = todo[index]
+        study.set_user_attr(_run_key(trial.number, fold, finalist_folds, seed), {OBJECTIVE: value, "best_epoch": epoch})
         if progress:
-            print(f"finalist trial {trial.number}, seed {seed}: {OBJECTIVE.replace('_', ' ')} {value:.4f} "
+            where = "" if fold is None else f"fold {fold} of {finalist_folds}, "
+            print(f"finalist trial {trial.number}, {where}seed {seed}: {OBJECTIVE.replace('_', ' ')} {value:.4f} "
                   f"(search: {trial.value:.4f})", file=sys.stderr, flush=True)
 
     if n_jobs > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(n_jobs, len(jobs))) as pool:
-            for result in pool.imap_unordered(_seed_score, jobs):
+            for result in pool.imap_unordered(_selection_score, jobs):
                 store(result)
     else:
         for job in jobs:
-            store(_seed_score(job))
+            store(_selection_score(job))
     stored = study.user_attrs  # as stored now, this process's runs and any other's
     rows = []
     for t in candidates:
-        values = [stored[f"{FINALIST_PREFIX}{t.number}:{seed}"][OBJECTIVE] for seed in seeds]
+        scores = [{"fold": fold, "seed": seed,
+                   OBJECTIVE: stored[_run_key(t.number, fold, finalist_folds, seed)][OBJECTIVE]} for fold, seed in runs]
         rows.append({"trial": t.number, OBJECTIVE: t.value, "default_config": bool(t.user_attrs.get("default_config")),
-                     "seeds": seeds, f"{OBJECTIVE}_seeds": values, "mean": sum(values) / len(values)})
+                     "runs": scores, "mean": sum(r[OBJECTIVE] for r in scores) / len(scores)})
     return sorted(rows, key=lambda row: (-row["mean"], row["trial"]))
 
 
-
 def _write_table(study, space: dict, path: Path, finalists: list) -> str:
-    """trials.csv (every trial, best first: the finalists by their mean over fresh seeds, then the
-    others by their search score) and the same as a text table."""
+    """trials.csv (every trial, best first: the finalists by their mean over the selection's runs,
+    then the others by their search score) and the same as a text table."""
     from optuna.trial import TrialState
 
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3,
@@ -527,7 +547,7 @@ def _write_table(study, space: dict, path: Path, finalists: list) -> str:
         return (t.number not in means, -means.get(t.number, 0.0), order[t.state],
                 -(t.value if t.state == TrialState.COMPLETE else last), t.number)
 
-    header = ["trial", "state", OBJECTIVE, "epochs", "seconds", *searched, f"{OBJECTIVE}_seeds_mean", "note"]
+    header = ["trial", "state", OBJECTIVE, "epochs", "seconds", *searched, SELECTION_MEAN, "note"]
     trials = study.get_trials(deepcopy=False)
     rerun = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
     rows = []
@@ -599,7 +619,8 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
          config: dict | None = None, storage: str | None = None, study_name: str = "recvae", n_jobs: int = 1,
          eval_batch_size: int = 500, progress: bool | str = True, heartbeat_s: int = HEARTBEAT_S,
          pruner_startup_trials: int = PRUNER_STARTUP_TRIALS, pruner_warmup_epochs: int = PRUNER_WARMUP_EPOCHS,
-         finalists: int = FINALISTS, finalist_seeds: int = FINALIST_SEEDS) -> TuneResult:
+         finalists: int = FINALISTS, finalist_folds: int = FINALIST_FOLDS,
+         finalist_seeds: int = FINALIST_SEEDS) -> TuneResult:
     """Search RecVAE's hyperparameters on `split` (a data.Split) until the study holds n_trials
     finished (complete or pruned) trials; return the best one (TuneResult.best_config: pass it to
     `fit`, then evaluate on the test users once).
@@ -616,17 +637,20 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
     heartbeat this often, and counts as dead after twice as long without one. Every input is
     checked before anything is written.
 
-    finalists, finalist_seeds: the final selection. The `finalists` best complete trials, and the
-    defaults' trial, are each trained again with `finalist_seeds` fresh seeds (the config's seed + 1,
-    + 2, ...) on the validation users; the best mean over those seeds wins (TuneResult.finalists).
-    finalists=0: no such stage, the best single-seed search score wins.
+    finalists, finalist_folds, finalist_seeds: the final selection. The `finalists` best complete
+    trials, and the defaults' trial, are each trained again on each of `finalist_folds` folds of a
+    cross-validation over the split's training and validation users (data.cross_validation_fold,
+    its partition seeded by the config's seed; 1: the split itself, its validation users) with each
+    of `finalist_seeds` fresh seeds (the config's seed + 1, + 2, ...); the best mean validation
+    NDCG@100 over those runs wins (TuneResult.finalists). finalists=0: no such stage, the best
+    single-seed search score wins.
     """
     t0 = time.perf_counter()
     optuna = import_optuna()
     for name, value, least in (("n_trials", n_trials, 1), ("n_jobs", n_jobs, 1), ("heartbeat_s", heartbeat_s, 1),
                                ("pruner_startup_trials", pruner_startup_trials, 0),
                                ("pruner_warmup_epochs", pruner_warmup_epochs, 0), ("finalists", finalists, 0),
-                               ("finalist_seeds", finalist_seeds, 1)):
+                               ("finalist_folds", finalist_folds, 1), ("finalist_seeds", finalist_seeds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if progress not in (True, False, "trials"):
@@ -641,6 +665,10 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
     config = {k: v for k, v in config.items() if k not in space}
     check_fit_inputs(split.train, split.valid_in, split.valid_out, eval_batch_size=eval_batch_size,
                      **{**config, **{name: _candidates(spec)[0] for name, spec in space.items()}})
+    n_pool = split.train.shape[0] + split.valid_in.shape[0]  # the users the folds are cut from
+    if finalists and finalist_folds > 1 and finalist_folds > n_pool // 2:
+        raise ValueError(f"finalist_folds must be at most {n_pool // 2} (half of the {n_pool} training and "
+                         f"validation users), got {finalist_folds}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
@@ -690,7 +718,8 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
     search_best = _best_or_none(study)
     if search_best is None:
         raise ValueError(f"study {study_name!r} has no complete trial (every trial was pruned or failed)")
-    chosen = _select(study, search, finalists, finalist_seeds, n_jobs, threads, progress) if finalists else []
+    chosen = _select(study, search, finalists, finalist_folds, finalist_seeds, n_jobs, threads, progress) \
+        if finalists else []
     best = study.trials[chosen[0]["trial"]] if chosen else search_best
     with RunLock(out, wait_s=LOCK_WAIT_S):
         table = _write_table(study, space, out / TRIALS_NAME, chosen)

@@ -330,6 +330,55 @@ def test_split_rejects_too_many_heldout_users(small):
         split_strong_generalization(small, n_heldout_users=10, heldout_fraction=1.0)
 
 
+def _row_sets(m: sp.csr_matrix) -> list:
+    return [frozenset(zip(m.indices[m.indptr[r]:m.indptr[r + 1]].tolist(), m.data[m.indptr[r]:m.indptr[r + 1]].tolist()))
+            for r in range(m.shape[0])]
+
+
+def test_cross_validation_folds_partition_the_non_test_users(small):
+    split = split_strong_generalization(small, n_heldout_users=150, seed=0)
+    # The non-test users' whole rows (items and values), as the folds must see them.
+    pool = _row_sets(split.train) + _row_sets(split.valid_in + split.valid_out)
+    test_rows = set(_row_sets(split.test_in + split.test_out))
+    n_pool, n_folds = len(pool), 7  # 1050 users: folds of 150, not a multiple of anything
+    seen_valid = []
+    for fold in range(n_folds):
+        f = data.cross_validation_fold(split, fold, n_folds, seed=3)
+        assert f.train.shape[1] == f.valid_in.shape[1] == f.valid_out.shape[1] == split.n_items
+        assert f.valid_in.shape == f.valid_out.shape and f.train.has_canonical_format
+        valid = _row_sets(f.valid_in + f.valid_out)
+        assert f.train.shape[0] + len(valid) == n_pool and len(valid) in (n_pool // n_folds, n_pool // n_folds + 1)
+        # every row is one of the pool's (no test user), train and validation rows together are the pool
+        assert sorted(_row_sets(f.train) + valid, key=sorted) == sorted(pool, key=sorted)
+        assert not (set(valid) | set(_row_sets(f.train))) & (test_rows - set(pool))
+        # each validation user: fold-in and held-out parts as the split makes them
+        for r in range(f.valid_in.shape[0]):
+            a, b = rows_of(f.valid_in, r), rows_of(f.valid_out, r)
+            n = len(a) + len(b)
+            assert not a & b and len(b) == (int(0.2 * n) if n >= 5 else 0) and (len(a) >= 1 or n == 0)
+        seen_valid += valid
+        # the same arguments, the same fold
+        again = data.cross_validation_fold(split, fold, n_folds, seed=3)
+        for name in ("train", "valid_in", "valid_out"):
+            assert (getattr(f, name) != getattr(again, name)).nnz == 0
+    # the folds' validation users partition the pool
+    assert sorted(seen_valid, key=sorted) == sorted(pool, key=sorted)
+    # another seed, another partition
+    first, other = (data.cross_validation_fold(split, 0, n_folds, seed=seed) for seed in (3, 4))
+    assert set(_row_sets(first.valid_in + first.valid_out)) != set(_row_sets(other.valid_in + other.valid_out))
+
+
+@pytest.mark.parametrize("fold, n_folds, message", [(0, 1, "n_folds must be an integer >= 2"),
+                                                    (-1, 3, "fold must be an integer >= 0"),
+                                                    (3, 3, "fold 3 of 3: needs fold < n_folds"),
+                                                    (0, True, "n_folds must be an integer"),
+                                                    (0, 10_000, "fold 0 of 10000: needs")])
+def test_cross_validation_fold_refuses_bad_counts(small, fold, n_folds, message):
+    split = split_strong_generalization(small, n_heldout_users=150, seed=0)
+    with pytest.raises(ValueError, match=message):
+        data.cross_validation_fold(split, fold, n_folds, seed=0)
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 

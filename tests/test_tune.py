@@ -82,7 +82,8 @@ def test_tune_writes_the_study_the_table_plots_and_the_best_run(study_dir, capsy
     study = _load(study_dir)
     assert sum(t.state.is_finished() for t in study.trials) == 5
     record = json.loads((study_dir / "tune.json").read_text())
-    # The chosen trial: the finalist with the best mean over fresh seeds (three by default).
+    # The chosen trial: the finalist with the best mean over its runs (five cross-validation folds by default).
+    assert [(r["fold"], r["seed"]) for r in record["finalists"][0]["runs"]] == [(fold, 1) for fold in range(5)]
     assert record["search_best_trial"] == study.best_trial.number
     assert record["best_trial"] == record["finalists"][0]["trial"]
     assert record["best_mean"] == pytest.approx(record["finalists"][0]["mean"])
@@ -95,11 +96,11 @@ def test_tune_writes_the_study_the_table_plots_and_the_best_run(study_dir, capsy
     assert int(rows[0]["trial"]) == chosen.number and rows[0]["note"] == "chosen"
     finalists = rows[:len(record["finalists"])]
     assert [int(r["trial"]) for r in finalists] == [f["trial"] for f in record["finalists"]]
-    assert [float(r["valid_ndcg@100_seeds_mean"]) for r in finalists] == \
+    assert [float(r["valid_ndcg@100_selection_mean"]) for r in finalists] == \
         [round(f["mean"], 4) for f in record["finalists"]]
     values = [float(r["valid_ndcg@100"]) for r in rows[len(finalists):] if r["state"] == "complete"]
     assert values == sorted(values, reverse=True)
-    assert not any(r["valid_ndcg@100_seeds_mean"] for r in rows[len(finalists):])
+    assert not any(r["valid_ndcg@100_selection_mean"] for r in rows[len(finalists):])
     for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png"):
         assert (study_dir / name).stat().st_size > 1000, name
     # The best trial's run folder is a normal run folder, trained with the trial's settings.
@@ -235,7 +236,8 @@ def test_without_optuna_tune_says_how_to_install_it(ratings_file, tmp_path, monk
 
 def test_bad_counts(ratings_file, tmp_path, capsys):
     for flag, value, message in (("--trials", "0", ">= 1"), ("--jobs", "0", ">= 1"), ("--heartbeat", "0", ">= 1"),
-                                 ("--finalist-seeds", "0", ">= 1"), ("--finalists", "-1", ">= 0")):
+                                 ("--finalist-seeds", "0", ">= 1"), ("--finalists", "-1", ">= 0"),
+                                 ("--finalist-folds", "0", ">= 1")):
         assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), flag, value]) == 2
         err = capsys.readouterr().err
         assert f"{flag} must be {message}, got {value}" in err and len(err.strip().splitlines()) == 1, err
@@ -310,7 +312,7 @@ def _valid_score(split, config: dict) -> float:
 def test_finalists_are_the_best_trials_and_the_defaults_retrained_with_fresh_seeds(tiny_split, tmp_path,
                                                                                    one_thread):
     result = tune(tiny_split, tmp_path, 6, space=DEFAULTS_SPACE, config={"seed": 5}, progress=False,
-                  finalists=2, finalist_seeds=2)
+                  finalists=2, finalist_folds=1, finalist_seeds=2)
     study = _load(tmp_path)
     complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                       key=lambda t: -t.value)
@@ -320,16 +322,17 @@ def test_finalists_are_the_best_trials_and_the_defaults_retrained_with_fresh_see
     assert {f["trial"] for f in result.finalists} == expected
     for finalist in result.finalists:
         trial = study.trials[finalist["trial"]]
-        assert finalist["seeds"] == [6, 7]  # fresh: the study's seed is 5
+        # fresh seeds (the study's is 5), on the study's own split (one fold)
+        assert [(r["fold"], r["seed"]) for r in finalist["runs"]] == [(None, 6), (None, 7)]
         assert finalist["valid_ndcg@100"] == trial.value
         assert finalist["default_config"] == (trial.number == defaults.number)
-        assert finalist["mean"] == pytest.approx(np.mean(finalist["valid_ndcg@100_seeds"]))
-        for seed, value in zip(finalist["seeds"], finalist["valid_ndcg@100_seeds"]):
-            assert study.user_attrs[f"finalist:{trial.number}:{seed}"]["valid_ndcg@100"] == value
+        assert finalist["mean"] == pytest.approx(np.mean([r["valid_ndcg@100"] for r in finalist["runs"]]))
+        for run in finalist["runs"]:
+            assert study.user_attrs[f"finalist:{trial.number}:{run['seed']}"]["valid_ndcg@100"] == run["valid_ndcg@100"]
     # Each score is a training of the trial's configuration with that seed (checked for one run).
-    first = result.finalists[-1]
-    config = {**study.trials[first["trial"]].user_attrs["config"], "seed": first["seeds"][1]}
-    assert _valid_score(tiny_split, config) == pytest.approx(first["valid_ndcg@100_seeds"][1], rel=1e-5)
+    last = result.finalists[-1]
+    config = {**study.trials[last["trial"]].user_attrs["config"], "seed": 7}
+    assert _valid_score(tiny_split, config) == pytest.approx(last["runs"][1]["valid_ndcg@100"], rel=1e-5)
     # The best mean wins; its configuration (with the study's seed) is the result.
     means = [f["mean"] for f in result.finalists]
     assert means == sorted(means, reverse=True)
@@ -339,44 +342,77 @@ def test_finalists_are_the_best_trials_and_the_defaults_retrained_with_fresh_see
     assert result.best_config["seed"] == 5
 
 
+def test_finalists_are_scored_on_cross_validation_folds_of_the_non_test_users(tiny_split, tmp_path, one_thread):
+    result = tune(tiny_split, tmp_path, 4, space=DEFAULTS_SPACE, config={"seed": 5}, progress=False,
+                  finalists=1, finalist_folds=3, finalist_seeds=1)
+    study = _load(tmp_path)
+    assert result.finalists and all(len(f["runs"]) == 3 for f in result.finalists)
+    for finalist in result.finalists:
+        assert [(r["fold"], r["seed"]) for r in finalist["runs"]] == [(0, 6), (1, 6), (2, 6)]
+        assert finalist["mean"] == pytest.approx(np.mean([r["valid_ndcg@100"] for r in finalist["runs"]]))
+        for run in finalist["runs"]:
+            key = f"finalist:{finalist['trial']}:fold {run['fold']} of 3:6"
+            assert study.user_attrs[key]["valid_ndcg@100"] == run["valid_ndcg@100"]
+    # A score is a training on that fold (its partition seeded by the study's seed) with that seed.
+    last = result.finalists[-1]
+    fold = data.cross_validation_fold(tiny_split, 2, 3, 5)
+    config = {**study.trials[last["trial"]].user_attrs["config"], "seed": 6}
+    assert _valid_score(fold, config) == pytest.approx(last["runs"][2]["valid_ndcg@100"], rel=1e-5)
+    # Folds that differ from the study's split: other validation users, so other scores.
+    assert _valid_score(tiny_split, config) != pytest.approx(last["runs"][2]["valid_ndcg@100"], rel=1e-5)
+    # The search's own winner stays recorded; the choice is the best mean over the folds.
+    assert result.best_trial == result.finalists[0]["trial"] and result.best_mean == result.finalists[0]["mean"]
+
+
 def test_a_final_selection_cut_short_resumes_with_the_missing_runs(tiny_split, tmp_path, one_thread, monkeypatch):
     """A process that dies during the final selection leaves the runs it finished in the study; the
     same call again trains only the others, and ends as an uninterrupted selection would."""
     from recvae_fast import tuning
 
-    real = tuning._seed_score
+    real = tuning._selection_score
     calls = []
+    selection = {"finalists": 2, "finalist_folds": 2, "finalist_seeds": 2}  # four runs per finalist
 
     def dies_after_two(job):
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a kill: nothing after this run is stored
-        calls.append(job[2]["seed"])
+        calls.append(job[2])
         return real(job)
 
-    monkeypatch.setattr(tuning, "_seed_score", dies_after_two)
+    monkeypatch.setattr(tuning, "_selection_score", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
-        tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, finalists=2, finalist_seeds=2)
+        tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, **selection)
     stored = [key for key in _load(tmp_path / "a").user_attrs if key.startswith("finalist:")]
     assert len(stored) == 2
-    monkeypatch.setattr(tuning, "_seed_score", lambda job: calls.append(job[2]["seed"]) or real(job))
-    resumed = tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, finalists=2,
-                   finalist_seeds=2)
+    monkeypatch.setattr(tuning, "_selection_score", lambda job: calls.append(job[2]) or real(job))
+    resumed = tune(tiny_split, tmp_path / "a", 5, space=DEFAULTS_SPACE, progress=False, **selection)
     n_finalists = len(resumed.finalists)
-    assert n_finalists in (2, 3) and len(calls) == 2 * n_finalists  # two before the kill, the rest after
+    assert n_finalists in (2, 3) and len(calls) == 4 * n_finalists  # two before the kill, the rest after
     assert len(_load(tmp_path / "a").trials) == 5  # no trial added
-    monkeypatch.setattr(tuning, "_seed_score", real)
-    whole = tune(tiny_split, tmp_path / "b", 5, space=DEFAULTS_SPACE, progress=False, finalists=2, finalist_seeds=2)
+    monkeypatch.setattr(tuning, "_selection_score", real)
+    whole = tune(tiny_split, tmp_path / "b", 5, space=DEFAULTS_SPACE, progress=False, **selection)
     assert [f["trial"] for f in whole.finalists] == [f["trial"] for f in resumed.finalists]
     for a, b in zip(whole.finalists, resumed.finalists):
-        assert a["valid_ndcg@100_seeds"] == pytest.approx(b["valid_ndcg@100_seeds"], rel=1e-5)
+        assert [(r["fold"], r["seed"]) for r in a["runs"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        assert [(r["fold"], r["seed"]) for r in b["runs"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        assert [r["valid_ndcg@100"] for r in a["runs"]] == pytest.approx([r["valid_ndcg@100"] for r in b["runs"]],
+                                                                          rel=1e-5)
     assert whole.best_trial == resumed.best_trial
 
 
 @pytest.mark.parametrize("name, value", [("finalists", -1), ("finalists", 1.5), ("finalists", True),
-                                         ("finalist_seeds", 0), ("finalist_seeds", "3")])
+                                         ("finalist_seeds", 0), ("finalist_seeds", "3"), ("finalist_folds", 0),
+                                         ("finalist_folds", 2.0)])
 def test_bad_finalist_counts_are_refused_before_anything_is_written(name, value, tiny_split, tmp_path):
     with pytest.raises(ValueError, match=f"^{name} must be an integer >= {0 if name == 'finalists' else 1}, got"):
         tune(tiny_split, tmp_path / "out", 3, space=TINY_SPACE, progress=False, **{name: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_folds_than_half_the_users_are_refused_before_anything_is_written(tiny_split, tmp_path):
+    n_pool = tiny_split.train.shape[0] + tiny_split.valid_in.shape[0]
+    with pytest.raises(ValueError, match=rf"^finalist_folds must be at most {n_pool // 2} \(half of the {n_pool} "):
+        tune(tiny_split, tmp_path / "out", 3, space=TINY_SPACE, progress=False, finalist_folds=n_pool // 2 + 1)
     assert not (tmp_path / "out").exists()
 
 
@@ -470,12 +506,13 @@ def test_jobs_runs_worker_processes(ratings_file, tmp_path, capsys):
     # imports), so both workers take trials.
     space = _space_file(tmp_path, {**TINY_SPACE, "n_epochs": 40})
     assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "4", "--jobs", "2", "--space", str(space),
-                 "--finalists", "1", "--finalist-seeds", "2", *TINY]) == 0
+                 "--finalists", "1", "--finalist-folds", "2", *TINY]) == 0
     study = _load(out)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == len(study.trials) and 4 <= len(finished) <= 5  # one study, shared out
     assert len({t.user_attrs["worker"] for t in finished}) == 2
-    # The final selection's two runs (one finalist, the defaults' trial is not in this space) are stored.
+    # The final selection's two runs (one finalist on two folds; the defaults' trial is not in this space)
+    # are stored.
     assert len([key for key in study.user_attrs if key.startswith("finalist:")]) == 2
 
 

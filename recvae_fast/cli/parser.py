@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..precision import PRECISIONS, check_precision
 from ..training import SELECTION_K, TrainConfig
-from ..tuning import FINALIST_SEEDS, FINALISTS
+from ..tuning import FINALIST_FOLDS, FINALIST_SEEDS, FINALISTS
 from .errors import UsageError
 
 # The embedded synthetic dataset's epochs when --epochs is not given: its validation NDCG@100 peaks
@@ -296,10 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int_at_least(1), default=10,
                    help="seconds between a running trial's heartbeats; a trial silent for twice as long is rerun")
     p.add_argument("--finalists", type=int_at_least(0), default=FINALISTS,
-                   help="the best trials, and the trial of train's configuration, trained again with fresh seeds on "
-                        "the validation users; the best mean wins; 0: the best single search score wins")
+                   help="the best trials, and the trial of train's configuration, trained again on cross-validation "
+                        "folds of the non-test users with fresh seeds; the best mean wins; 0: the best single "
+                        "search score wins")
+    p.add_argument("--finalist-folds", type=int_at_least(1), default=FINALIST_FOLDS,
+                   help="cross-validation folds each finalist is trained on (1: the split's own validation users)")
     p.add_argument("--finalist-seeds", type=int_at_least(1), default=FINALIST_SEEDS,
-                   help="fresh seeds for each finalist")
+                   help="fresh seeds for each finalist on each fold")
     _add_data_options(p)
     _add_split_options(p)
     # The search space sets the other hyperparameters. A hyperparameter flag of train added here

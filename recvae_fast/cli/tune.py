@@ -32,7 +32,8 @@ def run(args) -> dict:
     result = tune(split, out, args.trials, space=args.space, config=asdict(cfg), storage=args.storage,
                   study_name=args.study_name, n_jobs=args.jobs, eval_batch_size=eval_batch_size(args),
                   progress="trials" if args.no_progress else True, heartbeat_s=args.heartbeat,
-                  finalists=args.finalists, finalist_seeds=args.finalist_seeds)
+                  finalists=args.finalists, finalist_folds=args.finalist_folds,
+                  finalist_seeds=args.finalist_seeds)
     best = out / f"trial-{result.best_trial}"
     with RunLock(best, wait_s=600):  # another worker of the study may be training it
         if (best / SUMMARY_NAME).is_file():

@@ -10,7 +10,8 @@ Modules, top-down:
   and `has_rating_column`;
 - `preprocess`: drop users (and items) with too few interactions;
 - `split`: `split_strong_generalization` and `Split`, with `Split.save` / `Split.load` (a run
-  folder's split.npz, items.json, users.json) and `Split.fingerprint`;
+  folder's split.npz, items.json, users.json) and `Split.fingerprint`; `cross_validation_fold`, a
+  fold of a split's non-test users (the tuner's final selection);
 - `synthetic`: `synthetic_dataset`.
 
 Every problem with the input raises `DataError` (a ValueError) with one line that names it.
@@ -20,15 +21,17 @@ from .ids import MAX_ID_LENGTH, IdMap
 from .interactions import Interactions, load_id_maps, popularity_scores
 from .preprocess import preprocess
 from .readers import has_rating_column, load_interactions
-from .split import Split, split_strong_generalization
+from .split import Fold, Split, cross_validation_fold, split_strong_generalization
 from .synthetic import synthetic_dataset
 
 __all__ = [
     "DataError",
+    "Fold",
     "IdMap",
     "Interactions",
     "MAX_ID_LENGTH",
     "Split",
+    "cross_validation_fold",
     "has_rating_column",
     "load_id_maps",
     "load_interactions",

@@ -209,6 +209,39 @@ def split_strong_generalization(
     )
 
 
+@dataclass(eq=False)
+class Fold:
+    """One cross-validation fold of a split's non-test users: train (full rows) and validation
+    users (fold-in and held-out parts), over the split's item columns."""
+
+    train: sp.csr_matrix
+    valid_in: sp.csr_matrix
+    valid_out: sp.csr_matrix
+
+
+def cross_validation_fold(split: Split, fold: int, n_folds: int, seed: int, *, heldout_fraction: float = 0.2,
+                          min_items_for_heldout: int = 5) -> Fold:
+    """Fold `fold` of `n_folds` over the split's training and validation users together (its test
+    users are left out): a seeded permutation of those users cut into n_folds near-equal parts;
+    part `fold` are the validation users, each split into fold-in and held-out items as
+    `split_strong_generalization` does, the others train on their whole rows. The same arguments
+    give the same fold; the n_folds folds' validation users partition the non-test users."""
+    for name, value, least in (("n_folds", n_folds, 2), ("fold", fold, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    valid = (split.valid_in + split.valid_out).tocsr()  # the parts are disjoint: the whole rows again
+    pool = canonical_csr(sp.vstack([split.train, valid], format="csr"))
+    if fold >= n_folds or n_folds > pool.shape[0] - 1:
+        raise ValueError(f"fold {fold} of {n_folds}: needs fold < n_folds <= {pool.shape[0] - 1} (the training "
+                         "and validation users less one)")
+    rng = np.random.default_rng(seed)
+    parts = np.array_split(rng.permutation(pool.shape[0]), n_folds)
+    valid_rows = np.sort(parts[fold])
+    train_rows = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != fold]))
+    valid_in, valid_out = _fold_in_heldout(pool[valid_rows], heldout_fraction, min_items_for_heldout, rng)
+    return Fold(pool[train_rows], valid_in, valid_out)
+
+
 def ids_hash(items_json: bytes, users_json: bytes) -> str:
     """The SHA-256 that split.npz stores (`ids_sha256`) of the items.json and users.json written with it."""
     return Digest().sized(items_json).sized(users_json).hexdigest()
