@@ -60,6 +60,13 @@ FIXED = {
          "study_wall_s": 597.2, "trials": {"complete": 15, "pruned": 15, "fail": 1}, "best_valid_ndcg@100": 0.49093,
          "test_ndcg@100_best": [0.42290, 0.42843, 0.41752], "mean_best": 0.42296,
          "test_ndcg@100_defaults": [0.41661, 0.43308, 0.43434], "mean_defaults": 0.42801},
+        {"commit": "fffffff", "machine": "x86_64, 2 CPUs, 2 torch threads, torch 2.13.0+cpu",
+         "users": {"train": 752, "valid": 93, "test": 93}, "items": 1415, "space": ["n_epochs = {low = 10, high = 50}"],
+         "study_wall_s": 371.2, "trials": {"complete": 17, "pruned": 13, "fail": 2}, "best_valid_ndcg@100": 0.50054,
+         "finalists": [{"trial": 24, "runs": [{"fold": 0, "seed": 1}, {"fold": 1, "seed": 1}, {"fold": 2, "seed": 1}]}],
+         "test_ndcg@100_best": [0.42206, 0.42578, 0.43429], "mean_best": 0.42738,
+         "test_ndcg@100_defaults": [0.41661, 0.43308, 0.43434], "mean_defaults": 0.42801,
+         "paired_best_minus_defaults": {"users": 93, "mean": -0.00063, "standard_error": 0.00812}},
     ],
 }
 EXPECTED = """\
@@ -88,13 +95,17 @@ EXPECTED = """\
 
 ### tune_ml100k
 
-| users train / valid / test | items | space | trials complete / pruned / failed | study wall | best valid NDCG@100 \
-| test NDCG@100 of the best trial, per seed | mean | test NDCG@100 of the defaults, per seed | mean | at |
-|---|---|---|---|---|---|---|---|---|---|---|
-| 752 / 93 / 93 | 1,415 | n_epochs = {low = 10, high = 50} | 15 / 15 / 1 | 597 s | 0.4909 | 0.4229 / 0.4284 / 0.4175 \
-| 0.4230 | 0.4166 / 0.4331 / 0.4343 | 0.4280 | a |
+| users train / valid / test | items | space | trials complete / pruned / failed | study wall | final selection \
+| best valid NDCG@100 | test NDCG@100 of the chosen trial, per seed | mean | test NDCG@100 of the defaults, per seed | mean \
+| chosen − defaults per test user (± SE) | at |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| 752 / 93 / 93 | 1,415 | n_epochs = {low = 10, high = 50} | 15 / 15 / 1 | 597 s | best search score | 0.4909 \
+| 0.4229 / 0.4284 / 0.4175 | 0.4230 | 0.4166 / 0.4331 / 0.4343 | 0.4280 | – | a |
+| 752 / 93 / 93 | 1,415 | n_epochs = {low = 10, high = 50} | 17 / 13 / 2 | 371 s | 3 folds × 1 seed | 0.5005 \
+| 0.4221 / 0.4258 / 0.4343 | 0.4274 | 0.4166 / 0.4331 / 0.4343 | 0.4280 | -0.0006 ± 0.0081 | b |
 
 - a: x86_64, 2 CPUs, 2 torch threads, torch 2.13.0+cpu; commit eeeeeee
+- b: x86_64, 2 CPUs, 2 torch threads, torch 2.13.0+cpu; commit fffffff
 
 ## Other records
 

@@ -181,15 +181,35 @@ def table(stem: str, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def final_selection(record: dict) -> str:
+    """How a study chose its trial: the best search score, or the finalists' mean over fresh seeds
+    (older records: a list of seeds) or over cross-validation folds and seeds (runs of fold and seed)."""
+    finalists = record.get("finalists") or []
+    if not finalists:
+        return "best search score"
+    if "runs" not in finalists[0]:
+        return f"{len(finalists[0]['seeds'])} seeds"
+    folds = {run["fold"] for run in finalists[0]["runs"]}
+    seeds = len({run["seed"] for run in finalists[0]["runs"]})
+    return f"{seeds} seeds" if folds == {None} else f"{len(folds)} folds × {seeds} seed{'s' * (seeds > 1)}"
+
+
+def paired(difference: dict | None) -> str:
+    if not difference:
+        return "–"
+    return f"{difference['mean']:+.4f} ± {difference['standard_error']:.4f}"
+
+
 def tuning_table(rows: list[dict]) -> list[str]:
-    """tools/tune_ml100k.py's study records: the latest per split and search space."""
+    """tools/tune_ml100k.py's study records: the latest per split, search space and final selection."""
     by_key: dict[tuple, dict] = {}
     for record in rows:
         users = record.get("users", {})
-        by_key[(users.get("train"), users.get("valid"), users.get("test"), tuple(record.get("space", ())))] = record
+        by_key[(users.get("train"), users.get("valid"), users.get("test"), tuple(record.get("space", ())),
+                final_selection(record))] = record
     header = ["users train / valid / test", "items", "space", "trials complete / pruned / failed", "study wall",
-              "best valid NDCG@100", "test NDCG@100 of the best trial, per seed", "mean",
-              "test NDCG@100 of the defaults, per seed", "mean", "at"]
+              "final selection", "best valid NDCG@100", "test NDCG@100 of the chosen trial, per seed", "mean",
+              "test NDCG@100 of the defaults, per seed", "mean", "chosen − defaults per test user (± SE)", "at"]
     lines = [f"### {TUNING}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     letters: dict[str, str] = {}
     for record in by_key.values():
@@ -199,10 +219,11 @@ def tuning_table(rows: list[dict]) -> list[str]:
         row = [f"{users.get('train')} / {users.get('valid')} / {users.get('test')}", cell("", record.get("items")),
                "<br>".join(cell("", s) for s in record.get("space", ())),
                f"{trials.get('complete')} / {trials.get('pruned')} / {trials.get('fail')}",
-               cell("study_wall_s", record.get("study_wall_s")), cell("", record.get("best_valid_ndcg@100")),
+               cell("study_wall_s", record.get("study_wall_s")), final_selection(record),
+               cell("", record.get("best_valid_ndcg@100")),
                " / ".join(cell("", v) for v in record.get("test_ndcg@100_best", ())), cell("", record.get("mean_best")),
                " / ".join(cell("", v) for v in record.get("test_ndcg@100_defaults", ())),
-               cell("", record.get("mean_defaults")), letter]
+               cell("", record.get("mean_defaults")), paired(record.get("paired_best_minus_defaults")), letter]
         lines.append("| " + " | ".join(row) + " |")
     lines += [""] + [f"- {letter}: {text}" for text, letter in letters.items()]
     return lines + [""]
