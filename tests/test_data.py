@@ -331,8 +331,8 @@ def test_split_rejects_too_many_heldout_users(small):
 
 
 def _row_sets(m: sp.csr_matrix) -> list:
-    return [frozenset(zip(m.indices[m.indptr[r]:m.indptr[r + 1]].tolist(), m.data[m.indptr[r]:m.indptr[r + 1]].tolist()))
-            for r in range(m.shape[0])]
+    rows = (slice(m.indptr[r], m.indptr[r + 1]) for r in range(m.shape[0]))
+    return [frozenset(zip(m.indices[row].tolist(), m.data[row].tolist())) for row in rows]
 
 
 def test_cross_validation_folds_partition_the_non_test_users(small):

@@ -96,8 +96,8 @@ EXPECTED = """\
 ### tune_ml100k
 
 | users train / valid / test | items | space | trials complete / pruned / failed | study wall | final selection \
-| best valid NDCG@100 | test NDCG@100 of the chosen trial, per seed | mean | test NDCG@100 of the defaults, per seed | mean \
-| chosen − defaults per test user (± SE) | at |
+| best valid NDCG@100 | test NDCG@100 of the chosen trial, per seed | mean \
+| test NDCG@100 of the defaults, per seed | mean | chosen − defaults per test user (± SE) | at |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 | 752 / 93 / 93 | 1,415 | n_epochs = {low = 10, high = 50} | 15 / 15 / 1 | 597 s | best search score | 0.4909 \
 | 0.4229 / 0.4284 / 0.4175 | 0.4230 | 0.4166 / 0.4331 / 0.4343 | 0.4280 | – | a |
