@@ -143,6 +143,22 @@ def test_the_same_command_again_adds_no_trial(study_dir, ratings_file, capsys):
     assert len(_load(study_dir).trials) == before
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["trial", "state", "valid_ndcg@100"]
+    record = json.loads((study_dir / "tune.json").read_text())
+    assert (f"chosen: trial {record['best_trial']}, mean valid NDCG@100 {record['best_mean']:.4f} over the final "
+            f"selection's runs (search {record['best_value']:.4f}); its run folder") in out, out
+
+
+def test_without_a_final_selection_the_best_search_score_chooses(ratings_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    space = _space_file(tmp_path, TINY_SPACE)
+    assert main(["tune", str(ratings_file), "--out", str(out), "--trials", "3", "--space", str(space),
+                 "--finalists", "0", *TINY]) == 0
+    record = json.loads((out / "tune.json").read_text())
+    assert record["finalists"] == [] and record["best_mean"] is None
+    assert record["best_trial"] == record["search_best_trial"] == _load(out).best_trial.number
+    assert not [key for key in _load(out).user_attrs if key.startswith("finalist:")]
+    assert (f"chosen: trial {record['best_trial']}, valid NDCG@100 {record['best_value']:.4f}; its run folder"
+            in capsys.readouterr().out)
 
 
 # ----------------------------------------------------------------------------- bad input

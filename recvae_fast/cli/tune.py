@@ -53,7 +53,12 @@ def run(args) -> dict:
 def render(result: dict, args) -> str:
     if args.json:
         return json.dumps({key: value for key, value in result.items() if key != "table"}, indent=2)
-    return (result["table"] + f"\n\nbest: trial {result['best_trial']}, valid NDCG@100 {result['best_value']:.4f}; "
+    if result["best_mean"] is None:  # no final selection: the search's best score chose
+        why = f"valid NDCG@100 {result['best_value']:.4f}"
+    else:
+        why = (f"mean valid NDCG@100 {result['best_mean']:.4f} over the final selection's runs (search "
+               f"{result['best_value']:.4f})")
+    return (result["table"] + f"\n\nchosen: trial {result['best_trial']}, {why}; "
             f"its run folder {result['best_run']}, test metrics ({result['test']['n_users']} users; "
             f"{timedelta_text(result['wall_time_s'])} in all):\n"
             + metrics_table({"RecVAE": result["test"], "popularity": result["popularity_test"]})
