@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import scipy.sparse as sp
@@ -95,3 +96,10 @@ def triton_problem() -> str | None:
     except ImportError as exc:
         return f"triton cannot be imported ({exc})"
     return interpreter_numpy_problem() if DEVICE.type == "cpu" else None
+
+
+def default_sigint() -> None:
+    """A Popen preexec_fn: a job started in the background by a non-interactive shell inherits SIGINT
+    ignored, and so would its children; restore the default so that Python turns SIGINT into
+    KeyboardInterrupt in the child, however the tests were started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -19,6 +19,8 @@ from recvae_fast.cli import main
 from recvae_fast.distributed.checkpoint import load_into_recvae, read_metadata
 from recvae_fast.runfolder import LOCK_NAME, RunFolderError, RunLock
 
+from helpers import default_sigint
+
 TINY = ["--epochs", "1", "--hidden-dim", "8", "--latent-dim", "4", "--batch-size", "64", "--no-progress",
         "--heldout-users", "30"]
 
@@ -405,7 +407,7 @@ def test_ctrl_c_while_importing_is_one_line_and_130(tmp_path, delay_s):
 
     proc = subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", "synthetic", "--out", str(tmp_path / "run"),
                              "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -16,6 +16,8 @@ import torch
 from recvae_fast import data
 from recvae_fast.cli import main
 
+from helpers import default_sigint
+
 EPOCHS = 8
 TRAIN = ["--rating-threshold", "3.5", "--epochs", str(EPOCHS), "--hidden-dim", "16", "--latent-dim", "8",
          "--batch-size", "128", "--n-enc-epochs", "1", "--heldout-users", "40", "--no-progress"]
@@ -53,16 +55,10 @@ def _assert_consistent(run) -> int:
     return len(history)
 
 
-def _default_sigint():
-    # A job started in the background by a non-interactive shell inherits SIGINT ignored, and so
-    # would the trainer: restore the default so that Python turns SIGINT into KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_train(args):
     return subprocess.Popen([sys.executable, "-m", "recvae_fast", "train", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
 
 
 def _wait_until(condition, proc, timeout=120.0) -> bool:
