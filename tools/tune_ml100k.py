@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def paired_difference(best: list, defaults: list) -> dict:
 
 
 def _trials(out: str, states) -> list:
+    """The study's trials in `states`, read through Optuna: only once its processes are gone."""
     if not (Path(out) / "study.db").is_file():
         return []
     try:
@@ -77,6 +79,20 @@ def _trials(out: str, states) -> list:
     except KeyError:  # not created yet
         return []
     return study.get_trials(states=states)
+
+
+def _progress(out: str) -> tuple[int, bool]:
+    """(finished trials, whether a trial runs and has reported an epoch) of the study being written.
+    Read-only: a reader that opened the file through Optuna would create the schema itself, racing
+    the tune process that is creating it."""
+    try:
+        with sqlite3.connect(f"file:{Path(out).resolve() / 'study.db'}?mode=ro", uri=True, timeout=60) as db:
+            finished = db.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+            running = db.execute("SELECT 1 FROM trials WHERE state = 'RUNNING' AND EXISTS (SELECT 1 FROM "
+                                 "trial_intermediate_values v WHERE v.trial_id = trials.trial_id) LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # no file or no tables yet
+        return 0, False
+    return finished, running is not None
 
 
 def run_killed_once(command: list, out: str, kill_after: int) -> dict:
@@ -89,8 +105,8 @@ def run_killed_once(command: list, out: str, kill_after: int) -> dict:
         time.sleep(0.5)
         if process.poll() is not None:
             raise SystemExit(f"the study ended before it could be killed (exit code {process.returncode})")
-        running = [t for t in _trials(out, (optuna.trial.TrialState.RUNNING,)) if t.intermediate_values]
-        if len(_trials(out, finished_states)) >= kill_after and running:
+        finished, running = _progress(out)
+        if finished >= kill_after and running:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             break
