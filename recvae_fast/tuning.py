@@ -667,8 +667,8 @@ def tune(split: Split, out: str | os.PathLike, n_trials: int = 30, *, space: dic
                      **{**config, **{name: _candidates(spec)[0] for name, spec in space.items()}})
     n_pool = split.train.shape[0] + split.valid_in.shape[0]  # the users the folds are cut from
     if finalists and finalist_folds > 1 and finalist_folds > n_pool // 2:
-        raise ValueError(f"finalist_folds must be at most {n_pool // 2} (half of the {n_pool} training and "
-                         f"validation users), got {finalist_folds}")
+        raise ValueError(f"too many cross-validation folds for the final selection: {finalist_folds}, at most "
+                         f"{n_pool // 2} (half of the {n_pool} training and validation users)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")

@@ -425,10 +425,16 @@ def test_bad_finalist_counts_are_refused_before_anything_is_written(name, value,
     assert not (tmp_path / "out").exists()
 
 
-def test_more_folds_than_half_the_users_are_refused_before_anything_is_written(tiny_split, tmp_path):
+def test_more_folds_than_half_the_users_are_refused_before_anything_is_written(tiny_split, tmp_path, ratings_file,
+                                                                               capsys):
     n_pool = tiny_split.train.shape[0] + tiny_split.valid_in.shape[0]
-    with pytest.raises(ValueError, match=rf"^finalist_folds must be at most {n_pool // 2} \(half of the {n_pool} "):
+    with pytest.raises(ValueError, match=rf"^too many cross-validation folds for the final selection: "
+                                         rf"{n_pool // 2 + 1}, at most {n_pool // 2} \(half of the {n_pool} "):
         tune(tiny_split, tmp_path / "out", 3, space=TINY_SPACE, progress=False, finalist_folds=n_pool // 2 + 1)
+    assert not (tmp_path / "out").exists()
+    assert main(["tune", str(ratings_file), "--out", str(tmp_path / "out"), "--finalist-folds", "100000", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "too many cross-validation folds for the final selection: 100000" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
